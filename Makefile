@@ -1,0 +1,29 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install test demo lint bench clean
+
+$(BIN)/vlpet: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(BIN)/vlpet
+
+install: $(BIN)/vlpet
+
+test: install
+	$(BIN)/python -m pytest
+
+demo: install
+	$(BIN)/vlpet quickstart
+
+lint: install
+	$(BIN)/ruff check vlpet_cli tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

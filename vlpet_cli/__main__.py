@@ -1,0 +1,3 @@
+from vlpet_cli.cli import main
+
+main()
