@@ -1,0 +1,158 @@
+"""Validated configuration: a preset is a tree of pydantic models with unknown keys forbidden."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+ENCODER_SITES = ("attn", "ffn")
+DECODER_SITES = ("self", "cross", "ffn")
+
+
+class ModuleSpec(Strict):
+    """A bottleneck modification ΔH(H) = up(gelu_new(down(H))): a plain/multi-head adapter or a PHM (Compacter) one."""
+
+    kind: Literal["adapter", "compacter"] = "adapter"
+    r: int = Field(96, gt=0, description="bottleneck width")
+    heads: int = Field(1, gt=0, description="down-projection heads (adapter); functionally one Linear(d, r)")
+    phm_n: int = Field(2, gt=0, description="PHM division n (compacter)")
+    sites: list[str] | None = Field(None, description="sub-layers: encoder attn/ffn, decoder self/cross/ffn; None = all")
+
+
+class GateSpec(Strict):
+    """Granularity-controlled gate on the encoder sub-layers (spec modules §1.3-1.4)."""
+
+    granularity: Literal["small", "middlex", "middley", "large"]
+    r: int = Field(96, gt=0, description="bottleneck of the large gate")
+    scale: float = Field(1.0, description="scaling factor s applied after the gate")
+    masked_mean: bool = Field(False, description="small gate: average over real tokens only (fix; reference: False)")
+
+
+class LoraSpec(Strict):
+    r: int = Field(128, gt=0)
+    alpha: float = 32.0
+    dropout: float = 0.1
+    targets: list[Literal["q", "k", "v", "o"]] = ["q", "v"]
+
+
+class PromptSpec(Strict):
+    length: int = Field(40, gt=0)
+    mid_dim: int = Field(800, gt=0)
+
+
+class HyperSpec(Strict):
+    """HyperFormer: per-stack hyper-network generating task- and layer-conditioned adapters."""
+
+    r: int = Field(96, gt=0)
+    task_dim: int = 512
+    layer_dim: int = 512
+    hidden: int = 128
+    projected: int = 8
+    tasks: list[str] = ["vqa", "gqa", "nlvr", "coco"]
+
+
+class TrainablePolicy(Strict):
+    """Which existing parameters train besides the added modules."""
+
+    layernorms: Literal["none", "encoder", "all"] = "none"
+    biases: bool = False
+    projector: bool = True
+    backbone: bool = False
+
+
+class PetConfig(Strict):
+    encoder: ModuleSpec | None = Field(None, description="sequential module after encoder sub-layers")
+    gate: GateSpec | None = None
+    decoder: ModuleSpec | None = Field(None, description="sequential module after decoder sub-layers")
+    value: ModuleSpec | None = Field(None, description="parallel module on the decoder cross-attention value")
+    lora: LoraSpec | None = None
+    prompt: PromptSpec | None = None
+    hyperformer: HyperSpec | None = None
+    add_biases: bool = Field(False, description="create the biases a bias-free backbone (T5) lacks (LST BitFit)")
+    trainable: TrainablePolicy = TrainablePolicy()
+    init: Literal["normal", "default"] = Field(
+        "normal", description="new Linear weights: N(0, 0.02) (BART reference) or PyTorch default (T5 reference)"
+    )
+    zero_init_up: bool = Field(False, description="zero the up-projections of modules, gates and value adapters")
+
+
+class ModelConfig(Strict):
+    backbone: str = "bart-base"
+    feat_dim: int = Field(2048, gt=0, description="visual feature size (CLIP RN101 grid: 2048)")
+    n_boxes: int = Field(36, gt=0, description="visual tokens per image after adaptive max pooling")
+
+
+class DataConfig(Strict):
+    data_root: str | None = None
+    tasks: list[str] = ["vqa", "gqa", "nlvr", "coco"]
+    use_prompts: bool = True
+    prompts: dict[str, str] | None = Field(None, description="per-task prompt overrides")
+    feature_name: str = "data_clip_RN101_att"
+    num_workers: int = 0
+    limit: int | None = Field(None, description="use at most this many records per task and split")
+
+
+class TrainConfig(Strict):
+    lr: float = 1e-3
+    epochs: int = Field(20, gt=0)
+    batch_size: int = Field(500, gt=0, description="VQA batch; other tasks follow task_ratios")
+    task_ratios: dict[str, float] = {"vqa": 1.0, "gqa": 100 / 60, "nlvr": 20 / 60, "coco": 50 / 60}
+    warmup_ratio: float = 0.1
+    clip_grad_norm: float = 5.0
+    grad_accum: int = Field(1, gt=0)
+    weight_decay: float = 0.01
+    decay_rule: Literal["reference", "corrected"] = Field(
+        "reference", description="reference: only 'bias' names skip decay; corrected: LayerNorms and gates too"
+    )
+    adam_eps: float = 1e-6
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 42
+    data_seed: int = Field(0, description="data order seed (reference: 0, independent of seed)")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: epoch ends only)")
+    keep_checkpoints: int = Field(2, gt=0)
+    max_steps: int | None = Field(None, description="stop after this many optimiser steps")
+
+
+class GenerationSpec(Strict):
+    num_beams: int = 1
+    max_length: int = 20
+    no_repeat_ngram_size: int = 0
+
+
+class EvalConfig(Strict):
+    every: int = Field(1, ge=0, description="validate every N epochs (0: never)")
+    batch_size: int = 64
+    limit: int | None = Field(None, description="validate on at most this many records per task")
+    best_metric: str = Field("avg", description="'avg' of the primary metrics, or TASK.METRIC e.g. coco.cider")
+    vqa_variant: Literal["reference", "official"] = "reference"
+    generation: dict[str, GenerationSpec] = {
+        "vqa": GenerationSpec(num_beams=1, max_length=20),
+        "gqa": GenerationSpec(num_beams=1, max_length=20),
+        "coco": GenerationSpec(num_beams=5, max_length=40),
+    }
+
+
+class Preset(Strict):
+    name: str
+    method: str
+    description: str
+    families: list[Literal["bart", "t5"]] = ["bart", "t5"]
+    model: ModelConfig = ModelConfig()
+    pet: PetConfig = PetConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    t5: dict | None = Field(None, description="overrides applied when the backbone is a T5")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or "/" in v:
+            raise ValueError("preset name must be a non-empty word")
+        return v

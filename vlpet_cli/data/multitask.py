@@ -1,0 +1,201 @@
+"""The multi-task batch schedule (spec/pipeline.md §4): single-task batches, tasks drawn without replacement.
+
+Each epoch every task's training set is permuted like torch's DistributedSampler (generator seeded with
+data_seed + epoch, padded so that every rank has the same number of batches) and cut into batches of that
+task's size. The order of tasks is a list holding each task once per batch, shuffled with random.Random(epoch)
+(independent of any seed, as in the reference) and consumed from the end. The whole schedule of an epoch is
+known up front, so resuming at step k loads nothing before step k.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Iterator, Mapping
+from fractions import Fraction
+from functools import partial
+from typing import Any
+
+from vlpet_cli.data.tasks import TASKS, TaskDataset, collate
+from vlpet_cli.errors import VlpetError
+
+DEFAULT_RATIOS: dict[str, Fraction] = {
+    "vqa": Fraction(1),
+    "gqa": Fraction(100, 60),
+    "nlvr": Fraction(20, 60),
+    "coco": Fraction(50, 60),
+}
+
+
+def _fraction(value: Any, task: str) -> Fraction:
+    """A ratio given as a number, a Fraction or a string such as '100/60'."""
+    try:
+        if isinstance(value, float):
+            return Fraction(value).limit_denominator(10_000)
+        return Fraction(value)
+    except (ValueError, TypeError, ZeroDivisionError):
+        raise VlpetError(f"batch-size ratio for {task} must be a number or 'a/b', not {value!r}.") from None
+
+
+def task_batch_sizes(base: int, tasks: Iterable[str],
+                     ratios: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """Per-task batch sizes int(base * ratio) (reference ratios 1, 100/60, 20/60, 50/60), at least 1."""
+    if base < 1:
+        raise VlpetError(f"batch size must be >= 1, not {base}.")
+    sizes = {}
+    for task in tasks:
+        if ratios is not None and task in ratios:
+            ratio = _fraction(ratios[task], task)
+        elif task in DEFAULT_RATIOS:
+            ratio = DEFAULT_RATIOS[task]
+        else:
+            raise VlpetError(f"no batch-size ratio for task '{task}'. Fix: give one in the preset's ratios.")
+        if ratio <= 0:
+            raise VlpetError(f"batch-size ratio for {task} must be > 0, not {ratio}.")
+        sizes[task] = max(1, math.floor(base * ratio))
+    return sizes
+
+
+def shard_indices(n: int, epoch: int, data_seed: int = 0, rank: int = 0, world_size: int = 1,
+                  shuffle: bool = True) -> list[int]:
+    """This rank's indices for an epoch, exactly as DistributedSampler(seed=data_seed, drop_last=False)."""
+    import torch
+
+    if shuffle:
+        g = torch.Generator()
+        g.manual_seed(data_seed + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+    else:
+        order = list(range(n))
+    per_rank = math.ceil(n / world_size)
+    total = per_rank * world_size
+    pad = total - n
+    if pad and order:
+        order += (order * math.ceil(pad / len(order)))[:pad]
+    return order[rank:total:world_size]
+
+
+def task_order(n_batches: Mapping[str, int], epoch: int) -> list[str]:
+    """The tasks of an epoch's steps, in the order they are consumed (the shuffled list popped from the end)."""
+    names = [task for task, k in n_batches.items() for _ in range(k)]
+    random.Random(epoch).shuffle(names)
+    names.reverse()
+    return names
+
+
+def _chunks(indices: list[int], size: int) -> list[list[int]]:
+    """Consecutive batches of `size` indices; the last one may be shorter."""
+    return [indices[k:k + size] for k in range(0, len(indices), size)]
+
+
+class _Items:
+    """Dataset view addressed by (task, epoch, index) keys, so workers need no epoch state."""
+
+    def __init__(self, datasets: Mapping[str, TaskDataset]) -> None:
+        self.datasets = dict(datasets)
+
+    def __getitem__(self, key: tuple[str, int, int]) -> dict:
+        task, epoch, i = key
+        return self.datasets[task].item(i, epoch)
+
+
+class _Steps:
+    """Batch sampler over the planned steps; the loader sets `steps` before each pass."""
+
+    def __init__(self) -> None:
+        self.steps: list[list[tuple[str, int, int]]] = []
+
+    def __iter__(self) -> Iterator[list[tuple[str, int, int]]]:
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def _pad_id(datasets: Iterable[TaskDataset]) -> int:
+    """The pad id of the first dataset's tokenizer."""
+    for ds in datasets:
+        return ds.pad_id
+    return 0
+
+
+class MultitaskLoader:
+    """Per-process multi-task training batches: `epoch(e, start_step)` yields (task, batch) pairs."""
+
+    def __init__(self, datasets: Mapping[str, TaskDataset], batch_sizes: Mapping[str, int], data_seed: int = 0,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, pad_id: int | None = None,
+                 pin_memory: bool = False) -> None:
+        if not datasets:
+            raise VlpetError("no training tasks given.")
+        if not 0 <= rank < world_size:
+            raise VlpetError(f"rank {rank} is outside world size {world_size}.")
+        for task, ds in datasets.items():
+            if len(ds) == 0:
+                raise VlpetError(f"{task}: the training split has no records.")
+            if batch_sizes.get(task, 0) < 1:
+                raise VlpetError(f"{task}: batch size must be >= 1, not {batch_sizes.get(task)}.")
+        # reference order of the task list before shuffling: vqa, gqa, nlvr, caption
+        self.tasks = [t for t in TASKS if t in datasets] + [t for t in datasets if t not in TASKS]
+        self.datasets = {t: datasets[t] for t in self.tasks}
+        self.batch_sizes = {t: int(batch_sizes[t]) for t in self.tasks}
+        self.data_seed = data_seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.pad_id = _pad_id(self.datasets.values()) if pad_id is None else pad_id
+        self._sampler = _Steps()
+        self._loader: Any = None
+
+    def n_batches(self) -> dict[str, int]:
+        """Batches per epoch per process, by task."""
+        return {t: math.ceil(math.ceil(len(self.datasets[t]) / self.world_size) / self.batch_sizes[t])
+                for t in self.tasks}
+
+    def __len__(self) -> int:
+        return sum(self.n_batches().values())
+
+    def schedule(self, epoch: int) -> list[tuple[str, list[int]]]:
+        """Every step of an epoch on this rank as (task, record indices); cheap, loads no data."""
+        per_task = {}
+        for t in self.tasks:
+            idx = shard_indices(len(self.datasets[t]), epoch, self.data_seed, self.rank, self.world_size)
+            per_task[t] = iter(_chunks(idx, self.batch_sizes[t]))
+        return [(t, next(per_task[t])) for t in task_order(self.n_batches(), epoch)]
+
+    def _data_loader(self) -> Any:
+        """One DataLoader over the step sampler; workers persist across epochs and open features lazily."""
+        if self._loader is None:
+            from torch.utils.data import DataLoader
+
+            self._loader = DataLoader(
+                _Items(self.datasets), batch_sampler=self._sampler, collate_fn=partial(collate, pad_id=self.pad_id),
+                num_workers=self.num_workers, pin_memory=self.pin_memory,
+                persistent_workers=self.num_workers > 0)
+        return self._loader
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[str, dict]]:
+        """(task, batch) for steps start_step..len-1 of an epoch; skipped steps are never loaded."""
+        plan = self.schedule(epoch)
+        if not 0 <= start_step <= len(plan):
+            raise VlpetError(f"start step {start_step} is outside epoch {epoch} ({len(plan)} steps).")
+        for ds in self.datasets.values():
+            ds.set_epoch(epoch)
+        self._sampler.steps = [[(t, epoch, i) for i in idx] for t, idx in plan[start_step:]]
+        for batch in self._data_loader():
+            yield batch["task"], batch
+
+
+def eval_batches(dataset: TaskDataset, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0) -> Iterator[dict]:
+    """Collated batches of a dataset in order; rank r takes records r, r+W, ... (no padding duplicates)."""
+    from torch.utils.data import DataLoader
+
+    if batch_size < 1:
+        raise VlpetError(f"batch size must be >= 1, not {batch_size}.")
+    if not 0 <= rank < world_size:
+        raise VlpetError(f"rank {rank} is outside world size {world_size}.")
+    batches = _chunks(list(range(rank, len(dataset), world_size)), batch_size)
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=partial(collate, pad_id=dataset.pad_id),
+                        num_workers=num_workers)
+    yield from loader

@@ -1,0 +1,395 @@
+"""What every image-text task shares: records, file validation, the Task base, TaskDataset and collate.
+
+A `Task` describes one task (its files, splits, feature sources, prompt, truncation, targets, loss reduction and
+evaluation info); a `TaskDataset` turns a task's records into model items; `collate` builds the batch contract
+that `vl/model.py` relies on (spec/pipeline.md §3). numpy and torch are imported inside functions so that
+importing the task registry stays cheap for the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from vlpet_cli.errors import DataError, VlpetError
+
+DEFAULT_FEATURE_NAME = "data_clip_RN101_att"  # the reference's feature folder / packed file name
+SPLIT_KINDS = ("train", "val", "test")
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object", list: "a list"}
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One example as read from an annotation file; `extra` holds task-specific evaluation fields."""
+
+    file: str
+    index: int
+    id: Any
+    text: str
+    image_ids: tuple[str, ...]
+    source: str
+    label: Any = None
+    extra: dict | None = None
+
+    def where(self) -> str:
+        """'<file>: record <index> (<id>)', the prefix of every message about this record."""
+        return f"{self.file}: record {self.index} ({self.id})"
+
+
+@dataclass(frozen=True)
+class RecordRef:
+    """Points at a raw record in a file so that validation errors can name it."""
+
+    path: Path
+    index: int
+    id: str = ""
+
+    def error(self, problem: str, fix: str = "correct the record or regenerate the file") -> DataError:
+        """A DataError naming the file, the record index and id, the problem and the fix."""
+        who = f"record {self.index}" + (f" ({self.id})" if self.id else "")
+        return DataError(f"{self.path}: {who}: {problem}. Fix: {fix}.")
+
+
+def read_json(path: Path, what: str, fix: str) -> Any:
+    """Load a JSON file, turning a missing or unparsable file into a DataError."""
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}. Fix: {fix}.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
+                        f"Fix: repair or re-download the file.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read ({e}). Fix: check the file and its permissions.") from None
+
+
+def read_record_list(path: Path, what: str, fix: str) -> list:
+    """Load a JSON file that must hold a list of records."""
+    data = read_json(path, what, fix)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, found {type(data).__name__}. "
+                        f"Fix: use the {what} in the reference format (spec/pipeline.md §1).")
+    return data
+
+
+def _is_type(value: Any, types: tuple[type, ...]) -> bool:
+    """isinstance that does not count bool as a number."""
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def get_field(raw: Any, key: str, types: type | tuple[type, ...], ref: RecordRef, *, required: bool = True,
+              default: Any = None) -> Any:
+    """Read raw[key] checking its type; a missing required field or a wrong type raises a DataError."""
+    types = types if isinstance(types, tuple) else (types,)
+    if not isinstance(raw, dict):
+        raise ref.error(f"expected an object, found {type(raw).__name__}")
+    if key not in raw or raw[key] is None:
+        if required:
+            raise ref.error(f"field '{key}' is missing")
+        return default
+    value = raw[key]
+    if not _is_type(value, types):
+        want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+        raise ref.error(f"field '{key}' should be {want}, found {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def read_label(raw: dict, ref: RecordRef, *, required: bool) -> dict[str, float] | None:
+    """Read an LXMERT-style soft label {answer: score >= 0}."""
+    label = get_field(raw, "label", dict, ref, required=required)
+    if label is None:
+        return None
+    for answer, score in label.items():
+        if not _is_type(score, (int, float)) or score < 0:
+            raise ref.error(f"field 'label' maps {answer!r} to {score!r}; scores must be numbers >= 0")
+    return {str(a): float(s) for a, s in label.items()}
+
+
+def id_text(raw: Any, key: str) -> str:
+    """'key=value' for messages, or '' when the record has no usable id."""
+    if isinstance(raw, dict) and isinstance(raw.get(key), (str, int)) and not isinstance(raw.get(key), bool):
+        return f"{key}={raw[key]}"
+    return ""
+
+
+class Task:
+    """Description of one task: files, splits, feature sources, prompt, truncation, targets and loss."""
+
+    name: ClassVar[str]
+    folder: ClassVar[str]
+    default_prompt: ClassVar[str]
+    splits: ClassVar[dict[str, str]]
+    input_max_length: ClassVar[int | None]
+    target_max_length: ClassVar[int | None]
+    loss_reduction: ClassVar[str] = "example"
+    n_images: ClassVar[int] = 1
+
+    def __init__(self, prompt: str | None = None) -> None:
+        self.prompt = self.default_prompt if prompt is None else prompt
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(prompt={self.prompt!r})"
+
+    # ---- files and splits -------------------------------------------------------------------------------
+    def split_names(self, split: str) -> list[str]:
+        """File-level split names for a kind ('train'/'val'/'test') or a comma-separated list of names."""
+        split = self.splits.get(split, split)
+        names = [s.strip() for s in split.split(",") if s.strip()]
+        if not names:
+            raise VlpetError(f"{self.name}: empty split name. Fix: use one of {', '.join(self.splits)}.")
+        return names
+
+    def split_path(self, data_root: Path, name: str) -> Path:
+        """The annotation file of one split."""
+        return Path(data_root) / self.folder / f"{name}.json"
+
+    def feature_source(self, split_name: str) -> str:
+        """The feature-store source (a folder under the data root) for images of a split."""
+        raise NotImplementedError
+
+    def is_train_split(self, split: str) -> bool:
+        """True when `split` names the task's training split."""
+        return self.split_names(split) == self.split_names("train")
+
+    def load(self, data_root: Path, split: str, *, for_eval: bool | None = None) -> list[Record]:
+        """Read and validate the records of a split (kind or names); for_eval defaults to 'not train'."""
+        if for_eval is None:
+            for_eval = not self.is_train_split(split)
+        records: list[Record] = []
+        for name in self.split_names(split):
+            records.extend(self.read_split(Path(data_root), name, for_eval))
+        return records
+
+    def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
+        """Read one split file into records."""
+        raise NotImplementedError
+
+    def missing_file_fix(self) -> str:
+        """The fix to print when a split file is missing."""
+        return (f"check --data-root: it must contain {self.folder}/ with the split files "
+                f"(spec/pipeline.md §1)")
+
+    # ---- model input and targets ------------------------------------------------------------------------
+    def source_text(self, record: Record) -> str:
+        """The encoder text: prompt followed by the record's text."""
+        return self.prompt + record.text
+
+    def target(self, record: Record, rng: Any, train: bool) -> tuple[str, float] | None:
+        """(target text, loss weight) for a record, or None when it has no target."""
+        raise NotImplementedError
+
+    def eval_info(self, record: Record) -> dict:
+        """What evaluation needs about a record (ids, answers, references, ...)."""
+        raise NotImplementedError
+
+
+def sample_answer(label: dict[str, float] | None, rng: Any, train: bool) -> tuple[str, float] | None:
+    """LXMERT answer choice: sample ∝ score when training, highest score when not; ('', 0) if no score."""
+    if label is None:
+        return None
+    answers = list(label)
+    scores = [label[a] for a in answers]
+    total = sum(scores)
+    if total <= 0:
+        return "", 0.0
+    if train:
+        k = int(rng.choice(len(answers), p=[s / total for s in scores]))
+    else:
+        k = max(range(len(answers)), key=lambda j: scores[j])
+    return answers[k], scores[k]
+
+
+# ---- features ---------------------------------------------------------------------------------------------
+def _store_for(stores: Any, source: str) -> Any:
+    """The store for a source from a dict of stores, or the single store given."""
+    if isinstance(stores, Mapping):
+        return stores.get(source)
+    return stores
+
+
+def _store_place(store: Any, source: str) -> str:
+    """Where a store reads from, for messages."""
+    path = getattr(store, "path", None)
+    return str(path) if path is not None else f"the '{source}' feature store"
+
+
+def open_task_features(records: Sequence[Record], data_root: Path,
+                       name: str = DEFAULT_FEATURE_NAME) -> dict[str, Any]:
+    """Open one feature store per source used by the records (lazy HDF5; picklable)."""
+    from vlpet_cli.data.features import locate_features, open_features
+
+    sources = sorted({r.source for r in records})
+    return {s: open_features(locate_features(Path(data_root), s, name)) for s in sources}
+
+
+def check_features(task: Task, records: Sequence[Record], stores: Any) -> None:
+    """Raise one DataError if any record's image features are missing (count, first ids, where looked)."""
+    from vlpet_cli.data.features import missing_ids
+
+    by_source: dict[str, list[str]] = {}
+    for r in records:
+        by_source.setdefault(r.source, []).extend(r.image_ids)
+    missing: set[str] = set()
+    places: list[str] = []
+    for source, ids in by_source.items():
+        store = _store_for(stores, source)
+        unique = list(dict.fromkeys(ids))
+        if store is None:
+            lost = unique
+            places.append(f"no store for source '{source}'")
+        else:
+            lost = missing_ids(store, unique)
+            if lost:
+                places.append(_store_place(store, source))
+        missing.update(lost)
+    if not missing:
+        return
+    bad = [r for r in records if any(i in missing for i in r.image_ids)]
+    first = list(dict.fromkeys(i for r in bad for i in r.image_ids if i in missing))[:5]
+    raise DataError(
+        f"{task.name}: {len(bad)} of {len(records)} records have no image features "
+        f"(first missing ids: {', '.join(first)}); looked in {'; '.join(places)}. "
+        f"Fix: extract features for these images (vlpet extract-features) or point --data-root at the "
+        f"folder holding <source>/clip_features/.")
+
+
+# ---- dataset and collation --------------------------------------------------------------------------------
+def _tokenize(tokenizer: Any, text: str, max_length: int | None) -> list[int]:
+    """Token ids with the tokenizer's own special tokens; truncated to max_length when given."""
+    if max_length is None:
+        return list(tokenizer(text)["input_ids"])
+    return list(tokenizer(text, max_length=max_length, truncation=True)["input_ids"])
+
+
+class TaskDataset:
+    """Map-style dataset of one task split; item i at epoch e is deterministic given the seed."""
+
+    def __init__(self, task: Task, records: Sequence[Record], features: Any, tokenizer: Any,
+                 split_kind: str = "train", seed: int = 0) -> None:
+        if split_kind not in ("train", "eval"):
+            raise VlpetError(f"split_kind must be 'train' or 'eval', not {split_kind!r}.")
+        if seed < 0:
+            raise VlpetError(f"the data seed must be >= 0, not {seed}.")
+        self.task = task
+        self.records = list(records)
+        self.features = features
+        self.tokenizer = tokenizer
+        self.split_kind = split_kind
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose answer draws __getitem__ returns."""
+        self.epoch = epoch
+
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's pad id (0 when it has none)."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return 0 if pad is None else int(pad)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.item(i, self.epoch)
+
+    def rng(self, i: int, epoch: int) -> Any:
+        """The random generator of item i at an epoch: seeded from (seed, epoch, i)."""
+        import numpy as np
+
+        return np.random.default_rng((self.seed, epoch, i))
+
+    def image_features(self, record: Record) -> Any:
+        """(n_img, n_tokens, dim) float32 features of a record's images."""
+        import numpy as np
+
+        store = _store_for(self.features, record.source)
+        if store is None:
+            raise DataError(f"{record.where()}: no feature store for source '{record.source}'. "
+                            f"Fix: open the features of {record.source}/clip_features/.")
+        feats = []
+        for img_id in record.image_ids:
+            try:
+                feats.append(np.asarray(store.get(img_id), dtype=np.float32))
+            except DataError as e:
+                raise DataError(f"{record.where()}: {e}") from None
+            except KeyError:
+                raise DataError(f"{record.where()}: no image features for id {img_id!r} in "
+                                f"{_store_place(store, record.source)}. Fix: extract features for this "
+                                f"image (vlpet extract-features) or check --data-root.") from None
+        return np.stack(feats)
+
+    def item(self, i: int, epoch: int) -> dict:
+        """The model item of record i at an epoch: token ids, features, target ids, weight, eval info."""
+        record = self.records[i]
+        task = self.task
+        target = task.target(record, self.rng(i, epoch), self.split_kind == "train")
+        target_ids = None
+        weight = 0.0
+        if target is not None:
+            text, weight = target
+            target_ids = _tokenize(self.tokenizer, text, task.target_max_length)
+        return {
+            "task": task.name,
+            "input_ids": _tokenize(self.tokenizer, task.source_text(record), task.input_max_length),
+            "vis_feats": self.image_features(record),
+            "target": None if target is None else target[0],
+            "target_ids": target_ids,
+            "weight": float(weight),
+            "loss_reduction": task.loss_reduction,
+            "meta": task.eval_info(record),
+        }
+
+
+def collate(items: Sequence[dict], pad_id: int) -> dict:
+    """Batch items of one task into the model's batch contract (spec: input_ids, vis_feats, labels, ...)."""
+    import numpy as np
+    import torch
+
+    if not items:
+        raise VlpetError("cannot collate an empty batch.")
+    tasks = {it["task"] for it in items}
+    if len(tasks) != 1:
+        raise VlpetError(f"a batch must hold one task, found {sorted(tasks)}.")
+    n = len(items)
+    t_len = max(len(it["input_ids"]) for it in items)
+    input_ids = torch.full((n, t_len), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, t_len), dtype=torch.long)
+    for b, it in enumerate(items):
+        ids = it["input_ids"]
+        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[b, : len(ids)] = 1
+
+    shape = items[0]["vis_feats"].shape
+    for it in items:
+        if it["vis_feats"].shape != shape:
+            raise DataError(f"{items[0]['task']}: image features of different shapes in one batch "
+                            f"({shape} vs {it['vis_feats'].shape}, record {it['meta']}). "
+                            f"Fix: extract all features with the same backbone and layer.")
+    vis_feats = torch.from_numpy(np.stack([it["vis_feats"] for it in items]).astype(np.float32, copy=False))
+
+    labels = None
+    if any(it["target_ids"] is not None for it in items):
+        s_len = max(len(it["target_ids"] or ()) for it in items)
+        labels = torch.full((n, s_len), -100, dtype=torch.long)
+        for b, it in enumerate(items):
+            ids = it["target_ids"] or []
+            labels[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+
+    return {
+        "task": items[0]["task"],
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "vis_feats": vis_feats,
+        "labels": labels,
+        "loss_weights": torch.tensor([it["weight"] for it in items], dtype=torch.float),
+        "loss_reduction": items[0]["loss_reduction"],
+        "meta": [it["meta"] for it in items],
+    }

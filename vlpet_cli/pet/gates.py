@@ -1,0 +1,57 @@
+"""Granularity-controlled gates G(X, H1) with scaling s (spec modules §1.3-1.4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlpet_cli.pet.modules import gelu_new
+
+
+class Gate(nn.Module):
+    """s · G(X, H1) ⊙ H1 for one encoder sub-layer.
+
+    large:   G = σ(up(gelu_new(down(X))))            [B, L, d]  (reads X only)
+    middlex: G = σ(wᵀ(X + H1) + b)                   [B, L, 1]
+    middley: G = 1 + z                               [d]        (no sigmoid, as the reference code)
+    small:   G = mean_n σ(wᵀ[X_n ; H1_n] + b)         [B, 1, 1]  (unmasked mean over the sequence by default)
+    """
+
+    def __init__(self, granularity: str, d: int, r: int = 96, scale: float = 1.0, masked_mean: bool = False):
+        super().__init__()
+        self.granularity = granularity
+        self.scale = scale
+        self.masked_mean = masked_mean
+        if granularity == "large":
+            self.down = nn.Linear(d, r)
+            self.up = nn.Linear(r, d)
+        elif granularity == "middlex":
+            self.proj = nn.Linear(d, 1)
+        elif granularity == "middley":
+            self.z = nn.Parameter(torch.empty(d).normal_(0.0, 0.02))
+        elif granularity == "small":
+            self.proj = nn.Linear(2 * d, 1)
+        else:
+            raise ValueError(f"unknown gate granularity '{granularity}'")
+
+    def gate(self, x: torch.Tensor, h1: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """G itself, broadcastable against H1."""
+        if self.granularity == "large":
+            return torch.sigmoid(self.up(gelu_new(self.down(x))))
+        if self.granularity == "middlex":
+            return torch.sigmoid(self.proj(x + h1))
+        if self.granularity == "middley":
+            return 1 + self.z
+        g = torch.sigmoid(self.proj(torch.cat([x, h1], dim=-1)))
+        if self.masked_mean and mask is not None:
+            m = mask.to(g.dtype).unsqueeze(-1)
+            return (g * m).sum(dim=1, keepdim=True) / m.sum(dim=1, keepdim=True).clamp(min=1)
+        return g.mean(dim=1, keepdim=True)
+
+    def forward(self, x: torch.Tensor, h1: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scale * self.gate(x, h1, mask) * h1
+
+    def output_layers(self) -> list[nn.Module]:
+        """Layers zeroed by `zero_init_up` (so that G = σ(0) = 0.5, or 1 for middleY)."""
+        return {"large": [getattr(self, "up", None)], "middlex": [getattr(self, "proj", None)],
+                "small": [getattr(self, "proj", None)]}.get(self.granularity, [])

@@ -1,0 +1,146 @@
+"""VLModel = backbone + visual projector + PET modules: loss, generation and choice scoring on a batch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vlpet_cli import backbones
+from vlpet_cli.config import Preset
+from vlpet_cli.pet import anatomy
+from vlpet_cli.pet.inject import PetModules, set_trainable
+from vlpet_cli.vl.projector import VisualProjector, pool_grid, visual_ids
+
+
+def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+                  reduction: str) -> torch.Tensor:
+    """Token CE reduced as the reference does: 'token' over the whole batch (captions), or 'example':
+    per-example token mean times the example's weight, averaged over the batch (spec pipeline §3.3)."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
+    ce = ce.view_as(labels)
+    mask = labels.ne(-100)
+    if reduction == "token":
+        return ce.sum() / mask.sum().clamp(min=1)
+    per_example = ce.sum(1) / mask.sum(1).clamp(min=1)
+    if weights is not None:
+        per_example = per_example * weights.to(per_example.dtype)
+    return per_example.mean()
+
+
+class VLModel(nn.Module):
+    """The encoder sees [text ; visual] (T5: [prompts ; text ; visual]) through inputs_embeds."""
+
+    def __init__(self, backbone: nn.Module, projector: VisualProjector, pet: PetModules, n_boxes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+        self.pet = pet
+        self.n_boxes = n_boxes
+        self.family = anatomy.family(backbone)
+        self._text_len: int | None = None
+        text_modules = anatomy.text_embedding_modules(backbone)
+        if text_modules is not None:
+            positions, norm = text_modules
+            positions.register_forward_hook(self._text_only_positions)
+            norm.register_forward_hook(self._text_only_norm)
+
+    # BART adds learned positions and layernorm_embedding to the text tokens only (spec pipeline §3.2).
+    def _text_only_positions(self, module, args, output):
+        t = self._text_len
+        if t is None:
+            return output
+        return torch.cat([output[:, :t], torch.zeros_like(output[:, t:])], dim=1)
+
+    def _text_only_norm(self, module, args, output):
+        t = self._text_len
+        if t is None:
+            return output
+        return torch.cat([output[:, :t], args[0][:, t:]], dim=1)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(inputs_embeds, attention_mask, text length) of the joint encoder sequence."""
+        input_ids, text_mask = batch["input_ids"], batch["attention_mask"]
+        encoder = self.backbone.get_encoder()
+        text = encoder.embed_tokens(input_ids)
+        feats = pool_grid(batch["vis_feats"].to(text.dtype), self.n_boxes)
+        b, n_img, per_image, dim = feats.shape
+        img_ids, obj_ids = visual_ids(n_img, per_image, feats.device)
+        words = anatomy.word_embedding(self.backbone).weight
+        vis = self.projector(feats.reshape(b, n_img * per_image, dim), img_ids, obj_ids, words)
+        parts = [text, vis.to(text.dtype)]
+        masks = [text_mask, text_mask.new_ones(b, vis.shape[1])]
+        if self.pet.prompt is not None:
+            prompts = self.pet.prompt(b).to(text.dtype)
+            # BART has no positions past the embedding layer, so appending equals prepending; T5's relative
+            # attention bias depends on order, so the prompts go first there.
+            where = len(parts) if self.family == "bart" else 0
+            parts.insert(where, prompts)
+            masks.insert(where, text_mask.new_ones(b, prompts.shape[1]))
+        return torch.cat(parts, 1), torch.cat(masks, 1), input_ids.shape[1]
+
+    def encode(self, batch: dict):
+        """(encoder outputs, attention mask) for a batch; sets the PET context (task, mask)."""
+        embeds, mask, text_len = self.embed(batch)
+        self.pet.task = batch.get("task")
+        self.pet.encoder_mask = mask
+        self._text_len = text_len if self.family == "bart" else None
+        try:
+            out = self.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+        finally:
+            self._text_len = None
+        return out, mask
+
+    def decoder_inputs(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels shifted right with the decoder start token; -100 becomes pad."""
+        cfg = self.backbone.config
+        shifted = labels.new_full(labels.shape, cfg.pad_token_id)
+        shifted[:, 1:] = labels[:, :-1]
+        shifted[:, 0] = cfg.decoder_start_token_id
+        return shifted.masked_fill(shifted.eq(-100), cfg.pad_token_id)
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """The training loss of a single-task batch."""
+        enc, mask = self.encode(batch)
+        labels = batch["labels"]
+        out = self.backbone(encoder_outputs=enc, attention_mask=mask,
+                            decoder_input_ids=self.decoder_inputs(labels), return_dict=True)
+        return sequence_loss(out.logits, labels, batch.get("loss_weights"), batch.get("loss_reduction", "example"))
+
+    @torch.no_grad()
+    def generate(self, batch: dict, **kwargs) -> torch.Tensor:
+        """Generated token ids; the encoder runs once per batch."""
+        enc, mask = self.encode(batch)
+        return self.backbone.generate(encoder_outputs=enc, attention_mask=mask, **kwargs)
+
+    @torch.no_grad()
+    def score_choices(self, batch: dict, choices: list[list[int]]) -> torch.Tensor:
+        """[B, n_choices] logits of each choice's first distinguishing token after a shared prefix
+        (NLVR2: 'true' vs 'false'; the decoder input is [start, <s>] for BART, [start] for T5)."""
+        j = 0
+        while all(len(c) > j for c in choices) and len({c[j] for c in choices}) == 1:
+            j += 1
+        enc, mask = self.encode(batch)
+        start = self.backbone.config.decoder_start_token_id
+        prefix = torch.tensor([[start] + list(choices[0][:j])], device=mask.device).expand(mask.shape[0], -1)
+        out = self.backbone(encoder_outputs=enc, attention_mask=mask, decoder_input_ids=prefix, return_dict=True)
+        last = out.logits[:, -1]
+        return torch.stack([last[:, c[j]] for c in choices], dim=1)
+
+
+def build_model(preset: Preset, weights: bool = True):
+    """(VLModel, tokenizer) for a resolved preset; weights=False builds on the meta device for counting."""
+    bb = backbones.resolve(preset.model.backbone)
+    backbone, tokenizer = backbones.build(bb, weights=weights)
+    d = backbone.config.d_model
+    eps = getattr(backbone.config, "layer_norm_epsilon", 1e-6)
+    device = torch.device("meta") if not weights else torch.device("cpu")
+    with device:
+        projector = VisualProjector(preset.model.feat_dim, d, bb.family, eps)
+        pet = PetModules(preset.pet, backbone)
+    set_trainable(backbone, pet, projector, preset.pet.trainable)
+    return VLModel(backbone, projector, pet, preset.model.n_boxes), tokenizer
