@@ -225,15 +225,22 @@ def load_image(path: Path, size: int) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
-def to_pixels(arrays: list[np.ndarray], mean: tuple, std: tuple) -> Any:
-    """uint8 (B, S, S, 3) images -> normalised float32 pixel_values (B, 3, S, S)."""
+def preprocess(path: Path, size: int, mean: tuple, std: tuple) -> np.ndarray:
+    """Decode, resize and normalise one image (as ToTensor + Normalize would): float32 (3, size, size)."""
+    import numpy as np
+
+    scale = 1.0 / (255.0 * np.asarray(std, dtype=np.float32))
+    shift = np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)
+    pixels = load_image(path, size).astype(np.float32) * scale - shift
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def to_pixels(arrays: list[np.ndarray]) -> Any:
+    """Preprocessed images -> one pixel_values batch tensor (B, 3, S, S)."""
     import numpy as np
     import torch
 
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return batch.sub_(mean_t).div_(std_t)
+    return torch.from_numpy(np.stack(arrays))
 
 
 def grid_features(vm: VisionModel, pixel_values: Any, layer: int = -1) -> Any:
@@ -274,9 +281,9 @@ def _reason(exc: BaseException, path: Path) -> str:
     return f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("\t", " ")
 
 
-def _decoded_batches(pool: Any, items: list[tuple[str, Path]], size: int, batch_size: int
-                     ) -> Iterator[tuple[list[str], list[Any], list[tuple[str, str, str]]]]:
-    """Yield (ids, uint8 images, failures) per batch while the next batch is already being decoded."""
+def _decoded_batches(pool: Any, items: list[tuple[str, Path]], size: int, mean: tuple, std: tuple,
+                     batch_size: int) -> Iterator[tuple[list[str], list[Any], list[tuple[str, str, str]]]]:
+    """Yield (ids, preprocessed images, failures) per batch while the next ones are already being decoded."""
     pending: deque[tuple[str, Path, Future]] = deque()
     source = iter(items)
 
@@ -286,7 +293,7 @@ def _decoded_batches(pool: Any, items: list[tuple[str, Path]], size: int, batch_
                 img_id, path = next(source)
             except StopIteration:
                 return
-            pending.append((img_id, path, pool.submit(load_image, path, size)))
+            pending.append((img_id, path, pool.submit(preprocess, path, size, mean, std)))
 
     fill()
     while pending:
@@ -308,7 +315,7 @@ class _Progress:
     def __init__(self, total: int, enabled: bool, every_s: float = 5.0):
         from rich.console import Console
 
-        self.total, self.done, self.failed = total, 0, 0
+        self.total, self.done, self.failed, self.shown = total, 0, 0, -1
         self.start = self.last = time.perf_counter()
         self.every_s = every_s
         console = Console(stderr=True)
@@ -337,13 +344,14 @@ class _Progress:
             self.line()
 
     def line(self) -> None:
+        self.shown = self.done
         print(f"extract: {self.done}/{self.total} images ({self.failed} failed), {self.rate():.1f} images/s",
               file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-        else:
+        elif self.shown != self.done:
             self.line()
 
 
@@ -352,15 +360,19 @@ def report_path(out: Path, layout: str) -> Path:
     return out.with_name(out.name + ".errors.txt") if layout == PACKED else out / "errors.txt"
 
 
-def _write_report(path: Path, failed: list[tuple[str, str, str]], attempted: set[str], done: set[str]) -> None:
-    """Failures of this run plus earlier ones not retried and still missing; removed when none remain."""
+def _write_report(path: Path, failed: list[tuple[str, str, str]], requested: set[str], attempted: set[str],
+                  done: set[str]) -> None:
+    """Failures of this run plus earlier ones still requested, not retried (limit) and still missing.
+
+    The report is removed when no failure remains.
+    """
     rows: dict[str, tuple[str, str, str]] = {}
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             parts = line.split("\t")
-            if len(parts) == 3 and not line.startswith("#"):
-                if parts[0] not in attempted and parts[0] not in done:
-                    rows[parts[0]] = (parts[0], parts[1], parts[2])
+            keep = len(parts) == 3 and not line.startswith("#") and parts[0] in requested
+            if keep and parts[0] not in attempted and parts[0] not in done:
+                rows[parts[0]] = (parts[0], parts[1], parts[2])
     for row in failed:
         rows[row[0]] = row
     if not rows:
@@ -399,11 +411,11 @@ def extract_features(images: dict[str, Path], model: str | Path, out: Path, layo
     attempted: set[str] = set()
     start = time.perf_counter()
     try:
-        for ids, arrays, failures in _decoded_batches(pool, todo, vm.image_size, batch_size):
+        for ids, arrays, failures in _decoded_batches(pool, todo, vm.image_size, vm.mean, vm.std, batch_size):
             attempted.update(ids)
             attempted.update(f[0] for f in failures)
             if arrays:
-                feats = grid_features(vm, to_pixels(arrays, vm.mean, vm.std), layer)
+                feats = grid_features(vm, to_pixels(arrays), layer)
                 writer.add(ids, feats.numpy())
                 summary.written += len(ids)
             summary.failed.extend(failures)
@@ -415,6 +427,6 @@ def extract_features(images: dict[str, Path], model: str | Path, out: Path, layo
         summary.seconds = time.perf_counter() - start
         summary.images_per_s = summary.written / summary.seconds if summary.seconds > 0 else 0.0
         report = report_path(out, layout)
-        _write_report(report, summary.failed, attempted, writer.existing())
+        _write_report(report, summary.failed, set(images), attempted, writer.existing())
         summary.report = report if report.is_file() else None
     return summary

@@ -19,6 +19,7 @@ from vlpet_cli.errors import DataError
 
 if TYPE_CHECKING:
     import numpy as np
+    from typing_extensions import Self
 
 PACKED = "packed"
 PER_IMAGE = "per-image"
@@ -224,7 +225,7 @@ class FeatureStore:
             self._h5.close()
         self._h5, self._pid = None, None
 
-    def __enter__(self) -> FeatureStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

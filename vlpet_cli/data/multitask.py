@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from fractions import Fraction
 from functools import partial
@@ -100,16 +101,17 @@ class _Items:
 
 
 class _Steps:
-    """Batch sampler over the planned steps; the loader sets `steps` before each pass."""
+    """Batch sampler over the planned steps of one pass; keys are made lazily, one batch at a time."""
 
     def __init__(self) -> None:
-        self.steps: list[list[tuple[str, int, int]]] = []
+        self.batches: Iterable[list[tuple[str, int, int]]] = ()
+        self.count = 0
 
     def __iter__(self) -> Iterator[list[tuple[str, int, int]]]:
-        return iter(self.steps)
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.steps)
+        return self.count
 
 
 def _pad_id(datasets: Iterable[TaskDataset]) -> int:
@@ -155,13 +157,20 @@ class MultitaskLoader:
     def __len__(self) -> int:
         return sum(self.n_batches().values())
 
+    def _plan(self, epoch: int, start_step: int = 0) -> Iterator[tuple[str, list[int]]]:
+        """(task, record indices) for steps start_step.. of an epoch, computed lazily after the shards."""
+        shards = {t: shard_indices(len(self.datasets[t]), epoch, self.data_seed, self.rank, self.world_size)
+                  for t in self.tasks}
+        order = task_order(self.n_batches(), epoch)
+        done = Counter(order[:start_step])
+        for t in order[start_step:]:
+            b, j = self.batch_sizes[t], done[t]
+            done[t] += 1
+            yield t, shards[t][j * b:(j + 1) * b]
+
     def schedule(self, epoch: int) -> list[tuple[str, list[int]]]:
-        """Every step of an epoch on this rank as (task, record indices); cheap, loads no data."""
-        per_task = {}
-        for t in self.tasks:
-            idx = shard_indices(len(self.datasets[t]), epoch, self.data_seed, self.rank, self.world_size)
-            per_task[t] = iter(_chunks(idx, self.batch_sizes[t]))
-        return [(t, next(per_task[t])) for t in task_order(self.n_batches(), epoch)]
+        """Every step of an epoch on this rank as (task, record indices); loads no data."""
+        return list(self._plan(epoch))
 
     def _data_loader(self) -> Any:
         """One DataLoader over the step sampler; workers persist across epochs and open features lazily."""
@@ -175,15 +184,18 @@ class MultitaskLoader:
         return self._loader
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[str, dict]]:
-        """(task, batch) for steps start_step..len-1 of an epoch; skipped steps are never loaded."""
-        plan = self.schedule(epoch)
-        if not 0 <= start_step <= len(plan):
-            raise VlpetError(f"start step {start_step} is outside epoch {epoch} ({len(plan)} steps).")
+        """(task, batch) for steps start_step..len-1 of an epoch; skipped steps are never loaded.
+
+        One pass at a time: starting another pass ends the previous one.
+        """
+        n_steps = len(self)
+        if not 0 <= start_step <= n_steps:
+            raise VlpetError(f"start step {start_step} is outside epoch {epoch} ({n_steps} steps).")
         for ds in self.datasets.values():
             ds.set_epoch(epoch)
-        self._sampler.steps = [[(t, epoch, i) for i in idx] for t, idx in plan[start_step:]]
-        for batch in self._data_loader():
-            yield batch["task"], batch
+        self._sampler.batches = ([(t, epoch, i) for i in idx] for t, idx in self._plan(epoch, start_step))
+        self._sampler.count = n_steps - start_step
+        return ((batch["task"], batch) for batch in self._data_loader())
 
 
 def eval_batches(dataset: TaskDataset, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -198,4 +210,4 @@ def eval_batches(dataset: TaskDataset, batch_size: int, rank: int = 0, world_siz
     batches = _chunks(list(range(rank, len(dataset), world_size)), batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=partial(collate, pad_id=dataset.pad_id),
                         num_workers=num_workers)
-    yield from loader
+    return iter(loader)

@@ -577,10 +577,15 @@ def build_toy(dest: Path, seed: int = SEED, features: bool = True, model: Path |
         from vlpet_cli.extract import extract_features
 
         model = Path(model) if model is not None else _tiny_clip()
+        # The built-in name keeps the install location out of the files' attributes.
+        name = "tiny-clip" if model == _tiny_clip() and not Path("tiny-clip").exists() else model
         for source, paths in images.items():
             out = dest / source / FEATURE_FILE
             out.parent.mkdir(parents=True, exist_ok=True)
-            extract_features(paths, model, out, layout="packed", progress=False)
+            summary = extract_features(paths, name, out, layout="packed", progress=False)
+            if summary.failed:
+                img_id, path, reason = summary.failed[0]
+                raise VlpetError(f"toy world: feature extraction failed for {path} ({reason})")
         manifest["features"] = {"model": model.name, "fingerprint": _fingerprint(model), "file": FEATURE_FILE}
     manifest["build_seconds"] = round(time.perf_counter() - start, 2)
     _write_json(dest / "toy.json", manifest)

@@ -25,7 +25,12 @@ from vlpet_cli.metrics import preview_ids
 SCORERS: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider", "spice")
 TOKENIZERS: tuple[str, ...] = ("auto", "ptb", "python")
 _SCORER_ALIASES = {
-    "bleu1": "bleu", "bleu2": "bleu", "bleu3": "bleu", "bleu4": "bleu", "rougel": "rouge", "rouge_l": "rouge",
+    "bleu1": "bleu",
+    "bleu2": "bleu",
+    "bleu3": "bleu",
+    "bleu4": "bleu",
+    "rougel": "rouge",
+    "rouge_l": "rouge",
 }
 
 # Tokens coco-caption's PTBTokenizer wrapper removes after tokenising. Brackets become -lrb-/-rrb-/... under
@@ -34,10 +39,18 @@ PTB_REMOVED_TOKENS: frozenset[str] = frozenset(
     {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 )
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-_SPLIT_SYMBOLS = re.compile(r"([?!;$%&+])")
+_SPLIT_SYMBOLS = re.compile(r"([?!]+|[;$%&+])")
 _COMMA_OR_COLON = re.compile(r"(?<!\d)([,:])|([,:])(?!\d)")
 _CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
 _CLITIC_TAILS = frozenset({"s", "re", "ve", "ll", "d", "m"})
+# Common abbreviations whose period PTB keeps (a small subset of its list).
+# fmt: off
+_ABBREVIATIONS = frozenset({
+    "mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "ft", "mt", "vs", "etc", "sgt", "gen", "lt", "col", "capt",
+    "rev", "ave", "blvd", "inc", "ltd", "corp", "jan", "feb", "mar", "apr", "jun", "jul", "aug", "sep", "sept",
+    "oct", "nov", "dec",
+})
+# fmt: on
 
 
 def java_available() -> bool:
@@ -61,7 +74,7 @@ def _split_word(word: str) -> list[str]:
     while word.endswith("'") and len(word) > 1:
         tail.insert(0, "'")
         word = word[:-1]
-    if word.endswith(".") and len(word) > 1 and "." not in word[:-1]:
+    if word.endswith(".") and len(word) > 1 and "." not in word[:-1] and word[:-1] not in _ABBREVIATIONS:
         tail.insert(0, ".")
         word = word[:-1]
     match = _CLITIC.match(word)
@@ -72,10 +85,11 @@ def _split_word(word: str) -> list[str]:
 def simple_tokenize(text: str) -> str:
     """Pure-Python stand-in for the PTB tokenizer + punctuation removal used by coco-caption.
 
-    Lower-cases; splits off ? ! ; $ % & +, commas and colons (not inside numbers like 1,000 or 3:30), a word's
-    final period, edge quotes and hyphens, and the clitics n't 's 're 've 'll 'd 'm ("don't" -> "do n't");
-    turns brackets into -lrb- -rrb- -lsb- -rsb- -lcb- -rcb-; drops double quotes, backticks and the tokens PTB
-    removes. Differs from Java PTB on rarer cases (e.g. abbreviations like "mr." lose their period).
+    Lower-cases; splits off runs of ? and !, ; $ % & +, commas and colons (not inside numbers like 1,000 or
+    3:30), a word's final period (kept in "u.s." and common abbreviations such as "mr." "st." "ft."), edge
+    quotes and hyphens, and the clitics n't 's 're 've 'll 'd 'm ("don't" -> "do n't"); turns brackets into
+    -lrb- -rrb- -lsb- -rsb- -lcb- -rcb- (which coco-caption keeps); drops double quotes, backticks and the
+    tokens PTB removes. It differs from Java PTB on rarer cases (other abbreviations, odd symbol runs).
     """
     text = text.lower().replace('"', " ").replace("`", " ")
     for bracket, name in _BRACKETS.items():
@@ -83,7 +97,10 @@ def simple_tokenize(text: str) -> str:
     text = text.replace("...", " ... ")
     text = _SPLIT_SYMBOLS.sub(r" \1 ", text)
     text = _COMMA_OR_COLON.sub(lambda m: f" {m.group(1) or m.group(2)} ", text)
-    tokens = [piece for word in text.split() for piece in _split_word(word)]
+    bracket_names = set(_BRACKETS.values())
+    tokens = [
+        piece for word in text.split() for piece in ([word] if word in bracket_names else _split_word(word))
+    ]
     return " ".join(tok for tok in tokens if tok not in PTB_REMOVED_TOKENS and not set(tok) <= {"-"})
 
 
@@ -120,8 +137,8 @@ def tokenize_ptb(captions: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, l
                 + "; check the Java installation or use tokenizer='python'"
             )
     out: dict[Hashable, list[str]] = {key: [] for key in captions}
-    for (key, _), text in flat.items():
-        out[key].append(tokenized[(key, _)][0] if text else "")
+    for slot, text in flat.items():
+        out[slot[0]].append(tokenized[slot][0] if text else "")
     return out
 
 
@@ -147,7 +164,9 @@ def resolve_tokenizer(tokenizer: str) -> str:
     if java_available():
         return "ptb"
     if tokenizer == "ptb":
-        raise VlpetError("tokenizer='ptb' needs Java: install a JRE so that `java` is on PATH, or use 'python'")
+        raise VlpetError(
+            "tokenizer='ptb' needs Java: install a JRE so that `java` is on PATH, or use 'python'"
+        )
     warnings.warn(
         "Java is not on PATH: captions are tokenised with vlpet's pure-Python approximation of the PTB "
         "tokenizer, so scores may differ slightly from coco-caption's; install Java for exact scores",
@@ -191,9 +210,7 @@ def _normalise_scorers(metrics: Iterable[str], spice: bool) -> list[str]:
     return chosen
 
 
-def _check_inputs(
-    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
-) -> None:
+def _check_inputs(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> None:
     """Same ids on both sides, one string per prediction, at least one string reference per id."""
     if not predictions:
         raise VlpetError("no caption predictions to score")
@@ -232,12 +249,22 @@ def _run_meteor(gts: dict, res: dict) -> dict[str, float]:
     try:
         score, _ = scorer.compute_score(gts, res)
     except (ValueError, OSError) as exc:
-        # The wrapper holds its lock when the Java side dies; kill and release so its __del__ cannot hang.
-        scorer.meteor_p.kill()
-        if scorer.lock.locked():
-            scorer.lock.release()
         raise VlpetError(f"METEOR (Java) failed: {exc}; check that Java can start with -Xmx2G") from None
+    finally:
+        _close_meteor(scorer)
     return {"meteor": float(score)}
+
+
+def _close_meteor(scorer: Any) -> None:
+    """Stop pycocoevalcap's METEOR Java process and close its pipes (its own __del__ leaves them open)."""
+    if scorer.lock.locked():  # left held when the Java side died mid-call
+        scorer.lock.release()
+    process = scorer.meteor_p
+    process.kill()
+    process.wait()
+    for pipe in (process.stdin, process.stdout, process.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def _run_rouge(gts: dict, res: dict) -> dict[str, float]:
@@ -271,7 +298,11 @@ def _run_spice(gts: dict, res: dict) -> dict[str, float]:
 
 
 _RUNNERS: dict[str, Callable[[dict, dict], dict[str, float]]] = {
-    "bleu": _run_bleu, "meteor": _run_meteor, "rouge": _run_rouge, "cider": _run_cider, "spice": _run_spice,
+    "bleu": _run_bleu,
+    "meteor": _run_meteor,
+    "rouge": _run_rouge,
+    "cider": _run_cider,
+    "spice": _run_spice,
 }
 
 
@@ -291,7 +322,9 @@ def caption_scores(
     _check_inputs(predictions, references)
     for name in scorers:  # fail before the slow parts, not after them
         if name == "meteor" and not java_available():
-            raise VlpetError("METEOR needs Java: install a JRE so that `java` is on PATH, or leave meteor out")
+            raise VlpetError(
+                "METEOR needs Java: install a JRE so that `java` is on PATH, or leave meteor out"
+            )
         if name == "spice" and (problem := spice_problem()):
             raise VlpetError(problem)
     used = resolve_tokenizer(tokenizer)

@@ -19,6 +19,7 @@ from vlpet_cli.metrics.accuracy import soft_score_accuracy
 Variant = Literal["reference", "official"]
 VARIANTS: tuple[str, ...] = ("reference", "official")
 
+# fmt: off
 # Characters processPunctuation deletes or turns into a space.
 PUNCTUATION: tuple[str, ...] = (
     ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!",
@@ -70,6 +71,7 @@ CONTRACTIONS: dict[str, str] = {
     "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
     "youve": "you've",
 }
+# fmt: on
 
 
 def clean_whitespace(text: str) -> str:

@@ -31,7 +31,8 @@ class PetModules(nn.Module):
     `task` (HyperFormer) and `encoder_mask` (masked small gate) are set by the caller before a forward pass.
     """
 
-    def __init__(self, cfg: PetConfig, backbone: nn.Module):
+    def __init__(self, cfg: PetConfig, backbone: nn.Module, extra_norms: list[tuple[str, nn.Module]] = ()):
+        """extra_norms: LayerNorms outside the backbone (the visual projector's) that `add_biases` also covers."""
         super().__init__()
         self.cfg = cfg
         self.family = anatomy.family(backbone)
@@ -81,7 +82,7 @@ class PetModules(nn.Module):
         if cfg.add_biases:
             for name, lin in anatomy.bias_free_linears(backbone):
                 self._bias_targets.append((name, lin))
-            for name, norm in anatomy.norm_modules(backbone):
+            for name, norm in [*anatomy.norm_modules(backbone), *extra_norms]:
                 if getattr(norm, "bias", None) is None:
                     self._bias_targets.append((name, norm))
             for name, module in self._bias_targets:

@@ -39,18 +39,27 @@ class VLModel(nn.Module):
         self.n_boxes = n_boxes
         self.family = anatomy.family(backbone)
         self._text_len: int | None = None
+        self._full_len = 0
         text_modules = anatomy.text_embedding_modules(backbone)
         if text_modules is not None:
             positions, norm = text_modules
+            positions.register_forward_pre_hook(self._text_only_position_ids)
             positions.register_forward_hook(self._text_only_positions)
             norm.register_forward_hook(self._text_only_norm)
 
-    # BART adds learned positions and layernorm_embedding to the text tokens only (spec pipeline §3.2).
+    # BART adds learned positions and layernorm_embedding to the text tokens only (spec pipeline §3.2):
+    # positions are looked up for the first t rows and padded with zeros for the visual (and prompt) rows.
+    def _text_only_position_ids(self, module, args):
+        if self._text_len is None:
+            return None
+        self._full_len = args[0].shape[1]
+        return (args[0][:, :self._text_len], *args[1:])
+
     def _text_only_positions(self, module, args, output):
-        t = self._text_len
-        if t is None:
+        if self._text_len is None:
             return output
-        return torch.cat([output[:, :t], torch.zeros_like(output[:, t:])], dim=1)
+        pad = output.new_zeros(output.shape[0], self._full_len - output.shape[1], output.shape[-1])
+        return torch.cat([output, pad], dim=1)
 
     def _text_only_norm(self, module, args, output):
         t = self._text_len
@@ -141,6 +150,6 @@ def build_model(preset: Preset, weights: bool = True):
     device = torch.device("meta") if not weights else torch.device("cpu")
     with device:
         projector = VisualProjector(preset.model.feat_dim, d, bb.family, eps)
-        pet = PetModules(preset.pet, backbone)
+        pet = PetModules(preset.pet, backbone, [(f"projector.{n}", m) for n, m in anatomy.norm_modules(projector)])
     set_trainable(backbone, pet, projector, preset.pet.trainable)
     return VLModel(backbone, projector, pet, preset.model.n_boxes), tokenizer

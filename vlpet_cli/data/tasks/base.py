@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from vlpet_cli.data.features import DEFAULT_FEATURE_NAME
 from vlpet_cli.errors import DataError, VlpetError
 
-DEFAULT_FEATURE_NAME = "data_clip_RN101_att"  # the reference's feature folder / packed file name
-SPLIT_KINDS = ("train", "val", "test")
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object", list: "a list"}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Record:
     """One example as read from an annotation file; `extra` holds task-specific evaluation fields."""
 
@@ -39,17 +38,18 @@ class Record:
         return f"{self.file}: record {self.index} ({self.id})"
 
 
-@dataclass(frozen=True)
 class RecordRef:
-    """Points at a raw record in a file so that validation errors can name it."""
+    """Points at a raw record in a file so that validation errors can name it (id text built on error)."""
 
-    path: Path
-    index: int
-    id: str = ""
+    __slots__ = ("id_key", "index", "path", "raw")
+
+    def __init__(self, path: Path, index: int, raw: Any = None, id_key: str = "") -> None:
+        self.path, self.index, self.raw, self.id_key = path, index, raw, id_key
 
     def error(self, problem: str, fix: str = "correct the record or regenerate the file") -> DataError:
         """A DataError naming the file, the record index and id, the problem and the fix."""
-        who = f"record {self.index}" + (f" ({self.id})" if self.id else "")
+        rid = id_text(self.raw, self.id_key) if self.id_key else ""
+        who = f"record {self.index}" + (f" ({rid})" if rid else "")
         return DataError(f"{self.path}: {who}: {problem}. Fix: {fix}.")
 
 
@@ -83,17 +83,21 @@ def _is_type(value: Any, types: tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
-def get_field(raw: Any, key: str, types: type | tuple[type, ...], ref: RecordRef, *, required: bool = True,
+def get_field(raw: Any, key: str, types: tuple[type, ...], ref: RecordRef, *, required: bool = True,
               default: Any = None) -> Any:
     """Read raw[key] checking its type; a missing required field or a wrong type raises a DataError."""
-    types = types if isinstance(types, tuple) else (types,)
+    try:
+        value = raw[key]
+    except (KeyError, TypeError, IndexError):
+        value = None
+    if type(value) in types:  # the common case, checked cheaply
+        return value
     if not isinstance(raw, dict):
         raise ref.error(f"expected an object, found {type(raw).__name__}")
-    if key not in raw or raw[key] is None:
+    if value is None:
         if required:
             raise ref.error(f"field '{key}' is missing")
         return default
-    value = raw[key]
     if not _is_type(value, types):
         want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
         raise ref.error(f"field '{key}' should be {want}, found {type(value).__name__} {value!r:.60}")
@@ -101,14 +105,16 @@ def get_field(raw: Any, key: str, types: type | tuple[type, ...], ref: RecordRef
 
 
 def read_label(raw: dict, ref: RecordRef, *, required: bool) -> dict[str, float] | None:
-    """Read an LXMERT-style soft label {answer: score >= 0}."""
-    label = get_field(raw, "label", dict, ref, required=required)
+    """Read an LXMERT-style soft label {answer: score >= 0} with float scores."""
+    label = get_field(raw, "label", (dict,), ref, required=required)
     if label is None:
         return None
+    out = {}
     for answer, score in label.items():
-        if not _is_type(score, (int, float)) or score < 0:
+        if type(score) not in (int, float) or score < 0:
             raise ref.error(f"field 'label' maps {answer!r} to {score!r}; scores must be numbers >= 0")
-    return {str(a): float(s) for a, s in label.items()}
+        out[answer] = float(score)
+    return out
 
 
 def id_text(raw: Any, key: str) -> str:
@@ -193,16 +199,20 @@ def sample_answer(label: dict[str, float] | None, rng: Any, train: bool) -> tupl
     """LXMERT answer choice: sample ∝ score when training, highest score when not; ('', 0) if no score."""
     if label is None:
         return None
-    answers = list(label)
-    scores = [label[a] for a in answers]
-    total = sum(scores)
+    total = sum(label.values())
     if total <= 0:
         return "", 0.0
-    if train:
-        k = int(rng.choice(len(answers), p=[s / total for s in scores]))
-    else:
-        k = max(range(len(answers)), key=lambda j: scores[j])
-    return answers[k], scores[k]
+    if len(label) == 1:
+        return next(iter(label.items()))
+    if not train:
+        return max(label.items(), key=lambda kv: kv[1])
+    u = rng.random() * total
+    acc = 0.0
+    for answer, score in label.items():
+        acc += score
+        if u < acc:
+            return answer, score
+    return [kv for kv in label.items() if kv[1] > 0][-1]  # float rounding left u just above the sum
 
 
 # ---- features ---------------------------------------------------------------------------------------------

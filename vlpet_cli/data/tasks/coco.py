@@ -7,9 +7,9 @@ all its captions, stripped, as references.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from vlpet_cli.data.tasks.base import Record, RecordRef, Task, get_field, id_text, read_json
+from vlpet_cli.data.tasks.base import Record, RecordRef, Task, get_field, read_json
 from vlpet_cli.errors import DataError, VlpetError
 
 KARPATHY_FILE = "dataset_coco.json"
@@ -22,7 +22,7 @@ class CocoTask(Task):
     name = "coco"
     folder = "COCO"
     default_prompt = "caption: "
-    splits = {"train": "karpathy_train", "val": "karpathy_val", "test": "karpathy_test"}
+    splits: ClassVar[dict[str, str]] = {"train": "karpathy_train", "val": "karpathy_val", "test": "karpathy_test"}
     input_max_length = 40
     target_max_length = 40
     loss_reduction = "token"
@@ -53,16 +53,16 @@ class CocoTask(Task):
         source = self.feature_source(name)
         records = []
         for i, img in enumerate(images):
-            ref = RecordRef(path, i, id_text(img, "filename"))
-            split = get_field(img, "split", str, ref)
+            ref = RecordRef(path, i, img, "filename")
+            split = get_field(img, "split", (str,), ref)
             if split not in SPLIT_RENAME:
                 raise ref.error(f"field 'split' is {split!r}; expected one of {', '.join(SPLIT_RENAME)}")
             if SPLIT_RENAME[split] != karpathy:
                 continue
-            filename = get_field(img, "filename", str, ref)
+            filename = get_field(img, "filename", (str,), ref)
             cocoid = get_field(img, "cocoid", (int, str), ref, required=False)
             img_id = filename.rsplit(".", 1)[0]
-            sentences = get_field(img, "sentences", list, ref)
+            sentences = get_field(img, "sentences", (list,), ref)
             if not sentences:
                 raise ref.error("field 'sentences' is empty; every image needs its captions")
             refs = []

@@ -8,14 +8,13 @@ read features from VG/; testdev/submit images read GQA/.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from vlpet_cli.data.tasks.base import (
     Record,
     RecordRef,
     Task,
     get_field,
-    id_text,
     read_label,
     read_record_list,
     sample_answer,
@@ -30,7 +29,7 @@ class GqaTask(Task):
     name = "gqa"
     folder = "GQA"
     default_prompt = "gpa: "
-    splits = {"train": "train,valid", "val": "testdev", "test": "testdev"}
+    splits: ClassVar[dict[str, str]] = {"train": "train,valid", "val": "testdev", "test": "testdev"}
     input_max_length = 20
     target_max_length = None
     loss_reduction = "example"
@@ -51,10 +50,10 @@ class GqaTask(Task):
         source = self.feature_source(name)
         records = []
         for i, r in enumerate(raw):
-            ref = RecordRef(path, i, id_text(r, "question_id"))
+            ref = RecordRef(path, i, r, "question_id")
             qid = get_field(r, "question_id", (str, int), ref)
             img_id = get_field(r, "img_id", (str, int), ref)
-            sent = get_field(r, "sent", str, ref)
+            sent = get_field(r, "sent", (str,), ref)
             label = read_label(r, ref, required=not for_eval)
             records.append(Record(str(path), i, str(qid), sent, (str(img_id),), source, label))
         return records

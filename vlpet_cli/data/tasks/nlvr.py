@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from vlpet_cli.data.tasks.base import Record, RecordRef, Task, get_field, id_text, read_record_list
+from vlpet_cli.data.tasks.base import Record, RecordRef, Task, get_field, read_record_list
 
 
 class NlvrTask(Task):
@@ -14,7 +14,7 @@ class NlvrTask(Task):
     name = "nlvr"
     folder = "nlvr"
     default_prompt = "nlvr: "
-    splits = {"train": "train", "val": "valid", "test": "test"}
+    splits: ClassVar[dict[str, str]] = {"train": "train", "val": "valid", "test": "test"}
     input_max_length = None
     target_max_length = None
     loss_reduction = "example"
@@ -34,17 +34,17 @@ class NlvrTask(Task):
         source = self.feature_source(name)
         records = []
         for i, r in enumerate(raw):
-            ref = RecordRef(path, i, id_text(r, "identifier"))
-            identifier = get_field(r, "identifier", str, ref)
-            img0 = get_field(r, "img0", str, ref)
-            img1 = get_field(r, "img1", str, ref)
-            sent = get_field(r, "sent", str, ref)
+            ref = RecordRef(path, i, r, "identifier")
+            identifier = get_field(r, "identifier", (str,), ref)
+            img0 = get_field(r, "img0", (str,), ref)
+            img1 = get_field(r, "img1", (str,), ref)
+            sent = get_field(r, "sent", (str,), ref)
             label = r.get("label")
             if label is None and not for_eval:
                 raise ref.error("field 'label' is missing")
             if label is not None and (label not in (0, 1) or isinstance(label, float)):
                 raise ref.error(f"field 'label' should be 0 or 1, found {label!r:.60}")
-            uid = get_field(r, "uid", str, ref, required=False)
+            uid = get_field(r, "uid", (str,), ref, required=False)
             records.append(Record(str(path), i, identifier, sent, (img0, img1), source,
                                   None if label is None else int(label), {"uid": uid}))
         return records

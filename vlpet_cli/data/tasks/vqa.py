@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from vlpet_cli.data.tasks.base import (
     Record,
     RecordRef,
     Task,
     get_field,
-    id_text,
     read_json,
     read_label,
     read_record_list,
@@ -50,14 +49,14 @@ def load_official_answers(vqa_dir: Path, question_ids: set) -> dict[Any, dict]:
             raise DataError(f"{path}: expected an object with an 'annotations' list. "
                             f"Fix: re-download the official VQA v2 annotations.")
         for i, ann in enumerate(anns):
-            ref = RecordRef(path, i, id_text(ann, "question_id"))
+            ref = RecordRef(path, i, ann, "question_id")
             qid = get_field(ann, "question_id", (int, str), ref)
             if qid not in question_ids:
                 continue
             found[qid] = {
-                "answers": _answer_list(get_field(ann, "answers", list, ref), ref, "answers"),
-                "answer_type": get_field(ann, "answer_type", str, ref, required=False),
-                "question_type": get_field(ann, "question_type", str, ref, required=False),
+                "answers": _answer_list(get_field(ann, "answers", (list,), ref), ref, "answers"),
+                "answer_type": get_field(ann, "answer_type", (str,), ref, required=False),
+                "question_type": get_field(ann, "question_type", (str,), ref, required=False),
             }
     return found
 
@@ -68,7 +67,7 @@ class VqaTask(Task):
     name = "vqa"
     folder = "vqa"
     default_prompt = "vqa: "
-    splits = {"train": "karpathy_train", "val": "karpathy_val", "test": "karpathy_test"}
+    splits: ClassVar[dict[str, str]] = {"train": "karpathy_train", "val": "karpathy_val", "test": "karpathy_test"}
     input_max_length = 20
     target_max_length = 10
     loss_reduction = "example"
@@ -88,12 +87,12 @@ class VqaTask(Task):
         source = self.feature_source(name)
         parsed = []
         for i, r in enumerate(raw):
-            ref = RecordRef(path, i, id_text(r, "question_id"))
+            ref = RecordRef(path, i, r, "question_id")
             qid = get_field(r, "question_id", (int, str), ref)
-            img_id = get_field(r, "img_id", str, ref)
-            sent = get_field(r, "sent", str, ref, required=False)
+            img_id = get_field(r, "img_id", (str,), ref)
+            sent = get_field(r, "sent", (str,), ref, required=False)
             if sent is None:
-                sent = get_field(r, "question", str, ref, required=False)
+                sent = get_field(r, "question", (str,), ref, required=False)
             if sent is None:
                 raise ref.error("field 'sent' (the question) is missing")
             label = read_label(r, ref, required=not for_eval)
@@ -115,11 +114,11 @@ class VqaTask(Task):
                         "put the official VQA v2 annotation files in vqa/ or add 'answers' to the records")
                 extra = {
                     "answers": gt["answers"],
-                    "answer_type": gt.get("answer_type") or get_field(r, "answer_type", str, ref,
+                    "answer_type": gt.get("answer_type") or get_field(r, "answer_type", (str,), ref,
                                                                       required=False),
-                    "question_type": gt.get("question_type") or get_field(r, "question_type", str, ref,
+                    "question_type": gt.get("question_type") or get_field(r, "question_type", (str,), ref,
                                                                           required=False),
-                    "is_topk_optimal": get_field(r, "is_topk_optimal", bool, ref, required=False),
+                    "is_topk_optimal": get_field(r, "is_topk_optimal", (bool,), ref, required=False),
                 }
             records.append(Record(str(path), ref.index, qid, sent, (img_id,), source, label, extra))
         return records

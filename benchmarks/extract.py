@@ -1,0 +1,111 @@
+"""Extraction speed: `extract_features` images/s against the bare model forward on the same preprocessed batches.
+
+The model is a ViT-B/32-size CLIP vision tower built from config (random weights: 224 px, patch 32, hidden 768,
+12 layers) so the benchmark runs offline; N synthetic JPEG images (640x480, like COCO) are written to a temp dir.
+The ratio forward/extraction says what decoding, preprocessing and writing cost on top of the model
+(target: within 1.3x). The last line printed is one JSON object.
+
+Usage: python benchmarks/extract.py [--n 64] [--batch-size 32] [--workers 2] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TARGET = 1.3
+
+
+def write_images(folder: Path, n: int, seed: int = 0) -> dict[str, Path]:
+    """N smooth-plus-noise 640x480 JPEGs (decoding cost close to real photos)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:480, 0:640]
+    images = {}
+    for i in range(n):
+        base = np.stack([(xx * (i + 1)) % 256, (yy * 2 + i) % 256, (xx + yy) % 256], axis=-1)
+        noise = rng.integers(0, 40, base.shape)
+        path = folder / f"img{i:05d}.jpg"
+        Image.fromarray(((base + noise) % 256).astype(np.uint8)).save(path, quality=90)
+        images[path.stem] = path
+    return images
+
+
+def build_model(folder: Path, seed: int = 0) -> Path:
+    """Save a ViT-B/32-size CLIPVisionModel with random weights."""
+    import torch
+    import transformers
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    transformers.utils.logging.disable_progress_bar()
+    config = CLIPVisionConfig(image_size=224, patch_size=32, hidden_size=768, num_hidden_layers=12,
+                              num_attention_heads=12, intermediate_size=3072)
+    torch.manual_seed(seed)
+    CLIPVisionModel(config).save_pretrained(folder)
+    return folder
+
+
+def bare_forward(model_dir: Path, images: dict[str, Path], batch_size: int, device: str | None) -> float:
+    """images/s of the model forward alone on batches preprocessed beforehand (one warm-up batch)."""
+    from vlpet_cli.extract import grid_features, load_vision_model, preprocess, to_pixels
+
+    vm = load_vision_model(model_dir, device)
+    arrays = [preprocess(p, vm.image_size, vm.mean, vm.std) for p in images.values()]
+    batches = [to_pixels(arrays[i:i + batch_size]) for i in range(0, len(arrays), batch_size)]
+    grid_features(vm, batches[0])
+    if vm.device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for batch in batches:
+        grid_features(vm, batch)  # copies the features back to the host, as extraction does
+    return len(arrays) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+
+    import torch
+
+    from vlpet_cli.extract import extract_features
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        (tmp_path / "images").mkdir()
+        images = write_images(tmp_path / "images", args.n)
+        model_dir = build_model(tmp_path / "model")
+        forward_ips = bare_forward(model_dir, images, args.batch_size, args.device)
+        summary = extract_features(images, model_dir, tmp_path / "features.h5", batch_size=args.batch_size,
+                                   workers=args.workers, progress=False, device=args.device)
+        assert summary.written == args.n and not summary.failed
+    ratio = forward_ips / summary.images_per_s
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device {device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} cores, "
+          f"{args.n} images 640x480 JPEG -> 224 px, batch {args.batch_size}, {args.workers} decode workers")
+    print(f"bare forward:  {forward_ips:8.1f} images/s")
+    print(f"extraction:    {summary.images_per_s:8.1f} images/s (decode + preprocess + forward + fp16 write)")
+    print(f"ratio forward/extraction: {ratio:.2f}x (target <= {TARGET}x): {'ok' if ratio <= TARGET else 'SLOW'}")
+    print(json.dumps({
+        "benchmark": "extract", "device": device, "n_images": args.n, "batch_size": args.batch_size,
+        "workers": args.workers, "forward_images_per_s": round(forward_ips, 2),
+        "extract_images_per_s": round(summary.images_per_s, 2), "ratio": round(ratio, 3), "target": TARGET,
+        "ok": ratio <= TARGET,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Every preset builds on tiny BART and T5, trains exactly its trainable parameters, and sits where the spec says."""
+
+import pytest
+import torch
+
+from vlpet_cli.pet import anatomy
+from vlpet_cli.presets import list_presets, resolve
+from vlpet_cli.vl.model import build_model
+
+FEAT = 16
+
+
+def make(preset: str, backbone, *overrides):
+    torch.manual_seed(0)
+    resolved = resolve(preset, [f"model.feat_dim={FEAT}", *overrides], backbone=str(backbone))
+    return build_model(resolved, weights=True)
+
+
+def batch_for(tok, n_img=1, task="vqa"):
+    enc = tok(["vqa: what color is the circle ?", "vqa: how many"], padding=True, return_tensors="pt")
+    labels = tok(["red", "2 circle"], padding=True, return_tensors="pt").input_ids
+    labels[labels == tok.pad_token_id] = -100
+    return {"task": task, "input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
+            "vis_feats": torch.randn(2, n_img, 49, FEAT), "labels": labels,
+            "loss_weights": torch.tensor([1.0, 0.6]), "loss_reduction": "example"}
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+@pytest.mark.parametrize("preset", list_presets())
+def test_preset_trains_exactly_its_trainable_parameters(preset, family, tiny_dirs):
+    model, tok = make(preset, tiny_dirs[family])
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "a preset must train something"
+    loss = model(batch_for(tok, n_img=2 if preset == "vlpet-small" else 1))
+    assert torch.isfinite(loss)
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    # the box branch sees all-zero boxes, so its weight gets an exactly-zero gradient but still a grad tensor
+    assert with_grad == trainable
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt.step()
+    for name, p in model.named_parameters():
+        if name not in trainable:
+            assert torch.equal(p, before[name]), f"frozen {name} changed"
+    changed = [n for n in trainable if not torch.equal(model.get_parameter(n), before[n])]
+    assert changed
+
+
+def encoder_sublayer_outputs(model, batch):
+    """Outputs of every encoder sub-layer's H module (after the PET hook)."""
+    outs = []
+    handles = [s.h_module.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+               for s in anatomy.sublayers(model.backbone) if s.stack == "encoder"]
+    model.encode(batch)
+    for h in handles:
+        h.remove()
+    return outs
+
+
+@pytest.mark.parametrize("preset,factor", [("vlpet-large", 0.15), ("vlpet-middlex", 0.15), ("vlpet-small", 0.15),
+                                           ("vlpet-middley", 0.3)])
+def test_t5_zero_init_scales_sublayer_output(preset, factor, tiny_dirs):
+    """T5 reference init: ΔH = 0 and G = σ(0) = 0.5 (middleY: 1), times s = 0.3, at step 0 (spec §1.6)."""
+    model, tok = make(preset, tiny_dirs["t5"])
+    model.eval()
+    batch = batch_for(tok)
+    # Run the sub-layers with the PET hooks in place, recording H before the hook alters it.
+    raw, gated = [], []
+    for sub in anatomy.sublayers(model.backbone):
+        if sub.stack == "encoder":
+            sub.h_module.register_forward_hook(
+                lambda m, a, o: gated.append(o[0] if isinstance(o, tuple) else o), prepend=False)
+            sub.h_module.register_forward_hook(
+                lambda m, a, o: raw.append((o[0] if isinstance(o, tuple) else o).clone()), prepend=True)
+    with torch.no_grad():
+        model.encode(batch)
+    assert len(raw) == len(gated) == 4
+    for h, out in zip(raw, gated):
+        assert torch.allclose(out, factor * h, atol=1e-6)
+
+
+def test_bart_placement_is_before_dropout_residual_and_layernorm(tiny_dirs):
+    """BART post-LN: out = LN(X + s·G(X, H1)⊙H1), H1 = H + ΔH(H), X = the sub-layer input (spec §1.1)."""
+    model, tok = make("vlpet-large", tiny_dirs["bart"])
+    model.eval()
+    layer = model.backbone.get_encoder().layers[0]
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        out = layer(x, attention_mask=None)
+        out = out[0] if isinstance(out, tuple) else out
+        pet = model.pet
+        model.pet.remove_hooks()
+        h = layer.self_attn(x, attention_mask=None)[0]
+        h1 = h + pet.encoder_modules["encoder_0_attn"](h)
+        a = layer.self_attn_layer_norm(x + pet.gates["encoder_0_attn"](x, h1))
+        f = layer.fc2(layer.activation_fn(layer.fc1(a)))
+        f1 = f + pet.encoder_modules["encoder_0_ffn"](f)
+        expected = layer.final_layer_norm(a + pet.gates["encoder_0_ffn"](a, f1))
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_value_adapter_reads_the_encoder_output(tiny_dirs):
+    model, tok = make("vlpet-small", tiny_dirs["bart"])
+    model.eval()
+    attn = model.backbone.get_decoder().layers[1].encoder_attn
+    e = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        with_pet = attn.v_proj(e)
+        expected = e @ attn.v_proj.weight.T + attn.v_proj.bias + model.pet.value["decoder_1_cross"](e)
+    assert torch.allclose(with_pet, expected, atol=1e-6)
+
+
+def test_bart_visual_tokens_skip_positions_and_embedding_layernorm(tiny_dirs):
+    model, tok = make("vlpet-small", tiny_dirs["bart"])
+    model.eval()
+    batch = batch_for(tok)
+    seen = {}
+    enc = model.backbone.get_encoder()
+
+    def capture(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+    enc.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        embeds, mask, t = model.embed(batch)
+        model.encode(batch)
+    assert torch.allclose(seen["x"][:, t:], embeds[:, t:], atol=1e-6)  # visual rows: untouched (eval: no dropout)
+    pos = enc.embed_positions(embeds[:, :t, -1])
+    assert torch.allclose(seen["x"][:, :t], enc.layernorm_embedding(embeds[:, :t] + pos), atol=1e-5)
+
+
+def test_hyperformer_needs_the_task(tiny_dirs):
+    from vlpet_cli.errors import VlpetError
+
+    model, tok = make("hyperformer", tiny_dirs["bart"])
+    with pytest.raises(VlpetError, match="HyperFormer needs the current task"):
+        model(batch_for(tok, task=None))
