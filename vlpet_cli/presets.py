@@ -53,11 +53,24 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise VlpetError(f"override '{item}' is not of the form key=value (e.g. train.lr=5e-4)")
-        try:
-            parsed.append((key.strip(), yaml.safe_load(value) if value.strip() else None))
-        except yaml.YAMLError:
-            parsed.append((key.strip(), value))
+        parsed.append((key.strip(), _parse_value(value)))
     return parsed
+
+
+def _parse_value(text: str) -> Any:
+    """YAML value, with YAML 1.1's gaps filled: '5e-4' is a number, not a string."""
+    if not text.strip():
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:

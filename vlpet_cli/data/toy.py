@@ -96,25 +96,25 @@ def _rng(name: str, seed: int) -> random.Random:
     return random.Random(f"{seed}:{name}")
 
 
+def _layout(rng: random.Random) -> tuple[tuple[str, str, str, str], ...]:
+    """Draw what a scene shows: one or two (kind, color, size, position) at distinct positions."""
+    positions = sorted(rng.sample(POSITIONS, rng.choice((1, 2))), key=POSITIONS.index)
+    return tuple((rng.choice(SHAPES), rng.choice(tuple(COLORS)), rng.choice(SIZES), pos) for pos in positions)
+
+
+def _dress(rng: random.Random, layout: tuple, img_id: str, source: str) -> Scene:
+    """Give a layout its background and small rendering jitter."""
+    shapes = tuple(
+        Shape(kind, color, size, pos, rng.randint(-3, 3), rng.randint(-14, 14),
+              tuple(rng.randint(-18, 18) for _ in range(3)))
+        for kind, color, size, pos in layout
+    )
+    return Scene(img_id, source, rng.choice(tuple(BACKGROUNDS)), shapes)
+
+
 def random_scene(rng: random.Random, img_id: str, source: str) -> Scene:
     """Draw a scene of one or two shapes at distinct positions."""
-    n = rng.choice((1, 2))
-    positions = sorted(rng.sample(POSITIONS, n), key=POSITIONS.index)
-    shapes = []
-    for pos in positions:
-        tint = tuple(rng.randint(-18, 18) for _ in range(3))
-        shapes.append(
-            Shape(
-                kind=rng.choice(SHAPES),
-                color=rng.choice(tuple(COLORS)),
-                size=rng.choice(SIZES),
-                pos=pos,
-                dx=rng.randint(-3, 3),
-                dy=rng.randint(-14, 14),
-                tint=tint,
-            )
-        )
-    return Scene(img_id, source, rng.choice(tuple(BACKGROUNDS)), tuple(shapes))
+    return _dress(rng, _layout(rng), img_id, source)
 
 
 def render_scene(scene: Scene):
@@ -416,13 +416,18 @@ def _statement(rng: random.Random) -> tuple[str, Pred]:
     return rng.choice(table)
 
 
-def _pair_for(rng: random.Random, preds: list[Pred], want: tuple[bool, ...], tries: int = 4000):
+def _pair_for(rng: random.Random, preds: list[Pred], want: tuple[bool, ...], tries: int = 3000):
     """Draw an image pair on which each statement has the wanted truth value, or None."""
     for _ in range(tries):
-        L, R = random_scene(rng, "", "nlvr"), random_scene(rng, "", "nlvr")
+        L, R = (Scene("", "nlvr", "", tuple(Shape(*x) for x in _layout(rng))) for _ in range(2))
         if all(p(L, R) == w for p, w in zip(preds, want)):
-            return L, R
+            return _dress(rng, _layout_of(L), "", "nlvr"), _dress(rng, _layout_of(R), "", "nlvr")
     return None
+
+
+def _layout_of(scene: Scene) -> tuple:
+    """The (kind, color, size, position) layout of a scene."""
+    return tuple((s.kind, s.color, s.size, s.pos) for s in scene.shapes)
 
 
 def _nlvr_set(rng: random.Random) -> tuple[list[str], list[tuple[Scene, Scene]], list[tuple[bool, bool]]]:
@@ -433,8 +438,13 @@ def _nlvr_set(rng: random.Random) -> tuple[list[str], list[tuple[Scene, Scene]],
             continue
         combos = [(True, True), (True, False), (False, True), (False, False)]
         rng.shuffle(combos)
-        pairs = [_pair_for(rng, [pa, pb], w) for w in combos]
-        if all(p is not None for p in pairs):
+        pairs = []
+        for want in combos:
+            pair = _pair_for(rng, [pa, pb], want)
+            if pair is None:
+                break
+            pairs.append(pair)
+        else:
             return [ta, tb], pairs, combos
 
 

@@ -189,7 +189,7 @@ def spice_problem() -> str | None:
         return (
             f"SPICE needs {', '.join(absent)} in {lib}, and vlpet never downloads at run time; on a machine with "
             "network run `python -m pycocoevalcap.spice.get_stanford_models` once (it fetches Stanford CoreNLP "
-            "3.6.0, ~400 MB) or copy the two jars there"
+            "3.6.0, several hundred MB) or copy the two jars there"
         )
     return None
 
@@ -241,8 +241,6 @@ def _run_bleu(gts: dict, res: dict) -> dict[str, float]:
 
 def _run_meteor(gts: dict, res: dict) -> dict[str, float]:
     """METEOR 1.5 through pycocoevalcap's Java wrapper; a crashed Java process becomes a VlpetError."""
-    if not java_available():
-        raise VlpetError("METEOR needs Java: install a JRE so that `java` is on PATH, or leave meteor out")
     from pycocoevalcap.meteor.meteor import Meteor
 
     scorer = Meteor()
