@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vlpet_cli.data.toy import toy_corpus  # noqa: E402
+from vlpet_cli.data.toy import toy_corpus
 
 VOCAB_SIZE = 1000
 MAX_LEN = 48
@@ -28,20 +28,90 @@ PROMPTS = {"vqa": "vqa: ", "gqa": "gpa: ", "nlvr": "nlvr: "}
 
 # ---------------------------------------------------------------------------------------------- corpus
 
-_SUBJECTS = ["the man", "a woman", "two dogs", "a small cat", "the children", "an old car", "my friend",
-             "a young girl", "the teacher", "three birds", "a tall tree", "the red bus", "a group of people",
-             "the kitchen", "a white horse", "the little boy", "a train", "some students", "the city", "a bird"]
-_VERBS = ["is sitting on", "is standing next to", "looks at", "is holding", "walks past", "is near",
-          "is riding", "is parked in front of", "is playing with", "is eating", "is flying over",
-          "is lying under", "is waiting for", "is painted like", "carries"]
-_OBJECTS = ["a wooden table", "the river", "a blue chair", "the green field", "a large building", "the road",
-            "a plate of food", "the window", "a yellow umbrella", "the beach", "a tennis racket", "the sky",
-            "a pizza", "the snow", "a computer", "the grass", "a black bag", "the wall", "a cup of coffee"]
-_TAILS = ["", " in the morning", " at night", " on a sunny day", " near the water", " in the park",
-          " with a smile", " during the game", " in the rain", " inside the house"]
-_QUESTIONS = ["what is the man holding?", "how many people are there?", "is it raining?",
-              "what color is the bus?", "where is the cat?", "is the door open?", "what sport is this?",
-              "what is on the table?", "are there any birds?", "which side is the tree on?"]
+_SUBJECTS = [
+    "the man",
+    "a woman",
+    "two dogs",
+    "a small cat",
+    "the children",
+    "an old car",
+    "my friend",
+    "a young girl",
+    "the teacher",
+    "three birds",
+    "a tall tree",
+    "the red bus",
+    "a group of people",
+    "the kitchen",
+    "a white horse",
+    "the little boy",
+    "a train",
+    "some students",
+    "the city",
+    "a bird",
+]
+_VERBS = [
+    "is sitting on",
+    "is standing next to",
+    "looks at",
+    "is holding",
+    "walks past",
+    "is near",
+    "is riding",
+    "is parked in front of",
+    "is playing with",
+    "is eating",
+    "is flying over",
+    "is lying under",
+    "is waiting for",
+    "is painted like",
+    "carries",
+]
+_OBJECTS = [
+    "a wooden table",
+    "the river",
+    "a blue chair",
+    "the green field",
+    "a large building",
+    "the road",
+    "a plate of food",
+    "the window",
+    "a yellow umbrella",
+    "the beach",
+    "a tennis racket",
+    "the sky",
+    "a pizza",
+    "the snow",
+    "a computer",
+    "the grass",
+    "a black bag",
+    "the wall",
+    "a cup of coffee",
+]
+_TAILS = [
+    "",
+    " in the morning",
+    " at night",
+    " on a sunny day",
+    " near the water",
+    " in the park",
+    " with a smile",
+    " during the game",
+    " in the rain",
+    " inside the house",
+]
+_QUESTIONS = [
+    "what is the man holding?",
+    "how many people are there?",
+    "is it raining?",
+    "what color is the bus?",
+    "where is the cat?",
+    "is the door open?",
+    "what sport is this?",
+    "what is on the table?",
+    "are there any birds?",
+    "which side is the tree on?",
+]
 
 
 _WORDS = """people house water family school world country question number night point government company
@@ -61,7 +131,7 @@ giraffe zebra sheep cow horse skateboard surfboard kite frisbee umbrella suitcas
 refrigerator oven sandwich broccoli carrot donut cake vase scissors teddy bear toothbrush hydrant bench
 quickly slowly happily often never always sometimes together outside inside before after between during
 beautiful ugly bright dark heavy light empty full clean dirty young old new wet dry hot cold soft hard
-running jumping swimming cooking reading writing singing dancing driving flying sleeping talking laughing""".split()
+running jumping swimming cooking reading writing singing dancing driving flying sleeping talking laughing""".split()  # noqa: SIM905
 
 
 def generic_english(rng: random.Random, n: int = 600) -> list[str]:
@@ -95,6 +165,13 @@ def pretraining_texts(corpus: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------- tokenizers
 
 
+def tokenizer_lines(texts: list[str], generic: list[str], repeat: int = 30) -> list[str]:
+    """Tokenizer training text: short texts (answers, true/false) are repeated so that each becomes one token
+    when encoded on its own, as a target is."""
+    short = [t for t in texts if len(t.split()) == 1]
+    return texts + generic + short * repeat
+
+
 def train_tokenizer(family: str, lines: list[str], vocab_size: int = VOCAB_SIZE):
     """A byte-level BPE tokenizer with the family's special tokens and post-processing, as a
     transformers fast tokenizer."""
@@ -120,19 +197,32 @@ def train_tokenizer(family: str, lines: list[str], vocab_size: int = VOCAB_SIZE)
     if family == "bart":
         bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+            single="<s> $A </s>",
+            pair="<s> $A </s> </s> $B </s>",
+            special_tokens=[("<s>", bos), ("</s>", eos)],
         )
         return PreTrainedTokenizerFast(
-            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-            mask_token="<mask>", cls_token="<s>", sep_token="</s>", model_max_length=128,
+            tokenizer_object=tok,
+            bos_token="<s>",
+            eos_token="</s>",
+            pad_token="<pad>",
+            unk_token="<unk>",
+            mask_token="<mask>",
+            cls_token="<s>",
+            sep_token="</s>",
+            model_max_length=128,
         )
     eos = tok.token_to_id("</s>")
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=extra, model_max_length=512,
+        tokenizer_object=tok,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=extra,
+        model_max_length=512,
     )
 
 
@@ -141,9 +231,15 @@ def check_tokenizer(path: Path, family: str, samples: list[str]) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    expected = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3} if family == "bart" else {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    expected = (
+        {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+        if family == "bart"
+        else {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    )
     for t, i in expected.items():
         assert tok.convert_tokens_to_ids(t) == i, (family, t, tok.convert_tokens_to_ids(t))
+    for word in ("true", "false", "yes", "no", "red", "circle"):
+        assert len(tok.encode(word, add_special_tokens=False)) == 1, (family, word)
     for s in samples:
         ids = tok.encode(s)
         if family == "bart":
@@ -163,16 +259,41 @@ def build_model(family: str, tok):
 
     if family == "bart":
         config = BartConfig(
-            vocab_size=len(tok), d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=128,
-            activation_function="gelu", dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-            decoder_start_token_id=2, forced_bos_token_id=None, forced_eos_token_id=None,
-            tie_word_embeddings=True, scale_embedding=False,
+            vocab_size=len(tok),
+            d_model=128,
+            encoder_layers=2,
+            decoder_layers=2,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=256,
+            decoder_ffn_dim=256,
+            max_position_embeddings=128,
+            activation_function="gelu",
+            dropout=0.1,
+            attention_dropout=0.1,
+            activation_dropout=0.1,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            forced_bos_token_id=None,
+            forced_eos_token_id=None,
+            tie_word_embeddings=True,
+            scale_embedding=False,
         )
         return BartForConditionalGeneration(config)
     config = T5Config(
-        vocab_size=len(tok), d_model=128, d_kv=32, num_heads=4, d_ff=256, num_layers=2, num_decoder_layers=2,
-        feed_forward_proj="relu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=len(tok),
+        d_model=128,
+        d_kv=32,
+        num_heads=4,
+        d_ff=256,
+        num_layers=2,
+        num_decoder_layers=2,
+        feed_forward_proj="relu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
         tie_word_embeddings=True,
     )
     return T5ForConditionalGeneration(config)
@@ -191,7 +312,7 @@ def _spans(rng: random.Random, n: int, density: float, mean_len: float) -> list[
         tries += 1
         length = min(budget, max(1, round(rng.expovariate(1 / mean_len))))
         start = rng.randrange(0, max(1, n - length + 1))
-        if any(covered[max(0, start - 1): start + length + 1]):
+        if any(covered[max(0, start - 1) : start + length + 1]):
             continue
         for i in range(start, start + length):
             covered[i] = True
@@ -219,7 +340,7 @@ def t5_example(rng: random.Random, ids: list[int], sentinel0: int) -> tuple[list
     for k, (start, length) in enumerate(spans):
         sentinel = sentinel0 - k  # <extra_id_k> ids run downwards, as in T5
         src += body[pos:start] + [sentinel]
-        tgt += [sentinel] + body[start:start + length]
+        tgt += [sentinel] + body[start : start + length]
         pos = start + length
     src += body[pos:] + [ids[-1]]
     tgt += [sentinel0 - len(spans), ids[-1]]
@@ -240,8 +361,17 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int):
     return {"input_ids": input_ids, "attention_mask": (input_ids != pad_id).long(), "labels": labels}
 
 
-def pretrain(family: str, model, tok, texts: list[str], steps: int, seed: int, batch_size: int = 64,
-             lr: float = 2e-3, log_every: int = 100) -> dict:
+def pretrain(
+    family: str,
+    model,
+    tok,
+    texts: list[str],
+    steps: int,
+    seed: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    log_every: int = 100,
+) -> dict:
     """Denoising pretraining with AdamW, linear warm-up and cosine decay; returns the loss record."""
     import torch
 
@@ -249,10 +379,10 @@ def pretrain(family: str, model, tok, texts: list[str], steps: int, seed: int, b
     rng = random.Random(seed)
     encoded = [tok.encode(t, truncation=True, max_length=MAX_LEN) for t in texts]
     if family == "bart":
-        make = lambda ids: bart_example(rng, ids, tok.mask_token_id)  # noqa: E731
+        make = lambda ids: bart_example(rng, ids, tok.mask_token_id)
     else:
         s0 = tok.convert_tokens_to_ids("<extra_id_0>")
-        make = lambda ids: t5_example(rng, ids, s0)  # noqa: E731
+        make = lambda ids: t5_example(rng, ids, s0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -271,8 +401,11 @@ def pretrain(family: str, model, tok, texts: list[str], steps: int, seed: int, b
         losses.append(loss.item())
         if (step + 1) % log_every == 0 or step == 0:
             recent = losses[-log_every:]
-            print(f"[{family}] step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+            print(
+                f"[{family}] step {step + 1}/{steps} loss {sum(recent) / len(recent):.4f} "
+                f"({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
     model.eval()
     window = max(1, min(50, steps // 10))
     return {
@@ -292,8 +425,11 @@ def sample_fill(family: str, model, tok, text: str) -> str:
 
     ids = tok.encode(text)
     rng = random.Random(0)
-    src = bart_example(rng, ids, tok.mask_token_id)[0] if family == "bart" else t5_example(
-        rng, ids, tok.convert_tokens_to_ids("<extra_id_0>"))[0]
+    src = (
+        bart_example(rng, ids, tok.mask_token_id)[0]
+        if family == "bart"
+        else t5_example(rng, ids, tok.convert_tokens_to_ids("<extra_id_0>"))[0]
+    )
     with torch.no_grad():
         out = model.generate(torch.tensor([src]), max_new_tokens=30, num_beams=1, do_sample=False)
     return f"{tok.decode(src)!r} -> {tok.decode(out[0], skip_special_tokens=family == 'bart')!r}"
@@ -328,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
         out = args.out_dir / f"tiny-{family}"
         random.seed(args.seed)
         torch.manual_seed(args.seed)
-        tok = train_tokenizer(family, texts + generic)
+        tok = train_tokenizer(family, tokenizer_lines(texts, generic))
         model = build_model(family, tok)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"[{family}] vocab {len(tok)}, {n_params:,} parameters")
@@ -341,10 +477,18 @@ def main(argv: list[str] | None = None) -> None:
         for f in out.iterdir():
             f.chmod(0o644)
         record.update(
-            family=family, objective="text infilling (30%, mean span 3)" if family == "bart" else
-            "span corruption (15%, mean span 3)", corpus_size=len(texts), toy_texts=len(corpus),
-            tokenizer_extra_lines=len(generic), vocab_size=len(tok), parameters=n_params, seed=args.seed,
-            torch=torch.__version__, transformers=transformers.__version__,
+            family=family,
+            objective="text infilling (30%, mean span 3)"
+            if family == "bart"
+            else "span corruption (15%, mean span 3)",
+            corpus_size=len(texts),
+            toy_texts=len(corpus),
+            tokenizer_extra_lines=len(generic),
+            vocab_size=len(tok),
+            parameters=n_params,
+            seed=args.seed,
+            torch=torch.__version__,
+            transformers=transformers.__version__,
         )
         (out / "pretraining.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         check_tokenizer(out, family, corpus[:200])

@@ -170,7 +170,7 @@ add = features.PackedWriter.add
 def slow_add(self, ids, feats):
     add(self, ids, feats)
     print("batch", flush=True)
-    time.sleep(0.03)
+    time.sleep(0.05)
 features.PackedWriter.add = slow_add
 extract_features(images_from(Path(sys.argv[1])), sys.argv[2], Path(sys.argv[3]), batch_size=2, workers=1,
                  progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections import Counter
 from pathlib import Path
@@ -55,7 +56,9 @@ def feature_ids(root: Path, source: str) -> set[str]:
 def test_concurrent_first_use_builds_once_and_leaves_no_temp(built):
     assert built["results"] == [built["root"], built["root"]]
     assert len(built["builds"]) == 1
-    leftovers = [p.name for p in built["cache"].iterdir() if p.name not in (toy.TOY_VERSION, f"{toy.TOY_VERSION}.lock")]
+    leftovers = [
+        p.name for p in built["cache"].iterdir() if p.name not in (toy.TOY_VERSION, f"{toy.TOY_VERSION}.lock")
+    ]
     assert leftovers == []
     manifest = load(built["root"] / "toy.json")
     assert manifest["version"] == toy.TOY_VERSION and manifest["features"]["model"] == "tiny-clip"
@@ -67,7 +70,7 @@ def test_second_call_reuses_cache(built, monkeypatch):
     assert toy.toy_root() == built["root"]
 
 
-def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
+def test_failed_or_killed_build_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("VLPET_CACHE", str(tmp_path))
 
     def broken(dest: Path, *a, **k):
@@ -75,6 +78,9 @@ def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
         raise RuntimeError("interrupted")
 
     monkeypatch.setattr(toy, "build_toy", broken)
+    stale = tmp_path / f".{toy.TOY_VERSION}.building-killed"
+    stale.mkdir()
+    os.utime(stale, (1, 1))
     with pytest.raises(RuntimeError):
         toy.toy_root()
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{toy.TOY_VERSION}.lock"]
@@ -98,12 +104,21 @@ def test_coco_karpathy_format(root):
 
 
 def test_vqa_karpathy_and_official_annotations(root):
-    coco = {e["filename"].rsplit(".", 1)[0]: e["split"] for e in load(root / "COCO" / "dataset_coco.json")["images"]}
+    coco = {
+        e["filename"].rsplit(".", 1)[0]: e["split"]
+        for e in load(root / "COCO" / "dataset_coco.json")["images"]
+    }
     official = {}
     for folder in ("train2014", "val2014"):
         for a in load(root / "vqa" / f"v2_mscoco_{folder}_annotations.json")["annotations"]:
-            assert set(a) >= {"question_id", "image_id", "answers", "answer_type", "question_type",
-                              "multiple_choice_answer"}
+            assert set(a) >= {
+                "question_id",
+                "image_id",
+                "answers",
+                "answer_type",
+                "question_type",
+                "multiple_choice_answer",
+            }
             assert len(a["answers"]) == 10
             assert [x["answer_id"] for x in a["answers"]] == list(range(1, 11))
             assert all(set(x) == {"answer", "answer_confidence", "answer_id"} for x in a["answers"])
@@ -116,7 +131,9 @@ def test_vqa_karpathy_and_official_annotations(root):
         records = load(root / "vqa" / f"{name}.json")
         assert records
         for r in records:
-            assert isinstance(r["question_id"], int) and isinstance(r["sent"], str) and r["sent"].endswith("?")
+            assert (
+                isinstance(r["question_id"], int) and isinstance(r["sent"], str) and r["sent"].endswith("?")
+            )
             assert r["answer_type"] in ("yes/no", "number", "other") and r["question_type"]
             assert coco[r["img_id"]] in splits and r["img_id"] in feats
             folder, ann = official[r["question_id"]]
@@ -177,7 +194,7 @@ def test_features_cover_every_image_with_the_grid_shape(root):
         images = {p.stem for p in (root / source / "images").glob("*.png")}
         store = open_features(root / source / toy.FEATURE_FILE)
         assert set(store.ids()) == images
-        x = store.get(sorted(images)[0])
+        x = store.get(min(images))
         assert x.shape == (49, 64) and store.dtype == "float16"
         assert float(abs(x).sum()) > 0
 

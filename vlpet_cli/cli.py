@@ -97,6 +97,139 @@ def params(preset: str = typer.Option(..., "--preset", "-p", help="preset name o
     console.print(f"saved trainable state: {result['saved_mb']:.1f} MB (fp32)")
 
 
+# ---- train ------------------------------------------------------------------------------------------------
+def _tasks_option(task: Optional[str]) -> list[str]:
+    return [t.strip() for t in task.split(",") if t.strip()] if task else []
+
+
+@app.command()
+def train(preset: Optional[str] = typer.Option(None, "--preset", "-p", help="preset name or YAML file"),
+          task: Optional[str] = typer.Option(None, "--task", "-t", help="one task or a comma list: vqa,gqa,nlvr,coco"),
+          data_root: Optional[str] = typer.Option(None, help="dataset folder, or 'toy' for the built-in toy world"),
+          backbone: Optional[str] = typer.Option(None, help="bart-base | t5-base | tiny-bart | tiny-t5 | HF id | dir"),
+          name: Optional[str] = typer.Option(None, help="run name (default: PRESET-TASKS)"),
+          runs_dir: Path = typer.Option(Path("runs"), help="where run directories go"),
+          resume: bool = typer.Option(False, help="continue the run from its last checkpoint"),
+          overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+          overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Train PET modules on a frozen backbone, on one task or several at once."""
+    from vlpet_cli.train import train as run_training
+
+    if resume:
+        if not name:
+            raise VlpetError("--resume needs --name of the run to continue")
+        run_dir = runs_dir / name
+        resolved = _run_preset(run_dir)
+    else:
+        if not preset:
+            raise VlpetError("--preset is required (see `vlpet presets ls`)")
+        resolved = _train_preset(preset, task, data_root, backbone, overrides or [])
+        tasks = resolved.data.tasks
+        run_dir = runs_dir / (name or f"{resolved.name}-{tasks[0] if len(tasks) == 1 else 'multitask'}")
+    summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite)
+    if "adapter" in summary:
+        console.print(f"done in {summary['seconds']:.0f} s, {summary['updates']} updates; adapter: "
+                      f"{summary['adapter']} ({summary['adapter_bytes'] / 1e6:.2f} MB); run: {run_dir}")
+
+
+def _train_preset(preset: str, task: Optional[str], data_root: Optional[str], backbone: Optional[str],
+                  overrides: list[str]):
+    from vlpet_cli.presets import resolve
+    from vlpet_cli.train import TOY_DEFAULTS, toy_feature_dim
+
+    extra = []
+    if task:
+        extra.append(f"data.tasks=[{','.join(_tasks_option(task))}]")
+    if data_root:
+        extra.append(f"data.data_root={data_root}")
+    defaults = [*TOY_DEFAULTS, f"model.feat_dim={toy_feature_dim()}"] if data_root == "toy" else []
+    resolved = resolve(preset, [*extra, *overrides], backbone, defaults=defaults)
+    from vlpet_cli.data.tasks import get_task
+
+    for t in resolved.data.tasks:
+        get_task(t)
+    return resolved
+
+
+def _run_preset(run_dir: Path):
+    import yaml
+
+    from vlpet_cli.presets import validate
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise VlpetError(f"cannot resume: {run_dir} is not a run directory (no config.yaml)")
+    return validate(yaml.safe_load(path.read_text()), str(path))
+
+
+# ---- eval -------------------------------------------------------------------------------------------------
+@app.command("eval")
+def eval_cmd(path: Optional[Path] = typer.Argument(None, help="run directory, adapter, bundle or folded model"),
+             task: Optional[str] = typer.Option(None, "--task", "-t", help="task(s) to evaluate (default: the run's)"),
+             split: str = typer.Option("test", help="test | val | train"),
+             metric: Optional[list[str]] = typer.Option(None, "--metric", "-m",
+                                                        help="cider, bleu, bleu4, meteor, rougel, spice, vqa, acc, "
+                                                             "consistency (default: all of the task's)"),
+             batch_size: Optional[int] = typer.Option(None, help="evaluation batch size"),
+             data_root: Optional[str] = typer.Option(None, help="dataset folder or 'toy' (default: the run's)"),
+             backbone: Optional[str] = typer.Option(None, help="the backbone directory, if it moved"),
+             out: Optional[Path] = typer.Option(None, help="output folder (default: RUN/eval)"),
+             limit: Optional[int] = typer.Option(None, help="evaluate at most this many records per task"),
+             predictions: Optional[Path] = typer.Option(None, help="score this predictions file (no model)"),
+             annotations: Optional[Path] = typer.Option(None, help="annotation file for --predictions"),
+             vqa_variant: str = typer.Option("reference", help="reference (VL-T5) | official"),
+             allow_missing: bool = typer.Option(False, help="with --predictions: allow unpredicted ids"),
+             as_json: bool = typer.Option(False, "--json", help="print the metrics as one JSON object"),
+             overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Generate and score (CIDEr, VQA accuracy, ...) a trained model, or score a predictions file."""
+    if predictions or annotations:
+        _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json)
+        return
+    if path is None:
+        raise VlpetError("give a run or adapter directory, or --predictions FILE --annotations FILE --task T")
+    from vlpet_cli.evaluate import evaluate
+
+    results = evaluate(path, _tasks_option(task) or None, split, metric or None, batch_size, data_root, backbone,
+                       out, [*(overrides or []), f"eval.vqa_variant={vqa_variant}"], progress=not as_json,
+                       limit=limit)
+    if as_json:
+        print(json.dumps({t: _flat(r["metrics"]) for t, r in results.items()}))
+        return
+    table = Table("task", "split", "n", "metrics", "samples/s", title="evaluation")
+    for t, r in results.items():
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in _flat(r["metrics"]).items())
+        table.add_row(t, r["split"], str(r["n"]), shown, f"{r['samples_per_s']:.1f}")
+    console.print(table)
+    console.print(f"files written to {next(iter(results.values()))['out_dir']}")
+
+
+def _flat(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json) -> None:
+    import warnings
+
+    from vlpet_cli.metrics.files import score_predictions_file
+
+    if not (task and predictions and annotations):
+        raise VlpetError("scoring a file needs --task, --predictions and --annotations")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = score_predictions_file(task, predictions, annotations, split if split != "test" or task == "coco"
+                                        else None, metric or None, vqa_variant, allow_missing or None)
+    for w in caught:
+        err_console.print(f"[yellow]warning:[/yellow] {w.message}")
+    flat = _flat(result)
+    if as_json:
+        print(json.dumps(flat))
+        return
+    table = Table("metric", "value", title=f"{task}: {predictions.name}")
+    for k, v in flat.items():
+        table.add_row(k, f"{v:.2f}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
 def main() -> None:
     """Entry point: user errors print one line and exit 2 (tracebacks only with --debug)."""
     try:

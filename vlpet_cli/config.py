@@ -122,7 +122,7 @@ class TrainConfig(Strict):
 class GenerationSpec(Strict):
     num_beams: int = 1
     max_length: int = 20
-    no_repeat_ngram_size: int = 0
+    no_repeat_ngram_size: int | None = Field(None, description="None: BART 3 (its config's default), T5 0")
 
 
 class EvalConfig(Strict):

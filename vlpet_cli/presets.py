@@ -153,8 +153,10 @@ def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def resolve(name: str, overrides: list[str] | None = None, backbone: str | None = None) -> Preset:
-    """Load a preset, apply its T5 section when the backbone is a T5, then the overrides, and validate."""
+def resolve(name: str, overrides: list[str] | None = None, backbone: str | None = None,
+            defaults: list[str] | None = None) -> Preset:
+    """Load a preset, apply its T5 section when the backbone is a T5, then `defaults` (e.g. the toy world's),
+    then the user's overrides, and validate."""
     from vlpet_cli.backbones import family_of
 
     raw = load_raw(name)
@@ -172,7 +174,7 @@ def resolve(name: str, overrides: list[str] | None = None, backbone: str | None 
     if family == "t5" and raw.get("t5"):
         raw = deep_merge(raw, raw["t5"])
         raw["t5"] = None
-    for key, value in pairs:
+    for key, value in parse_overrides(defaults or []) + pairs:
         set_dotted(raw, key, value)
     return validate(raw, f"preset '{name}'")
 

@@ -138,10 +138,16 @@ class FeatureStore:
             raise DataError(f"{self.path}: the feature directory holds no <img_id>.h5 files; run extraction first.")
         import h5py
 
-        with h5py.File(self._item_path(ids[0]), "r") as f:
-            ds = f[f"{ids[0]}/features"]
-            self._shape, self._dtype = tuple(ds.shape), str(ds.dtype)
-            self._attrs = _read_attrs(f.attrs)
+        item = self._item_path(ids[0])
+        try:
+            with h5py.File(item, "r") as f:
+                ds = f[f"{ids[0]}/features"]
+                self._shape, self._dtype = tuple(ds.shape), str(ds.dtype)
+                self._attrs = _read_attrs(f.attrs)
+        except (OSError, KeyError) as exc:
+            raise DataError(
+                f"{item}: cannot read dataset '{ids[0]}/features' ({exc}); delete the file and re-run extraction."
+            ) from exc
 
     # -- public ---------------------------------------------------------------------------------------------
     def ids(self) -> list[str]:

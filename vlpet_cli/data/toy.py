@@ -1,8 +1,11 @@
 """The built-in toy world: synthetic shape pictures with VQA, GQA, NLVR2 and COCO annotations in the
-reference on-disk formats (spec/pipeline.md §1), plus packed tiny-CLIP features, built once into the cache."""
+reference on-disk formats (spec/pipeline.md §1), plus packed tiny-CLIP features, built once into the
+cache."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -11,9 +14,9 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from vlpet_cli.errors import VlpetError
 
@@ -105,8 +108,15 @@ def _layout(rng: random.Random) -> tuple[tuple[str, str, str, str], ...]:
 def _dress(rng: random.Random, layout: tuple, img_id: str, source: str) -> Scene:
     """Give a layout its background and small rendering jitter."""
     shapes = tuple(
-        Shape(kind, color, size, pos, rng.randint(-3, 3), rng.randint(-14, 14),
-              tuple(rng.randint(-18, 18) for _ in range(3)))
+        Shape(
+            kind,
+            color,
+            size,
+            pos,
+            rng.randint(-3, 3),
+            rng.randint(-14, 14),
+            tuple(rng.randint(-18, 18) for _ in range(3)),
+        )
         for kind, color, size, pos in layout
     )
     return Scene(img_id, source, rng.choice(tuple(BACKGROUNDS)), shapes)
@@ -269,7 +279,11 @@ def annotator_answers(rng: random.Random, answer: str, answer_type: str) -> list
         for i in rng.sample(range(10), rng.choice((1, 1, 2))):
             answers[i] = wrong
     return [
-        {"answer": a, "answer_confidence": "yes" if a == answer else rng.choice(("maybe", "yes")), "answer_id": i + 1}
+        {
+            "answer": a,
+            "answer_confidence": "yes" if a == answer else rng.choice(("maybe", "yes")),
+            "answer_id": i + 1,
+        }
         for i, a in enumerate(answers)
     ]
 
@@ -285,7 +299,12 @@ def _vqa(world: ToyWorld, seed: int) -> None:
     """VQA Karpathy records over the COCO images, and the two official annotation files."""
     rng = _rng("vqa", seed)
     split_of = {e["filename"].rsplit(".", 1)[0]: e["split"] for e in world.coco}
-    karpathy = {"train": "karpathy_train", "restval": "karpathy_train", "val": "karpathy_val", "test": "karpathy_test"}
+    karpathy = {
+        "train": "karpathy_train",
+        "restval": "karpathy_train",
+        "val": "karpathy_val",
+        "test": "karpathy_test",
+    }
     world.vqa = {"karpathy_train": [], "karpathy_val": [], "karpathy_test": []}
     world.vqa_official = {"train2014": [], "val2014": []}
     for scene in (s for s in world.scenes if s.source == "COCO"):
@@ -341,14 +360,19 @@ def _gqa_candidates(rng: random.Random, scene: Scene) -> dict[str, tuple[str, st
         s = rng.choice(kinds)
         color = s.color if rng.random() < 0.5 else rng.choice(tuple(COLORS))
         out["is_color"] = (f"Is the {s.kind} {color}?", "yes" if color == s.color else "no")
-    named = [s for s in scene.shapes if sum(t.kind == s.kind and t.color == s.color for t in scene.shapes) == 1]
+    named = [
+        s for s in scene.shapes if sum(t.kind == s.kind and t.color == s.color for t in scene.shapes) == 1
+    ]
     if named:
         s = rng.choice(named)
         out["where"] = (f"Where is the {s.name()}?", _WHERE[s.pos])
     out["only_one"] = ("Is there only one shape?", "yes" if len(scene.shapes) == 1 else "no")
     if len(scene.shapes) == 2 and scene.shapes[0].kind != scene.shapes[1].kind:
         a, b = scene.shapes if rng.random() < 0.5 else scene.shapes[::-1]
-        out["left_of"] = (f"Is the {a.kind} to the left of the {b.kind}?", "yes" if POSITIONS.index(a.pos) < POSITIONS.index(b.pos) else "no")
+        out["left_of"] = (
+            f"Is the {a.kind} to the left of the {b.kind}?",
+            "yes" if POSITIONS.index(a.pos) < POSITIONS.index(b.pos) else "no",
+        )
         if a.size != b.size:
             big = a if a.size == "large" else b
             out["bigger"] = (f"Which shape is bigger, the {a.kind} or the {b.kind}?", big.kind)
@@ -386,7 +410,9 @@ Pred = Callable[[Scene, Scene], bool]
 def _has(scene: Scene, kind: str | None = None, color: str | None = None, size: str | None = None) -> bool:
     """Whether the scene has a shape matching every given attribute."""
     return any(
-        (kind is None or s.kind == kind) and (color is None or s.color == color) and (size is None or s.size == size)
+        (kind is None or s.kind == kind)
+        and (color is None or s.color == color)
+        and (size is None or s.size == size)
         for s in scene.shapes
     )
 
@@ -489,9 +515,15 @@ def make_world(seed: int = SEED) -> ToyWorld:
     return world
 
 
+@functools.lru_cache(maxsize=2)
+def _shared_world(seed: int) -> ToyWorld:
+    """One generated world per seed for the read-only helpers below."""
+    return make_world(seed)
+
+
 def toy_corpus(seed: int = SEED) -> list[str]:
     """Every distinct text of the toy world (captions, questions, answers, statements, true/false), sorted."""
-    world = make_world(seed)
+    world = _shared_world(seed)
     texts = {"true", "false"}
     for entry in world.coco:
         texts.update(s["raw"] for s in entry["sentences"])
@@ -521,7 +553,7 @@ def _summary_of(world: ToyWorld) -> dict[str, dict[str, int]]:
 
 def toy_summary(seed: int = SEED) -> dict[str, dict[str, int]]:
     """Counts per task and split (COCO train counts caption rows) and images per source, for display."""
-    return _summary_of(make_world(seed))
+    return _summary_of(_shared_world(seed))
 
 
 # ------------------------------------------------------------------------------------------------ disk
@@ -594,7 +626,7 @@ def build_toy(dest: Path, seed: int = SEED, features: bool = True, model: Path |
             out.parent.mkdir(parents=True, exist_ok=True)
             summary = extract_features(paths, name, out, layout="packed", progress=False)
             if summary.failed:
-                img_id, path, reason = summary.failed[0]
+                _, path, reason = summary.failed[0]
                 raise VlpetError(f"toy world: feature extraction failed for {path} ({reason})")
         manifest["features"] = {"model": model.name, "fingerprint": _fingerprint(model), "file": FEATURE_FILE}
     manifest["build_seconds"] = round(time.perf_counter() - start, 2)
@@ -621,28 +653,28 @@ def _is_current(root: Path) -> bool:
     )
 
 
-class _Lock:
-    """An exclusive advisory file lock (no-op where fcntl is missing; the rename below stays safe)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fh = None
-
-    def __enter__(self) -> "_Lock":
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (no lock where fcntl is missing: the rename stays safe)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            import fcntl
-        except ImportError:
-            return self
-        self.fh = open(self.path, "a+")
-        fcntl.flock(self.fh, fcntl.LOCK_EX)
-        return self
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def __exit__(self, *exc) -> None:
-        if self.fh is not None:
-            import fcntl
 
-            fcntl.flock(self.fh, fcntl.LOCK_UN)
-            self.fh.close()
+def _remove_leftovers(parent: Path, min_age_s: float = 600.0) -> None:
+    """Delete temporary folders that killed builds left behind (old enough not to belong to a live one)."""
+    for p in parent.glob(f".{TOY_VERSION}.*-*"):
+        with contextlib.suppress(OSError):
+            if p.is_dir() and time.time() - p.stat().st_mtime > min_age_s:
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def toy_root(rebuild: bool = False) -> Path:
@@ -656,10 +688,13 @@ def toy_root(rebuild: bool = False) -> Path:
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise VlpetError(f"cannot create the vlpet cache folder {root.parent}: {e}; set VLPET_CACHE to a writable folder")
-    with _Lock(root.parent / f"{TOY_VERSION}.lock"):
+        raise VlpetError(
+            f"cannot create the vlpet cache folder {root.parent}: {e}; set VLPET_CACHE to a writable folder"
+        ) from e
+    with _locked(root.parent / f"{TOY_VERSION}.lock"):
         if not rebuild and _is_current(root):
             return root
+        _remove_leftovers(root.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{TOY_VERSION}.building-", dir=root.parent))
         try:
             build_toy(tmp)
