@@ -82,9 +82,12 @@ def test_plot_run_writes_png_with_val_panel(tmp_path):
 def test_plot_run_is_fast(tmp_path):
     run = make_run(tmp_path, "long", epochs=20, steps_per_epoch=50)  # 4000 train events
     plot_run(run)  # warm the matplotlib import
-    started = time.perf_counter()
-    plot_run(run)
-    assert time.perf_counter() - started < 1.0
+    timings = []
+    for _ in range(2):  # the better of two, so a busy machine does not fail the test
+        started = time.perf_counter()
+        plot_run(run)
+        timings.append(time.perf_counter() - started)
+    assert min(timings) < 1.0
 
 
 def test_truncated_last_line_is_skipped(tmp_path):

@@ -97,6 +97,47 @@ def params(preset: str = typer.Option(..., "--preset", "-p", help="preset name o
     console.print(f"saved trainable state: {result['saved_mb']:.1f} MB (fp32)")
 
 
+# ---- features ---------------------------------------------------------------------------------------------
+@app.command("extract-features")
+def extract_features(images: Path = typer.Option(..., help="folder of images (searched recursively)"),
+                     model: str = typer.Option(..., help="CLIP model directory, cached hub id, or 'tiny-clip'"),
+                     out: Path = typer.Option(..., help="packed .h5 file, or a folder for --layout per-image"),
+                     annotations: Optional[Path] = typer.Option(None, help="only the images this file names"),
+                     layout: str = typer.Option("packed", help="packed | per-image (the reference layout)"),
+                     layer: int = typer.Option(-1, help="hidden layer whose patch tokens are kept"),
+                     batch_size: int = typer.Option(32, help="images per forward pass"),
+                     dtype: str = typer.Option("float16", help="float16 | float32"),
+                     limit: Optional[int] = typer.Option(None, help="extract at most N new images"),
+                     workers: int = typer.Option(2, help="image decoding threads"),
+                     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)"),
+                     no_progress: bool = typer.Option(False, "--no-progress", help="plain output")) -> None:
+    """Images -> CLIP grid features (HDF5), resumable, skipping unreadable images."""
+    from vlpet_cli.extract import extract_features as run, images_from
+
+    summary = run(images_from(images, annotations), model, out, layout=layout, layer=layer, batch_size=batch_size,
+                  dtype=dtype, limit=limit, workers=workers, progress=not no_progress, device=device)
+    console.print(summary.describe())
+
+
+@features_app.command("inspect")
+def features_inspect(path: Path, annotations: Optional[Path] = typer.Option(None, help="report ids it lacks"),
+                     as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """Count, shape, dtype, recorded attributes, and annotation ids without features."""
+    from vlpet_cli.data.features import describe_features, inspect_features
+
+    info = inspect_features(path, annotations)
+    print(json.dumps(info) if as_json else describe_features(info))
+
+
+@features_app.command("convert")
+def features_convert(src: Path, dst: Path,
+                     layout: str = typer.Option(..., help="layout to write: packed | per-image")) -> None:
+    """Convert between the packed and the reference per-image layout (resumable)."""
+    from vlpet_cli.data.features import convert_features
+
+    console.print(f"wrote {convert_features(src, dst, layout)} images to {dst}")
+
+
 # ---- train ------------------------------------------------------------------------------------------------
 def _tasks_option(task: Optional[str]) -> list[str]:
     return [t.strip() for t in task.split(",") if t.strip()] if task else []
@@ -111,6 +152,7 @@ def train(preset: Optional[str] = typer.Option(None, "--preset", "-p", help="pre
           runs_dir: Path = typer.Option(Path("runs"), help="where run directories go"),
           resume: bool = typer.Option(False, help="continue the run from its last checkpoint"),
           overwrite: bool = typer.Option(False, help="replace an existing run directory"),
+          stop_after: Optional[int] = typer.Option(None, help="pause after N updates (continue with --resume)"),
           overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Train PET modules on a frozen backbone, on one task or several at once."""
     from vlpet_cli.train import train as run_training
@@ -126,7 +168,7 @@ def train(preset: Optional[str] = typer.Option(None, "--preset", "-p", help="pre
         resolved = _train_preset(preset, task, data_root, backbone, overrides or [])
         tasks = resolved.data.tasks
         run_dir = runs_dir / (name or f"{resolved.name}-{tasks[0] if len(tasks) == 1 else 'multitask'}")
-    summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite)
+    summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after).summary
     if "adapter" in summary:
         console.print(f"done in {summary['seconds']:.0f} s, {summary['updates']} updates; adapter: "
                       f"{summary['adapter']} ({summary['adapter_bytes'] / 1e6:.2f} MB); run: {run_dir}")
@@ -228,6 +270,22 @@ def _score_file(task, predictions, annotations, split, metric, vqa_variant, allo
     for k, v in flat.items():
         table.add_row(k, f"{v:.2f}" if isinstance(v, float) else str(v))
     console.print(table)
+
+
+# ---- report -----------------------------------------------------------------------------------------------
+@app.command()
+def report(runs: list[Path] = typer.Argument(..., help="run directories to compare"),
+           out: Optional[Path] = typer.Option(None, help="scatter plot file (default: report.png)"),
+           split: str = typer.Option("test", help="which eval files to read: test | val")) -> None:
+    """Compare runs: a table of trainable % and scores, and a trainable-% vs score scatter plot."""
+    from vlpet_cli.report import report as build_report, report_table
+
+    result = build_report(runs, out, split)
+    console.print(report_table(result["rows"]))
+    if result["plot"]:
+        console.print(f"scatter plot: {result['plot']}")
+    if result["not_plotted"]:
+        console.print(f"not plotted (no trainable % or no scores): {', '.join(map(str, result['not_plotted']))}")
 
 
 def main() -> None:

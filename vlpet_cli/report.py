@@ -13,8 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.metrics import PRIMARY_METRIC
-from vlpet_cli.plots import (is_number, primary_scores, read_config, read_events, save_figure, start_event,
-                             task_order, val_events)
+from vlpet_cli.plots import (
+    is_number,
+    primary_scores,
+    read_config,
+    read_events,
+    save_figure,
+    start_event,
+    task_order,
+    val_events,
+)
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -128,14 +136,28 @@ def plot_report(rows: list[dict], out: Path, split: str = "test") -> Path:
         ax.annotate(r["name"], (r["percent"], r["average"]), textcoords="offset points", xytext=(6, 5),
                     fontsize="small")
     ax.set_xscale("log")
+    plain_log_ticks(ax.xaxis, [r["percent"] for r in rows])
     ax.set_xlabel("trainable parameters (% of the model, log scale)")
     counted = task_order({t for r in rows for t in r["scores"]})
     ax.set_ylabel(f"average score on {split} ({', '.join(counted)})")
     ax.set_title("Average score against trainable parameters")
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3, which="major")
+    ax.grid(alpha=0.1, which="minor")
     ax.legend(title="method", fontsize="small")
     ax.margins(x=0.15, y=0.15)
     return save_figure(fig, out)
+
+
+def plain_log_ticks(axis: Any, values: list[float]) -> None:
+    """Label a log axis 0.1, 1, 10 rather than 10^-1; label the minor ticks too when the data span one decade."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(plain)
+    narrow = math.log10(max(values) / min(values)) < 1
+    axis.set_minor_formatter(plain if narrow else NullFormatter())
 
 
 def report_table(rows: list[dict]) -> Table:

@@ -194,20 +194,24 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """A fresh (or, with overwrite, emptied) run directory; resuming keeps it as it is."""
     if resume:
-        if not (run_dir / "config.yaml").exists():
-            raise VlpetError(f"cannot resume: {run_dir} is not a run directory (no config.yaml)")
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise VlpetError(f"run directory {run_dir} already exists; pass --resume to continue it, "
-                             f"--overwrite to replace it, or --name to start another")
+    if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train `preset` into `run_dir`; returns a summary (steps, seconds, adapter path and size, last metrics)."""
+@dataclass
+class TrainResult:
+    summary: dict
+    model: object  # the trained VLModel (unwrapped)
+
+
+def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool = False,
+          stop_after: int | None = None) -> TrainResult:
+    """Train `preset` into `run_dir`. `stop_after` pauses after that many updates in this invocation (the
+    schedule still spans the whole run; continue with resume=True). Data are checked before anything is written."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -219,12 +223,15 @@ def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     from vlpet_cli.vl.state import save_adapter
 
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # so that processes started by `accelerate launch` join over gloo
         mixed_precision="bf16" if preset.train.precision == "bf16" else "no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main = accelerator.is_main_process
-    if main:
-        prepare_run_dir(run_dir, resume, overwrite)
-    accelerator.wait_for_everyone()
+    if resume and not (run_dir / "config.yaml").exists():
+        raise VlpetError(f"cannot resume: {run_dir} is not a run directory (no config.yaml)")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise VlpetError(f"run directory {run_dir} already exists; pass --resume to continue it, "
+                         f"--overwrite to replace it, or --name to start another")
     root = resolve_data_root(preset.data.data_root)
     found_dim = feature_dim(root, preset)
     if found_dim != preset.model.feat_dim:
@@ -235,6 +242,10 @@ def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     model, tokenizer = build_model(preset, weights=True)
     data = load_task_data(preset, root, tokenizer, splits=("train", "val") if preset.eval.every else ("train",))
     sizes = task_batch_sizes(preset.train.batch_size, list(data.train), preset.train.task_ratios)
+    accelerator.wait_for_everyone()  # every process has checked the run directory before it is replaced
+    if main:
+        prepare_run_dir(run_dir, resume, overwrite)
+    accelerator.wait_for_everyone()
     loader = MultitaskLoader(data.train, sizes, data_seed=preset.train.data_seed,
                              rank=accelerator.process_index, world_size=accelerator.num_processes,
                              num_workers=preset.data.num_workers)
@@ -281,11 +292,14 @@ def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
             save_checkpoint(ckpt_dir, unwrapped, optimizer, scheduler, dict(position), preset.train.keep_checkpoints)
 
     device = accelerator.device
-    window: dict[str, list[float]] = {}
+    window: dict[str, list[float]] = {}  # losses since the last log line, per task
+    recent: dict[str, float] = {}  # the last loss per task, for the progress bar
     started = time.time()
     samples, last_log = 0, time.time()
     done_batches = position["epoch"] * steps_per_epoch + position["step_in_epoch"]
     finished = position["global_step"] >= total_updates
+    pause_at = position["global_step"] + stop_after if stop_after else None
+    paused = False
     last_val: dict = {}
     try:
         for epoch in range(position["epoch"], preset.train.epochs):
@@ -316,7 +330,8 @@ def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
                 position.update(epoch=epoch, step_in_epoch=step + 1)
                 lr = scheduler.get_last_lr()[0]
                 rate = samples / max(time.time() - started, 1e-9)
-                losses = " ".join(f"{t} {sum(v[-20:]) / len(v[-20:]):.3f}" for t, v in window.items())
+                recent.update({t: v[-1] for t, v in window.items() if v})
+                losses = " ".join(f"{t} {v:.3f}" for t, v in recent.items())
                 reporter.update(done_batches, f"epoch {epoch + 1}/{preset.train.epochs} | {losses} | lr {lr:.1e} | "
                                               f"{rate:.0f} samples/s")
                 if main and (time.time() - last_log > 5 or last_in_epoch):
@@ -330,24 +345,31 @@ def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
                     last_log = time.time()
                 every = preset.train.checkpoint_every
                 finished = position["global_step"] >= total_updates
-                if (every and done_batches % (every * accum) == 0 and not last_in_epoch) or (
-                        finished and not last_in_epoch):
+                paused = pause_at is not None and position["global_step"] >= pause_at and not finished
+                if not last_in_epoch and (finished or paused or (every and done_batches % (every * accum) == 0)):
                     checkpoint()
-                if finished:
+                if finished or paused:
                     break
+            if paused and position["step_in_epoch"] < steps_per_epoch:
+                break
             if position["step_in_epoch"] == steps_per_epoch:
                 position.update(epoch=epoch + 1, step_in_epoch=0)
             if preset.eval.every and (epoch + 1) % preset.eval.every == 0 and position["step_in_epoch"] == 0:
                 last_val = validate_and_keep_best(accelerator, unwrapped, tokenizer, preset, data.val, run_dir,
                                                   position, epoch, reporter)
             checkpoint()
+            if paused:
+                break
     finally:
         reporter.close()
     accelerator.wait_for_everyone()
     seconds = time.time() - started
     summary = {"run": str(run_dir), "updates": position["global_step"], "seconds": seconds,
                "trainable": info["trainable"], "total": info["total"], "percent": info["percent"],
-               "validation": last_val}
+               "validation": last_val, "paused": paused}
+    if paused:
+        reporter.print(f"paused after {position['global_step']} updates; continue with --resume")
+        return TrainResult(summary, unwrapped)
     if main:
         size = save_adapter(run_dir / "adapter", unwrapped, preset)
         summary.update(adapter=str(run_dir / "adapter"), adapter_bytes=size)
@@ -359,7 +381,7 @@ def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
             plot_run(run_dir)
         except VlpetError as exc:
             reporter.print(f"no plot: {exc}")
-    return summary
+    return TrainResult(summary, unwrapped)
 
 
 def validate_and_keep_best(accelerator, model, tokenizer, preset, val_data, run_dir, position, epoch, reporter):

@@ -1,0 +1,440 @@
+"""`vlpet merge`: average adapters, fold what is linear into the backbone, export LoRA as a PEFT adapter.
+
+Directory formats written here (all written atomically, all self-describing):
+
+- folded model: a plain Hugging Face model directory (config, weights, tokenizer with vlpet's tokens) whose weights
+  already contain the LoRA deltas and every trained backbone tensor, plus `projector.safetensors`,
+  `projector.json` and `vlpet_folded.json` (the preset with its PET modules removed, the source adapter).
+- bundle: `vlpet_config.json` (format vlpet-bundle/1) + `adapter.safetensors` holding what cannot be folded, and
+  `backbone/`, the folded backbone; it loads like an adapter whose backbone is its own `backbone/` folder.
+- PEFT export: `adapter_config.json` + `adapter_model.safetensors` in peft's LoRA format, the projector beside it,
+  and `base/`, the backbone the LoRA applies to (resized vocabulary, trained biases, no LoRA).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from vlpet_cli.errors import VlpetError
+from vlpet_cli.vl.state import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, OBJ_ROWS, adapter_state, atomic_dir,
+                                backbone_identity, load_adapter, read_adapter_config, write_json)
+
+ADAPTER_FORMAT = "vlpet-adapter/1"
+BUNDLE_FORMAT = "vlpet-bundle/1"
+FOLDED_FORMAT = "vlpet-folded/1"
+FOLDED_CONFIG = "vlpet_folded.json"
+PROJECTOR_WEIGHTS = "projector.safetensors"
+PROJECTOR_CONFIG = "projector.json"
+BUNDLE_BACKBONE = "backbone"
+PEFT_BASE = "base"
+
+# PET module groups that are not linear maps of a Linear layer's input, so no weight edit reproduces them.
+UNFOLDABLE = {
+    "encoder_modules": ("encoder adapters", "ΔH = up(gelu_new(down(H))) is non-linear"),
+    "gates": ("VL-PET gates", "G ⊙ (H + ΔH(H)) multiplies the output of a non-linear adapter and, except middleY, "
+                              "depends on the input through a sigmoid"),
+    "decoder_modules": ("decoder adapters", "ΔH = up(gelu_new(down(H))) is non-linear"),
+    "value": ("cross-attention value adapters", "a gelu_new bottleneck parallel to v is non-linear"),
+    "prompt": ("prompts", "extra encoder tokens, not weights of any layer"),
+    "hyper": ("HyperFormer hyper-networks", "they generate the adapters per task at run time"),
+    "added_biases": ("added biases", "the backbone's Linear and LayerNorm layers have no bias to hold them (T5)"),
+}
+
+
+# ---- small helpers --------------------------------------------------------------------------------------
+@contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A temp directory that replaces `out` when the block succeeds and is removed when it fails."""
+    tmp, commit = atomic_dir(Path(out))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit()
+
+
+def _refuse_overwrite(out: Path, inputs: list[Path]) -> None:
+    """Writing over an input would destroy it; say so instead."""
+    for path in inputs:
+        if Path(out).resolve() == Path(path).resolve():
+            raise VlpetError(f"--out {out} is one of the inputs; choose another output directory")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b.c': leaf} for a nested dict."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _dict_diffs(a: dict, b: dict, prefix: str) -> list[str]:
+    """'key: A vs B' for every leaf that differs between two nested dicts."""
+    fa, fb = _flatten(a, prefix), _flatten(b, prefix)
+    return [f"{k}: {fa.get(k, '<absent>')!r} vs {fb.get(k, '<absent>')!r}"
+            for k in sorted(set(fa) | set(fb)) if fa.get(k, "<absent>") != fb.get(k, "<absent>")]
+
+
+def _summary(problems: list[str], limit: int = 8) -> str:
+    shown = "; ".join(problems[:limit])
+    return shown + (f"; and {len(problems) - limit} more" if len(problems) > limit else "")
+
+
+def _dir_size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+
+
+# ---- averaging ------------------------------------------------------------------------------------------
+def _read_adapter(path: Path):
+    """(config, tensors) of a plain adapter directory."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_adapter_config(path)
+    if meta.get("format", ADAPTER_FORMAT) != ADAPTER_FORMAT:
+        raise VlpetError(f"{path} is a {meta.get('format')} directory, not a trained adapter; "
+                         f"average the adapters it was made from")
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.exists():
+        raise VlpetError(f"{path} is not an adapter directory: {ADAPTER_WEIGHTS} is missing")
+    return meta, load_file(str(weights))
+
+
+def compatibility_problems(meta_a: dict, tensors_a: dict, meta_b: dict, tensors_b: dict) -> list[str]:
+    """Why two adapters cannot be combined parameter by parameter (empty when they can)."""
+    problems = []
+    for section in ("pet", "model"):
+        a = dict(meta_a["preset"].get(section) or {})
+        b = dict(meta_b["preset"].get(section) or {})
+        if section == "model":  # the same backbone may sit at two paths; its identity is compared below
+            a.pop("backbone", None)
+            b.pop("backbone", None)
+        problems += [f"preset {d}" for d in _dict_diffs(a, b, section)]
+    problems += [f"backbone {d}" for d in _dict_diffs(meta_a.get("backbone", {}), meta_b.get("backbone", {}), "")]
+    only_a, only_b = sorted(set(tensors_a) - set(tensors_b)), sorted(set(tensors_b) - set(tensors_a))
+    if only_a:
+        problems.append(f"tensors only in the first: {only_a[:5]} ({len(only_a)})")
+    if only_b:
+        problems.append(f"tensors only in the second: {only_b[:5]} ({len(only_b)})")
+    for name in sorted(set(tensors_a) & set(tensors_b)):
+        if tensors_a[name].shape != tensors_b[name].shape:
+            problems.append(f"{name}: shape {tuple(tensors_a[name].shape)} vs {tuple(tensors_b[name].shape)}")
+    return problems
+
+
+def _check_obj_rows(first: dict, other: dict, a: Path, b: Path) -> None:
+    """The frozen random object-order rows are not averaged: they must be the very same tensor."""
+    import torch
+
+    if OBJ_ROWS in first and not torch.equal(first[OBJ_ROWS], other[OBJ_ROWS]):
+        raise VlpetError(
+            f"cannot average {b} with {a}: their object-order embedding rows ({OBJ_ROWS}, frozen random rows drawn "
+            f"when the model is built) differ, so the adapters were trained from different seeds (train.seed) and "
+            f"their modules read different visual codes; average only adapters trained with the same seed")
+
+
+def merge_weights(n: int, weights: list[float] | None, mode: str, scale: float) -> list[float]:
+    """The coefficient of each adapter: mean → scale·w_i/Σw; sum → scale·w_i (weights default to 1)."""
+    import math
+
+    if mode not in ("mean", "sum"):
+        raise VlpetError(f"unknown merge mode '{mode}'; choose mean or sum")
+    w = [1.0] * n if weights is None else [float(x) for x in weights]
+    if len(w) != n:
+        raise VlpetError(f"got {len(w)} weights for {n} adapters; give one weight per adapter")
+    if not all(math.isfinite(x) for x in [*w, scale]):
+        raise VlpetError(f"weights and scale must be finite numbers, got {w} and {scale}")
+    if mode == "mean":
+        if any(x < 0 for x in w) or sum(w) <= 0:
+            raise VlpetError(f"mean weights must be non-negative with a positive sum, got {w}; "
+                             f"use --mode sum for signed combinations")
+        total = sum(w)
+        w = [x / total for x in w]
+    return [scale * x for x in w]
+
+
+def average_adapters(adapters: list[Path], out: Path, weights: list[float] | None = None,
+                     mode: Literal["mean", "sum"] = "mean", scale: float = 1.0) -> dict:
+    """Combine adapters of one preset and backbone tensor by tensor: mean = Σ ŵ_i θ_i with ŵ = w / Σw;
+    sum = Σ w_i θ_i (task-arithmetic style); both times `scale`. Writes a normal adapter directory."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vlpet_cli import __version__
+
+    adapters = [Path(a) for a in adapters]
+    if not adapters:
+        raise VlpetError("give at least one adapter directory to average")
+    _refuse_overwrite(out, adapters)
+    coefficients = merge_weights(len(adapters), weights, mode, scale)
+    loaded = [_read_adapter(a) for a in adapters]
+    meta0, tensors0 = loaded[0]
+    for path, (meta, tensors) in zip(adapters[1:], loaded[1:]):
+        problems = compatibility_problems(meta0, tensors0, meta, tensors)
+        if problems:
+            raise VlpetError(f"cannot average {path} with {adapters[0]}: {_summary(problems)}")
+        _check_obj_rows(tensors0, tensors, adapters[0], path)
+    merged = {}
+    for name, tensor in tensors0.items():
+        if name == OBJ_ROWS:
+            merged[name] = tensor.clone()
+            continue
+        acc = torch.zeros(tensor.shape, dtype=torch.float64)
+        for c, (_, tensors) in zip(coefficients, loaded):
+            acc = acc + c * tensors[name].to(torch.float64)
+        merged[name] = acc.to(tensor.dtype).contiguous()
+    record = {"mode": mode, "scale": scale, "weights": weights if weights is not None else [1.0] * len(adapters),
+              "coefficients": coefficients, "sources": [str(a.resolve()) for a in adapters]}
+    with _staged(Path(out)) as tmp:
+        save_file(merged, str(tmp / ADAPTER_WEIGHTS))
+        write_json(tmp / ADAPTER_CONFIG, {"format": ADAPTER_FORMAT, "vlpet_version": __version__,
+                                          "preset": meta0["preset"], "backbone": meta0["backbone"],
+                                          "merge": record})
+    return {"out": str(out), "tensors": len(merged), "coefficients": coefficients,
+            "size_bytes": _dir_size(Path(out))}
+
+
+# ---- folding --------------------------------------------------------------------------------------------
+def unfoldable_groups(pet) -> list[str]:
+    """Why each non-empty module group of a PetModules cannot be folded into plain backbone weights."""
+    found = []
+    for group, (label, why) in UNFOLDABLE.items():
+        value = getattr(pet, group, None)
+        if value is None or (hasattr(value, "__len__") and len(value) == 0):
+            continue
+        count = f" ({len(value)})" if hasattr(value, "__len__") else ""
+        found.append(f"{label}{count}: {why}")
+    return found
+
+
+def fold_lora(model) -> int:
+    """Detach the PET hooks and add each LoRA's scale·B·A to its Linear's weight; returns how many were folded."""
+    import torch
+
+    model.pet.remove_hooks()
+    with torch.no_grad():
+        for proj in model.pet._lora_targets:
+            weight = proj.linear.weight
+            weight.add_(model.pet.lora[proj.key].delta_weight().to(weight.dtype))
+    return len(model.pet._lora_targets)
+
+
+def _pet_without(preset, keep_unfoldable: bool):
+    """The preset with LoRA removed (bundle) or with every PET module removed (folded model)."""
+    from vlpet_cli.config import PetConfig
+    from vlpet_cli.presets import validate
+
+    data = preset.model_dump(mode="json")
+    if keep_unfoldable:
+        data["pet"]["lora"] = None
+    else:
+        pet = preset.pet
+        data["pet"] = PetConfig(trainable=pet.trainable, init=pet.init).model_dump(mode="json")
+    return validate(data, "folded preset")
+
+
+def _save_backbone(model, tokenizer, directory: Path) -> None:
+    """save_pretrained of the backbone and its (extended) tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+
+
+def _save_projector(model, preset, directory: Path) -> None:
+    """projector.safetensors (its full state) + projector.json (what builds it)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.projector.state_dict().items()}
+    save_file(state, str(directory / PROJECTOR_WEIGHTS))
+    write_json(directory / PROJECTOR_CONFIG, {"format": "vlpet-projector/1", "family": model.family,
+                                              "d_model": model.backbone.config.d_model,
+                                              "feat_dim": preset.model.feat_dim, "n_boxes": preset.model.n_boxes})
+
+
+def _load_projector(model, directory: Path) -> None:
+    """Strictly load projector.safetensors into model.projector."""
+    from safetensors.torch import load_file
+
+    path = directory / PROJECTOR_WEIGHTS
+    if not path.exists():
+        raise VlpetError(f"{directory}: {PROJECTOR_WEIGHTS} is missing")
+    try:
+        model.projector.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as exc:
+        raise VlpetError(f"{path} does not fit this model's visual projector: {exc}") from None
+
+
+def fold_adapter(adapter: Path, out: Path, bundle: bool = False, backbone: str | None = None) -> dict:
+    """Write the adapter's model as plain backbone weights (LoRA folded in) + projector; with `bundle`, what cannot
+    be folded is kept as an adapter beside a folded `backbone/` so the directory loads with `load_bundle`."""
+    from safetensors.torch import save_file
+
+    from vlpet_cli import __version__
+
+    adapter, out = Path(adapter), Path(out)
+    _refuse_overwrite(out, [adapter])
+    model, tokenizer, preset = load_adapter(adapter, backbone=backbone)
+    model.eval()
+    kept = unfoldable_groups(model.pet)
+    if kept and not bundle:
+        raise VlpetError(f"{adapter} ({preset.name}) cannot be folded into plain {model.family} weights: "
+                         f"{'; '.join(kept)}. Use --bundle to write a self-contained directory that keeps them "
+                         f"as modules")
+    n_lora = fold_lora(model)
+    folded = [f"LoRA ({n_lora} matrices)"] if n_lora else []
+    trained = [n for n in adapter_state(model) if n.startswith("backbone.")]
+    if trained:
+        folded.append(f"trained backbone tensors ({len(trained)}, already in the weights)")
+    source = str(adapter.resolve())
+    with _staged(out) as tmp:
+        if bundle:
+            _save_backbone(model, tokenizer, tmp / BUNDLE_BACKBONE)
+            _save_projector(model, preset, tmp)
+            state = {k: v for k, v in adapter_state(model).items() if not k.startswith("pet.lora.")}
+            save_file(state, str(tmp / ADAPTER_WEIGHTS))
+            rest = _pet_without(preset, keep_unfoldable=True).model_dump(mode="json")
+            rest["model"]["backbone"] = BUNDLE_BACKBONE
+            write_json(tmp / ADAPTER_CONFIG, {"format": BUNDLE_FORMAT, "vlpet_version": __version__, "preset": rest,
+                                              "backbone": backbone_identity(model), "source": source,
+                                              "folded": folded, "kept": kept})
+        else:
+            _save_backbone(model, tokenizer, tmp)
+            _save_projector(model, preset, tmp)
+            plain = _pet_without(preset, keep_unfoldable=False).model_dump(mode="json")
+            write_json(tmp / FOLDED_CONFIG, {"format": FOLDED_FORMAT, "vlpet_version": __version__, "preset": plain,
+                                             "source": source, "folded": folded})
+    return {"out": str(out), "bundle": bundle, "folded": folded, "kept": kept, "size_bytes": _dir_size(out)}
+
+
+# ---- loading any of them --------------------------------------------------------------------------------
+def load_folded(directory: Path):
+    """(VLModel, tokenizer, preset) from a folded directory: its own weights, projector and a PET-free preset."""
+    from vlpet_cli.presets import validate
+    from vlpet_cli.vl.model import build_model
+
+    directory = Path(directory)
+    path = directory / FOLDED_CONFIG
+    if not path.exists():
+        raise VlpetError(f"{directory} is not a folded vlpet model: {FOLDED_CONFIG} is missing")
+    data = json.loads(path.read_text())["preset"]
+    data["model"]["backbone"] = str(directory)
+    preset = validate(data, str(path))
+    model, tokenizer = build_model(preset, weights=True)
+    _load_projector(model, directory)
+    return model, tokenizer, preset
+
+
+def load_bundle(directory: Path):
+    """(VLModel, tokenizer, preset) from a bundle: its adapter loaded onto its own `backbone/` folder."""
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise VlpetError(f"{directory} is not a vlpet bundle (format {meta.get('format')!r})")
+    model, tokenizer, preset = load_adapter(directory, backbone=str(directory / BUNDLE_BACKBONE))
+    _load_projector(model, directory)
+    return model, tokenizer, preset
+
+
+def kind_of(path: Path) -> str:
+    """'adapter', 'bundle' or 'folded' for a directory vlpet can load (a run directory means its adapter)."""
+    path = Path(path)
+    if (path / FOLDED_CONFIG).exists():
+        return "folded"
+    if (path / ADAPTER_CONFIG).exists():
+        return "bundle" if read_adapter_config(path).get("format") == BUNDLE_FORMAT else "adapter"
+    raise VlpetError(f"{path} is neither an adapter directory ({ADAPTER_CONFIG}), a bundle nor a folded model "
+                     f"({FOLDED_CONFIG}); give one written by `vlpet train` or `vlpet merge`")
+
+
+def load_any(path: Path, backbone: str | None = None):
+    """(VLModel, tokenizer, preset) from an adapter, bundle or folded directory; `backbone` only for adapters."""
+    path = Path(path)
+    if (path / "adapter" / ADAPTER_CONFIG).exists() and not (path / ADAPTER_CONFIG).exists():
+        path = path / "adapter"
+    kind = kind_of(path)
+    if kind == "folded":
+        return load_folded(path)
+    if kind == "bundle":
+        return load_bundle(path)
+    return load_adapter(path, backbone=backbone)
+
+
+# ---- PEFT export ----------------------------------------------------------------------------------------
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise VlpetError("exporting to PEFT needs the optional 'peft' package: pip install 'vlpet[peft]' "
+                         "(or pip install peft)") from None
+    return peft
+
+
+def _target_modules(model) -> list[str]:
+    """Leaf names (e.g. q_proj, v_proj) when they select exactly the LoRA'd Linears, else the full module names."""
+    from torch import nn
+
+    names = [p.name for p in model.pet._lora_targets]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    matched = {n for n, m in model.backbone.named_modules()
+               if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in leaves}
+    return leaves if matched == set(names) else names
+
+
+def peft_state(model) -> dict:
+    """LoRA weights under peft's names: base_model.model.<module>.lora_A.weight (r, in), lora_B.weight (out, r)."""
+    state = {}
+    for proj in model.pet._lora_targets:
+        lora = model.pet.lora[proj.key]
+        state[f"base_model.model.{proj.name}.lora_A.weight"] = lora.A.detach().cpu().contiguous()
+        state[f"base_model.model.{proj.name}.lora_B.weight"] = lora.B.detach().cpu().contiguous()
+    return state
+
+
+def export_peft(adapter: Path, out: Path, backbone: str | None = None, with_base: bool = True) -> dict:
+    """Write the adapter's LoRA as a PEFT LoRA adapter (+ projector beside it; + `base/`, the exact backbone it
+    applies to, unless with_base=False). Returns the notes the user should read (what a LoRA adapter cannot hold)."""
+    from safetensors.torch import save_file
+
+    peft = _peft()
+    adapter, out = Path(adapter), Path(out)
+    _refuse_overwrite(out, [adapter])
+    model, tokenizer, preset = load_adapter(adapter, backbone=backbone)
+    spec = preset.pet.lora
+    if spec is None or not model.pet._lora_targets:
+        raise VlpetError(f"{adapter} ({preset.name}) has no LoRA modules, so there is nothing to export to PEFT; "
+                         f"use `vlpet merge fold` for a standalone model")
+    others = unfoldable_groups(model.pet)
+    if others:
+        raise VlpetError(f"{adapter} ({preset.name}) is more than LoRA: {'; '.join(others)}. A PEFT LoRA adapter "
+                         f"would silently drop them; use `vlpet merge fold --bundle` instead")
+    model.pet.remove_hooks()  # the base written below must be the backbone without LoRA
+    trained = [n for n in adapter_state(model) if n.startswith("backbone.")]
+    base_path = (out.resolve() / PEFT_BASE) if with_base else None
+    notes = [f"the visual projector is not part of a PEFT LoRA adapter; it is saved beside it as {PROJECTOR_WEIGHTS}"]
+    if with_base:
+        notes.append(f"load with PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained('{base_path}'), "
+                     f"'{out}'): {PEFT_BASE}/ is the backbone with the resized vocabulary ({len(tokenizer)} tokens)"
+                     + (f" and the {len(trained)} trained backbone tensors (biases/LayerNorms)" if trained else ""))
+    else:
+        notes.append(f"load it on {preset.model.backbone} with the vocabulary resized to {len(tokenizer)} tokens")
+        if trained:
+            notes.append(f"{len(trained)} trained backbone tensors (biases/LayerNorms) cannot go into a PEFT LoRA "
+                         f"adapter and are NOT in this export; export with the base (default) to keep them")
+    config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                             target_modules=_target_modules(model), bias="none", task_type="SEQ_2_SEQ_LM",
+                             base_model_name_or_path=str(base_path or preset.model.backbone), inference_mode=True)
+    with _staged(out) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(peft_state(model), str(tmp / "adapter_model.safetensors"))
+        _save_projector(model, preset, tmp)
+        if with_base:
+            _save_backbone(model, tokenizer, tmp / PEFT_BASE)
+    return {"out": str(out), "lora_modules": len(model.pet._lora_targets), "notes": notes,
+            "size_bytes": _dir_size(out)}
