@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 
+import tempfile
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# The toy world is built once per test session, away from the user's cache.
+os.environ.setdefault("VLPET_CACHE", tempfile.mkdtemp(prefix="vlpet-test-cache-"))
 
 WORDS = ("a the red green blue yellow circle square triangle left right what color is shape how many there "
          "true false yes no caption vqa gpa nlvr : ? . , 1 2 3").split()

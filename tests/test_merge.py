@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.merge import (average_adapters, export_peft, fold_adapter, kind_of, load_any, load_bundle,
-                             load_folded, merge_weights)
+from vlpet_cli.merge import (
+    average_adapters,
+    export_peft,
+    fold_adapter,
+    kind_of,
+    load_any,
+    load_bundle,
+    load_folded,
+    merge_weights,
+)
 from vlpet_cli.presets import resolve
 from vlpet_cli.vl.model import build_model
 from vlpet_cli.vl.state import OBJ_ROWS, load_adapter, save_adapter
@@ -155,9 +163,12 @@ def test_folded_lora_gives_the_same_logits(family, tiny_dirs, tmp_path):
     projector_meta = json.loads((folded_dir / "projector.json").read_text())
     assert projector_meta == {"format": "vlpet-projector/1", "family": family, "d_model": 32, "feat_dim": FEAT,
                               "n_boxes": 36}
-    folded, tok2, preset = load_folded(folded_dir)
+    folded, _, preset = load_folded(folded_dir)
     assert preset.pet.lora is None and len(folded.pet.lora) == 0
     torch.testing.assert_close(logits(folded, batch), want, atol=1e-5, rtol=0)
+    unfolded, _, _ = seeded(load_adapter, adapter)
+    unfolded.pet.remove_hooks()
+    assert (logits(unfolded, batch) - want).abs().max() > 1e-3  # the LoRA really changes the output
     # a folded directory is also a plain Hugging Face model
     from transformers import AutoModelForSeq2SeqLM
 
@@ -220,7 +231,7 @@ def test_bundle_folds_lora_and_is_self_contained(tiny_dirs, tmp_path):
 def test_load_any_reads_adapters_and_refuses_other_folders(tiny_dirs, tmp_path):
     adapter = trained_adapter(tmp_path / "run" / "adapter", tiny_dirs["t5"])
     assert kind_of(adapter) == "adapter"
-    model, _, preset = seeded(load_any, tmp_path / "run")
+    _, _, preset = seeded(load_any, tmp_path / "run")
     assert preset.pet.lora is not None
     with pytest.raises(VlpetError, match="neither an adapter"):
         load_any(tmp_path)

@@ -155,7 +155,7 @@ def train(preset: Optional[str] = typer.Option(None, "--preset", "-p", help="pre
           stop_after: Optional[int] = typer.Option(None, help="pause after N updates (continue with --resume)"),
           overrides: Optional[list[str]] = OVERRIDES) -> None:
     """Train PET modules on a frozen backbone, on one task or several at once."""
-    from vlpet_cli.train import train as run_training
+    from vlpet_cli.train import resolve_train_preset, train as run_training
 
     if resume:
         if not name:
@@ -165,32 +165,13 @@ def train(preset: Optional[str] = typer.Option(None, "--preset", "-p", help="pre
     else:
         if not preset:
             raise VlpetError("--preset is required (see `vlpet presets ls`)")
-        resolved = _train_preset(preset, task, data_root, backbone, overrides or [])
+        resolved = resolve_train_preset(preset, _tasks_option(task), data_root, backbone, overrides or [])
         tasks = resolved.data.tasks
         run_dir = runs_dir / (name or f"{resolved.name}-{tasks[0] if len(tasks) == 1 else 'multitask'}")
     summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after).summary
     if "adapter" in summary:
         console.print(f"done in {summary['seconds']:.0f} s, {summary['updates']} updates; adapter: "
                       f"{summary['adapter']} ({summary['adapter_bytes'] / 1e6:.2f} MB); run: {run_dir}")
-
-
-def _train_preset(preset: str, task: Optional[str], data_root: Optional[str], backbone: Optional[str],
-                  overrides: list[str]):
-    from vlpet_cli.presets import resolve
-    from vlpet_cli.train import TOY_DEFAULTS, toy_feature_dim
-
-    extra = []
-    if task:
-        extra.append(f"data.tasks=[{','.join(_tasks_option(task))}]")
-    if data_root:
-        extra.append(f"data.data_root={data_root}")
-    defaults = [*TOY_DEFAULTS, f"model.feat_dim={toy_feature_dim()}"] if data_root == "toy" else []
-    resolved = resolve(preset, [*extra, *overrides], backbone, defaults=defaults)
-    from vlpet_cli.data.tasks import get_task
-
-    for t in resolved.data.tasks:
-        get_task(t)
-    return resolved
 
 
 def _run_preset(run_dir: Path):

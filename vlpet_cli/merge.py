@@ -15,13 +15,23 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.vl.state import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, OBJ_ROWS, adapter_state, atomic_dir,
-                                backbone_identity, load_adapter, read_adapter_config, write_json)
+from vlpet_cli.vl.state import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    OBJ_ROWS,
+    adapter_state,
+    atomic_dir,
+    backbone_identity,
+    load_adapter,
+    read_adapter_config,
+    write_json,
+)
 
 ADAPTER_FORMAT = "vlpet-adapter/1"
 BUNDLE_FORMAT = "vlpet-bundle/1"
@@ -35,8 +45,8 @@ PEFT_BASE = "base"
 # PET module groups that are not linear maps of a Linear layer's input, so no weight edit reproduces them.
 UNFOLDABLE = {
     "encoder_modules": ("encoder adapters", "ΔH = up(gelu_new(down(H))) is non-linear"),
-    "gates": ("VL-PET gates", "G ⊙ (H + ΔH(H)) multiplies the output of a non-linear adapter and, except middleY, "
-                              "depends on the input through a sigmoid"),
+    "gates": ("VL-PET gates", ("G ⊙ (H + ΔH(H)) multiplies a non-linear adapter's output (and, except "
+                               "middleY, G reads the input through a sigmoid)")),
     "decoder_modules": ("decoder adapters", "ΔH = up(gelu_new(down(H))) is non-linear"),
     "value": ("cross-attention value adapters", "a gelu_new bottleneck parallel to v is non-linear"),
     "prompt": ("prompts", "extra encoder tokens, not weights of any layer"),
@@ -65,21 +75,16 @@ def _refuse_overwrite(out: Path, inputs: list[Path]) -> None:
             raise VlpetError(f"--out {out} is one of the inputs; choose another output directory")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a.b.c': leaf} for a nested dict."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
+def _brief(value: Any) -> str:
+    return "{...}" if isinstance(value, dict) else repr(value)
 
 
-def _dict_diffs(a: dict, b: dict, prefix: str) -> list[str]:
-    """'key: A vs B' for every leaf that differs between two nested dicts."""
-    fa, fb = _flatten(a, prefix), _flatten(b, prefix)
-    return [f"{k}: {fa.get(k, '<absent>')!r} vs {fb.get(k, '<absent>')!r}"
-            for k in sorted(set(fa) | set(fb)) if fa.get(k, "<absent>") != fb.get(k, "<absent>")]
+def _dict_diffs(a: Any, b: Any, key: str) -> list[str]:
+    """'key: A vs B' for every leaf (or whole section present on one side only) that differs."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str)
+                for d in _dict_diffs(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{key}.{k}" if key else str(k))]
+    return [] if a == b else [f"{key}: {_brief(a)} vs {_brief(b)}"]
 
 
 def _summary(problems: list[str], limit: int = 8) -> str:
@@ -135,7 +140,7 @@ def _check_obj_rows(first: dict, other: dict, a: Path, b: Path) -> None:
 
     if OBJ_ROWS in first and not torch.equal(first[OBJ_ROWS], other[OBJ_ROWS]):
         raise VlpetError(
-            f"cannot average {b} with {a}: their object-order embedding rows ({OBJ_ROWS}, frozen random rows drawn "
+            f"cannot average {a} with {b}: their object-order embedding rows ({OBJ_ROWS}, frozen random rows drawn "
             f"when the model is built) differ, so the adapters were trained from different seeds (train.seed) and "
             f"their modules read different visual codes; average only adapters trained with the same seed")
 
@@ -179,7 +184,7 @@ def average_adapters(adapters: list[Path], out: Path, weights: list[float] | Non
     for path, (meta, tensors) in zip(adapters[1:], loaded[1:]):
         problems = compatibility_problems(meta0, tensors0, meta, tensors)
         if problems:
-            raise VlpetError(f"cannot average {path} with {adapters[0]}: {_summary(problems)}")
+            raise VlpetError(f"cannot average {adapters[0]} with {path}: {_summary(problems)}")
         _check_obj_rows(tensors0, tensors, adapters[0], path)
     merged = {}
     for name, tensor in tensors0.items():

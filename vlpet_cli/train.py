@@ -38,6 +38,22 @@ def toy_feature_dim() -> int:
     return open_features(locate_features(resolve_data_root("toy"), "COCO")).dim
 
 
+def resolve_train_preset(name: str, tasks: list[str] | None = None, data_root: str | None = None,
+                         backbone: str | None = None, overrides: list[str] | None = None) -> Preset:
+    """The preset a `vlpet train` command line describes; the toy world brings its own defaults."""
+    from vlpet_cli.data.tasks import get_task
+    from vlpet_cli.presets import resolve
+
+    extra = [f"data.tasks=[{','.join(tasks)}]"] if tasks else []
+    if data_root:
+        extra.append(f"data.data_root={data_root}")
+    defaults = [*TOY_DEFAULTS, f"model.feat_dim={toy_feature_dim()}"] if data_root == "toy" else []
+    preset = resolve(name, [*extra, *(overrides or [])], backbone, defaults=defaults)
+    for task in preset.data.tasks:
+        get_task(task)
+    return preset
+
+
 @dataclass
 class TaskData:
     """The train and validation datasets of the chosen tasks."""
