@@ -162,13 +162,19 @@ def build(bb: Backbone, weights: bool = True):
         config.vocab_size = vocab_size_without_weights(bb, config)
         with torch.device("meta"):
             return cls(config), None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(bb)
     model = cls.from_pretrained(bb.directory, local_files_only=True)
     old = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     new_rows = model.get_input_embeddings().weight.data[old:]
     if new_rows.numel():
-        # The reference's new rows keep the model's own init: BART N(0, 0.02), T5 N(0, 1).
-        new_rows.normal_(0.0, 0.02 if bb.family == "bart" else 1.0)
+        # The reference's new rows keep the model's own init: BART N(0, 0.02), T5 N(0, 1). A fixed generator makes
+        # the built backbone the same in every process and run (the object-order rows are saved with adapters).
+        gen = torch.Generator().manual_seed(0)
+        std = 0.02 if bb.family == "bart" else 1.0
+        new_rows.copy_(torch.randn(new_rows.shape, generator=gen) * std)
     model.config.vocab_size = len(tokenizer)
     return model, tokenizer

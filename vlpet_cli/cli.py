@@ -253,6 +253,66 @@ def _score_file(task, predictions, annotations, split, metric, vqa_variant, allo
     console.print(table)
 
 
+# ---- merge ------------------------------------------------------------------------------------------------
+@merge_app.command("average")
+def merge_average(adapters: list[Path] = typer.Argument(..., help="adapter (or run) directories"),
+                  out: Path = typer.Option(..., help="output adapter directory"),
+                  weights: Optional[str] = typer.Option(None, help="comma list, e.g. 1,3 (default: equal)"),
+                  mode: str = typer.Option("mean", help="mean (weights normalised) | sum (task arithmetic)"),
+                  scale: float = typer.Option(1.0, help="multiplies the result")) -> None:
+    """Combine adapters of the same preset and backbone parameter by parameter."""
+    from vlpet_cli.merge import average_adapters
+
+    w = [float(x) for x in weights.split(",")] if weights else None
+    result = average_adapters(adapters, out, w, mode, scale)
+    console.print(f"{result['tensors']} tensors combined with coefficients {result['coefficients']} -> {out}")
+
+
+@merge_app.command("fold")
+def merge_fold(adapter: Path, out: Path = typer.Option(..., help="output directory"),
+               bundle: bool = typer.Option(False, help="keep what cannot be folded: a self-contained directory"),
+               backbone: Optional[str] = typer.Option(None, help="the backbone directory, if it moved")) -> None:
+    """Fold linear modules (LoRA, trained biases) into the backbone weights; --bundle for everything else."""
+    from vlpet_cli.merge import fold_adapter
+
+    result = fold_adapter(adapter, out, bundle, backbone)
+    kept = f"; kept as modules: {', '.join(result['kept'])}" if result["kept"] else ""
+    console.print(f"folded: {result['folded'] or 'nothing'}{kept} -> {out} ({result['size_bytes'] / 1e6:.1f} MB)")
+
+
+@merge_app.command("export-peft")
+def merge_export_peft(adapter: Path, out: Path = typer.Option(..., help="output directory"),
+                      backbone: Optional[str] = typer.Option(None, help="the backbone directory, if it moved"),
+                      no_base: bool = typer.Option(False, "--no-base", help="do not save the base model beside")) -> None:
+    """Write LoRA modules as a PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
+    from vlpet_cli.merge import export_peft
+
+    result = export_peft(adapter, out, backbone, with_base=not no_base)
+    for note in result["notes"]:
+        err_console.print(f"[yellow]note:[/yellow] {note}")
+    console.print(f"{result['lora_modules']} LoRA modules exported to {out}")
+
+
+# ---- quickstart -------------------------------------------------------------------------------------------
+@app.command()
+def quickstart(runs_dir: Path = typer.Option(Path("runs"), help="where the run and the toy data go"),
+               preset: str = typer.Option("vlpet-small", help="preset to demonstrate"),
+               backbone: str = typer.Option("tiny-bart", help="tiny-bart | tiny-t5"),
+               overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Offline demo: extract toy features, train on four toy tasks, and compare scores before and after."""
+    from vlpet_cli.quickstart import quickstart as run
+
+    summary = run(runs_dir, preset, backbone, overrides or [], say=console.print)
+    table = Table("task", "metric", "before", "after", title=f"{preset} on {backbone}: the toy world's test splits")
+    for row in summary["rows"]:
+        table.add_row(row["task"], row["metric"], f"{row['before']:.1f}", f"[bold]{row['after']:.1f}[/bold]")
+    console.print(table)
+    console.print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} "
+                  f"({summary['percent']:.2f} %); training took {summary['train_seconds']:.0f} s "
+                  f"({summary['total_seconds']:.0f} s in all)")
+    console.print(f"run directory: {summary['run']} (adapter/, eval/, plots/loss.png, metrics.jsonl)")
+
+
 # ---- report -----------------------------------------------------------------------------------------------
 @app.command()
 def report(runs: list[Path] = typer.Argument(..., help="run directories to compare"),

@@ -161,9 +161,9 @@ def load_for_eval(path: Path, backbone: str | None = None):
     elif (path / "config.yaml").exists():
         raise VlpetError(f"{path} is a run without a final adapter yet; wait for training to finish or "
                          f"evaluate {path / 'checkpoints' / 'best'}")
-    from vlpet_cli.vl.state import load_adapter
+    from vlpet_cli.merge import load_any
 
-    model, tokenizer, preset = load_adapter(path, backbone=backbone)
+    model, tokenizer, preset = load_any(path, backbone=backbone)
     return model, tokenizer, preset, path
 
 
@@ -172,11 +172,7 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
              out_dir: Path | None = None, overrides: list[str] | None = None, progress: bool = True,
              limit: int | None = None) -> dict:
     """Generate and score each task's split; writes eval/<task>-<split>.json, predictions and submissions."""
-    import torch
-
-    from vlpet_cli.presets import set_dotted, validate as validate_preset
-    from vlpet_cli.presets import parse_overrides
-    from vlpet_cli.train import load_task_data, resolve_data_root
+    from vlpet_cli.presets import parse_overrides, set_dotted, validate as validate_preset
 
     model, tokenizer, preset, adapter_dir = load_for_eval(path, backbone)
     data = preset.model_dump(mode="json")
@@ -188,35 +184,50 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
         data["data"]["tasks"] = tasks
     data["eval"]["limit"] = limit
     preset = validate_preset(data, "eval settings")
+    out_dir = out_dir or (adapter_dir.parent / "eval" if adapter_dir.name == "adapter" else adapter_dir / "eval")
+    results = evaluate_model(model, tokenizer, preset, split, metrics, batch_size, progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from vlpet_cli.vl.state import write_json
+
+    for task, record in results.items():
+        preds = record.pop("predictions")
+        record.update(source=str(path), versions=versions(), out_dir=str(out_dir))
+        write_json(out_dir / f"{task}-{split}.json", record)
+        write_json(out_dir / f"{task}-{split}.predictions.json", preds)
+        suffix, content = submission(task, preds)
+        (out_dir / f"{task}-{split}.submission.{suffix}").write_text(content)
+    return results
+
+
+def evaluate_model(model, tokenizer, preset: Preset, split: str = "test", metrics: list[str] | dict | None = None,
+                   batch_size: int | None = None, progress: bool = True) -> dict:
+    """{task: {metrics, settings, predictions, n, seconds, ...}} for the preset's tasks and data root.
+    `metrics` is one list for every task, or {task: list}."""
+    import torch
+
+    from vlpet_cli.train import load_task_data, resolve_data_root
+
     root = resolve_data_root(preset.data.data_root)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    out_dir = out_dir or (adapter_dir.parent / "eval" if adapter_dir.name == "adapter" else adapter_dir / "eval")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = {}
-    datasets = load_task_data(preset, root, tokenizer, splits=(split,))
-    datasets = datasets.train if split == "train" else datasets.val
+    data = load_task_data(preset, root, tokenizer, splits=(split,))
+    datasets = data.train if split == "train" else data.val
     bar = Progress(sum(len(d) for d in datasets.values())) if progress else None
+    results = {}
     try:
         for task, ds in datasets.items():
             started = time.time()
             preds = predict(model, tokenizer, ds, preset, batch_size or preset.eval.batch_size,
                             progress=bar.advance(task) if bar else None)
             seconds = time.time() - started
-            scored = score(task, preds, metrics, preset.eval.vqa_variant)
             spec = preset.eval.generation.get(task, GenerationSpec())
             settings = ({"decoding": "logits of 'true' vs 'false'"} if task == "nlvr"
                         else generation_kwargs(spec, model.family, tokenizer))
-            record = {"task": task, "split": split, "metrics": scored, "n": len(preds), "seconds": seconds,
-                      "samples_per_s": len(preds) / max(seconds, 1e-9), "settings": settings,
-                      "source": str(path), "versions": versions(), "out_dir": str(out_dir)}
-            from vlpet_cli.vl.state import write_json
-
-            write_json(out_dir / f"{task}-{split}.json", record)
-            write_json(out_dir / f"{task}-{split}.predictions.json", preds)
-            suffix, content = submission(task, preds)
-            (out_dir / f"{task}-{split}.submission.{suffix}").write_text(content)
-            results[task] = record
+            wanted = metrics.get(task) if isinstance(metrics, dict) else metrics
+            results[task] = {"task": task, "split": split, "metrics": score(task, preds, wanted,
+                                                                            preset.eval.vqa_variant),
+                             "n": len(preds), "seconds": seconds, "samples_per_s": len(preds) / max(seconds, 1e-9),
+                             "settings": settings, "predictions": preds}
     finally:
         if bar:
             bar.stop()

@@ -8,10 +8,12 @@ adapter directory (`vl/state.save_adapter`), so `vlpet eval DIR` evaluates a pub
 
 from __future__ import annotations
 
+import pickle
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from vlpet_cli.backbones import N_VIS
 from vlpet_cli.config import Preset
@@ -60,6 +62,8 @@ RULES: list[tuple[str, str | None, str]] = [
 
 
 class Rule(NamedTuple):
+    """One compiled row of RULES for a backbone family."""
+
     pattern: re.Pattern
     target: str | None
     what: str
@@ -90,12 +94,24 @@ def rules(family: str) -> list[Rule]:
 
 
 def _first(names: Iterable[str], n: int = SHOW) -> str:
+    """The first n names, comma-separated, with how many more there are."""
     names = list(names)
     more = f" (and {len(names) - n} more)" if len(names) > n else ""
     return ", ".join(names[:n]) + more
 
 
 # ---- reading ---------------------------------------------------------------------------------------------------
+def _load_failure(pth: Path, exc: Exception) -> str:
+    """One message for a file that weights-only loading refused."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if found:
+        return (f"{pth}: not a weights-only state dict: it holds a pickled {found.group(1)} object, and vlpet never "
+                f"unpickles arbitrary objects. Where you trust the file, re-save only the tensors "
+                f"(torch.save(model.state_dict(), NEW.pth)) and import that")
+    return (f"{pth}: not a weights-only state dict: torch.load(weights_only=True) cannot read it "
+            f"({type(exc).__name__}); the file is damaged or is not a PyTorch checkpoint")
+
+
 def load_state_dict(pth: Path) -> tuple[dict, dict]:
     """(tensors by name with any `module.` prefix stripped, notes) from a weights-only `.pth` file."""
     import torch
@@ -105,11 +121,8 @@ def load_state_dict(pth: Path) -> tuple[dict, dict]:
         raise VlpetError(f"{pth}: no such checkpoint file")
     try:
         data = torch.load(pth, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for foreign objects, RuntimeError/EOFError for damaged files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VlpetError(f"{pth}: not a weights-only state dict; torch.load(weights_only=True) refused it "
-                         f"({reason}). vlpet never unpickles arbitrary objects: re-save the weights with "
-                         f"torch.save(model.state_dict(), PATH)") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise VlpetError(_load_failure(pth, exc)) from None
     notes: dict = {"nested_under": None, "prefix_stripped": False}
     for key in ("state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
@@ -215,17 +228,18 @@ def merge_tasks(values: dict, pth: Path) -> tuple[dict, list[str]]:
 
 
 # ---- checking --------------------------------------------------------------------------------------------------
-def _override_hint(name: str) -> str:
-    """Which preset field sets the shape of a vlpet tensor."""
+def _override_hint(name: str, shape: tuple) -> str:
+    """The preset override that gives a vlpet tensor the checkpoint's shape."""
+    width = shape[1] if name.endswith(".up.weight") else shape[0]
     if name.startswith("pet.encoder_modules."):
-        return "pet.encoder.r"
+        return f"set pet.encoder.r={width}"
     if name.startswith("pet.gates."):
-        return "pet.gate.r (large gates)"
+        return f"set pet.gate.r={width}"
     if name.startswith("pet.value."):
-        return "pet.value.r"
-    if name.startswith("projector.feat_embedding.0"):
-        return "model.feat_dim (2048 for CLIP RN101 image features, 512 for video)"
-    return "the preset"
+        return f"set pet.value.r={width}"
+    if name == "projector.feat_embedding.0.weight":
+        return f"set model.feat_dim={shape[1]} (2048: CLIP RN101 image features, 512: video)"
+    return "check the preset and its overrides"
 
 
 def _fit_hint(preset: Preset, mapped: Mapped) -> str:
@@ -268,7 +282,7 @@ def check_fit(model, preset: Preset, mapped: Mapped, tensors: dict, pth: Path) -
         want = tuple(params[name].shape)
         if tuple(tensor.shape) != want:
             raise VlpetError(f"{pth}: {name} has shape {tuple(tensor.shape)} in the checkpoint but {want} in the "
-                             f"model built from preset '{preset.name}'; check {_override_hint(name)}")
+                             f"model built from preset '{preset.name}': {_override_hint(name, tuple(tensor.shape))}")
     return found
 
 
@@ -315,6 +329,32 @@ def compare_frozen(model, mapped: Mapped, original_vocab: int) -> dict:
     return {"compared": compared, "differing": len(differing), "max_relative_difference": largest,
             "differing_names": [k for k, _ in differing[:10]],
             "large": [k for k, r in differing if r > LARGE_DIFFERENCE]}
+
+
+def object_rows_source(state: dict, mapped: Mapped, word_keys: list[str]):
+    """The checkpoint's word embedding (its last N_VIS rows are the object-order codes), or None."""
+    for key in word_keys:
+        if key in mapped.backbone:
+            return mapped.backbone[key]
+    alias = next((k for k in mapped.ignored if k.endswith("obj_order_embedding.weight")), None)
+    return state[alias] if alias else None
+
+
+def backbone_warnings(comparison: dict, backbone: str, vocab: int, original_vocab: int) -> list[str]:
+    """What the report should tell the user about the frozen backbone."""
+    warnings = []
+    if not comparison["compared"]:
+        warnings.append(f"the checkpoint holds no frozen backbone tensors, so vlpet could not check that "
+                        f"'{backbone}' is the model it was trained from")
+    if comparison["differing"]:
+        warnings.append(f"{comparison['differing']} of {comparison['compared']} frozen backbone tensors differ from "
+                        f"'{backbone}' (largest relative difference {comparison['max_relative_difference']:.3g}); "
+                        f"the adapter runs on the backbone you gave, not on the checkpoint's copy")
+    extra_rows = max(0, vocab - N_VIS - original_vocab)
+    if extra_rows:
+        warnings.append(f"{extra_rows} added vocabulary rows (<extra_id_*>) are frozen random rows that the adapter "
+                        f"does not carry; they only matter if a model generates those tokens")
+    return warnings
 
 
 # ---- the import ------------------------------------------------------------------------------------------------
@@ -372,22 +412,12 @@ def import_reference_checkpoint(pth: Path, preset: str | Preset, out: Path, back
     check_backbone_shapes(model, mapped, pth, resolved.model.backbone)
     found = check_fit(model, resolved, mapped, tensors, pth)
 
-    source_words = next((mapped.backbone[k] for k in word_keys if k in mapped.backbone), None)
-    if source_words is None:
-        alias = next((k for k in mapped.ignored if k.endswith("obj_order_embedding.weight")), None)
-        source_words = state[alias] if alias else None
+    source_words = object_rows_source(state, mapped, word_keys)
     if source_words is None and not words.requires_grad:
         raise VlpetError(f"{pth} has no word embedding ({_first(word_keys)}): the object-order rows of the visual "
                          f"projector live there; import the full state dict the reference saved")
-
     original_vocab = backbones.load_config(bb).vocab_size
     comparison = compare_frozen(model, mapped, original_vocab)
-    warnings = []
-    if comparison["differing"]:
-        warnings.append(f"{comparison['differing']} of {comparison['compared']} frozen backbone tensors differ from "
-                        f"'{resolved.model.backbone}' (largest relative difference "
-                        f"{comparison['max_relative_difference']:.3g}); the adapter runs on the backbone you gave, "
-                        f"not on the checkpoint's copy")
     if comparison["large"] and not allow_mismatch:
         raise VlpetError(f"{pth} was not trained from backbone '{resolved.model.backbone}': frozen tensors "
                          f"{_first(comparison['large'])} differ by more than {LARGE_DIFFERENCE:g} (relative). "
@@ -401,11 +431,7 @@ def import_reference_checkpoint(pth: Path, preset: str | Preset, out: Path, back
             words[-N_VIS:].copy_(source_words[-N_VIS:].to(words.dtype))
     size = save_adapter(out, model, resolved, {"imported_from": str(pth)})
 
-    vocab = words.shape[0]
-    extra_rows = max(0, vocab - N_VIS - min(original_vocab, vocab - N_VIS))
-    if extra_rows:
-        warnings.append(f"{extra_rows} added vocabulary rows (<extra_id_*>) are frozen random rows that the adapter "
-                        f"does not carry; they only matter if a model generates those tokens")
+    warnings = backbone_warnings(comparison, resolved.model.backbone, words.shape[0], original_vocab)
     return {
         "source": str(pth), "out": str(out), "bytes": size, "preset": resolved.name,
         "backbone": resolved.model.backbone, "family": bb.family,
