@@ -450,12 +450,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=1500, help="optimisation steps per backbone")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--families", default="bart,t5", help="comma-separated: bart, t5")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 on a busy machine)"
+    )
     args = ap.parse_args(argv)
 
     import torch
     import transformers
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     corpus = toy_corpus()
     generic = generic_english(random.Random(args.seed))
     texts = pretraining_texts(corpus)
@@ -487,6 +491,7 @@ def main(argv: list[str] | None = None) -> None:
             vocab_size=len(tok),
             parameters=n_params,
             seed=args.seed,
+            threads=torch.get_num_threads(),
             torch=torch.__version__,
             transformers=transformers.__version__,
         )

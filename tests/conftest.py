@@ -11,6 +11,9 @@ import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# One intra-op thread: the tests' models are tiny, and on a shared 2-core machine a second spinning thread per
+# process (pytest, DataLoader workers, two DDP ranks) slows everything down many times over.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The toy world is built once per test session, away from the user's cache.
 os.environ.setdefault("VLPET_CACHE", tempfile.mkdtemp(prefix="vlpet-test-cache-"))
 

@@ -70,6 +70,18 @@ def test_second_call_reuses_cache(built, monkeypatch):
     assert toy.toy_root() == built["root"]
 
 
+def test_world_from_other_code_or_features_model_is_stale(root, tmp_path):
+    manifest = load(root / "toy.json")
+    assert toy._is_current(root)
+    for key, value in (
+        ("generator", "0" * 16),
+        ("features", {"fingerprint": "0" * 16}),
+        ("version", "toy-v0"),
+    ):
+        (tmp_path / "toy.json").write_text(json.dumps({**manifest, key: value}))
+        assert not toy._is_current(tmp_path), key
+
+
 def test_failed_or_killed_build_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("VLPET_CACHE", str(tmp_path))
 
@@ -242,3 +254,38 @@ def test_corpus_and_summary_need_no_images(root):
     assert summary["nlvr"]["valid"] == len(load(root / "nlvr" / "valid.json"))
     assert summary["coco"]["train"] == 5 * (toy.COCO_SPLITS["train"] + toy.COCO_SPLITS["restval"])
     assert summary["images"] == {s: len(list((root / s / "images").glob("*.png"))) for s in toy.SOURCES}
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_shipped_tiny_backbones_know_the_toy_text(family):
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    path = Path(toy.__file__).resolve().parent.parent / "assets" / "backbones" / f"tiny-{family}"
+    assert sum(p.stat().st_size for p in path.iterdir()) < 4_000_000
+    record = load(path / "pretraining.json")
+    assert record["loss_last"] < record["loss_first"] / 4
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    specials = (
+        {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+        if family == "bart"
+        else {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    )
+    assert {t: tok.convert_tokens_to_ids(t) for t in specials} == specials
+    if family == "t5":
+        assert tok.convert_tokens_to_ids("<extra_id_0>") == len(tok) - 1
+    else:
+        assert tok.mask_token == "<mask>"
+    for text in toy.toy_corpus()[::50]:
+        ids = tok.encode(text)
+        assert ids[-1] == tok.eos_token_id and (family == "t5" or ids[0] == tok.bos_token_id)
+        assert tok.unk_token_id not in ids and tok.decode(ids, skip_special_tokens=True) == text
+    for word in ("true", "false", "yes", "red", "triangle", "2"):
+        assert len(tok.encode(word, add_special_tokens=False)) == 1
+    model = AutoModelForSeq2SeqLM.from_pretrained(path, local_files_only=True)
+    assert model.config.d_model == 128 and model.config.vocab_size == len(tok)
+    assert model.config.decoder_start_token_id == (2 if family == "bart" else 0)
+    batch = tok(["The left image contains a red circle."], return_tensors="pt")
+    with torch.no_grad():
+        loss = model(**batch, labels=batch.input_ids).loss
+    assert torch.isfinite(loss)

@@ -253,6 +253,26 @@ def _score_file(task, predictions, annotations, split, metric, vqa_variant, allo
     console.print(table)
 
 
+@app.command("import-reference")
+def import_reference(checkpoint: Path = typer.Argument(..., help="the reference code's .pth (e.g. LAST.pth)"),
+                     preset: str = typer.Option(..., "--preset", "-p", help="the preset matching its run"),
+                     out: Path = typer.Option(..., help="adapter directory to write"),
+                     backbone: Optional[str] = typer.Option(None, help="the backbone it was trained from"),
+                     allow_mismatch: bool = typer.Option(False, help="import even if frozen weights differ"),
+                     as_json: bool = typer.Option(False, "--json", help="print the import report as JSON"),
+                     overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Import a reference VL-PET checkpoint (.pth, weights only) as a vlpet adapter for `vlpet eval`."""
+    from vlpet_cli.reference import import_reference_checkpoint
+
+    report = import_reference_checkpoint(checkpoint, preset, out, backbone, overrides or [], allow_mismatch)
+    if as_json:
+        print(json.dumps(report, default=str))
+        return
+    for warning in report["warnings"]:
+        err_console.print(f"[yellow]warning:[/yellow] {warning}")
+    console.print(f"imported {report['imported']} tensors from {checkpoint} -> {out}; evaluate with `vlpet eval {out}`")
+
+
 # ---- merge ------------------------------------------------------------------------------------------------
 @merge_app.command("average")
 def merge_average(adapters: list[Path] = typer.Argument(..., help="adapter (or run) directories"),

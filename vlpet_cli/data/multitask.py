@@ -175,12 +175,15 @@ class MultitaskLoader:
     def _data_loader(self) -> Any:
         """One DataLoader over the step sampler; workers persist across epochs and open features lazily."""
         if self._loader is None:
+            import torch
             from torch.utils.data import DataLoader
 
+            # Its own generator: starting a pass must not draw from the global RNG (dropout), or a resumed run
+            # would diverge from an uninterrupted one.
             self._loader = DataLoader(
                 _Items(self.datasets), batch_sampler=self._sampler, collate_fn=partial(collate, pad_id=self.pad_id),
                 num_workers=self.num_workers, pin_memory=self.pin_memory,
-                persistent_workers=self.num_workers > 0)
+                persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.data_seed))
         return self._loader
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[str, dict]]:
@@ -201,6 +204,7 @@ class MultitaskLoader:
 def eval_batches(dataset: TaskDataset, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0) -> Iterator[dict]:
     """Collated batches of a dataset in order; rank r takes records r, r+W, ... (no padding duplicates)."""
+    import torch
     from torch.utils.data import DataLoader
 
     if batch_size < 1:
@@ -209,5 +213,5 @@ def eval_batches(dataset: TaskDataset, batch_size: int, rank: int = 0, world_siz
         raise VlpetError(f"rank {rank} is outside world size {world_size}.")
     batches = _chunks(list(range(rank, len(dataset), world_size)), batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=partial(collate, pad_id=dataset.pad_id),
-                        num_workers=num_workers)
+                        num_workers=num_workers, generator=torch.Generator())
     return iter(loader)

@@ -105,18 +105,15 @@ def _layout(rng: random.Random) -> tuple[tuple[str, str, str, str], ...]:
     return tuple((rng.choice(SHAPES), rng.choice(tuple(COLORS)), rng.choice(SIZES), pos) for pos in positions)
 
 
+def _tint(rng: random.Random) -> tuple[int, int, int]:
+    """A small random colour shift, so no two shapes of a colour are pixel-identical."""
+    return (rng.randint(-18, 18), rng.randint(-18, 18), rng.randint(-18, 18))
+
+
 def _dress(rng: random.Random, layout: tuple, img_id: str, source: str) -> Scene:
     """Give a layout its background and small rendering jitter."""
     shapes = tuple(
-        Shape(
-            kind,
-            color,
-            size,
-            pos,
-            rng.randint(-3, 3),
-            rng.randint(-14, 14),
-            tuple(rng.randint(-18, 18) for _ in range(3)),
-        )
+        Shape(kind, color, size, pos, dx=rng.randint(-3, 3), dy=rng.randint(-14, 14), tint=_tint(rng))
         for kind, color, size, pos in layout
     )
     return Scene(img_id, source, rng.choice(tuple(BACKGROUNDS)), shapes)
@@ -580,6 +577,11 @@ def _fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _generator_hash() -> str:
+    """A short hash of this module's source: a world built by other code is rebuilt, not reused."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
 def write_world(world: ToyWorld, dest: Path) -> dict[str, dict[str, Path]]:
     """Write images and annotation files under `dest`; return the image paths per source."""
     images: dict[str, dict[str, Path]] = {s: {} for s in SOURCES}
@@ -614,7 +616,13 @@ def build_toy(dest: Path, seed: int = SEED, features: bool = True, model: Path |
     start = time.perf_counter()
     world = make_world(seed)
     images = write_world(world, dest)
-    manifest = {"version": TOY_VERSION, "seed": seed, "summary": _summary_of(world), "features": None}
+    manifest = {
+        "version": TOY_VERSION,
+        "generator": _generator_hash(),
+        "seed": seed,
+        "summary": _summary_of(world),
+        "features": None,
+    }
     if features:
         from vlpet_cli.extract import extract_features
 
@@ -641,15 +649,18 @@ def cache_dir() -> Path:
 
 
 def _is_current(root: Path) -> bool:
-    """Whether `root` holds a complete toy world with features from the shipped tiny CLIP."""
+    """Whether `root` holds a complete toy world built by this code, with features from the shipped tiny CLIP."""
     try:
         manifest = json.loads((root / "toy.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     feats = manifest.get("features") or {}
     model = _tiny_clip()
-    return manifest.get("version") == TOY_VERSION and (
-        not model.is_dir() or feats.get("fingerprint") == _fingerprint(model)
+    return (
+        manifest.get("version") == TOY_VERSION
+        and manifest.get("generator") == _generator_hash()
+        and manifest.get("seed") == SEED
+        and (not model.is_dir() or feats.get("fingerprint") == _fingerprint(model))
     )
 
 
