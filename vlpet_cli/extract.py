@@ -310,11 +310,12 @@ def _decoded_batches(pool: Any, items: list[tuple[str, Path]], size: int, mean: 
 
 
 class _Progress:
-    """Rich progress bar on a terminal, plain periodic lines otherwise (or when progress=False)."""
+    """Rich progress bar on a terminal, plain periodic lines otherwise; silent when progress=False."""
 
     def __init__(self, total: int, enabled: bool, every_s: float = 5.0):
         from rich.console import Console
 
+        self.enabled = enabled
         self.total, self.done, self.failed, self.shown = total, 0, 0, -1
         self.start = self.last = time.perf_counter()
         self.every_s = every_s
@@ -339,7 +340,7 @@ class _Progress:
         self.failed += failed
         if self.bar is not None:
             self.bar.update(self.task, advance=written + failed, rate=self.rate(), failed=self.failed)
-        elif time.perf_counter() - self.last >= self.every_s:
+        elif self.enabled and time.perf_counter() - self.last >= self.every_s:
             self.last = time.perf_counter()
             self.line()
 
@@ -351,7 +352,7 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-        elif self.shown != self.done:
+        elif self.enabled and self.shown != self.done:
             self.line()
 
 
