@@ -75,7 +75,7 @@ class LoRA(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.dropout(x) @ self.A.t() @ self.B.t()) * self.scale
+        return (self.dropout(x) @ self.A.t() * self.scale) @ self.B.t()  # scale the narrow [.., r] tensor
 
     def delta_weight(self) -> torch.Tensor:
         """The (d_out, d_in) change this module makes to the Linear's weight."""
