@@ -140,9 +140,9 @@ def _check_obj_rows(first: dict, other: dict, a: Path, b: Path) -> None:
 
     if OBJ_ROWS in first and not torch.equal(first[OBJ_ROWS], other[OBJ_ROWS]):
         raise VlpetError(
-            f"cannot average {a} with {b}: their object-order embedding rows ({OBJ_ROWS}, frozen random rows drawn "
-            f"when the model is built) differ, so the adapters were trained from different seeds (train.seed) and "
-            f"their modules read different visual codes; average only adapters trained with the same seed")
+            f"cannot average {a} with {b}: their object-order embedding rows ({OBJ_ROWS}, the frozen random codes "
+            f"the visual tokens carry) differ, so their modules read different visual codes (e.g. adapters imported "
+            f"from different reference runs); average only adapters built with the same rows")
 
 
 def merge_weights(n: int, weights: list[float] | None, mode: str, scale: float) -> list[float]:
