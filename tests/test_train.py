@@ -62,7 +62,7 @@ def test_resume_gives_the_same_weights_as_one_go(tmp_path):
 
 def test_multitask_t5_with_validation(tmp_path):
     train_run(tmp_path, tasks=("vqa", "gqa", "nlvr", "coco"), backbone="tiny-t5",
-              overrides=["data.limit=48", "train.epochs=1", "eval.limit=12"])
+              overrides=["data.limit=48", "train.epochs=1", "eval.every=1", "eval.limit=12"])
     run = tmp_path / "run"
     assert {e["task"] for e in events(run, "train")} == {"vqa", "gqa", "nlvr", "coco"}
     val = events(run, "val")[-1]["metrics"]

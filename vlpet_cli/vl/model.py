@@ -40,6 +40,7 @@ class VLModel(nn.Module):
         self.family = anatomy.family(backbone)
         self._text_len: int | None = None
         self._full_len = 0
+        self.identity: dict | None = None  # the pretrained backbone's identity, set when built with weights
         text_modules = anatomy.text_embedding_modules(backbone)
         if text_modules is not None:
             positions, norm = text_modules
@@ -152,4 +153,9 @@ def build_model(preset: Preset, weights: bool = True):
         projector = VisualProjector(preset.model.feat_dim, d, bb.family, eps)
         pet = PetModules(preset.pet, backbone, [(f"projector.{n}", m) for n, m in anatomy.norm_modules(projector)])
     set_trainable(backbone, pet, projector, preset.pet.trainable)
-    return VLModel(backbone, projector, pet, preset.model.n_boxes), tokenizer
+    model = VLModel(backbone, projector, pet, preset.model.n_boxes)
+    if weights:
+        from vlpet_cli.vl.state import backbone_identity
+
+        model.identity = backbone_identity(model)
+    return model, tokenizer

@@ -22,7 +22,10 @@ OBJ_ROWS = "obj_order_rows"
 
 
 def backbone_identity(model) -> dict:
-    """What an adapter must match: architecture numbers and a fingerprint of the frozen word embedding."""
+    """What an adapter must match: architecture numbers and a fingerprint of the pretrained word embedding,
+    taken when the model is built (so full fine-tuning, which trains the embedding, keeps its identity)."""
+    if getattr(model, "identity", None) is not None:
+        return model.identity
     cfg = model.backbone.config
     words = anatomy.word_embedding(model.backbone).weight
     head = words.detach()[: -N_VIS][:256].float().contiguous().cpu().numpy().tobytes()
