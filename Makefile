@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/vlpet quickstart
 
 lint: install
-	$(BIN)/ruff check vlpet_cli tests benchmarks
+	$(BIN)/ruff check vlpet_cli tests benchmarks scripts
 
 bench: install
 	$(BIN)/python benchmarks/train_step.py

@@ -39,7 +39,8 @@ def source_model(backbone: Path, preset: str):
 def _gate_names(granularity: str, stem: str) -> dict[str, str]:
     """vlpet gate tensor name -> the reference's name, for one sub-layer (stem: encoder_attn / encoder_ff)."""
     if granularity == "large":
-        return {f"{w}.{p}": f"{stem}_adapter_gating_large_x_{w}.{p}" for w in ("down", "up") for p in ("weight", "bias")}
+        return {f"{w}.{p}": f"{stem}_adapter_gating_large_x_{w}.{p}"
+                for w in ("down", "up") for p in ("weight", "bias")}
     names = {"small": "small_xy_cat", "middlex": "middle_xy_add"}
     if granularity == "middley":
         return {"z": f"{stem}_adapter_gating_middle_ia3_add"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -49,8 +48,8 @@ def presets_ls() -> None:
 
 
 @presets_app.command("show")
-def presets_show(name: str, backbone: Optional[str] = typer.Option(None, help="resolve for this backbone"),
-                 overrides: Optional[list[str]] = OVERRIDES) -> None:
+def presets_show(name: str, backbone: str | None = typer.Option(None, help="resolve for this backbone"),
+                 overrides: list[str] | None = OVERRIDES) -> None:
     """Print the resolved preset as YAML."""
     from vlpet_cli.presets import resolve, to_yaml
 
@@ -72,12 +71,12 @@ def presets_cp(name: str, file: Path, force: bool = typer.Option(False, help="ov
 # ---- params -----------------------------------------------------------------------------------------------
 @app.command()
 def params(preset: str = typer.Option(..., "--preset", "-p", help="preset name or YAML file"),
-           backbone: Optional[str] = typer.Option(None, help="bart-base | t5-base | tiny-bart | tiny-t5 | HF id | dir"),
+           backbone: str | None = typer.Option(None, help="bart-base | t5-base | tiny-bart | tiny-t5 | HF id | dir"),
            as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
-           overrides: Optional[list[str]] = OVERRIDES) -> None:
+           overrides: list[str] | None = OVERRIDES) -> None:
     """Trainable-parameter budget per module group, built on the meta device (no weights needed)."""
-    from vlpet_cli.presets import resolve
     from vlpet_cli.pet.budget import budget
+    from vlpet_cli.presets import resolve
     from vlpet_cli.vl.model import build_model
 
     resolved = resolve(preset, overrides, backbone)
@@ -102,17 +101,18 @@ def params(preset: str = typer.Option(..., "--preset", "-p", help="preset name o
 def extract_features(images: Path = typer.Option(..., help="folder of images (searched recursively)"),
                      model: str = typer.Option(..., help="CLIP model directory, cached hub id, or 'tiny-clip'"),
                      out: Path = typer.Option(..., help="packed .h5 file, or a folder for --layout per-image"),
-                     annotations: Optional[Path] = typer.Option(None, help="only the images this file names"),
+                     annotations: Path | None = typer.Option(None, help="only the images this file names"),
                      layout: str = typer.Option("packed", help="packed | per-image (the reference layout)"),
                      layer: int = typer.Option(-1, help="hidden layer whose patch tokens are kept"),
                      batch_size: int = typer.Option(32, help="images per forward pass"),
                      dtype: str = typer.Option("float16", help="float16 | float32"),
-                     limit: Optional[int] = typer.Option(None, help="extract at most N new images"),
+                     limit: int | None = typer.Option(None, help="extract at most N new images"),
                      workers: int = typer.Option(2, help="image decoding threads"),
-                     device: Optional[str] = typer.Option(None, help="cpu | cuda (default: cuda if present)"),
+                     device: str | None = typer.Option(None, help="cpu | cuda (default: cuda if present)"),
                      no_progress: bool = typer.Option(False, "--no-progress", help="plain output")) -> None:
     """Images -> CLIP grid features (HDF5), resumable, skipping unreadable images."""
-    from vlpet_cli.extract import extract_features as run, images_from
+    from vlpet_cli.extract import extract_features as run
+    from vlpet_cli.extract import images_from
 
     summary = run(images_from(images, annotations), model, out, layout=layout, layer=layer, batch_size=batch_size,
                   dtype=dtype, limit=limit, workers=workers, progress=not no_progress, device=device)
@@ -120,7 +120,7 @@ def extract_features(images: Path = typer.Option(..., help="folder of images (se
 
 
 @features_app.command("inspect")
-def features_inspect(path: Path, annotations: Optional[Path] = typer.Option(None, help="report ids it lacks"),
+def features_inspect(path: Path, annotations: Path | None = typer.Option(None, help="report ids it lacks"),
                      as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
     """Count, shape, dtype, recorded attributes, and annotation ids without features."""
     from vlpet_cli.data.features import describe_features, inspect_features
@@ -139,23 +139,24 @@ def features_convert(src: Path, dst: Path,
 
 
 # ---- train ------------------------------------------------------------------------------------------------
-def _tasks_option(task: Optional[str]) -> list[str]:
+def _tasks_option(task: str | None) -> list[str]:
     return [t.strip() for t in task.split(",") if t.strip()] if task else []
 
 
 @app.command()
-def train(preset: Optional[str] = typer.Option(None, "--preset", "-p", help="preset name or YAML file"),
-          task: Optional[str] = typer.Option(None, "--task", "-t", help="one task or a comma list: vqa,gqa,nlvr,coco"),
-          data_root: Optional[str] = typer.Option(None, help="dataset folder, or 'toy' for the built-in toy world"),
-          backbone: Optional[str] = typer.Option(None, help="bart-base | t5-base | tiny-bart | tiny-t5 | HF id | dir"),
-          name: Optional[str] = typer.Option(None, help="run name (default: PRESET-TASKS)"),
+def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset name or YAML file"),
+          task: str | None = typer.Option(None, "--task", "-t", help="one task or a comma list: vqa,gqa,nlvr,coco"),
+          data_root: str | None = typer.Option(None, help="dataset folder, or 'toy' for the built-in toy world"),
+          backbone: str | None = typer.Option(None, help="bart-base | t5-base | tiny-bart | tiny-t5 | HF id | dir"),
+          name: str | None = typer.Option(None, help="run name (default: PRESET-TASKS)"),
           runs_dir: Path = typer.Option(Path("runs"), help="where run directories go"),
           resume: bool = typer.Option(False, help="continue the run from its last checkpoint"),
           overwrite: bool = typer.Option(False, help="replace an existing run directory"),
-          stop_after: Optional[int] = typer.Option(None, help="pause after N updates (continue with --resume)"),
-          overrides: Optional[list[str]] = OVERRIDES) -> None:
+          stop_after: int | None = typer.Option(None, help="pause after N updates (continue with --resume)"),
+          overrides: list[str] | None = OVERRIDES) -> None:
     """Train PET modules on a frozen backbone, on one task or several at once."""
-    from vlpet_cli.train import resolve_train_preset, train as run_training
+    from vlpet_cli.train import resolve_train_preset
+    from vlpet_cli.train import train as run_training
 
     if resume:
         if not name:
@@ -187,23 +188,23 @@ def _run_preset(run_dir: Path):
 
 # ---- eval -------------------------------------------------------------------------------------------------
 @app.command("eval")
-def eval_cmd(path: Optional[Path] = typer.Argument(None, help="run directory, adapter, bundle or folded model"),
-             task: Optional[str] = typer.Option(None, "--task", "-t", help="task(s) to evaluate (default: the run's)"),
+def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapter, bundle or folded model"),
+             task: str | None = typer.Option(None, "--task", "-t", help="task(s) to evaluate (default: the run's)"),
              split: str = typer.Option("test", help="test | val | train"),
-             metric: Optional[list[str]] = typer.Option(None, "--metric", "-m",
+             metric: list[str] | None = typer.Option(None, "--metric", "-m",
                                                         help="cider, bleu, bleu4, meteor, rougel, spice, vqa, acc, "
                                                              "consistency (default: all of the task's)"),
-             batch_size: Optional[int] = typer.Option(None, help="evaluation batch size"),
-             data_root: Optional[str] = typer.Option(None, help="dataset folder or 'toy' (default: the run's)"),
-             backbone: Optional[str] = typer.Option(None, help="the backbone directory, if it moved"),
-             out: Optional[Path] = typer.Option(None, help="output folder (default: RUN/eval)"),
-             limit: Optional[int] = typer.Option(None, help="evaluate at most this many records per task"),
-             predictions: Optional[Path] = typer.Option(None, help="score this predictions file (no model)"),
-             annotations: Optional[Path] = typer.Option(None, help="annotation file for --predictions"),
+             batch_size: int | None = typer.Option(None, help="evaluation batch size"),
+             data_root: str | None = typer.Option(None, help="dataset folder or 'toy' (default: the run's)"),
+             backbone: str | None = typer.Option(None, help="the backbone directory, if it moved"),
+             out: Path | None = typer.Option(None, help="output folder (default: RUN/eval)"),
+             limit: int | None = typer.Option(None, help="evaluate at most this many records per task"),
+             predictions: Path | None = typer.Option(None, help="score this predictions file (no model)"),
+             annotations: Path | None = typer.Option(None, help="annotation file for --predictions"),
              vqa_variant: str = typer.Option("reference", help="reference (VL-T5) | official"),
              allow_missing: bool = typer.Option(False, help="with --predictions: allow unpredicted ids"),
              as_json: bool = typer.Option(False, "--json", help="print the metrics as one JSON object"),
-             overrides: Optional[list[str]] = OVERRIDES) -> None:
+             overrides: list[str] | None = OVERRIDES) -> None:
     """Generate and score (CIDEr, VQA accuracy, ...) a trained model, or score a predictions file."""
     if predictions or annotations:
         _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json)
@@ -257,10 +258,10 @@ def _score_file(task, predictions, annotations, split, metric, vqa_variant, allo
 def import_reference(checkpoint: Path = typer.Argument(..., help="the reference code's .pth (e.g. LAST.pth)"),
                      preset: str = typer.Option(..., "--preset", "-p", help="the preset matching its run"),
                      out: Path = typer.Option(..., help="adapter directory to write"),
-                     backbone: Optional[str] = typer.Option(None, help="the backbone it was trained from"),
+                     backbone: str | None = typer.Option(None, help="the backbone it was trained from"),
                      allow_mismatch: bool = typer.Option(False, help="import even if frozen weights differ"),
                      as_json: bool = typer.Option(False, "--json", help="print the import report as JSON"),
-                     overrides: Optional[list[str]] = OVERRIDES) -> None:
+                     overrides: list[str] | None = OVERRIDES) -> None:
     """Import a reference VL-PET checkpoint (.pth, weights only) as a vlpet adapter for `vlpet eval`."""
     from vlpet_cli.reference import import_reference_checkpoint
 
@@ -277,7 +278,7 @@ def import_reference(checkpoint: Path = typer.Argument(..., help="the reference 
 @merge_app.command("average")
 def merge_average(adapters: list[Path] = typer.Argument(..., help="adapter (or run) directories"),
                   out: Path = typer.Option(..., help="output adapter directory"),
-                  weights: Optional[str] = typer.Option(None, help="comma list, e.g. 1,3 (default: equal)"),
+                  weights: str | None = typer.Option(None, help="comma list, e.g. 1,3 (default: equal)"),
                   mode: str = typer.Option("mean", help="mean (weights normalised) | sum (task arithmetic)"),
                   scale: float = typer.Option(1.0, help="multiplies the result")) -> None:
     """Combine adapters of the same preset and backbone parameter by parameter."""
@@ -291,7 +292,7 @@ def merge_average(adapters: list[Path] = typer.Argument(..., help="adapter (or r
 @merge_app.command("fold")
 def merge_fold(adapter: Path, out: Path = typer.Option(..., help="output directory"),
                bundle: bool = typer.Option(False, help="keep what cannot be folded: a self-contained directory"),
-               backbone: Optional[str] = typer.Option(None, help="the backbone directory, if it moved")) -> None:
+               backbone: str | None = typer.Option(None, help="the backbone directory, if it moved")) -> None:
     """Fold linear modules (LoRA, trained biases) into the backbone weights; --bundle for everything else."""
     from vlpet_cli.merge import fold_adapter
 
@@ -302,8 +303,8 @@ def merge_fold(adapter: Path, out: Path = typer.Option(..., help="output directo
 
 @merge_app.command("export-peft")
 def merge_export_peft(adapter: Path, out: Path = typer.Option(..., help="output directory"),
-                      backbone: Optional[str] = typer.Option(None, help="the backbone directory, if it moved"),
-                      no_base: bool = typer.Option(False, "--no-base", help="do not save the base model beside")) -> None:
+                      backbone: str | None = typer.Option(None, help="the backbone directory, if it moved"),
+                      no_base: bool = typer.Option(False, "--no-base", help="no base model beside")) -> None:
     """Write LoRA modules as a PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
     from vlpet_cli.merge import export_peft
 
@@ -318,7 +319,7 @@ def merge_export_peft(adapter: Path, out: Path = typer.Option(..., help="output 
 def quickstart(runs_dir: Path = typer.Option(Path("runs"), help="where the run and the toy data go"),
                preset: str = typer.Option("vlpet-small", help="preset to demonstrate"),
                backbone: str = typer.Option("tiny-bart", help="tiny-bart | tiny-t5"),
-               overrides: Optional[list[str]] = OVERRIDES) -> None:
+               overrides: list[str] | None = OVERRIDES) -> None:
     """Offline demo: extract toy features, train on four toy tasks, and compare scores before and after."""
     from vlpet_cli.quickstart import quickstart as run
 
@@ -336,10 +337,11 @@ def quickstart(runs_dir: Path = typer.Option(Path("runs"), help="where the run a
 # ---- report -----------------------------------------------------------------------------------------------
 @app.command()
 def report(runs: list[Path] = typer.Argument(..., help="run directories to compare"),
-           out: Optional[Path] = typer.Option(None, help="scatter plot file (default: report.png)"),
+           out: Path | None = typer.Option(None, help="scatter plot file (default: report.png)"),
            split: str = typer.Option("test", help="which eval files to read: test | val")) -> None:
     """Compare runs: a table of trainable % and scores, and a trainable-% vs score scatter plot."""
-    from vlpet_cli.report import report as build_report, report_table
+    from vlpet_cli.report import report as build_report
+    from vlpet_cli.report import report_table
 
     result = build_report(runs, out, split)
     console.print(report_table(result["rows"]))

@@ -22,7 +22,7 @@ class ModuleSpec(Strict):
     r: int = Field(96, gt=0, description="bottleneck width")
     heads: int = Field(1, gt=0, description="down-projection heads (adapter); functionally one Linear(d, r)")
     phm_n: int = Field(2, gt=0, description="PHM division n (compacter)")
-    sites: list[str] | None = Field(None, description="sub-layers: encoder attn/ffn, decoder self/cross/ffn; None = all")
+    sites: list[str] | None = Field(None, description="encoder attn/ffn or decoder self/cross/ffn; None = all")
 
 
 class GateSpec(Strict):

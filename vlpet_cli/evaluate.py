@@ -172,7 +172,8 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
              out_dir: Path | None = None, overrides: list[str] | None = None, progress: bool = True,
              limit: int | None = None) -> dict:
     """Generate and score each task's split; writes eval/<task>-<split>.json, predictions and submissions."""
-    from vlpet_cli.presets import parse_overrides, set_dotted, validate as validate_preset
+    from vlpet_cli.presets import parse_overrides, set_dotted
+    from vlpet_cli.presets import validate as validate_preset
 
     model, tokenizer, preset, adapter_dir = load_for_eval(path, backbone)
     data = preset.model_dump(mode="json")
