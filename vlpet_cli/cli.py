@@ -155,14 +155,14 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
           stop_after: int | None = typer.Option(None, help="pause after N updates (continue with --resume)"),
           overrides: list[str] | None = OVERRIDES) -> None:
     """Train PET modules on a frozen backbone, on one task or several at once."""
-    from vlpet_cli.train import resolve_train_preset
+    from vlpet_cli.train import load_run_preset, resolve_train_preset
     from vlpet_cli.train import train as run_training
 
     if resume:
         if not name:
             raise VlpetError("--resume needs --name of the run to continue")
         run_dir = runs_dir / name
-        resolved = _run_preset(run_dir)
+        resolved = load_run_preset(run_dir)
     else:
         if not preset:
             raise VlpetError("--preset is required (see `vlpet presets ls`)")
@@ -173,17 +173,6 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
     if "adapter" in summary:
         console.print(f"done in {summary['seconds']:.0f} s, {summary['updates']} updates; adapter: "
                       f"{summary['adapter']} ({summary['adapter_bytes'] / 1e6:.2f} MB); run: {run_dir}")
-
-
-def _run_preset(run_dir: Path):
-    import yaml
-
-    from vlpet_cli.presets import validate
-
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        raise VlpetError(f"cannot resume: {run_dir} is not a run directory (no config.yaml)")
-    return validate(yaml.safe_load(path.read_text()), str(path))
 
 
 # ---- eval -------------------------------------------------------------------------------------------------

@@ -210,13 +210,16 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """A fresh (or, with overwrite, emptied) run directory; resuming keeps it as it is."""
-    if resume:
-        return
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def load_run_preset(run_dir: Path) -> Preset:
+    """The resolved preset a run was started with (its config.yaml), to resume it."""
+    import yaml
+
+    from vlpet_cli.presets import validate
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise VlpetError(f"cannot resume: {run_dir} is not a run directory (no config.yaml)")
+    return validate(yaml.safe_load(path.read_text()), str(path))
 
 
 @dataclass
@@ -244,8 +247,8 @@ def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
         mixed_precision="bf16" if preset.train.precision == "bf16" else "no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main = accelerator.is_main_process
-    if resume and not (run_dir / "config.yaml").exists():
-        raise VlpetError(f"cannot resume: {run_dir} is not a run directory (no config.yaml)")
+    if resume:
+        load_run_preset(run_dir)  # a clear error when it is not a run
     if not resume and run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
         raise VlpetError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                          f"--overwrite to replace it, or --name to start another")
@@ -260,8 +263,9 @@ def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     data = load_task_data(preset, root, tokenizer, splits=("train", "val") if preset.eval.every else ("train",))
     sizes = task_batch_sizes(preset.train.batch_size, list(data.train), preset.train.task_ratios)
     accelerator.wait_for_everyone()  # every process has checked the run directory before it is replaced
-    if main:
-        prepare_run_dir(run_dir, resume, overwrite)
+    if main and not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)  # empty, or --overwrite was given
+        run_dir.mkdir(parents=True)
     accelerator.wait_for_everyone()
     loader = MultitaskLoader(data.train, sizes, data_seed=preset.train.data_seed,
                              rank=accelerator.process_index, world_size=accelerator.num_processes,
