@@ -1,23 +1,126 @@
-"""Build the tiny CLIP vision model shipped in vlpet_cli/assets/tiny-clip (random weights, fixed seed).
+"""Build the tiny CLIP vision model shipped in vlpet_cli/assets/tiny-clip.
 
-112 px images, 16 px patches (7x7 = 49 patch tokens, the reference grid), hidden size 64, 2 layers, 2 heads.
-It exists so extraction runs offline in tests and demos; its features carry no meaning.
-Usage: python scripts/make_tiny_clip.py [OUT_DIR]
+112 px images, 16 px patches (7x7 = 49 patch tokens, the reference grid), hidden size 64, 2 layers, 2 heads,
+built from a config with a fixed seed. The shipped model is then trained for about a minute on CPU, on freshly
+drawn toy-world scenes (not the toy world's own images), to tag every patch token of its last layer with what
+lies under the patch (colour, shape and size of the shape covering it, or none) and with what the whole scene shows
+(background colour; colour, shape and size at the left, middle and right). Its grid features so carry the scene's
+content, as real CLIP features carry a photo's, and the quick start can learn the visual tasks from them. The
+linear tagging heads are thrown away.
+
+Usage: python scripts/make_tiny_clip.py [OUT_DIR] [--steps 1500] [--untrained]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import random
 import sys
+import time
 from pathlib import Path
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "vlpet_cli" / "assets" / "tiny-clip"
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEFAULT_OUT = REPO / "vlpet_cli" / "assets" / "tiny-clip"
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+PATCH = 16
+MIN_COVER = 48  # pixels of a 16x16 patch a shape must cover for the patch to be tagged with it
 
 
-def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
-    """Write config.json, model.safetensors and preprocessor_config.json of the tiny model to out_dir."""
+def patch_targets(scene) -> list[list[int]]:
+    """Targets of every patch (row-major 7x7). Local: the colour, shape and size of the shape covering the
+    patch (0 = none). Global, the same for every patch: background, per slot (left, middle, right) the colour,
+    shape and size there (0 = empty)."""
+    import numpy as np
+
+    from vlpet_cli.data import toy
+
+    mask = np.asarray(toy.render_scene(scene, mask=True))
+    grid = toy.IMAGE_SIZE // PATCH
+
+    def tag(s) -> list[int]:
+        if s is None:
+            return [0, 0, 0]
+        return [list(toy.COLORS).index(s.color) + 1, toy.SHAPES.index(s.kind) + 1, toy.SIZES.index(s.size) + 1]
+
+    by_slot = {s.pos: s for s in scene.shapes}
+    scene_tags = [list(toy.BACKGROUNDS).index(scene.background)]
+    for pos in toy.POSITIONS:
+        scene_tags += tag(by_slot.get(pos))
+    rows = []
+    for r in range(grid):
+        for c in range(grid):
+            block = mask[r * PATCH:(r + 1) * PATCH, c * PATCH:(c + 1) * PATCH]
+            counts = np.bincount(block.ravel(), minlength=len(scene.shapes) + 1)
+            top = int(counts[1:].argmax())
+            rows.append(tag(scene.shapes[top] if counts[top + 1] >= MIN_COVER else None) + scene_tags)
+    return rows
+
+
+def toy_batch(rng: random.Random, n: int):
+    """(pixel_values (n, 3, 112, 112), targets (n, 49, 13)) for n fresh random toy scenes."""
+    import numpy as np
+    import torch
+
+    from vlpet_cli.data import toy
+
+    mean, std = np.asarray(CLIP_MEAN, dtype=np.float32), np.asarray(CLIP_STD, dtype=np.float32)
+    pixels, targets = [], []
+    for _ in range(n):
+        scene = toy.random_scene(rng, "", "COCO")
+        img = np.asarray(toy.render_scene(scene), dtype=np.float32) / 255.0
+        pixels.append(((img - mean) / std).transpose(2, 0, 1))
+        targets.append(patch_targets(scene))
+    return torch.from_numpy(np.stack(pixels)), torch.tensor(targets)
+
+
+def train(model, steps: int, seed: int, batch: int = 48, lr: float = 2e-3, log=print) -> float:
+    """Train `model` to tag its patch tokens; returns the final tagging accuracy on 256 held-out scenes."""
+    import torch
+    from torch import nn
+
+    from vlpet_cli.data import toy
+
+    tag = [len(toy.COLORS) + 1, len(toy.SHAPES) + 1, len(toy.SIZES) + 1]
+    classes = tag + [len(toy.BACKGROUNDS)] + tag * len(toy.POSITIONS)
+    heads = nn.ModuleList(nn.Linear(model.config.hidden_size, k) for k in classes)
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    rng = random.Random(f"tiny-clip:{seed}")
+    held_out = toy_batch(random.Random(f"tiny-clip-eval:{seed}"), 256)
+
+    def logits(pixels):
+        tokens = model(pixel_values=pixels).last_hidden_state[:, 1:]
+        return [h(tokens) for h in heads]
+
+    start = time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        pixels, targets = toy_batch(rng, batch)
+        loss = sum(nn.functional.cross_entropy(out.flatten(0, 1), targets[..., k].flatten())
+                   for k, out in enumerate(logits(pixels)))
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps:
+            log(f"step {step}/{steps}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f} s")
+    model.eval()
+    with torch.no_grad():
+        pixels, targets = held_out
+        hits = [out.argmax(-1).eq(targets[..., k]).float().mean().item() for k, out in enumerate(logits(pixels))]
+    log(f"held-out tagging accuracy: under the patch {sum(hits[:3]) / 3:.3f}, whole scene {sum(hits[3:]) / 10:.3f}")
+    return sum(hits) / len(hits)
+
+
+def build_tiny_clip(out_dir: Path, seed: int = 0, steps: int = 0, log=print) -> Path:
+    """Write config.json, model.safetensors and preprocessor_config.json of the tiny model to out_dir,
+    trained for `steps` steps of patch tagging (0: random weights)."""
     import torch
     import transformers
     from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -25,11 +128,13 @@ def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
     transformers.utils.logging.disable_progress_bar()
 
     config = CLIPVisionConfig(
-        image_size=112, patch_size=16, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=112, patch_size=PATCH, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=128, projection_dim=64,
     )
     torch.manual_seed(seed)
     model = CLIPVisionModel(config).eval()
+    if steps:
+        train(model, steps, seed, log=log)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -53,6 +158,12 @@ def build_tiny_clip(out_dir: Path, seed: int = 0) -> Path:
 
 
 if __name__ == "__main__":
-    target = build_tiny_clip(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--steps", type=int, default=1500, help="patch-tagging training steps")
+    parser.add_argument("--untrained", action="store_true", help="keep the random weights")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    target = build_tiny_clip(args.out, args.seed, 0 if args.untrained else args.steps)
     size = sum(p.stat().st_size for p in target.iterdir())
     print(f"wrote {target} ({size / 1024:.0f} KiB)")

@@ -38,11 +38,9 @@ def test_quickstart_learns_every_task(tmp_path):
     assert rows["coco"]["after"] >= max(3 * rows["coco"]["before"], 30)
     data = tmp_path / "quickstart-data"
     for task in ("vqa", "gqa"):
-        assert rows[task]["after"] > rows[task]["before"] + 10, rows[task]
-        assert rows[task]["after"] > majority_rate(data, task) + 5, (task, rows[task])
-    # NLVR2 is not asserted: in this budget the tiny model stays at the majority rate (a known limitation of the
-    # toy world, see the README); the check is only that scoring it works.
-    assert rows["nlvr"]["after"] >= majority_rate(data, "nlvr") - 10
+        assert rows[task]["after"] > rows[task]["before"] + 20, rows[task]
+        assert rows[task]["after"] > majority_rate(data, task) + 20, (task, rows[task])
+    assert rows["nlvr"]["after"] > max(rows["nlvr"]["before"], majority_rate(data, "nlvr")) + 8, rows["nlvr"]
     run = Path(summary["run"])
     assert (run / "plots" / "loss.png").exists() and (run / "eval" / "coco-test.json").exists()
     # the frozen backbone is the shipped one, bit for bit

@@ -45,7 +45,7 @@ def quickstart(runs_dir: Path = Path("runs"), preset: str = "vlpet-small", backb
     data_dir = prepare_world(Path(runs_dir) / "quickstart-data", say)
     dim = open_features(locate_features(data_dir, "COCO")).dim
     resolved = resolve_train_preset(preset, TASKS, str(data_dir), backbone,
-                                    [*TOY_DEFAULTS, "train.epochs=10", "eval.every=0", f"model.feat_dim={dim}",
+                                    [*TOY_DEFAULTS, "train.epochs=6", "eval.every=0", f"model.feat_dim={dim}",
                                      *(overrides or [])])
     torch.manual_seed(resolved.train.seed)
     untrained, tokenizer = build_model(resolved)
