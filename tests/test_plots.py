@@ -178,6 +178,13 @@ def test_report_several_runs_table_and_scatter(tmp_path, monkeypatch):
     assert "* from the run's last validation event" in text
 
 
+def test_runs_of_the_same_name_are_told_apart(tmp_path):
+    a = make_run(tmp_path / "first", "quickstart")
+    b = make_run(tmp_path / "second", "quickstart")
+    result = report([a, b], out=tmp_path / "r.png")
+    assert [r["name"] for r in result["rows"]] == ["first/quickstart", "second/quickstart"]
+
+
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(VlpetError, match="does not exist"):
         report([tmp_path / "missing"])

@@ -8,6 +8,7 @@ The run's average is the mean over the tasks that have a score.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +115,10 @@ def report(runs: list[Path], out: Path | None = None, split: str = "test") -> di
     if not runs:
         raise VlpetError("name at least one run directory, e.g. `vlpet report runs/*`")
     rows = [run_row(Path(r), split) for r in runs]
+    names = Counter(r["name"] for r in rows)
+    for row, run in zip(rows, runs):
+        if names[row["name"]] > 1:  # e.g. two runs/quickstart folders: tell them apart by their parent
+            row["name"] = f"{Path(run).resolve().parent.name}/{row['name']}"
     out = Path(out) if out is not None else Path("report.png")
     plotted = [r for r in rows if r["percent"] is not None and r["percent"] > 0 and r["average"] is not None]
     left_out = [r["name"] for r in rows if r["percent"] is None or r["percent"] <= 0 or r["average"] is None]
