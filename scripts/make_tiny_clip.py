@@ -66,19 +66,18 @@ def toy_batch(rng: random.Random, n: int):
     import torch
 
     from vlpet_cli.data import toy
+    from vlpet_cli.extract import normalize
 
-    mean, std = np.asarray(CLIP_MEAN, dtype=np.float32), np.asarray(CLIP_STD, dtype=np.float32)
     pixels, targets = [], []
     for _ in range(n):
         scene = toy.random_scene(rng, "", "COCO")
-        img = np.asarray(toy.render_scene(scene), dtype=np.float32) / 255.0
-        pixels.append(((img - mean) / std).transpose(2, 0, 1))
+        pixels.append(normalize(np.asarray(toy.render_scene(scene)), CLIP_MEAN, CLIP_STD))
         targets.append(patch_targets(scene))
     return torch.from_numpy(np.stack(pixels)), torch.tensor(targets)
 
 
-def train(model, steps: int, seed: int, batch: int = 48, lr: float = 2e-3, log=print) -> float:
-    """Train `model` to tag its patch tokens; returns the final tagging accuracy on 256 held-out scenes."""
+def train(model, steps: int, seed: int, batch: int = 48, lr: float = 2e-3, log=print) -> None:
+    """Train `model` to tag its patch tokens; logs the tagging accuracy on 256 held-out scenes."""
     import torch
     from torch import nn
 
@@ -115,7 +114,6 @@ def train(model, steps: int, seed: int, batch: int = 48, lr: float = 2e-3, log=p
         pixels, targets = held_out
         hits = [out.argmax(-1).eq(targets[..., k]).float().mean().item() for k, out in enumerate(logits(pixels))]
     log(f"held-out tagging accuracy: under the patch {sum(hits[:3]) / 3:.3f}, whole scene {sum(hits[3:]) / 10:.3f}")
-    return sum(hits) / len(hits)
 
 
 def build_tiny_clip(out_dir: Path, seed: int = 0, steps: int = 0, log=print) -> Path:

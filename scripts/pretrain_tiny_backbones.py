@@ -1,7 +1,7 @@
 """Build and pretrain the shipped tiny backbones `tiny-bart` and `tiny-t5` on the toy world's text.
 
 Each gets a byte-level BPE tokenizer trained on the toy corpus (plus generated generic English), a tiny
-encoder-decoder built from a config, and about ten minutes of CPU pretraining: half denoising (BART: text
+encoder-decoder built from a config, and about 13 minutes of CPU pretraining: half denoising (BART: text
 infilling, T5: span corruption), so that it knows the toy vocabulary and grammar, and half reading tasks (the toy
 question templates answered from a written scene description), so that, frozen, it can already reason in language.
 

@@ -225,14 +225,18 @@ def load_image(path: Path, size: int) -> np.ndarray:
         return np.asarray(img, dtype=np.uint8)
 
 
-def preprocess(path: Path, size: int, mean: tuple, std: tuple) -> np.ndarray:
-    """Decode, resize and normalise one image (as ToTensor + Normalize would): float32 (3, size, size)."""
+def normalize(pixels: np.ndarray, mean: tuple, std: tuple) -> np.ndarray:
+    """uint8 RGB (S, S, 3) -> float32 (3, S, S), as ToTensor + Normalize would."""
     import numpy as np
 
     scale = 1.0 / (255.0 * np.asarray(std, dtype=np.float32))
     shift = np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)
-    pixels = load_image(path, size).astype(np.float32) * scale - shift
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+    return np.ascontiguousarray((pixels.astype(np.float32) * scale - shift).transpose(2, 0, 1))
+
+
+def preprocess(path: Path, size: int, mean: tuple, std: tuple) -> np.ndarray:
+    """Decode, resize and normalise one image: float32 (3, size, size)."""
+    return normalize(load_image(path, size), mean, std)
 
 
 def to_pixels(arrays: list[np.ndarray]) -> Any:
