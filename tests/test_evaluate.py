@@ -10,8 +10,10 @@ import pytest
 
 from vlpet_cli.config import GenerationSpec
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.evaluate import best_score, evaluate, generation_kwargs, score
+from vlpet_cli.evaluate import evaluate
+from vlpet_cli.inference import best_score, score
 from vlpet_cli.train import resolve_train_preset, train
+from vlpet_cli.vl.decoding import generation_kwargs
 
 
 class Tok:

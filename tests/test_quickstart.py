@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from vlpet_cli.evaluate import score
+from vlpet_cli.inference import score
 from vlpet_cli.quickstart import quickstart
 from vlpet_cli.vl.model import build_model
 from vlpet_cli.vl.state import load_adapter

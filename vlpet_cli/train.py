@@ -7,36 +7,15 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from vlpet_cli.config import Preset
+from vlpet_cli.data.loading import feature_dim, load_task_data, resolve_data_root, toy_feature_dim
 from vlpet_cli.errors import VlpetError
 
 # The toy world is small: smaller batches give the PET modules enough updates, and a higher rate suits them.
 TOY_DEFAULTS = ["train.batch_size=24", "train.lr=3e-3", "train.epochs=8", "eval.every=4", "eval.batch_size=64"]
-
-
-def resolve_data_root(data_root: str | None) -> Path:
-    """'toy' is the built-in toy world (built on first use); anything else must be an existing directory."""
-    if data_root is None:
-        raise VlpetError("no data root: pass --data-root DIR (the folder holding vqa/, GQA/, nlvr/, COCO/) "
-                         "or --data-root toy for the built-in toy world")
-    if data_root == "toy":
-        from vlpet_cli.data.toy import toy_root
-
-        return toy_root()
-    root = Path(data_root).expanduser()
-    if not root.is_dir():
-        raise VlpetError(f"--data-root {root} is not a directory")
-    return root
-
-
-def toy_feature_dim() -> int:
-    """Feature size of the built-in toy world (building it on first use)."""
-    from vlpet_cli.data.features import locate_features, open_features
-
-    return open_features(locate_features(resolve_data_root("toy"), "COCO")).dim
 
 
 def resolve_train_preset(name: str, tasks: list[str] | None = None, data_root: str | None = None,
@@ -53,43 +32,6 @@ def resolve_train_preset(name: str, tasks: list[str] | None = None, data_root: s
     for task in preset.data.tasks:
         get_task(task)
     return preset
-
-
-@dataclass
-class TaskData:
-    """The train and validation datasets of the chosen tasks."""
-
-    train: dict = field(default_factory=dict)
-    val: dict = field(default_factory=dict)
-
-
-def feature_dim(root: Path, preset: Preset) -> int:
-    """The feature size of the first task's training features (to check against model.feat_dim)."""
-    from vlpet_cli.data.features import locate_features, open_features
-    from vlpet_cli.data.tasks import get_task
-
-    task = get_task(preset.data.tasks[0])
-    source = task.feature_source(task.split_names("train")[0])
-    return open_features(locate_features(root, source, preset.data.feature_name)).dim
-
-
-def load_task_data(preset: Preset, root: Path, tokenizer, splits=("train", "val")) -> TaskData:
-    """Records, feature stores and datasets per task; stops early on missing features or bad files."""
-    from vlpet_cli.data.tasks import get_task
-    from vlpet_cli.data.tasks.base import TaskDataset, check_features, open_task_features
-
-    data = TaskData()
-    for name in preset.data.tasks:
-        task = get_task(name, preset.data.prompts, preset.data.use_prompts)
-        for split in splits:
-            limit = preset.data.limit if split == "train" else preset.eval.limit
-            records = task.load(root, split)[:limit] if limit else task.load(root, split)
-            stores = open_task_features(records, root, preset.data.feature_name)
-            check_features(task, records, stores)
-            kind = "train" if split == "train" else "eval"
-            ds = TaskDataset(task, records, stores, tokenizer, split_kind=kind, seed=preset.train.seed)
-            (data.train if split == "train" else data.val)[task.name] = ds
-    return data
 
 
 def param_groups(model, preset: Preset) -> list[dict]:
@@ -407,7 +349,7 @@ def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
 
 def validate_and_keep_best(accelerator, model, tokenizer, preset, val_data, run_dir, position, epoch, reporter):
     """Score every task's validation split (main process), log it, and keep the best adapter."""
-    from vlpet_cli.evaluate import best_score, validate
+    from vlpet_cli.inference import best_score, validate
     from vlpet_cli.vl.state import save_adapter
 
     result: dict = {}

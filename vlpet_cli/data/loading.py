@@ -1,0 +1,68 @@
+"""Records, feature stores and datasets for a preset's tasks under a data root."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlpet_cli.config import Preset
+from vlpet_cli.errors import VlpetError
+
+
+def resolve_data_root(data_root: str | None) -> Path:
+    """'toy' is the built-in toy world (built on first use); anything else must be an existing directory."""
+    if data_root is None:
+        raise VlpetError("no data root: pass --data-root DIR (the folder holding vqa/, GQA/, nlvr/, COCO/) "
+                         "or --data-root toy for the built-in toy world")
+    if data_root == "toy":
+        from vlpet_cli.data.toy import toy_root
+
+        return toy_root()
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise VlpetError(f"--data-root {root} is not a directory")
+    return root
+
+
+def toy_feature_dim() -> int:
+    """Feature size of the built-in toy world (building it on first use)."""
+    from vlpet_cli.data.features import locate_features, open_features
+
+    return open_features(locate_features(resolve_data_root("toy"), "COCO")).dim
+
+
+@dataclass
+class TaskData:
+    """The train and validation datasets of the chosen tasks."""
+
+    train: dict = field(default_factory=dict)
+    val: dict = field(default_factory=dict)
+
+
+def feature_dim(root: Path, preset: Preset) -> int:
+    """The feature size of the first task's training features (to check against model.feat_dim)."""
+    from vlpet_cli.data.features import locate_features, open_features
+    from vlpet_cli.data.tasks import get_task
+
+    task = get_task(preset.data.tasks[0])
+    source = task.feature_source(task.split_names("train")[0])
+    return open_features(locate_features(root, source, preset.data.feature_name)).dim
+
+
+def load_task_data(preset: Preset, root: Path, tokenizer, splits=("train", "val")) -> TaskData:
+    """Records, feature stores and datasets per task; stops early on missing features or bad files."""
+    from vlpet_cli.data.tasks import get_task
+    from vlpet_cli.data.tasks.base import TaskDataset, check_features, open_task_features
+
+    data = TaskData()
+    for name in preset.data.tasks:
+        task = get_task(name, preset.data.prompts, preset.data.use_prompts)
+        for split in splits:
+            limit = preset.data.limit if split == "train" else preset.eval.limit
+            records = task.load(root, split)[:limit] if limit else task.load(root, split)
+            stores = open_task_features(records, root, preset.data.feature_name)
+            check_features(task, records, stores)
+            kind = "train" if split == "train" else "eval"
+            ds = TaskDataset(task, records, stores, tokenizer, split_kind=kind, seed=preset.train.seed)
+            (data.train if split == "train" else data.val)[task.name] = ds
+    return data
