@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from vlpet_cli.atomic import atomic_dir, write_json
 from vlpet_cli.backbones import N_VIS
 from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError
@@ -57,31 +55,6 @@ def load_adapter_state(model, state: dict[str, torch.Tensor], source: str) -> No
             if target.shape != tensor.shape:
                 raise VlpetError(f"{source}: {name} has shape {tuple(tensor.shape)}, model has {tuple(target.shape)}")
             target.copy_(tensor.to(target.dtype))
-
-
-def atomic_dir(final: Path):
-    """A temp directory beside `final`; call commit() to move it into place (replacing any old one)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-    def commit() -> None:
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-
-    return tmp, commit
-
-
-def write_json(path: Path, data) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
-    os.replace(tmp, path)
 
 
 def save_adapter(directory: Path, model, preset: Preset, extra: dict | None = None) -> int:
