@@ -5,8 +5,12 @@ import math
 import pytest
 import torch
 
+from vlpet_cli.pet.activation import gelu_new
+from vlpet_cli.pet.adapter import Bottleneck
+from vlpet_cli.pet.compacter import PHMBottleneck, PHMLinear
 from vlpet_cli.pet.gates import Gate
-from vlpet_cli.pet.modules import Bottleneck, LoRA, PHMBottleneck, PHMLinear, PromptEncoder, gelu_new
+from vlpet_cli.pet.lora import LoRA
+from vlpet_cli.pet.prompt import PromptEncoder
 
 torch.manual_seed(0)
 B, L, D = 2, 5, 8

@@ -294,13 +294,13 @@ def merge_fold(adapter: Path, out: Path = typer.Option(..., help="output directo
 def merge_export_peft(adapter: Path, out: Path = typer.Option(..., help="output directory"),
                       backbone: str | None = typer.Option(None, help="the backbone directory, if it moved"),
                       no_base: bool = typer.Option(False, "--no-base", help="no base model beside")) -> None:
-    """Write LoRA modules as a PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
+    """Write LoRA modules or IA3 vectors as a PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
     from vlpet_cli.merge import export_peft
 
     result = export_peft(adapter, out, backbone, with_base=not no_base)
     for note in result["notes"]:
         err_console.print(f"[yellow]note:[/yellow] {note}")
-    console.print(f"{result['lora_modules']} LoRA modules exported to {out}")
+    console.print(f"{result['exported']} exported to {out}")
 
 
 # ---- quickstart -------------------------------------------------------------------------------------------

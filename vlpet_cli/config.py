@@ -41,6 +41,13 @@ class LoraSpec(Strict):
     targets: list[Literal["q", "k", "v", "o"]] = ["q", "v"]
 
 
+class IA3Spec(Strict):
+    """IA3: learned vectors rescaling the outputs of k and v and the FFN's inner activation, initialised to ones."""
+
+    targets: list[Literal["k", "v", "ffn"]] = Field(
+        ["k", "v", "ffn"], description="k, v: every attention's projection outputs; ffn: the input of fc2 / wo")
+
+
 class PromptSpec(Strict):
     length: int = Field(40, gt=0)
     mid_dim: int = Field(800, gt=0)
@@ -74,6 +81,7 @@ class PetConfig(Strict):
     lora: LoraSpec | None = None
     prompt: PromptSpec | None = None
     hyperformer: HyperSpec | None = None
+    ia3: IA3Spec | None = Field(None, description="IA3 rescaling vectors on k, v and the FFN activation")
     add_biases: bool = Field(False, description="create the biases a bias-free backbone (T5) lacks (LST BitFit)")
     trainable: TrainablePolicy = TrainablePolicy()
     init: Literal["normal", "default"] = Field(

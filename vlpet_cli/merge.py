@@ -1,14 +1,16 @@
-"""`vlpet merge`: average adapters, fold what is linear into the backbone, export LoRA as a PEFT adapter.
+"""`vlpet merge`: average adapters, fold what is linear into the backbone, export LoRA or IA3 as a PEFT adapter.
 
 Directory formats written here (all written atomically, all self-describing):
 
 - folded model: a plain Hugging Face model directory (config, weights, tokenizer with vlpet's tokens) whose weights
-  already contain the LoRA deltas and every trained backbone tensor, plus `projector.safetensors`,
-  `projector.json` and `vlpet_folded.json` (the preset with its PET modules removed, the source adapter).
+  already contain the folded methods (LoRA deltas, IA3 scales) and every trained backbone tensor, plus
+  `projector.safetensors`, `projector.json` and `vlpet_folded.json`
+  (the preset with its PET modules removed, the source adapter).
 - bundle: `vlpet_config.json` (format vlpet-bundle/1) + `adapter.safetensors` holding what cannot be folded, and
   `backbone/`, the folded backbone; it loads like an adapter whose backbone is its own `backbone/` folder.
-- PEFT export: `adapter_config.json` + `adapter_model.safetensors` in peft's LoRA format, the projector beside it,
-  and `base/`, the backbone the LoRA applies to (resized vocabulary, trained biases, no LoRA).
+- PEFT export: `adapter_config.json` + `adapter_model.safetensors` in peft's LoRA or IA3 format, the projector
+  beside it, and `base/`, the backbone the adapter applies to (resized vocabulary, trained biases, no LoRA/IA3).
+  What folds, what cannot and what exports is each PET method's own declaration (`vlpet_cli/pet/<method>.py`).
 """
 
 from __future__ import annotations
@@ -41,19 +43,6 @@ PROJECTOR_WEIGHTS = "projector.safetensors"
 PROJECTOR_CONFIG = "projector.json"
 BUNDLE_BACKBONE = "backbone"
 PEFT_BASE = "base"
-
-# PET module groups that are not linear maps of a Linear layer's input, so no weight edit reproduces them.
-UNFOLDABLE = {
-    "encoder_modules": ("encoder adapters", "ΔH = up(gelu_new(down(H))) is non-linear"),
-    "gates": ("VL-PET gates", ("G ⊙ (H + ΔH(H)) multiplies a non-linear adapter's output (and, except "
-                               "middleY, G reads the input through a sigmoid)")),
-    "decoder_modules": ("decoder adapters", "ΔH = up(gelu_new(down(H))) is non-linear"),
-    "value": ("cross-attention value adapters", "a gelu_new bottleneck parallel to v is non-linear"),
-    "prompt": ("prompts", "extra encoder tokens, not weights of any layer"),
-    "hyper": ("HyperFormer hyper-networks", "they generate the adapters per task at run time"),
-    "added_biases": ("added biases", "the backbone's Linear and LayerNorm layers have no bias to hold them (T5)"),
-}
-
 
 # ---- small helpers --------------------------------------------------------------------------------------
 @contextmanager
@@ -208,37 +197,29 @@ def average_adapters(adapters: list[Path], out: Path, weights: list[float] | Non
 
 # ---- folding --------------------------------------------------------------------------------------------
 def unfoldable_groups(pet) -> list[str]:
-    """Why each non-empty module group of a PetModules cannot be folded into plain backbone weights."""
-    found = []
-    for group, (label, why) in UNFOLDABLE.items():
-        value = getattr(pet, group, None)
-        if value is None or (hasattr(value, "__len__") and len(value) == 0):
-            continue
-        count = f" ({len(value)})" if hasattr(value, "__len__") else ""
-        found.append(f"{label}{count}: {why}")
-    return found
+    """Why each PET method present cannot be folded into plain backbone weights (each method's declaration)."""
+    from vlpet_cli.pet.inject import unfoldable
+
+    return unfoldable(pet)
 
 
-def fold_lora(model) -> int:
-    """Detach the PET hooks and add each LoRA's scale·B·A to its Linear's weight; returns how many were folded."""
-    import torch
+def fold_modules(model) -> list[str]:
+    """Detach the PET hooks and fold every foldable method (LoRA, IA3) into its Linears; returns what was folded."""
+    from vlpet_cli.pet.inject import fold
 
-    model.pet.remove_hooks()
-    with torch.no_grad():
-        for proj in model.pet._lora_targets:
-            weight = proj.linear.weight
-            weight.add_(model.pet.lora[proj.key].delta_weight().to(weight.dtype))
-    return len(model.pet._lora_targets)
+    return fold(model.pet)
 
 
-def _pet_without(preset, keep_unfoldable: bool):
-    """The preset with LoRA removed (bundle) or with every PET module removed (folded model)."""
+def _pet_without(preset, pet, keep_unfoldable: bool):
+    """The preset with the folded methods removed (bundle) or with every PET module removed (folded model)."""
     from vlpet_cli.config import PetConfig
+    from vlpet_cli.pet.inject import foldable
     from vlpet_cli.presets import validate
 
     data = preset.model_dump(mode="json")
     if keep_unfoldable:
-        data["pet"]["lora"] = None
+        for method in foldable(pet):
+            data["pet"][method.field] = None
     else:
         pet = preset.pet
         data["pet"] = PetConfig(trainable=pet.trainable, init=pet.init).model_dump(mode="json")
@@ -292,8 +273,10 @@ def fold_adapter(adapter: Path, out: Path, bundle: bool = False, backbone: str |
         raise VlpetError(f"{adapter} ({preset.name}) cannot be folded into plain {model.family} weights: "
                          f"{'; '.join(kept)}. Use --bundle to write a self-contained directory that keeps them "
                          f"as modules")
-    n_lora = fold_lora(model)
-    folded = [f"LoRA ({n_lora} matrices)"] if n_lora else []
+    from vlpet_cli.pet.inject import foldable
+
+    folded_methods = foldable(model.pet)
+    folded = fold_modules(model)
     trained = [n for n in adapter_state(model) if n.startswith("backbone.")]
     if trained:
         folded.append(f"trained backbone tensors ({len(trained)}, already in the weights)")
@@ -302,9 +285,10 @@ def fold_adapter(adapter: Path, out: Path, bundle: bool = False, backbone: str |
         if bundle:
             _save_backbone(model, tokenizer, tmp / BUNDLE_BACKBONE)
             _save_projector(model, preset, tmp)
-            state = {k: v for k, v in adapter_state(model).items() if not k.startswith("pet.lora.")}
+            state = {k: v for k, v in adapter_state(model).items()
+                     if not any(m.owns(k) for m in folded_methods)}
             save_file(state, str(tmp / ADAPTER_WEIGHTS))
-            rest = _pet_without(preset, keep_unfoldable=True).model_dump(mode="json")
+            rest = _pet_without(preset, model.pet, keep_unfoldable=True).model_dump(mode="json")
             rest["model"]["backbone"] = BUNDLE_BACKBONE
             write_json(tmp / ADAPTER_CONFIG, {"format": BUNDLE_FORMAT, "vlpet_version": __version__, "preset": rest,
                                               "backbone": backbone_identity(model), "source": source,
@@ -312,7 +296,7 @@ def fold_adapter(adapter: Path, out: Path, bundle: bool = False, backbone: str |
         else:
             _save_backbone(model, tokenizer, tmp)
             _save_projector(model, preset, tmp)
-            plain = _pet_without(preset, keep_unfoldable=False).model_dump(mode="json")
+            plain = _pet_without(preset, model.pet, keep_unfoldable=False).model_dump(mode="json")
             write_json(tmp / FOLDED_CONFIG, {"format": FOLDED_FORMAT, "vlpet_version": __version__, "preset": plain,
                                              "source": source, "folded": folded})
     return {"out": str(out), "bundle": bundle, "folded": folded, "kept": kept, "size_bytes": _dir_size(out)}
@@ -381,48 +365,32 @@ def _peft():
     return peft
 
 
-def _target_modules(model) -> list[str]:
-    """Leaf names (e.g. q_proj, v_proj) when they select exactly the LoRA'd Linears, else the full module names."""
-    from torch import nn
-
-    names = [p.name for p in model.pet._lora_targets]
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    matched = {n for n, m in model.backbone.named_modules()
-               if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in leaves}
-    return leaves if matched == set(names) else names
-
-
-def peft_state(model) -> dict:
-    """LoRA weights under peft's names: base_model.model.<module>.lora_A.weight (r, in), lora_B.weight (out, r)."""
-    state = {}
-    for proj in model.pet._lora_targets:
-        lora = model.pet.lora[proj.key]
-        state[f"base_model.model.{proj.name}.lora_A.weight"] = lora.A.detach().cpu().contiguous()
-        state[f"base_model.model.{proj.name}.lora_B.weight"] = lora.B.detach().cpu().contiguous()
-    return state
-
-
 def export_peft(adapter: Path, out: Path, backbone: str | None = None, with_base: bool = True) -> dict:
-    """Write the adapter's LoRA as a PEFT LoRA adapter (+ projector beside it; + `base/`, the exact backbone it
-    applies to, unless with_base=False). Returns the notes the user should read (what a LoRA adapter cannot hold)."""
+    """Write the adapter's LoRA or IA3 as a PEFT adapter (+ projector beside it; + `base/`, the exact backbone it
+    applies to, unless with_base=False). Returns the notes the user should read (what the adapter cannot hold)."""
     from safetensors.torch import save_file
 
-    peft = _peft()
+    _peft()
     adapter, out = Path(adapter), Path(out)
     _refuse_overwrite(out, [adapter])
     model, tokenizer, preset = load_adapter(adapter, backbone=backbone)
-    spec = preset.pet.lora
-    if spec is None or not model.pet._lora_targets:
-        raise VlpetError(f"{adapter} ({preset.name}) has no LoRA modules, so there is nothing to export to PEFT; "
-                         f"use `vlpet merge fold` for a standalone model")
-    others = unfoldable_groups(model.pet)
+    methods = model.pet.methods()
+    exportable = [m for m in methods if m.peft_type]
+    if not exportable:
+        raise VlpetError(f"{adapter} ({preset.name}) has no LoRA modules and no IA3 vectors, so there is nothing to "
+                         f"export to PEFT; use `vlpet merge fold` for a standalone model")
+    method = exportable[0]
+    others = [m.why_unfoldable(model.pet) if m.unfoldable else f"{m.label}: a second PEFT adapter type"
+              for m in methods if m is not method]
     if others:
-        raise VlpetError(f"{adapter} ({preset.name}) is more than LoRA: {'; '.join(others)}. A PEFT LoRA adapter "
-                         f"would silently drop them; use `vlpet merge fold --bundle` instead")
-    model.pet.remove_hooks()  # the base written below must be the backbone without LoRA
+        raise VlpetError(f"{adapter} ({preset.name}) is more than {method.label}: {'; '.join(others)}. A PEFT "
+                         f"{method.peft_type} adapter would silently drop them; use `vlpet merge fold --bundle` "
+                         f"instead")
+    model.pet.remove_hooks()  # the base written below must be the backbone without the method
     trained = [n for n in adapter_state(model) if n.startswith("backbone.")]
     base_path = (out.resolve() / PEFT_BASE) if with_base else None
-    notes = [f"the visual projector is not part of a PEFT LoRA adapter; it is saved beside it as {PROJECTOR_WEIGHTS}"]
+    kind = f"PEFT {method.peft_type} adapter"
+    notes = [f"the visual projector is not part of a {kind}; it is saved beside it as {PROJECTOR_WEIGHTS}"]
     if with_base:
         notes.append(f"load with PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained('{base_path}'), "
                      f"'{out}'): {PEFT_BASE}/ is the backbone with the resized vocabulary ({len(tokenizer)} tokens)"
@@ -430,16 +398,17 @@ def export_peft(adapter: Path, out: Path, backbone: str | None = None, with_base
     else:
         notes.append(f"load it on {preset.model.backbone} with the vocabulary resized to {len(tokenizer)} tokens")
         if trained:
-            notes.append(f"{len(trained)} trained backbone tensors (biases/LayerNorms) cannot go into a PEFT LoRA "
-                         f"adapter and are NOT in this export; export with the base (default) to keep them")
-    config = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                             target_modules=_target_modules(model), bias="none", task_type="SEQ_2_SEQ_LM",
-                             base_model_name_or_path=str(base_path or preset.model.backbone), inference_mode=True)
+            notes.append(f"{len(trained)} trained backbone tensors (biases/LayerNorms) cannot go into a {kind} "
+                         f"and are NOT in this export; export with the base (default) to keep them")
+    export = method.peft(model.pet, method.spec(preset.pet), model.backbone, str(base_path or preset.model.backbone))
     with _staged(out) as tmp:
-        config.save_pretrained(str(tmp))
-        save_file(peft_state(model), str(tmp / "adapter_model.safetensors"))
+        export.config.save_pretrained(str(tmp))
+        save_file(export.state, str(tmp / "adapter_model.safetensors"))
         _save_projector(model, preset, tmp)
         if with_base:
             _save_backbone(model, tokenizer, tmp / PEFT_BASE)
-    return {"out": str(out), "lora_modules": len(model.pet._lora_targets), "notes": notes,
-            "size_bytes": _dir_size(out)}
+    summary = {"out": str(out), "peft_type": method.peft_type, "modules": export.modules,
+               "exported": f"{export.modules} {method.peft_unit}", "notes": notes, "size_bytes": _dir_size(out)}
+    if method.peft_type == "LORA":
+        summary["lora_modules"] = export.modules
+    return summary

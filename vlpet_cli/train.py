@@ -35,23 +35,15 @@ def resolve_train_preset(name: str, tasks: list[str] | None = None, data_root: s
 
 
 def param_groups(model, preset: Preset) -> list[dict]:
-    """AdamW groups. Reference rule: names containing 'bias' or 'LayerNorm.weight' skip decay (the latter never
-    matches BART/T5 names, so LN weights and gates decay); 'corrected' also exempts norms and gate vectors."""
-    from vlpet_cli.pet import anatomy
+    """AdamW groups: what skips decay is `pet.inject.no_decay_names` under the preset's decay rule (reference:
+    names containing 'bias' or 'LayerNorm.weight'; corrected: also norms and the tensors each method declares)."""
+    from vlpet_cli.pet.inject import no_decay_names
 
-    no_decay_names: set[str] = set()
-    if preset.train.decay_rule == "corrected":
-        norms = anatomy.layer_norm_names(model.backbone)
-        no_decay_names = {f"backbone.{n}" for n in norms["encoder"] + norms["decoder"]}
+    exempt = no_decay_names(model, preset.train.decay_rule)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        exempt = "bias" in name or "LayerNorm.weight" in name
-        if preset.train.decay_rule == "corrected":
-            exempt = exempt or name in no_decay_names or name.endswith(".z") or (
-                name.startswith("projector.") and ".1." in name)
-        (no_decay if exempt else decay).append(p)
+        if p.requires_grad:
+            (no_decay if name in exempt else decay).append(p)
     return [{"params": decay, "weight_decay": preset.train.weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

@@ -109,6 +109,18 @@ def projections(model: nn.Module) -> list[Projection]:
     return out
 
 
+def ffn_outputs(model: nn.Module) -> list[tuple[SubLayer, str, nn.Linear]]:
+    """(sub-layer, dotted name, Linear) of the second FFN Linear of every layer (BART fc2, T5 DenseReluDense.wo),
+    whose input is the FFN's inner activation."""
+    module_names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for sub in sublayers(model):
+        if sub.kind == "ffn":
+            linear = sub.h_module if family(model) == "bart" else sub.h_module.wo
+            out.append((sub, module_names[id(linear)], linear))
+    return out
+
+
 def layer_norm_names(model: nn.Module) -> dict[str, list[str]]:
     """Parameter names of the backbone's LayerNorms, split into encoder and decoder."""
     enc, dec = stacks(model)

@@ -5,21 +5,17 @@ from __future__ import annotations
 from torch import nn
 
 from vlpet_cli.pet import anatomy
+from vlpet_cli.pet.inject import METHODS
 
-PET_GROUPS = {
-    "pet.encoder_modules.": "encoder modules",
-    "pet.gates.": "gates",
-    "pet.decoder_modules.": "decoder modules",
-    "pet.value.": "decoder value modules",
-    "pet.lora.": "LoRA",
-    "pet.prompt.": "prompts",
-    "pet.hyper.": "hyper-networks",
-    "pet.task_embeddings": "hyper-networks",
-    "pet.added_biases.": "added biases",
-    "projector.": "visual projector",
-}
-ORDER = [*dict.fromkeys(PET_GROUPS.values()), "encoder LayerNorms", "decoder LayerNorms", "biases",
-         "word embeddings", "backbone (other)"]
+ORDER = [*dict.fromkeys(m.group for m in METHODS), "visual projector", "encoder LayerNorms", "decoder LayerNorms",
+         "biases", "word embeddings", "backbone (other)"]
+
+
+def _added_group(name: str) -> str | None:
+    """The group of a PET method's tensor (as the method declares it) or of the visual projector."""
+    if name.startswith("projector."):
+        return "visual projector"
+    return next((m.group for m in METHODS if m.owns(name)), None)
 
 
 def classify(model: nn.Module) -> dict[str, str]:
@@ -31,7 +27,7 @@ def classify(model: nn.Module) -> dict[str, str]:
     words = anatomy.word_embedding(backbone).weight
     groups = {}
     for name, p in model.named_parameters():
-        group = next((g for prefix, g in PET_GROUPS.items() if name.startswith(prefix)), None)
+        group = _added_group(name)
         if group is None:
             if name in enc_norms:
                 group = "encoder LayerNorms"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlpet_cli.pet.modules import gelu_new
+from vlpet_cli.pet.activation import gelu_new
+from vlpet_cli.pet.method import Method, zero_layer_params
 
 
 class Gate(nn.Module):
@@ -55,3 +56,36 @@ class Gate(nn.Module):
         """Layers zeroed by `zero_init_up` (so that G = σ(0) = 0.5, or 1 for middleY)."""
         return {"large": [getattr(self, "up", None)], "middlex": [getattr(self, "proj", None)],
                 "small": [getattr(self, "proj", None)]}.get(self.granularity, [])
+
+
+class Gates(Method):
+    """The gate axis: one Gate per encoder sub-layer, applied after the modification (spec modules §1.1)."""
+
+    field = "gate"
+    slots = ("gates",)
+    group = "gates"
+    label = "VL-PET gates"
+    unfoldable = ("G ⊙ (H + ΔH(H)) multiplies a non-linear adapter's output (and, except "
+                  "middleY, G reads the input through a sigmoid)")
+
+    def build_site(self, pet, spec, sub, d: int) -> None:
+        if sub.stack == "encoder":
+            pet.gates[sub.key] = Gate(spec.granularity, d, spec.r, spec.scale, spec.masked_mean)
+
+    def zero_init(self, pet) -> list[torch.Tensor]:
+        gates = list(pet.gates.values())
+        layers = [layer for g in gates for layer in g.output_layers() if layer is not None]
+        return zero_layer_params(layers) + [g.z for g in gates if g.granularity == "middley"]
+
+    def on_sublayer(self, pet, sub) -> bool:
+        return sub.key in pet.gates
+
+    def transform(self, pet, sub, h: torch.Tensor) -> torch.Tensor:
+        """s · G(X, H1) ⊙ H1, X being the sub-layer input the composer captured."""
+        return pet.gates[sub.key](pet.take_input(sub.key), h, pet.encoder_mask)
+
+    def no_decay(self, pet) -> list[str]:
+        return [f"gates.{key}.z" for key, g in pet.gates.items() if g.granularity == "middley"]
+
+
+GATES = Gates()

@@ -1,34 +1,73 @@
-"""Apply a PetConfig to a stock BART/T5 instance with hooks, and choose which parameters train."""
+"""Apply a PetConfig to a stock BART/T5 instance from the methods' declarations, and choose what trains.
+
+The backbone's own parameter names and state dict stay untouched; the added weights live in PetModules under the
+slots each method declares. Methods enter the backbone in two ways (`method.Attachment`): a forward hook, or a
+wrapped Linear (the instance's forward replaced, the class untouched) for methods that are not additive.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from vlpet_cli.config import DECODER_SITES, ENCODER_SITES, PetConfig, TrainablePolicy
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.config import PetConfig, TrainablePolicy
 from vlpet_cli.pet import anatomy
-from vlpet_cli.pet.gates import Gate
-from vlpet_cli.pet.modules import HyperNetwork, LoRA, PromptEncoder, build_module, up_layers
+from vlpet_cli.pet.adapter import DECODER, ENCODER, VALUE
+from vlpet_cli.pet.biases import BIASES
+from vlpet_cli.pet.gates import GATES
+from vlpet_cli.pet.hyperformer import HYPER
+from vlpet_cli.pet.ia3 import IA3
+from vlpet_cli.pet.lora import LORA
+from vlpet_cli.pet.method import Attachment, Method
+from vlpet_cli.pet.prompt import PROMPT
+
+# Every method, in the order they are built, registered and listed by `vlpet params`. A sub-layer's output goes
+# through the modifications in this order and then through the gate, its own axis.
+METHODS: tuple[Method, ...] = (ENCODER, GATES, DECODER, VALUE, LORA, PROMPT, HYPER, BIASES, IA3)
+SUBLAYER_STEPS: tuple[Method, ...] = (*(m for m in METHODS if m is not GATES), GATES)
 
 
-def _sites(spec, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
-    sites = tuple(spec.sites) if spec.sites is not None else allowed
-    bad = [s for s in sites if s not in allowed]
-    if bad:
-        raise VlpetError(f"pet.{what}.sites: unknown site(s) {bad}; choose from {list(allowed)}")
-    return sites
+class _Unwrap:
+    """Handle of a wrapped module: `remove()` gives the instance back the forward it had."""
+
+    def __init__(self, module: nn.Module, wrapper: Callable, previous: Callable | None):
+        self.module, self.wrapper, self.previous = module, wrapper, previous
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is not self.wrapper:
+            return
+        if self.previous is None:
+            del self.module.__dict__["forward"]
+        else:
+            self.module.__dict__["forward"] = self.previous
 
 
-def _pkey(name: str) -> str:
-    return name.replace(".", "_")
+def wrap(module: nn.Module, fn: Callable) -> _Unwrap:
+    """Replace this instance's forward by `fn(forward, *args, **kwargs)`; hooks on the module still run."""
+    previous = module.__dict__.get("forward")
+    inner = module.forward
+
+    def forward(*args, **kwargs):
+        return fn(inner, *args, **kwargs)
+
+    module.__dict__["forward"] = forward
+    return _Unwrap(module, forward, previous)
+
+
+def attach(attachment: Attachment):
+    """Perform one declared attachment; returns a handle with `remove()`."""
+    if attachment.how == "hook":
+        return attachment.module.register_forward_hook(attachment.fn)
+    return wrap(attachment.module, attachment.fn)
 
 
 class PetModules(nn.Module):
-    """Every module a PET method adds to one backbone, plus the forward hooks that run them.
+    """Every module a PET method adds to one backbone, plus the hooks and wraps that run them.
 
-    The backbone's own parameter names and state dict stay untouched; the added weights live here.
-    `task` (HyperFormer) and `encoder_mask` (masked small gate) are set by the caller before a forward pass.
+    `task` (HyperFormer) and `encoder_mask` (masked small gate) are set by the caller before a forward pass;
+    `prompt` is read by the caller (the prompts are encoder inputs).
     """
 
     def __init__(self, cfg: PetConfig, backbone: nn.Module, extra_norms: list[tuple[str, nn.Module]] = ()):
@@ -36,60 +75,28 @@ class PetModules(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.family = anatomy.family(backbone)
-        d = backbone.config.d_model
-        self.encoder_modules = nn.ModuleDict()
-        self.gates = nn.ModuleDict()
-        self.decoder_modules = nn.ModuleDict()
-        self.value = nn.ModuleDict()
-        self.lora = nn.ModuleDict()
-        self.added_biases = nn.ParameterDict()
-        self.prompt = PromptEncoder(d, cfg.prompt.length, cfg.prompt.mid_dim) if cfg.prompt else None
-        self.hyper = None
         self.task: str | None = None
         self.encoder_mask: torch.Tensor | None = None
+        self.targets: dict[str, list] = {}  # backbone modules a method acts on, by slot
         self._x: dict[str, torch.Tensor] = {}
         self._handles: list = []
-
+        for method in METHODS:
+            for slot, value in method.containers().items():
+                setattr(self, slot, value)
+        self.specs = [(m, m.spec(cfg)) for m in METHODS if m.spec(cfg)]
         subs = anatomy.sublayers(backbone)
-        enc_sites = _sites(cfg.encoder, ENCODER_SITES, "encoder") if cfg.encoder else ()
-        dec_sites = _sites(cfg.decoder, DECODER_SITES, "decoder") if cfg.decoder else ()
+        d = backbone.config.d_model
         for sub in subs:
-            if sub.stack == "encoder" and sub.kind in enc_sites:
-                self.encoder_modules[sub.key] = build_module(cfg.encoder, d)
-            if sub.stack == "encoder" and cfg.gate:
-                g = cfg.gate
-                self.gates[sub.key] = Gate(g.granularity, d, g.r, g.scale, g.masked_mean)
-            if sub.stack == "decoder" and sub.kind in dec_sites:
-                self.decoder_modules[sub.key] = build_module(cfg.decoder, d)
-            if sub.stack == "decoder" and sub.kind == "cross" and cfg.value:
-                self.value[sub.key] = build_module(cfg.value, d)
-        if cfg.hyperformer:
-            n_enc, n_dec = anatomy.num_layers(backbone)
-            self.task_embeddings = nn.Parameter(torch.randn(len(cfg.hyperformer.tasks), cfg.hyperformer.task_dim))
-            self.hyper = nn.ModuleDict({
-                "encoder": HyperNetwork(cfg.hyperformer, d, n_enc, ENCODER_SITES),
-                "decoder": HyperNetwork(cfg.hyperformer, d, n_dec, DECODER_SITES),
-            })
-        self._lora_targets = []
-        if cfg.lora:
-            for proj in anatomy.projections(backbone):
-                if proj.which in cfg.lora.targets:
-                    lin = proj.linear
-                    self.lora[proj.key] = LoRA(lin.in_features, lin.out_features, cfg.lora.r, cfg.lora.alpha,
-                                               cfg.lora.dropout)
-                    self._lora_targets.append(proj)
-        self._bias_targets: list[tuple[str, nn.Module]] = []
-        if cfg.add_biases:
-            for name, lin in anatomy.bias_free_linears(backbone):
-                self._bias_targets.append((name, lin))
-            for name, norm in [*anatomy.norm_modules(backbone), *extra_norms]:
-                if getattr(norm, "bias", None) is None:
-                    self._bias_targets.append((name, norm))
-            for name, module in self._bias_targets:
-                width = module.out_features if isinstance(module, nn.Linear) else module.weight.shape[0]
-                self.added_biases[_pkey(name)] = nn.Parameter(torch.zeros(width))
+            for method, spec in self.specs:
+                method.build_site(self, spec, sub, d)
+        for method, spec in self.specs:
+            method.build(self, spec, backbone, list(extra_norms))
         self._init_weights()
         self._attach(backbone, subs)
+
+    def methods(self) -> list[Method]:
+        """The methods that placed tensors in this PetModules, in METHODS order."""
+        return [m for m in METHODS if m.present(self)]
 
     # ---- initialisation -------------------------------------------------------------------------------
     def _init_weights(self) -> None:
@@ -101,77 +108,47 @@ class PetModules(nn.Module):
                     if getattr(module, "bias", None) is not None:
                         nn.init.zeros_(module.bias)
         if self.cfg.zero_init_up:
-            layers = [layer for d in (self.encoder_modules, self.decoder_modules, self.value) for m in d.values()
-                      for layer in up_layers(m)]
-            layers += [layer for g in self.gates.values() for layer in g.output_layers() if layer is not None]
-            for layer in layers:
-                for p in layer.parameters(recurse=False):
-                    nn.init.zeros_(p)
-            for g in self.gates.values():
-                if g.granularity == "middley":
-                    nn.init.zeros_(g.z)
+            for method, _ in self.specs:
+                for tensor in method.zero_init(self):
+                    nn.init.zeros_(tensor)
 
     # ---- hooks ------------------------------------------------------------------------------------------
     def _attach(self, backbone: nn.Module, subs: list[anatomy.SubLayer]) -> None:
         for sub in subs:
-            touched = (sub.key in self.encoder_modules or sub.key in self.gates or sub.key in self.decoder_modules
-                       or self.hyper is not None)
-            if not touched:
+            steps = [m for m in SUBLAYER_STEPS if m.on_sublayer(self, sub)]
+            if not steps:
                 continue
-            if sub.key in self.gates:
+            if GATES in steps:
                 self._handles.append(sub.x_module.register_forward_pre_hook(self._capture(sub.key), with_kwargs=True))
-            self._handles.append(sub.h_module.register_forward_hook(self._sublayer_hook(sub)))
-        for sub in subs:
-            if sub.key in self.value:
-                v = anatomy.projections_of(sub.h_module, self.family)["v"]
-                self._handles.append(v.register_forward_hook(self._add_hook(self.value[sub.key])))
-        for proj in self._lora_targets:
-            self._handles.append(proj.linear.register_forward_hook(self._add_hook(self.lora[proj.key])))
-        for name, module in self._bias_targets:
-            self._handles.append(module.register_forward_hook(self._bias_hook(_pkey(name))))
+            self._handles.append(sub.h_module.register_forward_hook(self._sublayer_hook(sub, steps)))
+        for method, _ in self.specs:
+            self._handles.extend(attach(a) for a in method.attachments(self, backbone))
 
     def _capture(self, key: str):
         def hook(module, args, kwargs):
             self._x[key] = args[0] if args else kwargs["hidden_states"]
         return hook
 
-    def _sublayer_hook(self, sub: anatomy.SubLayer):
+    def take_input(self, key: str) -> torch.Tensor:
+        """The sub-layer input X captured for this forward pass (the gate reads it once)."""
+        return self._x.pop(key)
+
+    def _sublayer_hook(self, sub: anatomy.SubLayer, steps: list[Method]):
         def hook(module, args, output):
             h = output if sub.h_index is None else output[sub.h_index]
-            h = self.transform(sub, h)
+            h = self.transform(sub, h, steps)
             if sub.h_index is None:
                 return h
             return tuple(output[:sub.h_index]) + (h,) + tuple(output[sub.h_index + 1:])
         return hook
 
-    @staticmethod
-    def _add_hook(module: nn.Module):
-        def hook(linear, args, output):
-            return output + module(args[0])
-        return hook
-
-    def _bias_hook(self, key: str):
-        def hook(module, args, output):
-            return output + self.added_biases[key]
-        return hook
-
-    def transform(self, sub: anatomy.SubLayer, h: torch.Tensor) -> torch.Tensor:
+    def transform(self, sub: anatomy.SubLayer, h: torch.Tensor, steps: list[Method] | None = None) -> torch.Tensor:
         """H → H + ΔH(H) (+ HyperFormer adapter) → s · G(X, H1) ⊙ H1 for one sub-layer."""
-        key = sub.key
-        mods = self.encoder_modules if sub.stack == "encoder" else self.decoder_modules
-        if key in mods:
-            h = h + mods[key](h)
-        if self.hyper is not None:
-            h = h + self.hyper[sub.stack](self.task_embedding(), sub.layer, sub.kind, h)
-        if key in self.gates:
-            h = self.gates[key](self._x.pop(key), h, self.encoder_mask)
+        if steps is None:
+            steps = [m for m in SUBLAYER_STEPS if m.on_sublayer(self, sub)]
+        for method in steps:
+            h = method.transform(self, sub, h)
         return h
-
-    def task_embedding(self) -> torch.Tensor:
-        tasks = self.cfg.hyperformer.tasks
-        if self.task not in tasks:
-            raise VlpetError(f"HyperFormer needs the current task, one of {tasks}; got {self.task!r}")
-        return self.task_embeddings[tasks.index(self.task)]
 
     def remove_hooks(self) -> None:
         """Detach from the backbone (the backbone then computes as if no PET were applied)."""
@@ -195,3 +172,38 @@ def set_trainable(backbone: nn.Module, pet: PetModules, projector: nn.Module, po
         p.requires_grad_(policy.projector or policy.backbone)
     for p in pet.parameters():
         p.requires_grad_(True)
+
+
+# ---- what the commands ask of the declarations --------------------------------------------------------
+def unfoldable(pet: PetModules) -> list[str]:
+    """'label (count): reason' for each method present that no edit of the backbone's weights reproduces."""
+    return [m.why_unfoldable(pet) for m in pet.methods() if m.unfoldable]
+
+
+def foldable(pet: PetModules) -> list[Method]:
+    """The methods present that fold into the backbone's Linears."""
+    return [m for m in pet.methods() if not m.unfoldable]
+
+
+def fold(pet: PetModules) -> list[str]:
+    """Detach every hook and wrap, then fold each foldable method into its Linears; returns what was folded."""
+    pet.remove_hooks()
+    with torch.no_grad():
+        return [m.fold(pet) for m in foldable(pet)]
+
+
+def no_decay_names(model: nn.Module, rule: str) -> set[str]:
+    """Names of a VLModel's parameters that AdamW should not decay.
+
+    reference: the reference's list ["bias", "LayerNorm.weight"] matched as substrings of every name (HF BART/T5
+    LayerNorms are named layer_norm/layernorm_embedding, so in practice only "bias" names are exempt);
+    corrected: also every LayerNorm of the backbone and the projector and what each method declares (gate vectors).
+    """
+    names = {n for n, _ in model.named_parameters() if "bias" in n or "LayerNorm.weight" in n}
+    if rule == "corrected":
+        norms = anatomy.layer_norm_names(model.backbone)
+        names |= {f"backbone.{n}" for n in norms["encoder"] + norms["decoder"]}
+        names |= {f"projector.{n}.{p}" for n, m in anatomy.norm_modules(model.projector)
+                  for p, _ in m.named_parameters(recurse=False)}
+        names |= {f"pet.{n}" for m in model.pet.methods() for n in m.no_decay(model.pet)}
+    return names

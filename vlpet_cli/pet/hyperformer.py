@@ -1,0 +1,94 @@
+"""HyperFormer: one hyper-network per stack generates task- and layer-conditioned adapters (spec modules §5)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vlpet_cli.config import DECODER_SITES, ENCODER_SITES
+from vlpet_cli.errors import VlpetError
+from vlpet_cli.pet import anatomy
+from vlpet_cli.pet.activation import gelu_new
+from vlpet_cli.pet.method import Method
+
+LN_EPS = 1e-6  # the reference's hyper-network LayerNorm (issue 11, item 3); PyTorch's default is 1e-5
+
+
+class AdapterGenerator(nn.Module):
+    """Linear maps from a conditioning vector z to the weights and biases of one adapter."""
+
+    def __init__(self, z_dim: int, d: int, r: int):
+        super().__init__()
+        self.d, self.r = d, r
+        self.down_weight = nn.Linear(z_dim, r * d)
+        self.down_bias = nn.Linear(z_dim, r)
+        self.up_weight = nn.Linear(z_dim, d * r)
+        self.up_bias = nn.Linear(z_dim, d)
+
+    def forward(self, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """ΔH(H) with the adapter generated from z."""
+        down = F.linear(h, self.down_weight(z).view(self.r, self.d), self.down_bias(z))
+        return F.linear(gelu_new(down), self.up_weight(z).view(self.d, self.r), self.up_bias(z))
+
+
+class HyperNetwork(nn.Module):
+    """HyperFormer for one stack: (task embedding ; layer embedding) → MLP → LN → per-block adapter generators."""
+
+    def __init__(self, spec, d: int, n_layers: int, blocks: tuple[str, ...]):
+        super().__init__()
+        self.layer_embedding = nn.Embedding(n_layers, spec.layer_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(spec.task_dim + spec.layer_dim, spec.hidden),
+            nn.ReLU(),
+            nn.Linear(spec.hidden, spec.projected),
+            nn.LayerNorm(spec.projected, eps=LN_EPS),
+        )
+        self.generators = nn.ModuleDict({b: AdapterGenerator(spec.projected, d, spec.r) for b in blocks})
+
+    def forward(self, task_embedding: torch.Tensor, layer: int, block: str, h: torch.Tensor) -> torch.Tensor:
+        layer_emb = self.layer_embedding.weight[layer]
+        z = self.mlp(torch.cat([task_embedding, layer_emb]))
+        return self.generators[block](z, h)
+
+
+class HyperMethod(Method):
+    """Adds the generated adapter after every sub-layer of both stacks; needs `PetModules.task` set."""
+
+    field = "hyperformer"
+    slots = ("hyper", "task_embeddings")
+    group = "hyper-networks"
+    label = "HyperFormer hyper-networks"
+    unfoldable = "they generate the adapters per task at run time"
+
+    def containers(self) -> dict:
+        return {"hyper": None}
+
+    def build(self, pet, spec, backbone: nn.Module, extra_norms) -> None:
+        d = backbone.config.d_model
+        n_enc, n_dec = anatomy.num_layers(backbone)
+        pet.task_embeddings = nn.Parameter(torch.randn(len(spec.tasks), spec.task_dim))
+        pet.hyper = nn.ModuleDict({
+            "encoder": HyperNetwork(spec, d, n_enc, ENCODER_SITES),
+            "decoder": HyperNetwork(spec, d, n_dec, DECODER_SITES),
+        })
+
+    def on_sublayer(self, pet, sub) -> bool:
+        return pet.hyper is not None
+
+    def transform(self, pet, sub, h: torch.Tensor) -> torch.Tensor:
+        return h + pet.hyper[sub.stack](task_embedding(pet), sub.layer, sub.kind, h)
+
+    def no_decay(self, pet) -> list[str]:
+        return [f"hyper.{n}" for n, _ in pet.hyper.named_parameters() if "bias" in n]
+
+
+def task_embedding(pet) -> torch.Tensor:
+    """The embedding of the task the caller set on `pet.task`."""
+    tasks = pet.cfg.hyperformer.tasks
+    if pet.task not in tasks:
+        raise VlpetError(f"HyperFormer needs the current task, one of {tasks}; got {pet.task!r}")
+    return pet.task_embeddings[tasks.index(pet.task)]
+
+
+HYPER = HyperMethod()
