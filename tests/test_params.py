@@ -65,6 +65,16 @@ def test_t5_baselines_use_the_reference_t5_configuration():
     assert prompt["trainable"] == 1_261_088 + T5_PROJECTOR
 
 
+def test_ia3_counts():
+    """IA3 (not in the paper): a d-vector on k and v of every attention and a d_ff-vector on every FFN input.
+    BART-base: 6 encoder layers x (768 + 768 + 3072) + 6 decoder layers x (4 x 768 + 3072) = 64,512;
+    T5-base: 12 x 4,608 + 12 x 6,144 = 129,024. Only they and the projector train."""
+    bart, t5 = count("ia3", "bart-base"), count("ia3", "t5-base")
+    assert {g["group"]: g["trainable"] for g in bart["groups"]}["IA3"] == 64_512
+    assert (bart["trainable"], bart["total"]) == (64_512 + 1_582_848, 141_156_864 + 64_512)
+    assert (t5["trainable"], t5["total"]) == (129_024 + T5_PROJECTOR, T5_BASE_TOTAL + 129_024)
+
+
 def test_groups_add_up_and_name_the_denominator():
     b = count("vlpet-large", "bart-base")
     assert sum(g["trainable"] for g in b["groups"]) == b["trainable"]

@@ -9,7 +9,7 @@ import yaml
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.presets import list_presets, parse_overrides, resolve
 
-REQUIRED = {"full-finetune", "bitfit", "prompt-tuning", "compacter", "hyperformer", "lora", "vl-adapter",
+REQUIRED = {"ia3", "full-finetune", "bitfit", "prompt-tuning", "compacter", "hyperformer", "lora", "vl-adapter",
             "vlpet-small", "vlpet-middlex", "vlpet-middley", "vlpet-large", "compacter-gsmall-lw",
             "compacter-gmiddlex-lw", "compacter-gmiddley-lw", "compacter-glarge-lw"}
 

@@ -151,8 +151,9 @@ class PetModules(nn.Module):
         return h
 
     def remove_hooks(self) -> None:
-        """Detach from the backbone (the backbone then computes as if no PET were applied)."""
-        for handle in self._handles:
+        """Detach from the backbone (the backbone then computes as if no PET were applied); last attached first,
+        so that stacked wraps unwind."""
+        for handle in reversed(self._handles):
             handle.remove()
         self._handles.clear()
 
