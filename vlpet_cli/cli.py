@@ -226,13 +226,18 @@ def _flat(metrics: dict) -> dict:
 
 @contextlib.contextmanager
 def _warnings_to_stderr():
-    """Collect warnings (e.g. METEOR left out without Java) and print each once, as one line, at the end."""
+    """Print vlpet's warnings (e.g. METEOR left out without Java) once each, as one line, at the end."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             yield
         finally:
-            for message in dict.fromkeys(str(w.message) for w in caught):
+            package = str(Path(__file__).parent)
+            ours = [w for w in caught if str(w.filename).startswith(package)]
+            for w in caught:
+                if w not in ours:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            for message in dict.fromkeys(str(w.message) for w in ours):
                 err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
 

@@ -33,8 +33,8 @@ def score_predictions_file(
     chosen = cls.resolve_metrics(metrics)
     if split is not None and not cls.split_option:
         takes = ", ".join(name for name, c in TASKS.items() if c.split_option)
-        raise VlpetError(f"split applies only to {takes} with Karpathy's dataset_coco.json, not to task "
-                         f"{resolve_task(task)!r}; drop --split")
+        raise VlpetError(f"split applies only to {takes} (annotation files holding several splits, such as "
+                         f"Karpathy's dataset_coco.json), not to task {resolve_task(task)!r}; drop --split")
     return cls().score_files(Path(predictions), Path(annotations), split=split, metrics=chosen,
                              explicit=metrics is not None, vqa_variant=vqa_variant, allow_missing=allow_missing,
                              tokenizer=tokenizer)
