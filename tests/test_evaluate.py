@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,61 @@ def test_scoring_a_predictions_file(tmp_path):
     wrong = cli("eval", "--task", "vqa", "--predictions", str(tmp_path / "pred.json"), "--annotations",
                 str(tmp_path / "wrong.json"))
     assert wrong.returncode == 2 and "annotations" in wrong.stderr
+
+
+def path_without_java() -> str:
+    """PATH without the directories that hold a `java` executable (as on a machine without Java)."""
+    dirs = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(d for d in dirs if d and not (Path(d) / "java").exists())
+
+
+def test_eval_cli_on_a_run_without_java_drops_meteor_and_scores_the_rest(toy_run, tmp_path):
+    env = {**os.environ, "COLUMNS": "200", "PATH": path_without_java()}
+    out = subprocess.run([sys.executable, "-m", "vlpet_cli", "eval", str(toy_run), "--task", "coco", "--limit", "6",
+                          "--out", str(tmp_path), "--json"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(out.stdout.strip().splitlines()[-1])["coco"]
+    assert "meteor" not in metrics and {"cider", "bleu4", "rougel"} <= set(metrics)
+    assert out.stderr.count("METEOR is left out") == 1
+    assert "METEOR needs Java" not in out.stderr
+
+
+def test_model_scoring_without_java_drops_meteor_from_defaults_only(monkeypatch):
+    from vlpet_cli.metrics import caption
+
+    monkeypatch.setattr(caption, "java_available", lambda: False)
+    preds = [{"img_id": "a", "prediction": "a red circle", "references": ["a red circle", "red circle"]},
+             {"img_id": "b", "prediction": "two squares", "references": ["two blue squares", "blue squares"]}]
+    with pytest.warns(UserWarning, match="METEOR is left out"):
+        result = score("coco", preds)
+    assert set(result) == {"bleu1", "bleu2", "bleu3", "bleu4", "rougel", "cider"}
+    with pytest.raises(VlpetError, match="METEOR needs Java"):
+        score("coco", preds, ["meteor"])
+
+
+def test_scoring_captions_needs_a_split_only_for_karpathys_file(tmp_path):
+    refs = {391895: ["a man riding a wave", "a surfer on a wave"], 184613: ["a dog on grass", "a brown dog"]}
+    (tmp_path / "captions_val2014.json").write_text(json.dumps(
+        {"images": [], "annotations": [{"image_id": k, "id": i * 10 + j, "caption": c}
+                                       for i, (k, cs) in enumerate(refs.items()) for j, c in enumerate(cs)]}))
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [
+        {"filename": f"COCO_val2014_{k:012d}.jpg", "cocoid": k, "split": "test",
+         "sentences": [{"raw": c} for c in cs]} for k, cs in refs.items()]}))
+    (tmp_path / "p.json").write_text(json.dumps([{"image_id": 391895, "caption": "a man riding a wave"},
+                                                 {"image_id": 184613, "caption": "a dog"}]))
+    args = ["eval", "--task", "coco", "--predictions", str(tmp_path / "p.json"), "--metric", "cider", "--json",
+            "--annotations"]
+    pooled = cli(*args, str(tmp_path / "captions_val2014.json"))
+    assert pooled.returncode == 0, pooled.stderr
+    assert json.loads(pooled.stdout.strip().splitlines()[-1])["cider"] > 0
+    karpathy = cli(*args, str(tmp_path / "dataset_coco.json"), "--split", "test")
+    assert karpathy.returncode == 0, karpathy.stderr
+    assert json.loads(karpathy.stdout.strip().splitlines()[-1]) == json.loads(pooled.stdout.strip().splitlines()[-1])
+    unsplit = cli(*args, str(tmp_path / "dataset_coco.json"))
+    assert unsplit.returncode == 2 and "choose the split" in unsplit.stderr and "--split test" in unsplit.stderr
+    split_pool = cli(*args, str(tmp_path / "captions_val2014.json"), "--split", "val")
+    assert split_pool.returncode == 2 and "has no splits" in split_pool.stderr
+    (tmp_path / "q.json").write_text(json.dumps([{"question_id": 1, "answer": "red"}]))
+    vqa = cli("eval", "--task", "vqa", "--predictions", str(tmp_path / "q.json"), "--annotations",
+              str(tmp_path / "q.json"), "--split", "val")
+    assert vqa.returncode == 2 and "split applies only to coco" in vqa.stderr and "Traceback" not in vqa.stderr

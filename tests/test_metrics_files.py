@@ -5,10 +5,20 @@ import warnings
 
 import pytest
 
+from vlpet_cli.data.tasks import TASKS, primary_metrics, task_class
 from vlpet_cli.errors import DataError, VlpetError
-from vlpet_cli.metrics import DEFAULT_METRICS, PRIMARY_METRIC, VALID_METRICS, caption
+from vlpet_cli.evaluate import score_predictions_file
+from vlpet_cli.metrics import caption
 from vlpet_cli.metrics.caption import caption_scores
-from vlpet_cli.metrics.files import resolve_metrics, score_predictions_file
+
+PRIMARY_METRIC = primary_metrics()
+VALID_METRICS = {name: cls.valid_metrics for name, cls in TASKS.items()}
+DEFAULT_METRICS = {name: cls.default_metrics for name, cls in TASKS.items()}
+
+
+def resolve_metrics(task, metrics=None):
+    """The metric names a task resolves (its declaration in the task table)."""
+    return task_class(task).resolve_metrics(metrics)
 
 
 def write(path, data):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -179,7 +181,8 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
 @app.command("eval")
 def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapter, bundle or folded model"),
              task: str | None = typer.Option(None, "--task", "-t", help="task(s) to evaluate (default: the run's)"),
-             split: str = typer.Option("test", help="test | val | train"),
+             split: str | None = typer.Option(None, help="test | val | train (default: test); with --predictions, "
+                                                          "only for Karpathy's dataset_coco.json"),
              metric: list[str] | None = typer.Option(None, "--metric", "-m",
                                                         help="cider, bleu, bleu4, meteor, rougel, spice, vqa, acc, "
                                                              "consistency (default: all of the task's)"),
@@ -202,9 +205,10 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
         raise VlpetError("give a run or adapter directory, or --predictions FILE --annotations FILE --task T")
     from vlpet_cli.evaluate import evaluate
 
-    results = evaluate(path, _tasks_option(task) or None, split, metric or None, batch_size, data_root, backbone,
-                       out, [*(overrides or []), f"eval.vqa_variant={vqa_variant}"], progress=not as_json,
-                       limit=limit)
+    with _warnings_to_stderr():
+        results = evaluate(path, _tasks_option(task) or None, split or "test", metric or None, batch_size,
+                           data_root, backbone, out, [*(overrides or []), f"eval.vqa_variant={vqa_variant}"],
+                           progress=not as_json, limit=limit)
     if as_json:
         print(json.dumps({t: _flat(r["metrics"]) for t, r in results.items()}))
         return
@@ -220,19 +224,31 @@ def _flat(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json) -> None:
-    import warnings
+@contextlib.contextmanager
+def _warnings_to_stderr():
+    """Print vlpet's warnings (e.g. METEOR left out without Java) once each, as one line, at the end."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            package = str(Path(__file__).parent)
+            ours = [w for w in caught if str(w.filename).startswith(package)]
+            for w in caught:
+                if w not in ours:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            for message in dict.fromkeys(str(w.message) for w in ours):
+                err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
-    from vlpet_cli.metrics.files import score_predictions_file
+
+def _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json) -> None:
+    from vlpet_cli.evaluate import score_predictions_file
 
     if not (task and predictions and annotations):
         raise VlpetError("scoring a file needs --task, --predictions and --annotations")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = score_predictions_file(task, predictions, annotations, split if split != "test" or task == "coco"
-                                        else None, metric or None, vqa_variant, allow_missing or None)
-    for w in caught:
-        err_console.print(f"[yellow]warning:[/yellow] {w.message}")
+    with _warnings_to_stderr():
+        result = score_predictions_file(task, predictions, annotations, split, metric or None, vqa_variant,
+                                        allow_missing or None)
     flat = _flat(result)
     if as_json:
         print(json.dumps(flat))

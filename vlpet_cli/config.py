@@ -96,6 +96,9 @@ class ModelConfig(Strict):
     n_boxes: int = Field(36, gt=0, description="visual tokens per image after adaptive max pooling")
 
 
+# The task defaults below (DataConfig.tasks, TrainConfig.task_ratios, EvalConfig.generation) are literals because
+# config sits below data/ in the layering (pet imports config); tests/test_task_table.py checks that they equal
+# the task table's declarations (vlpet_cli/data/tasks/__init__.py).
 class DataConfig(Strict):
     data_root: str | None = None
     tasks: list[str] = ["vqa", "gqa", "nlvr", "coco"]

@@ -2,36 +2,42 @@
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import platform
 import time
 from pathlib import Path
 
-from vlpet_cli.config import GenerationSpec, Preset
+from vlpet_cli.atomic import write_json, write_text
+from vlpet_cli.config import Preset
+from vlpet_cli.data.tasks import TASKS, resolve_task, task_class
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.inference import predict, score
-from vlpet_cli.vl.decoding import generation_kwargs
+from vlpet_cli.inference import decoding_settings, predict, score
 
 
-# ---- files ------------------------------------------------------------------------------------------------
-def submission(task: str, predictions: list[dict]) -> tuple[str, str]:
-    """(file name suffix, content) in the task's official submission format."""
-    if task == "vqa":
-        return "json", json.dumps([{"question_id": p["question_id"], "answer": p["prediction"]}
-                                   for p in predictions])
-    if task == "gqa":
-        return "json", json.dumps([{"questionId": str(p["question_id"]), "prediction": p["prediction"]}
-                                   for p in predictions])
-    if task == "nlvr":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        for p in predictions:
-            writer.writerow([p["identifier"], "True" if p["prediction"] == "true" else "False"])
-        return "csv", buf.getvalue()
-    return "json", json.dumps([{"image_id": p.get("cocoid") or p["img_id"], "caption": p["prediction"]}
-                               for p in predictions])
+def score_predictions_file(
+    task: str,
+    predictions: Path,
+    annotations: Path,
+    split: str | None = None,
+    metrics: list[str] | None = None,
+    vqa_variant: str = "reference",
+    allow_missing: bool | None = None,
+    tokenizer: str = "auto",
+) -> dict:
+    """Score a predictions file for a task against an annotation file (no model); metrics lower-case, x100.
+
+    allow_missing=None lets annotation files that cover a whole pool (official VQA v2 annotations, COCO
+    captions_*.json) hold ids without a prediction; split-sized files must be predicted completely. Only tasks
+    whose annotation files hold several splits (Karpathy's dataset_coco.json) take a split.
+    """
+    cls = task_class(task)
+    chosen = cls.resolve_metrics(metrics)
+    if split is not None and not cls.split_option:
+        takes = ", ".join(name for name, c in TASKS.items() if c.split_option)
+        raise VlpetError(f"split applies only to {takes} (annotation files holding several splits, such as "
+                         f"Karpathy's dataset_coco.json), not to task {resolve_task(task)!r}; drop --split")
+    return cls().score_files(Path(predictions), Path(annotations), split=split, metrics=chosen,
+                             explicit=metrics is not None, vqa_variant=vqa_variant, allow_missing=allow_missing,
+                             tokenizer=tokenizer)
 
 
 def versions() -> dict:
@@ -79,15 +85,13 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     out_dir = out_dir or (adapter_dir.parent / "eval" if adapter_dir.name == "adapter" else adapter_dir / "eval")
     results = evaluate_model(model, tokenizer, preset, split, metrics, batch_size, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from vlpet_cli.vl.state import write_json
-
     for task, record in results.items():
         preds = record.pop("predictions")
         record.update(source=str(path), versions=versions(), out_dir=str(out_dir))
         write_json(out_dir / f"{task}-{split}.json", record)
         write_json(out_dir / f"{task}-{split}.predictions.json", preds)
-        suffix, content = submission(task, preds)
-        (out_dir / f"{task}-{split}.submission.{suffix}").write_text(content)
+        suffix, content = task_class(task)().submission(preds)
+        write_text(out_dir / f"{task}-{split}.submission.{suffix}", content)
     return results
 
 
@@ -112,9 +116,7 @@ def evaluate_model(model, tokenizer, preset: Preset, split: str = "test", metric
             preds = predict(model, tokenizer, ds, preset, batch_size or preset.eval.batch_size,
                             progress=bar.advance(task) if bar else None)
             seconds = time.time() - started
-            spec = preset.eval.generation.get(task, GenerationSpec())
-            settings = ({"decoding": "logits of 'true' vs 'false'"} if task == "nlvr"
-                        else generation_kwargs(spec, model.family, tokenizer))
+            settings = decoding_settings(model, tokenizer, preset, task)
             wanted = metrics.get(task) if isinstance(metrics, dict) else metrics
             results[task] = {"task": task, "split": split, "metrics": score(task, preds, wanted,
                                                                             preset.eval.vqa_variant),

@@ -15,8 +15,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vlpet_cli.data.tasks import TASKS, primary_metrics
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.metrics import PRIMARY_METRIC, TASKS
+
+PRIMARY_METRIC = primary_metrics()
 
 Series = tuple[list[float], list[float]]
 

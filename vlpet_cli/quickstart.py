@@ -6,11 +6,13 @@ import shutil
 import time
 from pathlib import Path
 
-from vlpet_cli.metrics import PRIMARY_METRIC
+from vlpet_cli.data.tasks import TASKS as TASK_TABLE
+from vlpet_cli.data.tasks import primary_metrics
 
-TASKS = ["vqa", "gqa", "nlvr", "coco"]
-PRIMARY_ONLY = {"coco": ["cider"]}
-LABELS = {"vqa": "VQA accuracy", "gqa": "GQA accuracy", "nlvr": "NLVR2 accuracy", "coco": "COCO CIDEr"}
+TASKS = list(TASK_TABLE)
+PRIMARY_METRIC = primary_metrics()
+PRIMARY_ONLY = {t: [m] for t, m in PRIMARY_METRIC.items()}
+LABELS = {t: cls.label for t, cls in TASK_TABLE.items()}
 
 
 def prepare_world(data_dir: Path, say) -> Path:

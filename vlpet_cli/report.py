@@ -12,8 +12,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlpet_cli.data.tasks import primary_metrics
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.metrics import PRIMARY_METRIC
 from vlpet_cli.plots import (
     is_number,
     primary_scores,
@@ -55,7 +55,7 @@ def eval_scores(run_dir: Path, split: str) -> dict[str, tuple[float, str]]:
         return found
     for path in sorted(eval_dir.glob(f"*{suffix}")):
         task = path.name[: -len(suffix)]
-        if not task or "." in task or task not in PRIMARY_METRIC:
+        if not task or "." in task or task not in primary_metrics():
             continue
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
@@ -175,7 +175,7 @@ def report_table(rows: list[dict]) -> Table:
     for header in ("run", "method", "backbone", "trainable %"):
         table.add_column(header, justify="right" if header == "trainable %" else "left")
     for t in tasks:
-        table.add_column(f"{t} ({PRIMARY_METRIC.get(t, '?')})", justify="right")
+        table.add_column(f"{t} ({primary_metrics().get(t, '?')})", justify="right")
     table.add_column("avg", justify="right")
     from_val = False
     for r in rows:

@@ -469,33 +469,37 @@ def _load_json(path: Path) -> Any:
 def annotation_images(annotations: Path) -> dict[str, str | None]:
     """Image ids named by an annotation file -> relative image path when the file gives one (Karpathy).
 
-    Formats: Karpathy `dataset_coco.json` ({"images": [{"filepath", "filename"}]}), VQA/GQA record lists
-    (`img_id`), NLVR2 record lists (`img0`, `img1`).
+    The formats are the tasks' own (vlpet_cli/data/tasks/): a task's file format (Karpathy `dataset_coco.json`,
+    {"images": [{"filepath", "filename"}]}), or a list of records naming images in a task's `image_fields`
+    (VQA/GQA `img_id`, NLVR2 `img0`, `img1`).
     """
+    from vlpet_cli.data.tasks import TASKS, Task
+
     path = Path(annotations)
     data = _load_json(path)
-    out: dict[str, str | None] = {}
-    if isinstance(data, dict) and isinstance(data.get("images"), list):
-        for n, image in enumerate(data["images"]):
-            if not isinstance(image, dict) or not image.get("filename"):
-                raise DataError(f"{path}: images[{n}] has no 'filename'; expected Karpathy records with "
-                                f"'filepath' and 'filename'.")
-            rel = Path(str(image.get("filepath") or "")) / str(image["filename"])
-            out.setdefault(Path(str(image["filename"])).stem, rel.as_posix())
-        return out
+    for cls in TASKS.values():
+        found = cls.file_images(data, path)
+        if found is not None:
+            return found
+    fields: dict[tuple[str, ...], list[str]] = {}
+    for name, cls in TASKS.items():
+        if cls.image_fields:
+            fields.setdefault(cls.image_fields, []).append(name)
+    keys = list(dict.fromkeys(k for group in fields for k in group))
+    named = " or ".join(f"{'/'.join(repr(k) for k in group)} ({', '.join(names)})" for group, names in fields.items())
     if isinstance(data, list):
+        out: dict[str, str | None] = {}
         for n, record in enumerate(data):
-            keys = [k for k in ("img_id", "img0", "img1") if isinstance(record, dict) and record.get(k)]
-            if not keys:
-                raise DataError(f"{path}: record {n} has no 'img_id' (VQA/GQA) or 'img0'/'img1' (NLVR2); "
-                                f"fix the record or pass the right annotation file.")
-            for key in keys:
+            present = [k for k in keys if isinstance(record, dict) and record.get(k)]
+            if not present:
+                raise DataError(f"{path}: record {n} has no {named}; fix the record or pass the right "
+                                f"annotation file.")
+            for key in present:
                 out.setdefault(str(record[key]), None)
         return out
-    raise DataError(
-        f"{path}: unrecognised annotation format; expected Karpathy dataset_coco.json ({{\"images\": [...]}}), "
-        f"or a list of VQA/GQA records with 'img_id' or NLVR2 records with 'img0'/'img1'."
-    )
+    own = [name for name, cls in TASKS.items() if cls.file_images.__func__ is not Task.file_images.__func__]
+    raise DataError(f"{path}: unrecognised annotation format; expected a {' or '.join(own)} annotation file "
+                    f"(e.g. Karpathy's dataset_coco.json), or a list of records with {named}.")
 
 
 def inspect_features(path: Path, annotations: Path | None = None) -> dict:

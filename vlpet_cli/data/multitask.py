@@ -20,12 +20,7 @@ from typing import Any
 from vlpet_cli.data.tasks import TASKS, TaskDataset, collate
 from vlpet_cli.errors import VlpetError
 
-DEFAULT_RATIOS: dict[str, Fraction] = {
-    "vqa": Fraction(1),
-    "gqa": Fraction(100, 60),
-    "nlvr": Fraction(20, 60),
-    "coco": Fraction(50, 60),
-}
+DEFAULT_RATIOS: dict[str, Fraction] = {name: cls.batch_ratio for name, cls in TASKS.items()}
 
 
 def _fraction(value: Any, task: str) -> Fraction:

@@ -1,23 +1,27 @@
-"""What every image-text task shares: records, file validation, the Task base, TaskDataset and collate.
+"""What every image-text task shares: records, the Task base (its declarations), TaskDataset and collate.
 
-A `Task` describes one task (its files, splits, feature sources, prompt, truncation, targets, loss reduction and
-evaluation info); a `TaskDataset` turns a task's records into model items; `collate` builds the batch contract
-that `vl/model.py` relies on (spec/pipeline.md §3). numpy and torch are imported inside functions so that
-importing the task registry stays cheap for the CLI.
+A `Task` owns everything about one task: its files, splits, feature sources and records, prompt, truncation,
+targets and loss reduction, its metrics (valid, default, primary, validation), how it decodes (generate or score
+choices), how its predictions are scored, its submission format, how predictions and annotation files are read
+for `vlpet eval --predictions`, the image ids it needs features for and its default batch ratio. A
+`TaskDataset` turns a task's records into model items; `collate` builds the batch contract that `vl/model.py`
+relies on (spec/pipeline.md §3). numpy and torch are imported inside functions so that importing the task
+table stays cheap for the CLI.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
 
 from vlpet_cli.data.features import DEFAULT_FEATURE_NAME
 from vlpet_cli.errors import DataError, VlpetError
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "an object", list: "a list"}
+_METRIC_ALIASES = {"rouge": "rougel", "accuracy": "acc", "vqaacc": "vqa"}
 
 
 @dataclass(slots=True)
@@ -38,96 +42,33 @@ class Record:
         return f"{self.file}: record {self.index} ({self.id})"
 
 
-class RecordRef:
-    """Points at a raw record in a file so that validation errors can name it (id text built on error)."""
+@dataclass(frozen=True)
+class Generate:
+    """Decode by generation; these are the task's default `eval.generation` settings."""
 
-    __slots__ = ("id_key", "index", "path", "raw")
-
-    def __init__(self, path: Path, index: int, raw: Any = None, id_key: str = "") -> None:
-        self.path, self.index, self.raw, self.id_key = path, index, raw, id_key
-
-    def error(self, problem: str, fix: str = "correct the record or regenerate the file") -> DataError:
-        """A DataError naming the file, the record index and id, the problem and the fix."""
-        rid = id_text(self.raw, self.id_key) if self.id_key else ""
-        who = f"record {self.index}" + (f" ({rid})" if rid else "")
-        return DataError(f"{self.path}: {who}: {problem}. Fix: {fix}.")
+    num_beams: int = 1
+    max_length: int = 20
 
 
-def read_json(path: Path, what: str, fix: str) -> Any:
-    """Load a JSON file, turning a missing or unparsable file into a DataError."""
-    if not path.is_file():
-        raise DataError(f"{what} not found: {path}. Fix: {fix}.")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
-                        f"Fix: repair or re-download the file.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot be read ({e}). Fix: check the file and its permissions.") from None
+@dataclass(frozen=True)
+class ScoreChoices:
+    """Decode by comparing the model's scores of fixed answers (NLVR2: 'true' vs 'false'); no generation."""
+
+    choices: tuple[str, ...]
+
+    def describe(self) -> str:
+        """How predictions are made, for the eval record's settings."""
+        return "logits of " + " vs ".join(repr(c) for c in self.choices)
 
 
-def read_record_list(path: Path, what: str, fix: str) -> list:
-    """Load a JSON file that must hold a list of records."""
-    data = read_json(path, what, fix)
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records, found {type(data).__name__}. "
-                        f"Fix: use the {what} in the reference format (spec/pipeline.md §1).")
-    return data
-
-
-def _is_type(value: Any, types: tuple[type, ...]) -> bool:
-    """isinstance that does not count bool as a number."""
-    if isinstance(value, bool) and bool not in types:
-        return False
-    return isinstance(value, types)
-
-
-def get_field(raw: Any, key: str, types: tuple[type, ...], ref: RecordRef, *, required: bool = True,
-              default: Any = None) -> Any:
-    """Read raw[key] checking its type; a missing required field or a wrong type raises a DataError."""
-    try:
-        value = raw[key]
-    except (KeyError, TypeError, IndexError):
-        value = None
-    if type(value) in types:  # the common case, checked cheaply
-        return value
-    if not isinstance(raw, dict):
-        raise ref.error(f"expected an object, found {type(raw).__name__}")
-    if value is None:
-        if required:
-            raise ref.error(f"field '{key}' is missing")
-        return default
-    if not _is_type(value, types):
-        want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
-        raise ref.error(f"field '{key}' should be {want}, found {type(value).__name__} {value!r:.60}")
-    return value
-
-
-def read_label(raw: dict, ref: RecordRef, *, required: bool) -> dict[str, float] | None:
-    """Read an LXMERT-style soft label {answer: score >= 0} with float scores."""
-    label = get_field(raw, "label", (dict,), ref, required=required)
-    if label is None:
-        return None
-    out = {}
-    for answer, score in label.items():
-        if type(score) not in (int, float) or score < 0:
-            raise ref.error(f"field 'label' maps {answer!r} to {score!r}; scores must be numbers >= 0")
-        out[answer] = float(score)
-    return out
-
-
-def id_text(raw: Any, key: str) -> str:
-    """'key=value' for messages, or '' when the record has no usable id."""
-    if isinstance(raw, dict) and isinstance(raw.get(key), (str, int)) and not isinstance(raw.get(key), bool):
-        return f"{key}={raw[key]}"
-    return ""
+Decoding = Generate | ScoreChoices
 
 
 class Task:
-    """Description of one task: files, splits, feature sources, prompt, truncation, targets and loss."""
+    """One task: files, splits, records, prompt, targets, loss, metrics, decoding, scoring and file formats."""
 
     name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
     folder: ClassVar[str]
     default_prompt: ClassVar[str]
     splits: ClassVar[dict[str, str]]
@@ -135,6 +76,23 @@ class Task:
     target_max_length: ClassVar[int | None]
     loss_reduction: ClassVar[str] = "example"
     n_images: ClassVar[int] = 1
+    batch_ratio: ClassVar[Fraction]
+    """Batch size relative to train.batch_size (the reference's per-task ratios)."""
+    decoding: ClassVar[Decoding]
+    valid_metrics: ClassVar[tuple[str, ...]]
+    """Metric names a user may ask for ('bleu' is shorthand for bleu1..bleu4)."""
+    default_metrics: ClassVar[tuple[str, ...]]
+    """What is computed when the user names no metric."""
+    primary_metric: ClassVar[str]
+    """The metric that stands for the task (best-checkpoint 'avg', quick start, report, plots)."""
+    validation_metrics: ClassVar[tuple[str, ...] | None] = None
+    """What validation during training computes (None: the defaults)."""
+    label: ClassVar[str]
+    """The primary metric's name for people, e.g. 'VQA accuracy' (the quick start's table)."""
+    image_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields of a split-file record that name its images (for `vlpet extract-features --annotations`)."""
+    split_option: ClassVar[bool] = False
+    """Whether `vlpet eval --predictions` may take a --split for this task's annotation files."""
 
     def __init__(self, prompt: str | None = None) -> None:
         self.prompt = self.default_prompt if prompt is None else prompt
@@ -193,6 +151,46 @@ class Task:
     def eval_info(self, record: Record) -> dict:
         """What evaluation needs about a record (ids, answers, references, ...)."""
         raise NotImplementedError
+
+    # ---- metrics, scoring and files -----------------------------------------------------------------------
+    @classmethod
+    def resolve_metrics(cls, metrics: Iterable[str] | None = None) -> list[str]:
+        """Expand and check metric names ("bleu" -> bleu1..bleu4, "ROUGE_L" -> rougel); None gives the defaults."""
+        if metrics is None:
+            return list(cls.default_metrics)
+        chosen: list[str] = []
+        for raw in metrics:
+            name = re.sub(r"[\s_\-]", "", str(raw).lower())
+            name = _METRIC_ALIASES.get(name, name)
+            if name not in cls.valid_metrics:
+                raise VlpetError(f"metric {raw!r} does not apply to task {cls.name!r}; "
+                                 f"valid: {', '.join(cls.valid_metrics)}")
+            for expanded in [f"bleu{i}" for i in range(1, 5)] if name == "bleu" else [name]:
+                if expanded not in chosen:
+                    chosen.append(expanded)
+        if not chosen:
+            raise VlpetError(f"no metric given for task {cls.name!r}; valid: {', '.join(cls.valid_metrics)}")
+        return chosen
+
+    def score(self, predictions: list[dict], metrics: list[str] | None = None,
+              vqa_variant: str = "reference") -> dict:
+        """Metrics (x100, lower-case keys) of predictions carrying their record's eval_info."""
+        raise NotImplementedError
+
+    def submission(self, predictions: list[dict]) -> tuple[str, str]:
+        """(file name suffix, content) in the task's official submission format."""
+        raise NotImplementedError
+
+    def score_files(self, predictions: Path, annotations: Path, *, split: str | None, metrics: list[str],
+                    explicit: bool, vqa_variant: str, allow_missing: bool | None, tokenizer: str) -> dict:
+        """Score a predictions file against an annotation file (`vlpet eval --predictions`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def file_images(cls, data: Any, path: Path) -> dict[str, str | None] | None:
+        """Image ids -> relative image path for an annotation file in a format of this task's own (not a
+        plain list of records with `image_fields`), or None when `data` is not in such a format."""
+        return None
 
 
 def sample_answer(label: dict[str, float] | None, rng: Any, train: bool) -> tuple[str, float] | None:

@@ -1,4 +1,4 @@
-"""GQA (spec/pipeline.md §1.2, §3.3): balanced train+valid for training, testdev for validation and test.
+"""GQA (spec/pipeline.md §1.2, §3.3, §5.2): balanced train+valid for training, testdev for validation and test.
 
 The reference has no separate GQA test phase: its reported GQA number is the testdev accuracy logged during
 validation. vlpet keeps that: the 'test' split is testdev too. train/valid images are Visual Genome ids and
@@ -7,20 +7,56 @@ read features from VG/; testdev/submit images read GQA/.
 
 from __future__ import annotations
 
+import json
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vlpet_cli.data.tasks.base import (
-    Record,
-    RecordRef,
-    Task,
-    get_field,
-    read_label,
-    read_record_list,
-    sample_answer,
-)
+from vlpet_cli.data.tasks import files
+from vlpet_cli.data.tasks.base import Generate, Record, Task, sample_answer
+from vlpet_cli.data.tasks.records import RecordModel, RecordRef, SoftLabel, parse_record, read_record_list
+from vlpet_cli.errors import DataError
 
 SPLIT_SOURCES = {"train": "VG", "valid": "VG", "testdev": "GQA", "submit": "GQA"}
+
+
+class GqaRecord(RecordModel):
+    """One record of GQA/<split>.json (LXMERT's balanced GQA format); question ids are strings."""
+
+    question_id: str | int
+    img_id: str | int
+    sent: str
+    label: SoftLabel | None = None
+
+
+def load_labels(path: Path) -> dict[str, dict[str, float]]:
+    """GQA labels: reference records [{"question_id", "label"}] or official {qid: {"answer"}} -> {qid: label}."""
+    path = Path(path)
+    data = files.read_json(path)
+    if isinstance(data, dict):
+        items = [(str(k), v) for k, v in data.items()]
+        if not all(isinstance(v, dict) for _, v in items):
+            raise DataError(
+                f"{path}: expected an official GQA questions file {{question_id: {{'answer': ...}}}}"
+            )
+    else:
+        items = [
+            (str(files.field(r, ("question_id", "questionId"), path, i)), r)
+            for i, r in enumerate(files.records(data, path, "question"))
+        ]
+    out: dict[str, dict[str, float]] = {}
+    for key, rec in items:
+        if isinstance(rec.get("label"), dict):
+            label = {str(a): float(s) for a, s in rec["label"].items()}
+        elif isinstance(rec.get("answer"), str):
+            label = {rec["answer"]: 1.0}
+        else:
+            raise DataError(
+                f"{path}: question {key!r} has no 'label' dict or 'answer' string; use the reference "
+                "testdev.json records or the official GQA *_balanced_questions.json"
+            )
+        files.put(out, key, label, path)
+    return out
 
 
 class GqaTask(Task):
@@ -33,6 +69,13 @@ class GqaTask(Task):
     input_max_length = 20
     target_max_length = None
     loss_reduction = "example"
+    batch_ratio = Fraction(100, 60)
+    decoding = Generate(num_beams=1, max_length=20)
+    valid_metrics = ("acc",)
+    default_metrics = ("acc",)
+    primary_metric = "acc"
+    label = "GQA accuracy"
+    image_fields = ("img_id",)
 
     def feature_source(self, split_name: str) -> str:
         """VG for train/valid (Visual Genome images); GQA for testdev/submit and other test files."""
@@ -51,11 +94,11 @@ class GqaTask(Task):
         records = []
         for i, r in enumerate(raw):
             ref = RecordRef(path, i, r, "question_id")
-            qid = get_field(r, "question_id", (str, int), ref)
-            img_id = get_field(r, "img_id", (str, int), ref)
-            sent = get_field(r, "sent", (str,), ref)
-            label = read_label(r, ref, required=not for_eval)
-            records.append(Record(str(path), i, str(qid), sent, (str(img_id),), source, label))
+            rec = parse_record(GqaRecord, r, ref)
+            if rec.label is None and not for_eval:
+                raise ref.error("field 'label' is missing")
+            records.append(Record(str(path), i, str(rec.question_id), rec.sent, (str(rec.img_id),), source,
+                                  rec.label))
         return records
 
     def target(self, record: Record, rng: Any, train: bool) -> tuple[str, float] | None:
@@ -67,3 +110,28 @@ class GqaTask(Task):
         """question_id (a string), image and soft label (accuracy = label.get(pred, 0))."""
         return {"question_id": record.id, "img_id": record.image_ids[0], "sent": record.text,
                 "label": record.label}
+
+    # ---- scoring and files ------------------------------------------------------------------------------
+    def score(self, predictions: list[dict], metrics: list[str] | None = None,
+              vqa_variant: str = "reference") -> dict:
+        """Exact-match accuracy against the soft label (label.get(prediction, 0)), x100."""
+        from vlpet_cli.metrics.accuracy import gqa_accuracy
+
+        self.resolve_metrics(metrics)
+        return {"acc": gqa_accuracy({p["question_id"]: p["prediction"] for p in predictions},
+                                    {p["question_id"]: p["label"] or {} for p in predictions})}
+
+    def submission(self, predictions: list[dict]) -> tuple[str, str]:
+        """The GQA evaluation server's format: [{"questionId", "prediction"}]."""
+        return "json", json.dumps([{"questionId": str(p["question_id"]), "prediction": p["prediction"]}
+                                   for p in predictions])
+
+    def score_files(self, predictions: Path, annotations: Path, *, split: str | None, metrics: list[str],
+                    explicit: bool, vqa_variant: str, allow_missing: bool | None, tokenizer: str) -> dict:
+        """GQA exact-match accuracy x100 of [{"questionId", "prediction"}] against the labels."""
+        from vlpet_cli.metrics.accuracy import gqa_accuracy
+
+        preds = files.load_qa_predictions(predictions)
+        labels = load_labels(annotations)
+        ids = files.check_ids(preds, labels, predictions, annotations, bool(allow_missing))
+        return {"acc": gqa_accuracy({i: preds[i] for i in ids}, labels), "n": len(ids)}

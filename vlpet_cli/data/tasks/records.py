@@ -1,0 +1,130 @@
+"""Annotation records as pydantic models, and the messages that name the file, record, field and fix.
+
+Each task declares the records of its split files as a `RecordModel`; `parse_record` validates one raw record
+and turns the first problem into one DataError such as
+"vqa/karpathy_train.json: record 1 (question_id=6): field 'label' should be an object, found list ['x'].
+Fix: correct the record or regenerate the file." Validators raise ValueError with the whole problem text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+
+from vlpet_cli.errors import DataError
+
+_TYPE_WORDS = {"int_type": "an integer", "string_type": "a string", "float_type": "a number",
+               "dict_type": "an object", "list_type": "a list", "bool_type": "a boolean"}
+
+
+class RecordModel(BaseModel):
+    """Base of annotation record models: strict types (no bool for int, no int for str), other keys ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+M = TypeVar("M", bound=RecordModel)
+
+
+def id_text(raw: Any, key: str) -> str:
+    """'key=value' for messages, or '' when the record has no usable id."""
+    if isinstance(raw, dict) and isinstance(raw.get(key), (str, int)) and not isinstance(raw.get(key), bool):
+        return f"{key}={raw[key]}"
+    return ""
+
+
+class RecordRef:
+    """Points at a raw record in a file so that validation errors can name it (id text built on error)."""
+
+    __slots__ = ("id_key", "index", "path", "raw")
+
+    def __init__(self, path: Path, index: int, raw: Any = None, id_key: str = "") -> None:
+        self.path, self.index, self.raw, self.id_key = path, index, raw, id_key
+
+    def error(self, problem: str, fix: str = "correct the record or regenerate the file") -> DataError:
+        """A DataError naming the file, the record index and id, the problem and the fix."""
+        rid = id_text(self.raw, self.id_key) if self.id_key else ""
+        who = f"record {self.index}" + (f" ({rid})" if rid else "")
+        return DataError(f"{self.path}: {who}: {problem}. Fix: {fix}.")
+
+
+def problem_text(exc: ValidationError, raw: Any) -> str:
+    """The first problem of a validation error in words: missing field, wrong type (with the value) or rule."""
+    errors = exc.errors()
+    first = errors[0]
+    if not first["loc"]:
+        return f"expected an object, found {type(raw).__name__}"
+    field = first["loc"][0]
+    if first["type"] == "value_error":
+        return str(first["msg"]).removeprefix("Value error, ")
+    value = first.get("input")
+    if first["type"] == "missing" or value is None:
+        return f"field '{field}' is missing"
+    wants = [_TYPE_WORDS.get(e["type"], e["type"]) for e in errors if e["loc"][:1] == (field,)]
+    return f"field '{field}' should be {' or '.join(dict.fromkeys(wants))}, found {type(value).__name__} {value!r:.60}"
+
+
+def parse_record(model: type[M], raw: Any, ref: RecordRef) -> M:
+    """Validate one raw record against its model; the first problem becomes a DataError naming the record."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ref.error(problem_text(exc, raw)) from None
+
+
+def _soft_label(label: dict[str, Any]) -> dict[str, float]:
+    """An LXMERT-style soft label {answer: score >= 0}, scores as floats."""
+    out = {}
+    for answer, score in label.items():
+        if type(score) not in (int, float) or score < 0:
+            raise ValueError(f"field 'label' maps {answer!r} to {score!r}; scores must be numbers >= 0")
+        out[answer] = float(score)
+    return out
+
+
+SoftLabel = Annotated[dict[str, Any], AfterValidator(_soft_label)]
+
+
+def answer_list(value: Any, field: str = "answers") -> list[str]:
+    """Answers given as strings or as official {"answer": ...} objects, as a list of strings (ValueError if not)."""
+    if not isinstance(value, list):
+        raise ValueError(f"field '{field}' should be a list of answers, found {type(value).__name__}")
+    out = []
+    for k, a in enumerate(value):
+        if isinstance(a, dict) and isinstance(a.get("answer"), str):
+            out.append(a["answer"])
+        elif isinstance(a, str):
+            out.append(a)
+        else:
+            raise ValueError(f"field '{field}' item {k} should be a string or an object with 'answer', "
+                             f"found {a!r:.60}")
+    return out
+
+
+Answers = Annotated[Any, AfterValidator(answer_list)]
+
+
+def read_json(path: Path, what: str, fix: str) -> Any:
+    """Load a JSON file, turning a missing or unparsable file into a DataError."""
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}. Fix: {fix}.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
+                        f"Fix: repair or re-download the file.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read ({e}). Fix: check the file and its permissions.") from None
+
+
+def read_record_list(path: Path, what: str, fix: str) -> list:
+    """Load a JSON file that must hold a list of records."""
+    data = read_json(path, what, fix)
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, found {type(data).__name__}. "
+                        f"Fix: use the {what} in the reference format (spec/pipeline.md §1).")
+    return data
