@@ -19,3 +19,11 @@ def generation_kwargs(spec: GenerationSpec, family: str, tokenizer) -> dict:
     if family == "bart" and tokenizer.bos_token_id is not None:
         kwargs["forced_bos_token_id"] = tokenizer.bos_token_id
     return kwargs
+
+
+def generation_config(spec: GenerationSpec, family: str, tokenizer, decoder_start_token_id: int):
+    """A transformers GenerationConfig holding every setting of `generation_kwargs`."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(decoder_start_token_id=decoder_start_token_id,
+                            **generation_kwargs(spec, family, tokenizer))
