@@ -38,7 +38,7 @@ def _batch(task: str, inputs: dict) -> dict:
     spec = get_task(task)
     return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
             "labels": inputs["labels"], "vis_feats": inputs["vis_feats"], "task": spec.name,
-            "loss_weights": inputs.get("scores"), "loss_reduction": spec.loss_reduction}
+            "loss_weights": inputs.get("scores") if spec.name == "vqa" else None, "loss_reduction": spec.loss_reduction}
 
 
 def _generations(model, tokenizer, batch: dict, settings: dict, outputs: dict) -> list[bool]:
