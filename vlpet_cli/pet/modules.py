@@ -122,7 +122,7 @@ class HyperNetwork(nn.Module):
             nn.Linear(spec.task_dim + spec.layer_dim, spec.hidden),
             nn.ReLU(),
             nn.Linear(spec.hidden, spec.projected),
-            nn.LayerNorm(spec.projected),
+            nn.LayerNorm(spec.projected, eps=1e-6),
         )
         self.generators = nn.ModuleDict({b: AdapterGenerator(spec.projected, d, spec.r) for b in blocks})
 
