@@ -109,10 +109,102 @@ def check_case(directory: Path, work: Path) -> dict:
     return {"golden": directory.name, **diffs, "generated": generated, "ok": ok}
 
 
+# ---- small copies for the test suite -----------------------------------------------------------------------
+def _backbone_state(name: str) -> dict:
+    """The state dict of vlpet's built backbone `name` (resized vocabulary, vlpet's added rows)."""
+    from vlpet_cli import backbones
+
+    model, _ = backbones.build(backbones.resolve(name), weights=True)
+    return model.state_dict()
+
+
+def _reference_of(key: str, backbone: dict):
+    """The backbone tensor a reference key holds a copy of (the object-order table is the word embedding)."""
+    if key.endswith("visual_embedding.obj_order_embedding.weight"):
+        key = next(k for k in ("model.shared.weight", "shared.weight") if k in backbone)
+    return backbone.get(key)
+
+
+def strip_checkpoint(state: dict, backbone_name: str) -> tuple[dict, dict]:
+    """(state without the tensors equal to the backbone's, {key: (first row, rows)} for tables that differ only in
+    their trailing rows). `restore_checkpoint` undoes it, so a test suite ships only what the case trained."""
+    import torch
+
+    backbone = _backbone_state(backbone_name)
+    kept, tails = {}, {}
+    for key, tensor in state.items():
+        ref = _reference_of(key.removeprefix("module."), backbone)
+        if ref is None or ref.shape != tensor.shape:
+            kept[key] = tensor
+        elif torch.equal(ref, tensor):
+            continue
+        elif tensor.dim() == 2:
+            rows = (ref != tensor).any(1).nonzero()
+            first = int(rows[0])
+            tails[key] = (first, tensor[first:].clone())
+        else:
+            kept[key] = tensor
+    return kept, tails
+
+
+def restore_checkpoint(kept: dict, tails: dict, keys: list[str], backbone_name: str) -> dict:
+    """The full reference state dict (in `keys` order) from a stripped copy and vlpet's backbone."""
+    backbone = _backbone_state(backbone_name)
+    state = {}
+    for key in keys:
+        if key in kept:
+            state[key] = kept[key]
+            continue
+        tensor = _reference_of(key.removeprefix("module."), backbone).clone()
+        if key in tails:
+            first, rows = tails[key]
+            tensor[first:] = rows
+        state[key] = tensor
+    return state
+
+
+def make_test_copies(src: Path, dst: Path, skip: tuple[str, ...] = ("tiny-bart-vlpet-large",)) -> None:
+    """Write the small copies of the golden cases in `src` that the test suite checks (tests/golden/README.md)."""
+    import shutil
+
+    import torch
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for case in sorted(p for p in src.iterdir() if p.is_dir() and p.name not in skip):
+        readme = json.loads((case / "README.json").read_text())
+        state = torch.load(case / "LAST.pth", weights_only=True)
+        kept, tails = strip_checkpoint(state, readme["backbone"])
+        (dst / case.name).mkdir(exist_ok=True)
+        torch.save({"kept": kept, "tails": tails, "keys": list(state)}, dst / case.name / "LAST.stripped.pt")
+        for name in ("outputs.pt", "README.json"):
+            shutil.copy(case / name, dst / case.name / name)
+        shutil.copy(case / "inputs.pt", dst / f"inputs-{readme['backbone'].removeprefix('tiny-')}.pt")
+
+
+def expand_test_copy(copy: Path, out: Path) -> Path:
+    """A full golden directory at `out` from a small copy in tests/golden (the reverse of `make_test_copies`)."""
+    import shutil
+
+    import torch
+
+    readme = json.loads((copy / "README.json").read_text())
+    stripped = torch.load(copy / "LAST.stripped.pt", weights_only=True)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(restore_checkpoint(stripped["kept"], stripped["tails"], stripped["keys"], readme["backbone"]),
+               out / "LAST.pth")
+    for name in ("outputs.pt", "README.json"):
+        shutil.copy(copy / name, out / name)
+    shutil.copy(copy.parent / f"inputs-{readme['backbone'].removeprefix('tiny-')}.pt", out / "inputs.pt")
+    return out
+
+
 def main(argv: list[str]) -> int:
     """Check every directory given; 0 when all match, 1 otherwise, 2 on bad usage."""
     from vlpet_cli.errors import VlpetError
 
+    if argv[:1] == ["--make-test-copies"] and len(argv) == 3:
+        make_test_copies(Path(argv[1]), Path(argv[2]))
+        return 0
     if not argv:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
