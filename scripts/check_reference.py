@@ -68,7 +68,8 @@ def _nlvr(model, tokenizer, batch: dict, rule: dict, outputs: dict) -> list[bool
     logits = model.score_choices(batch, choice_ids)
     pred_true = (logits[:, 0] > logits[:, 1]).long().cpu()
     j = next(i for i, pair in enumerate(zip(*choice_ids)) if pair[0] != pair[1])
-    ids_ok = [c[j] for c in choice_ids] == [rule.get("true_id", choice_ids[0][j]), rule.get("false_id", choice_ids[1][j])]
+    want = [rule.get("true_id", choice_ids[0][j]), rule.get("false_id", choice_ids[1][j])]
+    ids_ok = [c[j] for c in choice_ids] == want
     return [ids_ok and pred_true.tolist() == outputs["pred_true"].tolist()]
 
 

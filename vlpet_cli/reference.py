@@ -37,8 +37,8 @@ SITES = {
     "t5": {"ROOT": "", "ENC": r"encoder\.block\.(?P<layer>\d+)\.layer\.(?P<sub>\d+)\.",
            "DEC": r"decoder\.block\.(?P<layer>\d+)\.layer\.(?P<sub>\d+)\.",
            "CROSS": r"decoder\.block\.(?P<layer>\d+)\.layer\.1\.EncDecAttention\.",
-           "ATT": r"(?P<stack>encoder|decoder)\.block\.(?P<layer>\d+)\.layer\.\d+\.(?P<att>SelfAttention|EncDecAttention)\."
-                  r"(?P<proj>q|k|v|o)\."},
+           "ATT": r"(?P<stack>encoder|decoder)\.block\.(?P<layer>\d+)\.layer\.\d+\."
+                  r"(?P<att>SelfAttention|EncDecAttention)\.(?P<proj>q|k|v|o)\."},
 }
 T5_SUBLAYER = {"attn": "0", "ff": "1"}
 T5_DECODER_SUBLAYER = {"self": "0", "cross": "1", "ffn": "2"}
@@ -392,9 +392,9 @@ def check_fit(model, preset: Preset, mapped: Mapped, tensors: dict, pth: Path) -
             found[f"backbone.{key}"] = tensor
     if mapped.unexpected:
         raise VlpetError(f"{pth}: {len(mapped.unexpected)} checkpoint key(s) match no VL-PET module and no "
-                         f"backbone tensor: {_first(mapped.unexpected)}. vlpet imports the reference's VL-PET, VL-Adapter, "
-                         f"Compacter, LoRA, prompt-tuning, HyperFormer, BitFit and full fine-tuning checkpoints on the "
-                         f"backbone they were trained from")
+                         f"backbone tensor: {_first(mapped.unexpected)}. vlpet imports the reference's VL-PET, "
+                         f"VL-Adapter, Compacter, LoRA, prompt-tuning, HyperFormer, BitFit and full fine-tuning "
+                         f"checkpoints on the backbone they were trained from")
     missing = sorted(trainable - set(found))
     extra = sorted(n for n in tensors if n not in params)
     frozen = sorted(n for n in tensors if n in params and n not in trainable)
@@ -550,6 +550,10 @@ def import_reference_checkpoint(pth: Path, preset: str | Preset | None, out: Pat
     mapped = map_keys(state, bb.family, set(backbone_state))
     heads, n_heads = join_heads(mapped.heads, pth)
     values, tasks = merge_tasks(mapped.values, pth)
+    clash = sorted((set(mapped.tensors) & set(heads)) | (set(mapped.tensors) | set(heads)) & set(values))
+    if clash:
+        raise VlpetError(f"{pth}: two kinds of reference module map onto {_first(clash)} (e.g. VL-PET multi-head and "
+                         f"VL-Adapter adapters in one sub-layer); vlpet holds one module per sub-layer")
     tensors = {**mapped.tensors, **heads, **values, **task_embedding_rows(mapped, resolved, pth)}
     check_backbone_shapes(model, mapped, pth, resolved.model.backbone)
     found = check_fit(model, resolved, mapped, tensors, pth)
