@@ -78,7 +78,7 @@ RULES: list[tuple[str, str | None, str]] = [
      "pet.gates.encoder_{layer}_{kind}.z", "gate:middley"),
     (r"{ENC}encoder_(?P<kind>attn|ff)_adapter_gating_small_xy_cat\." + P,
      "pet.gates.encoder_{layer}_{kind}.proj.{p}", "gate:small"),
-    (r"{CROSS}attn_value_parallel_adapter\.adapters\." + TASK + r"\.(?P<which>down|up)_sampler\." + P,
+    (r"{CROSS}attn_value_parallel_adapter\.adapters\." + TASK + r"\.(?P<which>down|up)_sampler\." + PHM,
      "pet.value.decoder_{layer}_cross.{which}.{p}", "task:value"),
     (r"{ENC}(?P<kind>attn|ff)_adapter\.adapters\." + TASK + r"\.(?P<which>down|up)_sampler\." + PHM,
      "pet.encoder_modules.encoder_{layer}_{kind}.{which}.{p}", "task:adapter"),
