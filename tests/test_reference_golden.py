@@ -132,3 +132,18 @@ def test_visual_ids_number_images_and_objects():
     img, obj = visual_ids(2, 3, "cpu")
     assert img.tolist() == [0, 0, 0, 1, 1, 1]
     assert obj.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+@pytest.mark.parametrize("case,override,hint", [
+    ("tiny-bart-compacter", "pet.encoder.r=32", "set pet.encoder.r=16"),
+    ("tiny-bart-lora", "pet.lora.r=4", "set pet.lora.r=8"),
+    ("tiny-bart-prompt-tuning", "pet.prompt.mid_dim=32", "set pet.prompt.mid_dim=64"),
+    ("tiny-bart-hyperformer", "pet.hyperformer.r=8", "set pet.hyperformer.r=16"),
+    ("tiny-t5-vl-adapter", "pet.decoder.r=8", "set pet.decoder.r=16"),
+])
+def test_wrong_size_names_the_override(case, override, hint, golden, tmp_path):
+    readme = json.loads((golden[case] / "README.json").read_text())
+    overrides = [o for o in readme["vlpet_overrides"] if o.split("=")[0] != override.split("=")[0]] + [override]
+    with pytest.raises(VlpetError, match=hint.replace(".", r"\.")):
+        import_reference_checkpoint(golden[case] / "LAST.pth", readme["vlpet_preset"], tmp_path / "a",
+                                    readme["backbone"], overrides)

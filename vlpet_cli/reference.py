@@ -133,7 +133,7 @@ class Mapped:
     tensors: dict = field(default_factory=dict)  # vlpet name (pet.*, projector.*) -> tensor
     backbone: dict = field(default_factory=dict)  # HF backbone name -> tensor
     heads: dict = field(default_factory=dict)  # vlpet down name -> {head index: tensor}
-    values: dict = field(default_factory=dict)  # vlpet value name -> {task: tensor}
+    values: dict = field(default_factory=dict)  # vlpet name -> {task: tensor} (the per-task copies of a module)
     ignored: list = field(default_factory=list)
     unexpected: list = field(default_factory=list)
     gates: set = field(default_factory=set)  # gate granularities the checkpoint holds
@@ -327,38 +327,64 @@ def task_embedding_rows(mapped: Mapped, preset: Preset, pth: Path) -> dict:
     return {"pet.task_embeddings": torch.stack([by_task[t] for t in order])}
 
 
-def guess_preset(mapped: Mapped) -> tuple[str | None, list[str]]:
-    """(preset name, overrides) matching what the checkpoint holds, or (None, []) when it cannot tell."""
+def guess_preset(mapped: Mapped) -> str | None:
+    """The preset whose modules the checkpoint holds, or None (no added modules, or a mix no preset has).
+
+    Sizes are not guessed: a preset whose sizes differ is refused with the override to pass (`_override_hint`)."""
     methods = mapped.methods - {"value"}
     gate = next(iter(mapped.gates)) if len(mapped.gates) == 1 else None
     compacter = any(k.endswith(".rule") for k in mapped.values)
     if "vlpet" in methods and gate:
         if compacter:
-            return f"compacter-g{gate}-lw", []
-        return f"vlpet-{gate}", []
+            return f"compacter-g{gate}-lw"
+        return f"vlpet-{gate}"
     if methods == {"adapter"}:
-        return ("compacter" if compacter else "vl-adapter"), []
+        return ("compacter" if compacter else "vl-adapter")
     if methods == {"lora"}:
-        return "lora", []
+        return "lora"
     if methods == {"prompt"}:
-        return "prompt-tuning", []
+        return "prompt-tuning"
     if methods == {"hyperformer"}:
-        return "hyperformer", []
-    return None, []
+        return "hyperformer"
+    return None
 
 
 # ---- checking --------------------------------------------------------------------------------------------------
+MODULE_FIELD = {"pet.encoder_modules.": "pet.encoder", "pet.decoder_modules.": "pet.decoder",
+                "pet.value.": "pet.value", "pet.gates.": "pet.gate"}
+# (vlpet tensor name prefix, suffix) -> (preset field, the checkpoint tensor's dimension that holds its value)
+SIZE_FIELD = {("pet.prompt.", "embedding.weight"): ("pet.prompt.length", 0),
+              ("pet.prompt.", "mlp.0.weight"): ("pet.prompt.mid_dim", 0),
+              ("pet.task_embeddings", ""): ("pet.hyperformer.task_dim", 1),
+              ("pet.hyper.", "layer_embedding.weight"): ("pet.hyperformer.layer_dim", 1),
+              ("pet.hyper.", "mlp.0.weight"): ("pet.hyperformer.hidden", 0),
+              ("pet.hyper.", "mlp.2.weight"): ("pet.hyperformer.projected", 0),
+              ("pet.hyper.", "down_bias.weight"): ("pet.hyperformer.r", 0),
+              ("pet.lora.", ".A"): ("pet.lora.r", 0), ("pet.lora.", ".B"): ("pet.lora.r", 1)}
+
+
+def _bottleneck_width(name: str, shape: tuple) -> int | None:
+    """r of a bottleneck tensor: Linear down (r, d) / up (d, r), PHM down (n, d/n, r/n) / up (n, r/n, d/n)."""
+    if name.endswith(".rule") or name.endswith("up.bias"):
+        return None
+    if len(shape) == 3:
+        return shape[0] * (shape[2] if ".down." in name else shape[1])
+    return shape[1] if name.endswith(".up.weight") else shape[0]
+
+
 def _override_hint(name: str, shape: tuple) -> str:
     """The preset override that gives a vlpet tensor the checkpoint's shape."""
-    width = shape[1] if name.endswith(".up.weight") else shape[0]
-    if name.startswith("pet.encoder_modules."):
-        return f"set pet.encoder.r={width}"
-    if name.startswith("pet.gates."):
-        return f"set pet.gate.r={width}"
-    if name.startswith("pet.value."):
-        return f"set pet.value.r={width}"
     if name == "projector.feat_embedding.0.weight":
         return f"set model.feat_dim={shape[1]} (2048: CLIP RN101 image features, 512: video)"
+    for (start, end), (key, dim) in SIZE_FIELD.items():
+        if name.startswith(start) and name.endswith(end):
+            return f"set {key}={shape[dim]}"
+    prefix = next((k for k in MODULE_FIELD if name.startswith(k)), None)
+    if prefix and name.endswith(".rule"):
+        return f"set {MODULE_FIELD[prefix]}.phm_n={shape[0]}"
+    width = _bottleneck_width(name, shape)
+    if prefix and width:
+        return f"set {MODULE_FIELD[prefix]}.r={width}"
     return "check the preset and its overrides"
 
 
@@ -373,7 +399,7 @@ def _fit_hint(preset: Preset, mapped: Mapped) -> str:
     """What to change when the checkpoint's modules and the preset's disagree."""
     gate = preset.pet.gate.granularity if preset.pet.gate else "none"
     held = sorted(mapped.gates) or ["none"]
-    guess, _ = guess_preset(mapped)
+    guess = guess_preset(mapped)
     pick = f"pass --preset {guess}" if guess and guess != preset.name else "pick the matching preset"
     if held != [gate]:
         return (f"The checkpoint holds {holds(mapped)}; the preset's gate is '{gate}': {pick} "
@@ -408,11 +434,11 @@ def check_fit(model, preset: Preset, mapped: Mapped, tensors: dict, pth: Path) -
     if frozen:
         raise VlpetError(f"preset '{preset.name}' keeps {_first(frozen)} frozen, so the adapter could not carry "
                          f"them; set pet.trainable.projector=true")
-    for name, tensor in found.items():
-        want = tuple(params[name].shape)
-        if tuple(tensor.shape) != want:
-            raise VlpetError(f"{pth}: {name} has shape {tuple(tensor.shape)} in the checkpoint but {want} in the "
-                             f"model built from preset '{preset.name}': {_override_hint(name, tuple(tensor.shape))}")
+    wrong = [(name, tuple(t.shape)) for name, t in found.items() if tuple(t.shape) != tuple(params[name].shape)]
+    if wrong:  # report the tensor whose shape names an override, where one does
+        name, shape = min(wrong, key=lambda w: _override_hint(*w).startswith("check"))
+        raise VlpetError(f"{pth}: {name} has shape {shape} in the checkpoint but {tuple(params[name].shape)} in the "
+                         f"model built from preset '{preset.name}': {_override_hint(name, shape)}")
     return found
 
 
@@ -500,7 +526,7 @@ def _preset_from_checkpoint(state: dict, pth: Path) -> str:
     """The preset `guess_preset` finds for a checkpoint, or an error saying which preset and overrides to pass."""
     family = checkpoint_family(state) or "bart"
     mapped = map_keys(state, family, set())
-    guess, _ = guess_preset(mapped)
+    guess = guess_preset(mapped)
     if guess is None:
         raise VlpetError(f"{pth}: cannot tell the preset from the checkpoint (it holds {holds(mapped)}); pass "
                          f"--preset (bitfit or full-finetune for a checkpoint without added modules, or the method's "
