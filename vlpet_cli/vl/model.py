@@ -112,7 +112,7 @@ class VLModel(nn.Module):
 
     def prompt_len(self) -> int:
         """Prompt rows in front of the text (0 without prompt tuning)."""
-        return 0 if self.pet.prompt is None else self.pet.prompt.embedding.weight.shape[0]
+        return 0 if self.pet.prompt is None else self.pet.cfg.prompt.length
 
     def encode(self, batch: dict):
         """(encoder outputs, attention mask) for a batch; sets the PET context (task, mask)."""
