@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models: a second thread only adds contention
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TOLERANCE = 2e-5  # float32: max |difference| of encoder outputs, logits and losses
