@@ -140,6 +140,7 @@ def test_visual_ids_number_images_and_objects():
     ("tiny-bart-prompt-tuning", "pet.prompt.mid_dim=32", "set pet.prompt.mid_dim=64"),
     ("tiny-bart-hyperformer", "pet.hyperformer.r=8", "set pet.hyperformer.r=16"),
     ("tiny-t5-vl-adapter", "pet.decoder.r=8", "set pet.decoder.r=16"),
+    ("tiny-t5-vl-adapter", "pet.encoder.r=192", "set pet.encoder.r=16 "),
 ])
 def test_wrong_size_names_the_override(case, override, hint, golden, tmp_path):
     readme = json.loads((golden[case] / "README.json").read_text())
@@ -147,3 +148,8 @@ def test_wrong_size_names_the_override(case, override, hint, golden, tmp_path):
     with pytest.raises(VlpetError, match=hint.replace(".", r"\.")):
         import_reference_checkpoint(golden[case] / "LAST.pth", readme["vlpet_preset"], tmp_path / "a",
                                     readme["backbone"], overrides)
+
+
+def test_every_size_override_is_named_at_once(golden, tmp_path):
+    with pytest.raises(VlpetError, match=r"set pet\.decoder\.r=16 pet\.encoder\.r=16 \(the overrides to pass\)"):
+        import_reference_checkpoint(golden["tiny-t5-vl-adapter"] / "LAST.pth", None, tmp_path / "a", "tiny-t5")

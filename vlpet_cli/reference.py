@@ -435,10 +435,12 @@ def check_fit(model, preset: Preset, mapped: Mapped, tensors: dict, pth: Path) -
         raise VlpetError(f"preset '{preset.name}' keeps {_first(frozen)} frozen, so the adapter could not carry "
                          f"them; set pet.trainable.projector=true")
     wrong = [(name, tuple(t.shape)) for name, t in found.items() if tuple(t.shape) != tuple(params[name].shape)]
-    if wrong:  # report the tensor whose shape names an override, where one does
+    if wrong:  # report a tensor whose shape names an override, and every override the shapes call for
         name, shape = min(wrong, key=lambda w: _override_hint(*w).startswith("check"))
+        hints = sorted({h[len("set "):] for w in wrong if (h := _override_hint(*w)).startswith("set ")})
+        fix = f"set {' '.join(hints)} (the overrides to pass)" if hints else _override_hint(name, shape)
         raise VlpetError(f"{pth}: {name} has shape {shape} in the checkpoint but {tuple(params[name].shape)} in the "
-                         f"model built from preset '{preset.name}': {_override_hint(name, shape)}")
+                         f"model built from preset '{preset.name}': {fix}")
     return found
 
 
