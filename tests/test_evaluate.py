@@ -24,9 +24,13 @@ class Tok:
 def test_generation_settings_are_explicit_per_family():
     bart = generation_kwargs(GenerationSpec(num_beams=5, max_length=40), "bart", Tok())
     assert bart["num_beams"] == 5 and bart["max_length"] == 40 and bart["early_stopping"]
-    assert bart["no_repeat_ngram_size"] == 3 and bart["forced_bos_token_id"] == 0  # bart-base's config defaults
+    # bart-base's config defaults as transformers 4.2.1 applied them (issue 11): no forced BOS, EOS forced in beams
+    assert bart["no_repeat_ngram_size"] == 3 and bart["forced_bos_token_id"] is None
+    assert bart["forced_eos_token_id"] == 2
+    assert generation_kwargs(GenerationSpec(num_beams=1), "bart", Tok())["forced_eos_token_id"] is None
     t5 = generation_kwargs(GenerationSpec(), "t5", Tok())
-    assert t5["no_repeat_ngram_size"] == 0 and "forced_bos_token_id" not in t5 and t5["num_beams"] == 1
+    assert t5["no_repeat_ngram_size"] == 0 and t5["forced_bos_token_id"] is None and t5["num_beams"] == 1
+    assert t5["forced_eos_token_id"] is None
     assert generation_kwargs(GenerationSpec(no_repeat_ngram_size=0), "bart", Tok())["no_repeat_ngram_size"] == 0
 
 

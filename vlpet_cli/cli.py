@@ -261,7 +261,8 @@ def _score_file(task, predictions, annotations, split, metric, vqa_variant, allo
 
 @app.command("import-reference")
 def import_reference(checkpoint: Path = typer.Argument(..., help="the reference code's .pth (e.g. LAST.pth)"),
-                     preset: str = typer.Option(..., "--preset", "-p", help="the preset matching its run"),
+                     preset: str | None = typer.Option(None, "--preset", "-p",
+                                                       help="the preset of its run (default: from the checkpoint)"),
                      out: Path = typer.Option(..., help="adapter directory to write"),
                      backbone: str | None = typer.Option(None, help="the backbone it was trained from"),
                      allow_mismatch: bool = typer.Option(False, help="import even if frozen weights differ"),

@@ -71,6 +71,9 @@ class TrainablePolicy(Strict):
     biases: bool = False
     projector: bool = True
     backbone: bool = False
+    relative_attention_bias: bool = Field(
+        False, description="T5: train the relative_attention_bias tables too (the reference's --unfreeze_bias and "
+                           "--use_lora do: they match any name containing 'bias')")
 
 
 class PetConfig(Strict):

@@ -25,21 +25,43 @@ RTOL, ATOL = 1e-5, 1e-6
 LARGE_DIFFERENCE = 1e-2
 SHOW = 5  # names shown in an error message
 
-# Where the reference's encoder modules sit. BART: inside BartEncoderLayer. T5: inside T5LayerSelfAttention
-# (layer.0) for `attn_*` names and T5LayerFF (layer.1) for `ff_*` names; `_sublayer_ok` checks the pairing.
+# Where the reference's modules sit. BART: inside BartEncoderLayer / BartDecoderLayer. T5: inside the block's
+# sub-layers, `layer.{0,1}` (encoder: attention, FFN) and `layer.{0,1,2}` (decoder: self, cross, FFN);
+# `_sublayer_ok` checks the pairing of module name and sub-layer index.
 SITES = {
     "bart": {"ROOT": r"model\.", "ENC": r"model\.encoder\.layers\.(?P<layer>\d+)\.",
-             "CROSS": r"model\.decoder\.layers\.(?P<layer>\d+)\.encoder_attn\."},
+             "DEC": r"model\.decoder\.layers\.(?P<layer>\d+)\.",
+             "CROSS": r"model\.decoder\.layers\.(?P<layer>\d+)\.encoder_attn\.",
+             "ATT": r"model\.(?P<stack>encoder|decoder)\.layers\.(?P<layer>\d+)\.(?P<att>self_attn|encoder_attn)\."
+                    r"(?P<proj>q|k|v|out)_proj\."},
     "t5": {"ROOT": "", "ENC": r"encoder\.block\.(?P<layer>\d+)\.layer\.(?P<sub>\d+)\.",
-           "CROSS": r"decoder\.block\.(?P<layer>\d+)\.layer\.1\.EncDecAttention\."},
+           "DEC": r"decoder\.block\.(?P<layer>\d+)\.layer\.(?P<sub>\d+)\.",
+           "CROSS": r"decoder\.block\.(?P<layer>\d+)\.layer\.1\.EncDecAttention\.",
+           "ATT": r"(?P<stack>encoder|decoder)\.block\.(?P<layer>\d+)\.layer\.\d+\."
+                  r"(?P<att>SelfAttention|EncDecAttention)\.(?P<proj>q|k|v|o)\."},
 }
 T5_SUBLAYER = {"attn": "0", "ff": "1"}
-KIND = {"attn": "attn", "ff": "ffn"}  # reference sub-layer word -> vlpet SubLayer.kind
+T5_DECODER_SUBLAYER = {"self": "0", "cross": "1", "ffn": "2"}
+KIND = {"attn": "attn", "ff": "ffn"}  # reference encoder sub-layer word -> vlpet SubLayer.kind
+DECODER_KIND = {"self_attn": "self", "attn": "self", "enc_attn": "cross", "ff": "ffn"}  # BART / T5 decoder words
+ATTENTION = {("encoder", "self_attn"): "attn", ("encoder", "SelfAttention"): "attn",
+             ("decoder", "self_attn"): "self", ("decoder", "SelfAttention"): "self",
+             ("decoder", "encoder_attn"): "cross", ("decoder", "EncDecAttention"): "cross"}
+PROJECTION = {"out": "o"}
+PARAM = {"phm_rule": "rule", "W": "weight", "b": "bias"}  # Compacter's PHM names -> vlpet PHMLinear names
+PROMPT_LAYER = {"0": "embedding", "1": "mlp.0", "3": "mlp.2"}  # prefix_embedding = Embedding, Linear, Tanh, Linear
+HYPER_BLOCK = {("encoder", "self_attention"): "attn", ("encoder", "feed_forward"): "ffn",
+               ("decoder", "self_attention"): "self", ("decoder", "cross_attention"): "cross",
+               ("decoder", "feed_forward"): "ffn"}
 CHECKPOINT_CLASS = {"bart": "VLBart", "t5": "VLT5"}
 
 P = r"(?P<p>weight|bias)"
+PHM = r"(?P<p>weight|bias|phm_rule|W|b)"
 VIS = r"{ROOT}encoder\.visual_embedding\."
-# (reference name pattern, vlpet name template or None to ignore, what it is)
+TASK = r"(?P<task>[^.]+)"
+HYPER = r"{ROOT}(?P<hstack>encoder|decoder)\.adapter_layers_hyper_net\."
+# (reference name pattern, vlpet name template or None to ignore, what it is). "task:" rows hold one copy per task
+# that must be equal (`--use_single_*`); "module:" rows name the method for the preset hint.
 RULES: list[tuple[str, str | None, str]] = [
     (VIS + r"(?P<mod>feat_embedding\.[01]|absolute_vis_pos_embedding\.[01]|img_order_embedding)\." + P,
      "projector.{mod}.{p}", "projector"),
@@ -47,7 +69,7 @@ RULES: list[tuple[str, str | None, str]] = [
     (r"{ENC}(?P<kind>attn|ff)_adapter_multihead_down\.(?P<head>\d+)\." + P,
      "pet.encoder_modules.encoder_{layer}_{kind}.down.{p}", "down head"),
     (r"{ENC}(?P<kind>attn|ff)_adapter_multihead_up\." + P,
-     "pet.encoder_modules.encoder_{layer}_{kind}.up.{p}", "module"),
+     "pet.encoder_modules.encoder_{layer}_{kind}.up.{p}", "module:vlpet"),
     (r"{ENC}encoder_(?P<kind>attn|ff)_adapter_gating_large_x_(?P<which>down|up)\." + P,
      "pet.gates.encoder_{layer}_{kind}.{which}.{p}", "gate:large"),
     (r"{ENC}encoder_(?P<kind>attn|ff)_adapter_gating_middle_xy_add\." + P,
@@ -56,9 +78,44 @@ RULES: list[tuple[str, str | None, str]] = [
      "pet.gates.encoder_{layer}_{kind}.z", "gate:middley"),
     (r"{ENC}encoder_(?P<kind>attn|ff)_adapter_gating_small_xy_cat\." + P,
      "pet.gates.encoder_{layer}_{kind}.proj.{p}", "gate:small"),
-    (r"{CROSS}attn_value_parallel_adapter\.adapters\.(?P<task>[^.]+)\.(?P<which>down|up)_sampler\." + P,
-     "pet.value.decoder_{layer}_cross.{which}.{p}", "value"),
+    (r"{CROSS}attn_value_parallel_adapter\.adapters\." + TASK + r"\.(?P<which>down|up)_sampler\." + PHM,
+     "pet.value.decoder_{layer}_cross.{which}.{p}", "task:value"),
+    (r"{ENC}(?P<kind>attn|ff)_adapter\.adapters\." + TASK + r"\.(?P<which>down|up)_sampler\." + PHM,
+     "pet.encoder_modules.encoder_{layer}_{kind}.{which}.{p}", "task:adapter"),
+    (r"{DEC}(?P<dkind>self_attn|attn|enc_attn|ff)_adapter\.adapters\." + TASK + r"\.(?P<which>down|up)_sampler\."
+     + PHM, "pet.decoder_modules.decoder_{layer}_{dkind}.{which}.{p}", "task:adapter"),
+    (r"{ATT}lora_(?P<ab>A|B)s\." + TASK, "pet.lora.{stack}_{layer}_{att}_{proj}.{ab}", "task:lora"),
+    (r"{ROOT}encoder\.prompt_modules\.prompts\." + TASK + r"\.prefix_embedding\.(?P<idx>[013])\." + P,
+     "pet.prompt.{idx}.{p}", "task:prompt"),
+    (r"{ROOT}(?:shared_task_embed|(?:encoder|decoder)\.task_embed)\.task_to_embeddings\." + TASK,
+     "pet.task_embeddings", "task embedding"),
+    (HYPER + r"layer_id_embeddings\.weight", "pet.hyper.{hstack}.layer_embedding.weight", "module:hyperformer"),
+    (HYPER + r"task_hypernet\.task_embeding_generator\.(?P<idx>[02])\." + P, "pet.hyper.{hstack}.mlp.{idx}.{p}",
+     "module:hyperformer"),
+    (HYPER + r"LayerNorm\." + P, "pet.hyper.{hstack}.mlp.3.{p}", "module:hyperformer"),
+    (HYPER + r"(?P<block>self_attention|cross_attention|feed_forward)_(?P<which>up|down)_sampler_hyper_net\."
+     r"(?P<gen>weight|bias)_generator\.0\." + P, "pet.hyper.{hstack}.generators.{block}.{which}_{gen}.{p}",
+     "module:hyperformer"),
 ]
+
+
+def _names(groups: dict) -> dict:
+    """The reference's words in a match, turned into vlpet's."""
+    g = {k: v for k, v in groups.items() if v is not None}
+    if "kind" in g:
+        g["kind"] = KIND[g["kind"]]
+    if "dkind" in g:
+        g["dkind"] = DECODER_KIND[g["dkind"]]
+    if "att" in g:
+        g["att"] = ATTENTION[(g["stack"], g["att"])]
+        g["proj"] = PROJECTION.get(g["proj"], g["proj"])
+    if "p" in g:
+        g["p"] = PARAM.get(g["p"], g["p"])
+    if "idx" in g and "hstack" not in g:
+        g["idx"] = PROMPT_LAYER[g["idx"]]
+    if "block" in g:
+        g["block"] = HYPER_BLOCK[(g["hstack"], g["block"])]
+    return g
 
 
 class Rule(NamedTuple):
@@ -76,10 +133,12 @@ class Mapped:
     tensors: dict = field(default_factory=dict)  # vlpet name (pet.*, projector.*) -> tensor
     backbone: dict = field(default_factory=dict)  # HF backbone name -> tensor
     heads: dict = field(default_factory=dict)  # vlpet down name -> {head index: tensor}
-    values: dict = field(default_factory=dict)  # vlpet value name -> {task: tensor}
+    values: dict = field(default_factory=dict)  # vlpet name -> {task: tensor} (the per-task copies of a module)
     ignored: list = field(default_factory=list)
     unexpected: list = field(default_factory=list)
     gates: set = field(default_factory=set)  # gate granularities the checkpoint holds
+    methods: set = field(default_factory=set)  # module families: vlpet, adapter, lora, prompt, hyperformer
+    task_embeddings: dict = field(default_factory=dict)  # source module -> {reference task: tensor}
 
 
 def rules(family: str) -> list[Rule]:
@@ -170,25 +229,34 @@ def map_keys(state: dict, family: str, backbone_keys: set[str]) -> Mapped:
         if rule.target is None:
             out.ignored.append(key)
             continue
-        groups = match.groupdict()
-        if "kind" in groups:
-            groups["kind"] = KIND[groups["kind"]]
+        groups = _names(match.groupdict())
         name = rule.target.format(**groups)
-        if rule.what.startswith("gate:"):
-            out.gates.add(rule.what[len("gate:"):])
+        kind, _, word = rule.what.partition(":")
+        if kind == "gate":
+            out.gates.add(word)
+        if kind in ("task", "module", "gate"):
+            out.methods.add("vlpet" if kind == "gate" or word == "value" else word)
         if rule.what == "down head":
             out.heads.setdefault(name, {})[int(groups["head"])] = tensor
-        elif rule.what == "value":
+            out.methods.add("vlpet")
+        elif kind == "task":
             out.values.setdefault(name, {})[groups["task"]] = tensor
+        elif rule.what == "task embedding":
+            out.task_embeddings.setdefault(key.rsplit(".", 1)[0], {})[groups["task"]] = tensor
+            out.methods.add("hyperformer")
         else:
             out.tensors[name] = tensor
     return out
 
 
 def _sublayer_ok(match: re.Match) -> bool:
-    """T5: attention modules must sit in layer.0 (T5LayerSelfAttention), FFN modules in layer.1 (T5LayerFF)."""
+    """T5: encoder attention modules sit in layer.0, FFN ones in layer.1; decoder self/cross/FFN in layer.0/1/2."""
     groups = match.groupdict()
-    return groups.get("sub") is None or T5_SUBLAYER.get(groups.get("kind")) == groups["sub"]
+    if groups.get("sub") is None:
+        return True
+    if groups.get("dkind"):
+        return T5_DECODER_SUBLAYER.get(DECODER_KIND[groups["dkind"]]) == groups["sub"]
+    return T5_SUBLAYER.get(groups.get("kind")) == groups["sub"]
 
 
 def join_heads(heads: dict, pth: Path) -> tuple[dict, int | None]:
@@ -207,8 +275,13 @@ def join_heads(heads: dict, pth: Path) -> tuple[dict, int | None]:
     return joined, counts.pop() if counts else None
 
 
+WHAT = {"pet.value.": "value adapters", "pet.encoder_modules.": "encoder adapters",
+        "pet.decoder_modules.": "decoder adapters", "pet.lora.": "LoRA matrices", "pet.prompt.": "prompts"}
+SINGLE_FLAG = {"pet.lora.": "--use_single_lora", "pet.prompt.": "--use_single_prompt"}
+
+
 def merge_tasks(values: dict, pth: Path) -> tuple[dict, list[str]]:
-    """One tensor per value-adapter weight: the task copies of `--use_single_adapter` must be equal."""
+    """One tensor per module weight: the task copies of `--use_single_adapter` (lora, prompt) must be equal."""
     import torch
 
     merged, tasks = {}, set()
@@ -218,38 +291,121 @@ def merge_tasks(values: dict, pth: Path) -> tuple[dict, list[str]]:
         first = per_task[names[0]]
         for task in names[1:]:
             if per_task[task].shape != first.shape or not torch.equal(per_task[task], first):
-                layer = name.split(".")[2].split("_")[1]
+                prefix = next((k for k in WHAT if name.startswith(k)), "")
+                where = name.split(".")[2].split("_") if name.count(".") > 2 else []
+                site = f"{where[0]} layer {where[1]}" if len(where) > 1 and where[1].isdigit() else "the encoder"
+                flag = SINGLE_FLAG.get(prefix, "--use_single_adapter")
                 raise VlpetError(
-                    f"{pth}: decoder layer {layer} has different value adapters for tasks '{names[0]}' and "
-                    f"'{task}' ({name}): the checkpoint was trained with one adapter per task (without "
-                    f"--use_single_adapter), while vlpet's value adapter is shared by all tasks")
+                    f"{pth}: {site} has different {WHAT.get(prefix, 'modules')} for tasks '{names[0]}' and "
+                    f"'{task}' ({name}): the checkpoint was trained with one module per task (without {flag}), "
+                    f"while vlpet's modules are shared by all tasks")
         merged[name] = first
     return merged, sorted(tasks)
 
 
+def task_embedding_rows(mapped: Mapped, preset: Preset, pth: Path) -> dict:
+    """HyperFormer's task embeddings as one [tasks, dim] tensor in the preset's task order (caption = coco)."""
+    import torch
+
+    from vlpet_cli.data.tasks import ALIASES
+
+    if not mapped.task_embeddings:
+        return {}
+    if preset.pet.hyperformer is None:
+        return {"pet.task_embeddings": None}  # check_fit names it as a tensor the model lacks
+    sources = list(mapped.task_embeddings.values())
+    first = sources[0]
+    for other in sources[1:]:
+        if sorted(other) != sorted(first) or any(not torch.equal(other[t], first[t]) for t in first):
+            raise VlpetError(f"{pth}: the task embeddings of the encoder, decoder and shared table differ; vlpet "
+                             f"keeps one table for both stacks (the reference's --unique_hyper_net)")
+    by_task = {ALIASES.get(t, t): v for t, v in first.items()}
+    order = preset.pet.hyperformer.tasks
+    if sorted(by_task) != sorted(order):
+        raise VlpetError(f"{pth}: the checkpoint has task embeddings for {sorted(by_task)}, the preset's "
+                         f"pet.hyperformer.tasks are {order}; set pet.hyperformer.tasks to the reference's --tasks")
+    return {"pet.task_embeddings": torch.stack([by_task[t] for t in order])}
+
+
+def guess_preset(mapped: Mapped) -> str | None:
+    """The preset whose modules the checkpoint holds, or None (no added modules, or a mix no preset has).
+
+    Sizes are not guessed: a preset whose sizes differ is refused with the override to pass (`_override_hint`)."""
+    methods = mapped.methods - {"value"}
+    gate = next(iter(mapped.gates)) if len(mapped.gates) == 1 else None
+    compacter = any(k.endswith(".rule") for k in mapped.values)
+    if "vlpet" in methods and gate:
+        if compacter:
+            return f"compacter-g{gate}-lw"
+        return f"vlpet-{gate}"
+    if methods == {"adapter"}:
+        return ("compacter" if compacter else "vl-adapter")
+    if methods == {"lora"}:
+        return "lora"
+    if methods == {"prompt"}:
+        return "prompt-tuning"
+    if methods == {"hyperformer"}:
+        return "hyperformer"
+    return None
+
+
 # ---- checking --------------------------------------------------------------------------------------------------
+MODULE_FIELD = {"pet.encoder_modules.": "pet.encoder", "pet.decoder_modules.": "pet.decoder",
+                "pet.value.": "pet.value", "pet.gates.": "pet.gate"}
+# (vlpet tensor name prefix, suffix) -> (preset field, the checkpoint tensor's dimension that holds its value)
+SIZE_FIELD = {("pet.prompt.", "embedding.weight"): ("pet.prompt.length", 0),
+              ("pet.prompt.", "mlp.0.weight"): ("pet.prompt.mid_dim", 0),
+              ("pet.task_embeddings", ""): ("pet.hyperformer.task_dim", 1),
+              ("pet.hyper.", "layer_embedding.weight"): ("pet.hyperformer.layer_dim", 1),
+              ("pet.hyper.", "mlp.0.weight"): ("pet.hyperformer.hidden", 0),
+              ("pet.hyper.", "mlp.2.weight"): ("pet.hyperformer.projected", 0),
+              ("pet.hyper.", "down_bias.weight"): ("pet.hyperformer.r", 0),
+              ("pet.lora.", ".A"): ("pet.lora.r", 0), ("pet.lora.", ".B"): ("pet.lora.r", 1)}
+
+
+def _bottleneck_width(name: str, shape: tuple) -> int | None:
+    """r of a bottleneck tensor: Linear down (r, d) / up (d, r), PHM down (n, d/n, r/n) / up (n, r/n, d/n)."""
+    if name.endswith(".rule") or name.endswith("up.bias"):
+        return None
+    if len(shape) == 3:
+        return shape[0] * (shape[2] if ".down." in name else shape[1])
+    return shape[1] if name.endswith(".up.weight") else shape[0]
+
+
 def _override_hint(name: str, shape: tuple) -> str:
     """The preset override that gives a vlpet tensor the checkpoint's shape."""
-    width = shape[1] if name.endswith(".up.weight") else shape[0]
-    if name.startswith("pet.encoder_modules."):
-        return f"set pet.encoder.r={width}"
-    if name.startswith("pet.gates."):
-        return f"set pet.gate.r={width}"
-    if name.startswith("pet.value."):
-        return f"set pet.value.r={width}"
     if name == "projector.feat_embedding.0.weight":
         return f"set model.feat_dim={shape[1]} (2048: CLIP RN101 image features, 512: video)"
+    for (start, end), (key, dim) in SIZE_FIELD.items():
+        if name.startswith(start) and name.endswith(end):
+            return f"set {key}={shape[dim]}"
+    prefix = next((k for k in MODULE_FIELD if name.startswith(k)), None)
+    if prefix and name.endswith(".rule"):
+        return f"set {MODULE_FIELD[prefix]}.phm_n={shape[0]}"
+    width = _bottleneck_width(name, shape)
+    if prefix and width:
+        return f"set {MODULE_FIELD[prefix]}.r={width}"
     return "check the preset and its overrides"
+
+
+def holds(mapped: Mapped) -> str:
+    """What the checkpoint holds, in words, for error messages."""
+    methods = sorted(mapped.methods - {"value"}) or ["no added modules (BitFit or full fine-tuning)"]
+    gates = f", gates '{', '.join(sorted(mapped.gates))}'" if mapped.gates else ""
+    return f"modules: {', '.join(methods)}{gates}"
 
 
 def _fit_hint(preset: Preset, mapped: Mapped) -> str:
     """What to change when the checkpoint's modules and the preset's disagree."""
     gate = preset.pet.gate.granularity if preset.pet.gate else "none"
     held = sorted(mapped.gates) or ["none"]
+    guess = guess_preset(mapped)
+    pick = f"pass --preset {guess}" if guess and guess != preset.name else "pick the matching preset"
     if held != [gate]:
-        return (f"The checkpoint's gates are '{', '.join(held)}', the preset's '{gate}': pick the matching preset "
+        return (f"The checkpoint holds {holds(mapped)}; the preset's gate is '{gate}': {pick} "
                 f"(vlpet-large, vlpet-middlex, vlpet-middley, vlpet-small) or override pet.gate.granularity")
-    return "Check the preset and its overrides (pet.encoder, pet.gate, pet.value, pet.trainable)"
+    return (f"The checkpoint holds {holds(mapped)}: {pick}, or check its overrides (pet.encoder, pet.decoder, "
+            f"pet.gate, pet.value, pet.lora, pet.prompt, pet.hyperformer, pet.trainable)")
 
 
 def check_fit(model, preset: Preset, mapped: Mapped, tensors: dict, pth: Path) -> dict:
@@ -262,9 +418,9 @@ def check_fit(model, preset: Preset, mapped: Mapped, tensors: dict, pth: Path) -
             found[f"backbone.{key}"] = tensor
     if mapped.unexpected:
         raise VlpetError(f"{pth}: {len(mapped.unexpected)} checkpoint key(s) match no VL-PET module and no "
-                         f"backbone tensor: {_first(mapped.unexpected)}. vlpet imports VL-PET checkpoints "
-                         f"(multi-head encoder modules, gates, decoder value adapters) on the backbone they were "
-                         f"trained from")
+                         f"backbone tensor: {_first(mapped.unexpected)}. vlpet imports the reference's VL-PET, "
+                         f"VL-Adapter, Compacter, LoRA, prompt-tuning, HyperFormer, BitFit and full fine-tuning "
+                         f"checkpoints on the backbone they were trained from")
     missing = sorted(trainable - set(found))
     extra = sorted(n for n in tensors if n not in params)
     frozen = sorted(n for n in tensors if n in params and n not in trainable)
@@ -278,11 +434,13 @@ def check_fit(model, preset: Preset, mapped: Mapped, tensors: dict, pth: Path) -
     if frozen:
         raise VlpetError(f"preset '{preset.name}' keeps {_first(frozen)} frozen, so the adapter could not carry "
                          f"them; set pet.trainable.projector=true")
-    for name, tensor in found.items():
-        want = tuple(params[name].shape)
-        if tuple(tensor.shape) != want:
-            raise VlpetError(f"{pth}: {name} has shape {tuple(tensor.shape)} in the checkpoint but {want} in the "
-                             f"model built from preset '{preset.name}': {_override_hint(name, tuple(tensor.shape))}")
+    wrong = [(name, tuple(t.shape)) for name, t in found.items() if tuple(t.shape) != tuple(params[name].shape)]
+    if wrong:  # report a tensor whose shape names an override, and every override the shapes call for
+        name, shape = min(wrong, key=lambda w: _override_hint(*w).startswith("check"))
+        hints = sorted({h[len("set "):] for w in wrong if (h := _override_hint(*w)).startswith("set ")})
+        fix = f"set {' '.join(hints)} (the overrides to pass)" if hints else _override_hint(name, shape)
+        raise VlpetError(f"{pth}: {name} has shape {shape} in the checkpoint but {tuple(params[name].shape)} in the "
+                         f"model built from preset '{preset.name}': {fix}")
     return found
 
 
@@ -340,7 +498,7 @@ def object_rows_source(state: dict, mapped: Mapped, word_keys: list[str]):
     return state[alias] if alias else None
 
 
-def backbone_warnings(comparison: dict, backbone: str, vocab: int, original_vocab: int) -> list[str]:
+def backbone_warnings(comparison: dict, backbone: str) -> list[str]:
     """What the report should tell the user about the frozen backbone."""
     warnings = []
     if not comparison["compared"]:
@@ -350,10 +508,6 @@ def backbone_warnings(comparison: dict, backbone: str, vocab: int, original_voca
         warnings.append(f"{comparison['differing']} of {comparison['compared']} frozen backbone tensors differ from "
                         f"'{backbone}' (largest relative difference {comparison['max_relative_difference']:.3g}); "
                         f"the adapter runs on the backbone you gave, not on the checkpoint's copy")
-    extra_rows = max(0, vocab - N_VIS - original_vocab)
-    if extra_rows:
-        warnings.append(f"{extra_rows} added vocabulary rows (<extra_id_*>) are frozen random rows that the adapter "
-                        f"does not carry; they only matter if a model generates those tokens")
     return warnings
 
 
@@ -370,6 +524,18 @@ def _resolve_preset(preset: str | Preset, backbone: str | None, overrides: Itera
     return validate(data, f"preset '{preset.name}'")
 
 
+def _preset_from_checkpoint(state: dict, pth: Path) -> str:
+    """The preset `guess_preset` finds for a checkpoint, or an error saying which preset and overrides to pass."""
+    family = checkpoint_family(state) or "bart"
+    mapped = map_keys(state, family, set())
+    guess = guess_preset(mapped)
+    if guess is None:
+        raise VlpetError(f"{pth}: cannot tell the preset from the checkpoint (it holds {holds(mapped)}); pass "
+                         f"--preset (bitfit or full-finetune for a checkpoint without added modules, or the method's "
+                         f"preset) and the overrides of its run, e.g. pet.encoder.r=192 for T5")
+    return guess
+
+
 def _check_out(out: Path) -> None:
     """Refuse to replace a directory that is not an adapter directory (save_adapter replaces it whole)."""
     from vlpet_cli.vl.state import ADAPTER_CONFIG
@@ -378,10 +544,12 @@ def _check_out(out: Path) -> None:
         raise VlpetError(f"{out} exists and is not an adapter directory; choose a new --out path")
 
 
-def import_reference_checkpoint(pth: Path, preset: str | Preset, out: Path, backbone: str | None = None,
+def import_reference_checkpoint(pth: Path, preset: str | Preset | None, out: Path, backbone: str | None = None,
                                 overrides: Iterable[str] = (), allow_mismatch: bool = False) -> dict:
     """Map a reference VLBart/VLT5 `.pth` onto a vlpet model for `preset` and write an adapter directory at `out`.
 
+    preset None picks the preset from the checkpoint's modules where they say it (`guess_preset`). Every added
+    vocabulary row (extra ids and object-order codes) is taken from the checkpoint and carried by the adapter.
     Returns a report: counts of mapped tensors, heads, tasks, and how the frozen backbone compares."""
     import torch
 
@@ -393,6 +561,8 @@ def import_reference_checkpoint(pth: Path, preset: str | Preset, out: Path, back
     pth, out = Path(pth), Path(out)
     _check_out(out)
     state, notes = load_state_dict(pth)
+    if preset is None:
+        preset = _preset_from_checkpoint(state, pth)
     resolved = _resolve_preset(preset, backbone, overrides)
     bb = backbones.resolve(resolved.model.backbone)
     found_family = checkpoint_family(state)
@@ -408,7 +578,11 @@ def import_reference_checkpoint(pth: Path, preset: str | Preset, out: Path, back
     mapped = map_keys(state, bb.family, set(backbone_state))
     heads, n_heads = join_heads(mapped.heads, pth)
     values, tasks = merge_tasks(mapped.values, pth)
-    tensors = {**mapped.tensors, **heads, **values}
+    clash = sorted((set(mapped.tensors) & set(heads)) | (set(mapped.tensors) | set(heads)) & set(values))
+    if clash:
+        raise VlpetError(f"{pth}: two kinds of reference module map onto {_first(clash)} (e.g. VL-PET multi-head and "
+                         f"VL-Adapter adapters in one sub-layer); vlpet holds one module per sub-layer")
+    tensors = {**mapped.tensors, **heads, **values, **task_embedding_rows(mapped, resolved, pth)}
     check_backbone_shapes(model, mapped, pth, resolved.model.backbone)
     found = check_fit(model, resolved, mapped, tensors, pth)
 
@@ -417,6 +591,7 @@ def import_reference_checkpoint(pth: Path, preset: str | Preset, out: Path, back
         raise VlpetError(f"{pth} has no word embedding ({_first(word_keys)}): the object-order rows of the visual "
                          f"projector live there; import the full state dict the reference saved")
     original_vocab = backbones.load_config(bb).vocab_size
+    added = max(N_VIS, words.shape[0] - original_vocab)
     comparison = compare_frozen(model, mapped, original_vocab)
     if comparison["large"] and not allow_mismatch:
         raise VlpetError(f"{pth} was not trained from backbone '{resolved.model.backbone}': frozen tensors "
@@ -428,10 +603,11 @@ def import_reference_checkpoint(pth: Path, preset: str | Preset, out: Path, back
         for name, tensor in found.items():
             params[name].copy_(tensor.to(params[name].dtype))
         if not words.requires_grad:
-            words[-N_VIS:].copy_(source_words[-N_VIS:].to(words.dtype))
+            words[-added:].copy_(source_words[-added:].to(words.dtype))
+            model.carried_rows = added
     size = save_adapter(out, model, resolved, {"imported_from": str(pth)})
 
-    warnings = backbone_warnings(comparison, resolved.model.backbone, words.shape[0], original_vocab)
+    warnings = backbone_warnings(comparison, resolved.model.backbone)
     return {
         "source": str(pth), "out": str(out), "bytes": size, "preset": resolved.name,
         "backbone": resolved.model.backbone, "family": bb.family,
@@ -439,7 +615,8 @@ def import_reference_checkpoint(pth: Path, preset: str | Preset, out: Path, back
         "prefix_stripped": notes["prefix_stripped"],
         "imported": len(found) + (0 if words.requires_grad else 1),
         "adapter_tensors": sorted([*found, *([] if words.requires_grad else [OBJ_ROWS])]),
-        "encoder_heads": n_heads, "value_tasks": tasks, "gates": sorted(mapped.gates),
+        "encoder_heads": n_heads, "value_tasks": tasks, "task_modules": tasks, "methods": sorted(mapped.methods),
+        "carried_vocab_rows": 0 if words.requires_grad else added, "gates": sorted(mapped.gates),
         "ignored": mapped.ignored,
         "backbone_in_checkpoint": len(mapped.backbone),
         "backbone_compared": comparison["compared"], "backbone_differing": comparison["differing"],

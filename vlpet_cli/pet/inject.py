@@ -168,6 +168,7 @@ def set_trainable(backbone: nn.Module, pet: PetModules, projector: nn.Module, po
             names.update(norms["decoder"])
     for name, p in backbone.named_parameters():
         wanted = policy.backbone or name in names or (policy.biases and name.endswith("bias"))
+        wanted = wanted or (policy.relative_attention_bias and "relative_attention_bias" in name)
         p.requires_grad_(wanted)
     for p in projector.parameters():
         p.requires_grad_(policy.projector or policy.backbone)

@@ -8,14 +8,25 @@ from vlpet_cli.config import GenerationSpec
 def generation_kwargs(spec: GenerationSpec, family: str, tokenizer) -> dict:
     """Every decoding setting spelled out, so nothing is inherited silently from a model's config.
 
-    BART keeps the reference's effective defaults (facebook/bart-base's config: no_repeat_ngram_size 3, forced
-    BOS, early stopping) unless overridden; T5 has none of them.
+    BART decodes as the reference did under transformers 4.2.1 with facebook/bart-base's config: no_repeat_ngram_size
+    3 and early stopping unless overridden, no forced BOS (4.2.1 ignored `forced_bos_token_id`), and in beam search
+    `</s>` forced at `max_length - 1` (BART's `adjust_logits_during_generation`); greedy decoding forces nothing.
+    T5 has none of these.
     """
     ngram = spec.no_repeat_ngram_size
+    beams = spec.num_beams > 1
     kwargs = {"num_beams": spec.num_beams, "max_length": spec.max_length, "do_sample": False,
               "no_repeat_ngram_size": 3 if ngram is None and family == "bart" else (ngram or 0),
-              "early_stopping": spec.num_beams > 1, "length_penalty": 1.0,
-              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
-    if family == "bart" and tokenizer.bos_token_id is not None:
-        kwargs["forced_bos_token_id"] = tokenizer.bos_token_id
+              "early_stopping": beams, "length_penalty": 1.0,
+              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+              "forced_bos_token_id": None,
+              "forced_eos_token_id": tokenizer.eos_token_id if family == "bart" and beams else None}
     return kwargs
+
+
+def generation_config(spec: GenerationSpec, family: str, tokenizer, decoder_start_token_id: int):
+    """A transformers GenerationConfig holding every setting of `generation_kwargs`."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(decoder_start_token_id=decoder_start_token_id,
+                            **generation_kwargs(spec, family, tokenizer))

@@ -29,7 +29,7 @@ def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
 
 
 class VLModel(nn.Module):
-    """The encoder sees [text ; visual] (T5: [prompts ; text ; visual]) through inputs_embeds."""
+    """The encoder sees [prompts ; text ; visual] through inputs_embeds, as the reference's forked encoders do."""
 
     def __init__(self, backbone: nn.Module, projector: VisualProjector, pet: PetModules, n_boxes: int):
         super().__init__()
@@ -38,7 +38,7 @@ class VLModel(nn.Module):
         self.pet = pet
         self.n_boxes = n_boxes
         self.family = anatomy.family(backbone)
-        self._text_len: int | None = None
+        self._span: tuple[int, int] | None = None  # (prompt rows, text rows) of the encoder input being run
         self._full_len = 0
         self.identity: dict | None = None  # the pretrained backbone's identity, set when built with weights
         text_modules = anatomy.text_embedding_modules(backbone)
@@ -47,26 +47,45 @@ class VLModel(nn.Module):
             positions.register_forward_pre_hook(self._text_only_position_ids)
             positions.register_forward_hook(self._text_only_positions)
             norm.register_forward_hook(self._text_only_norm)
+        if self.family == "t5":
+            first = next(s for s in anatomy.sublayers(backbone) if s.stack == "encoder" and s.kind == "attn")
+            first.h_module.register_forward_pre_hook(self._text_only_position_bias, with_kwargs=True)
 
-    # BART adds learned positions and layernorm_embedding to the text tokens only (spec pipeline §3.2):
-    # positions are looked up for the first t rows and padded with zeros for the visual (and prompt) rows.
+    # BART adds learned positions to the text tokens only (spec pipeline §3.2): positions 0..t-1 are looked up for
+    # the text rows and zeros are placed in the prompt and visual rows; layernorm_embedding then runs over
+    # prompts + text (the reference's encoder prepends the prompts to the position-embedded text), not the visual rows.
     def _text_only_position_ids(self, module, args):
-        if self._text_len is None:
+        if self._span is None:
             return None
         self._full_len = args[0].shape[1]
-        return (args[0][:, :self._text_len], *args[1:])
+        return (args[0][:, :self._span[1]], *args[1:])
 
     def _text_only_positions(self, module, args, output):
-        if self._text_len is None:
+        if self._span is None:
             return output
-        pad = output.new_zeros(output.shape[0], self._full_len - output.shape[1], output.shape[-1])
-        return torch.cat([output, pad], dim=1)
+        prompts, text = self._span
+        before = output.new_zeros(output.shape[0], prompts, output.shape[-1])
+        after = output.new_zeros(output.shape[0], self._full_len - prompts - text, output.shape[-1])
+        return torch.cat([before, output, after], dim=1)
 
     def _text_only_norm(self, module, args, output):
-        t = self._text_len
-        if t is None:
+        if self._span is None:
             return output
-        return torch.cat([output[:, :t], args[0][:, t:]], dim=1)
+        n = sum(self._span)
+        return torch.cat([output[:, :n], args[0][:, n:]], dim=1)
+
+    # T5: the reference computes the layer-0 relative position bias over the prompt + text rows only and puts it in
+    # the text x text block of an otherwise zero bias; text-visual and visual-visual pairs get none. The stock layer
+    # shares the bias it is given with every later layer, and adds the attention mask to it.
+    def _text_only_position_bias(self, module, args, kwargs):
+        if self._span is None or kwargs.get("position_bias") is not None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        n, length = sum(self._span), hidden.shape[1]
+        block = module.compute_bias(n, n, device=hidden.device)
+        bias = block.new_zeros(1, block.shape[1], length, length)
+        bias[:, :, :n, :n] = block
+        return args, {**kwargs, "position_bias": bias.to(hidden.dtype)}
 
     @property
     def config(self):
@@ -85,24 +104,26 @@ class VLModel(nn.Module):
         parts = [text, vis.to(text.dtype)]
         masks = [text_mask, text_mask.new_ones(b, vis.shape[1])]
         if self.pet.prompt is not None:
+            # The reference's order: [prompts ; text ; visual] (the prompts sit in the text part).
             prompts = self.pet.prompt(b).to(text.dtype)
-            # BART has no positions past the embedding layer, so appending equals prepending; T5's relative
-            # attention bias depends on order, so the prompts go first there.
-            where = len(parts) if self.family == "bart" else 0
-            parts.insert(where, prompts)
-            masks.insert(where, text_mask.new_ones(b, prompts.shape[1]))
+            parts.insert(0, prompts)
+            masks.insert(0, text_mask.new_ones(b, prompts.shape[1]))
         return torch.cat(parts, 1), torch.cat(masks, 1), input_ids.shape[1]
+
+    def prompt_len(self) -> int:
+        """Prompt rows in front of the text (0 without prompt tuning)."""
+        return 0 if self.pet.prompt is None else self.pet.cfg.prompt.length
 
     def encode(self, batch: dict):
         """(encoder outputs, attention mask) for a batch; sets the PET context (task, mask)."""
         embeds, mask, text_len = self.embed(batch)
         self.pet.task = batch.get("task")
         self.pet.encoder_mask = mask
-        self._text_len = text_len if self.family == "bart" else None
+        self._span = (self.prompt_len(), text_len)
         try:
             out = self.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
         finally:
-            self._text_len = None
+            self._span = None
         return out, mask
 
     def decoder_inputs(self, labels: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,8 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     words = anatomy.word_embedding(model.backbone).weight
     if not words.requires_grad:
-        state[OBJ_ROWS] = words.detach()[-N_VIS:].cpu().contiguous()
+        # the object-order codes; an imported reference checkpoint carries all its added rows (`carried_rows`)
+        state[OBJ_ROWS] = words.detach()[-getattr(model, "carried_rows", N_VIS):].cpu().contiguous()
     return state
 
 
@@ -51,7 +52,12 @@ def load_adapter_state(model, state: dict[str, torch.Tensor], source: str) -> No
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in state.items():
-            target = anatomy.word_embedding(model.backbone).weight[-N_VIS:] if name == OBJ_ROWS else params[name]
+            if name == OBJ_ROWS:  # the trailing added vocabulary rows: N_VIS, or all added rows of an import
+                words = anatomy.word_embedding(model.backbone).weight
+                model.carried_rows = min(max(tensor.shape[0], N_VIS), words.shape[0])
+                target = words[-model.carried_rows:]
+            else:
+                target = params[name]
             if target.shape != tensor.shape:
                 raise VlpetError(f"{source}: {name} has shape {tuple(tensor.shape)}, model has {tuple(target.shape)}")
             target.copy_(tensor.to(target.dtype))
