@@ -59,7 +59,7 @@ def test_declared_values_are_the_references():
     assert {n: c.batch_ratio for n, c in TASKS.items()} == {
         "vqa": Fraction(1), "gqa": Fraction(100, 60), "nlvr": Fraction(20, 60), "coco": Fraction(50, 60)}
     assert TASKS["nlvr"].decoding == ScoreChoices(("true", "false"))
-    assert TASKS["coco"].decoding == Generate(num_beams=5, max_length=40)
+    assert TASKS["coco"].decoding == Generate(num_beams=5, max_length=20)
     assert TASKS["vqa"].decoding == TASKS["gqa"].decoding == Generate(num_beams=1, max_length=20)
     assert TASKS["coco"].validation_metrics == ("cider",)
     assert [n for n, c in TASKS.items() if c.split_option] == ["coco"]

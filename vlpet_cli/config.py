@@ -148,7 +148,7 @@ class EvalConfig(Strict):
     generation: dict[str, GenerationSpec] = {
         "vqa": GenerationSpec(num_beams=1, max_length=20),
         "gqa": GenerationSpec(num_beams=1, max_length=20),
-        "coco": GenerationSpec(num_beams=5, max_length=40),
+        "coco": GenerationSpec(num_beams=5, max_length=20),
     }
 
 
