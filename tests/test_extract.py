@@ -16,12 +16,12 @@ import pytest
 
 from vlpet_cli.data.features import inspect_features, open_features
 from vlpet_cli.errors import DataError, VlpetError
-from vlpet_cli.extract import (
+from vlpet_cli.extract import images_from
+from vlpet_cli.vision import (
     CLIP_MEAN,
     CLIP_STD,
     TINY_CLIP,
     extract_features,
-    images_from,
     load_image,
     load_vision_model,
     report_path,
@@ -188,7 +188,8 @@ CHILD = """
 import sys, time
 from pathlib import Path
 from vlpet_cli.data import features
-from vlpet_cli.extract import extract_features, images_from
+from vlpet_cli.extract import images_from
+from vlpet_cli.vision import extract_features
 
 add = features.PackedWriter.add
 def slow_add(self, ids, feats):

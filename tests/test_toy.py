@@ -222,7 +222,7 @@ def test_build_is_deterministic(root, tmp_path):
     import numpy as np
 
     from vlpet_cli.data.features import open_features
-    from vlpet_cli.extract import extract_features
+    from vlpet_cli.vision import extract_features
 
     assert toy.make_world() == toy.make_world()
     toy.write_world(toy.make_world(), tmp_path)

@@ -52,7 +52,7 @@ def load_for_eval(path: Path, backbone: str | None = None):
     elif (path / "config.yaml").exists():
         raise VlpetError(f"{path} is a run without a final adapter yet; wait for training to finish or "
                          f"evaluate {path / 'checkpoints' / 'best'}")
-    from vlpet_cli.merge import load_any
+    from vlpet_cli.artifacts import load_any
 
     model, tokenizer, preset = load_any(path, backbone=backbone)
     return model, tokenizer, preset, path
@@ -79,7 +79,7 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     out_dir = out_dir or (adapter_dir.parent / "eval" if adapter_dir.name == "adapter" else adapter_dir / "eval")
     results = evaluate_model(model, tokenizer, preset, split, metrics, batch_size, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from vlpet_cli.vl.state import write_json
+    from vlpet_cli.atomic import write_json
 
     for task, record in results.items():
         preds = record.pop("predictions")

@@ -8,6 +8,7 @@ The run's average is the mean over the tasks that have a score.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,8 +156,6 @@ def plot_report(rows: list[dict], out: Path, split: str = "test") -> Path:
 
 def plain_log_ticks(axis: Any, values: list[float]) -> None:
     """Label a log axis 0.1, 1, 10 rather than 10^-1; label the minor ticks too when the data span one decade."""
-    import math
-
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     plain = FuncFormatter(lambda v, _: f"{v:g}")
