@@ -14,10 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlpet_cli.data.features import inspect_features, open_features
-from vlpet_cli.errors import DataError, VlpetError
-from vlpet_cli.extract import images_from
-from vlpet_cli.vision import (
+from vlpet_cli.data.extraction import (
     CLIP_MEAN,
     CLIP_STD,
     TINY_CLIP,
@@ -26,6 +23,9 @@ from vlpet_cli.vision import (
     load_vision_model,
     report_path,
 )
+from vlpet_cli.data.features import inspect_features, open_features
+from vlpet_cli.errors import DataError, VlpetError
+from vlpet_cli.extract import images_from
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,7 +189,7 @@ import sys, time
 from pathlib import Path
 from vlpet_cli.data import features
 from vlpet_cli.extract import images_from
-from vlpet_cli.vision import extract_features
+from vlpet_cli.data.extraction import extract_features
 
 add = features.PackedWriter.add
 def slow_add(self, ids, feats):

@@ -1,13 +1,13 @@
-"""`vlpet extract-features`: which images to extract, handed to the extraction library (`vlpet_cli.vision`)."""
+"""`vlpet extract-features`: which images to extract, handed to the extraction library (`data/extraction.py`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from vlpet_cli.data.extraction import ExtractSummary, extract_features
 from vlpet_cli.data.features import annotation_images
 from vlpet_cli.errors import DataError
-from vlpet_cli.vision import ExtractSummary, extract_features
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

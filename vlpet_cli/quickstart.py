@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
+from vlpet_cli.data.extraction import TINY_CLIP, extract_features
 from vlpet_cli.data.features import locate_features, open_features
 from vlpet_cli.data.toy import SOURCES, build_toy
 from vlpet_cli.evaluate import evaluate, evaluate_model
 from vlpet_cli.metrics import PRIMARY_METRIC
 from vlpet_cli.train import TOY_DEFAULTS, resolve_train_preset, train
-from vlpet_cli.vision import TINY_CLIP, extract_features
 from vlpet_cli.vl.model import build_model
 
 TASKS = ["vqa", "gqa", "nlvr", "coco"]

@@ -21,8 +21,8 @@ from pathlib import Path
 from filelock import FileLock
 
 from vlpet_cli.atomic import write_text
+from vlpet_cli.data.extraction import extract_features
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.vision import extract_features
 
 TOY_VERSION = "toy-v1"
 SEED = 20230817

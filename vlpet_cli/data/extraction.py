@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TINY_CLIP = Path(__file__).parent / "assets" / "tiny-clip"
+TINY_CLIP = Path(__file__).parent.parent / "assets" / "tiny-clip"
 _REPORT_HEADER = "# id\tpath\treason\n"
 
 
