@@ -11,7 +11,9 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from rich.table import Table
 
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.metrics import PRIMARY_METRIC
@@ -25,9 +27,6 @@ from vlpet_cli.plots import (
     task_order,
     val_events,
 )
-
-if TYPE_CHECKING:
-    from rich.table import Table
 
 SPLITS: tuple[str, ...] = ("test", "val")
 
@@ -166,8 +165,6 @@ def plain_log_ticks(axis: Any, values: list[float]) -> None:
 
 def report_table(rows: list[dict]) -> Table:
     """A rich Table of the rows: run, method, backbone, trainable %, each task's score, average."""
-    from rich.table import Table
-
     tasks = task_order({t for r in rows for t in r["tasks"]})
     split = rows[0]["split"] if rows else "test"
     table = Table(title=f"runs on {split}")

@@ -10,13 +10,21 @@ re-run skips the ids already written.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from huggingface_hub import snapshot_download
+from PIL import Image
+from transformers import CLIPVisionModel
 
 from vlpet_cli.atomic import write_text
 from vlpet_cli.data.features import (
@@ -27,9 +35,6 @@ from vlpet_cli.data.features import (
 )
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.progress import Progress
-
-if TYPE_CHECKING:
-    import numpy as np
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -93,8 +98,6 @@ def _model_dir(model: str | Path) -> tuple[Path, str]:
     if str(model) == "tiny-clip":
         return TINY_CLIP, "tiny-clip"
     try:
-        from huggingface_hub import snapshot_download
-
         return Path(snapshot_download(str(model), local_files_only=True)), str(model)
     except Exception as exc:
         raise VlpetError(
@@ -106,8 +109,6 @@ def _model_dir(model: str | Path) -> tuple[Path, str]:
 
 def _preprocessor_stats(model_dir: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Normalisation mean/std from preprocessor_config.json when present, else CLIP's."""
-    import json
-
     cfg_path = model_dir / "preprocessor_config.json"
     mean, std = CLIP_MEAN, CLIP_STD
     if cfg_path.is_file():
@@ -124,12 +125,6 @@ def _preprocessor_stats(model_dir: Path) -> tuple[tuple[float, ...], tuple[float
 
 def load_vision_model(model: str | Path, device: str | None = None) -> VisionModel:
     """Load a CLIPVisionModel (a vision-only or a full CLIP checkpoint) in eval mode, fp32."""
-    import json
-
-    import torch
-    import transformers
-    from transformers import CLIPVisionModel
-
     model_dir, model_id = _model_dir(model)
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
@@ -158,9 +153,6 @@ def load_vision_model(model: str | Path, device: str | None = None) -> VisionMod
 
 def load_image(path: Path, size: int) -> np.ndarray:
     """Decode an image with PIL: RGB, BICUBIC resize to (size, size); uint8 (size, size, 3)."""
-    import numpy as np
-    from PIL import Image
-
     with Image.open(path) as img:
         img = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
         return np.asarray(img, dtype=np.uint8)
@@ -168,8 +160,6 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
 def normalize(pixels: np.ndarray, mean: tuple, std: tuple) -> np.ndarray:
     """uint8 RGB (S, S, 3) -> float32 (3, S, S), as ToTensor + Normalize would."""
-    import numpy as np
-
     scale = 1.0 / (255.0 * np.asarray(std, dtype=np.float32))
     shift = np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32)
     return np.ascontiguousarray((pixels.astype(np.float32) * scale - shift).transpose(2, 0, 1))
@@ -182,16 +172,11 @@ def preprocess(path: Path, size: int, mean: tuple, std: tuple) -> np.ndarray:
 
 def to_pixels(arrays: list[np.ndarray]) -> Any:
     """Preprocessed images -> one pixel_values batch tensor (B, 3, S, S)."""
-    import numpy as np
-    import torch
-
     return torch.from_numpy(np.stack(arrays))
 
 
 def grid_features(vm: VisionModel, pixel_values: Any, layer: int = -1) -> Any:
     """Patch tokens of hidden_states[layer] (class token dropped), float32 (B, grid*grid, hidden)."""
-    import torch
-
     with torch.inference_mode():
         pixel_values = pixel_values.to(vm.device)
         if layer in (-1, vm.num_layers):

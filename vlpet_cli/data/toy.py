@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from filelock import FileLock
+from PIL import Image, ImageDraw
 
 from vlpet_cli.atomic import write_text
 from vlpet_cli.data.extraction import extract_features
@@ -131,8 +132,6 @@ def random_scene(rng: random.Random, img_id: str, source: str) -> Scene:
 def render_scene(scene: Scene, mask: bool = False):
     """Draw a scene as a 112x112 RGB PIL image; mask=True draws a grayscale map instead, where pixel value
     i + 1 marks shape i and 0 the background."""
-    from PIL import Image, ImageDraw
-
     if mask:
         img = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     else:
