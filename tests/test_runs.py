@@ -87,7 +87,7 @@ def test_layout_is_kept_and_old_checkpoints_pruned(parts, tmp_path):
     assert names == ["step-2", "step-3"]
     assert ckpt.latest() == tmp_path / "checkpoints" / "step-3"
     files = sorted(p.name for p in ckpt.latest().iterdir())
-    assert files == ["model.safetensors", "optimizer.safetensors", "state.json"]
+    assert files == ["files.json", "model.safetensors", "optimizer.safetensors", "state.json"]
     meta = json.loads((ckpt.latest() / "state.json").read_text())
     assert meta["progress"] == {"epoch": 0, "step_in_epoch": 0, "global_step": 3, "best": None}
 

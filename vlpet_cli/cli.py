@@ -150,7 +150,7 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
           overrides: list[str] | None = OVERRIDES) -> None:
     """Train PET modules on a frozen backbone, on one task or several at once."""
     from vlpet_cli.runs import load_run_preset
-    from vlpet_cli.train import resolve_train_preset
+    from vlpet_cli.train import TrainingInterrupted, resolve_train_preset
     from vlpet_cli.train import train as run_training
 
     if resume:
@@ -164,7 +164,11 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
         resolved = resolve_train_preset(preset, _tasks_option(task), data_root, backbone, overrides or [])
         tasks = resolved.data.tasks
         run_dir = runs_dir / (name or f"{resolved.name}-{tasks[0] if len(tasks) == 1 else 'multitask'}")
-    summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after).summary
+    try:
+        summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after).summary
+    except TrainingInterrupted as exc:
+        err_console.print(str(exc), highlight=False, soft_wrap=True)
+        raise SystemExit(exc.exit_code) from None
     if "adapter" in summary:
         console.print(f"done in {summary['seconds']:.0f} s, {summary['updates']} updates; adapter: "
                       f"{summary['adapter']} ({summary['adapter_bytes'] / 1e6:.2f} MB); run: {run_dir}")

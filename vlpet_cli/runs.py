@@ -7,6 +7,7 @@ position, optimizer groups and scheduler (`state.json`), so `--resume` continues
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -24,6 +25,7 @@ from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.presets import to_yaml, validate
 
+MANIFEST = "files.json"  # sizes and sha256 of a checkpoint's other files, written last
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -118,6 +120,43 @@ def _step_of(path: Path) -> int:
     return int(path.name.split("-")[1])
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """files.json: size and sha256 of every other file of a checkpoint, to detect damage before resuming."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    write_json(directory / MANIFEST, {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files})
+
+
+def damage(directory: Path) -> str | None:
+    """Why a checkpoint cannot be trusted (a missing, resized or changed file), or None when it is intact.
+    Checkpoints written before manifests existed are trusted when their state.json is there."""
+    if not (directory / "state.json").is_file():
+        return "state.json is missing"
+    path = directory / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        return f"{MANIFEST} is not valid JSON"
+    for name, want in manifest.items():
+        file = directory / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != want["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, {want['bytes']} were written"
+        if _sha256(file) != want["sha256"]:
+            return f"{name} does not match the sha256 recorded when it was written"
+    return None
+
+
 class Checkpointer:
     """Saves and restores the full resumable state of a run under `<run>/checkpoints/step-N/`, keeping `keep`."""
 
@@ -134,6 +173,18 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
+    def latest_intact(self) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """The newest checkpoint whose files match their manifest, and the newer damaged ones with the reason."""
+        candidates = sorted((p for p in self.directory.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+                            key=_step_of, reverse=True)
+        damaged = []
+        for path in candidates:
+            why = damage(path)
+            if why is None:
+                return path, damaged
+            damaged.append((path, why))
+        return None, damaged
+
     def save(self, model, optimizer, scheduler, state: TrainState,
              generators: dict[str, torch.Generator] | None = None) -> Path:
         """checkpoints/step-N/: trainable tensors, optimizer moments, scheduler, every RNG and the loop position."""
@@ -147,6 +198,7 @@ class Checkpointer:
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         write_json(tmp / "state.json", {"progress": asdict(state), "param_groups": opt["param_groups"],
                                         "scheduler": scheduler.state_dict(), "rng": rng_meta})
+        write_manifest(tmp)
         commit()
         steps = sorted((p for p in self.directory.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
                        key=_step_of)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +43,8 @@ from vlpet_cli.runs import (
 )
 from vlpet_cli.vl.model import build_model
 
-__all__ = ["TOY_DEFAULTS", "TrainResult", "load_run_preset", "param_groups", "resolve_train_preset", "train"]
+__all__ = ["TOY_DEFAULTS", "TrainResult", "TrainingInterrupted", "load_run_preset", "param_groups",
+           "resolve_train_preset", "train"]
 
 # The toy world is small: smaller batches give the PET modules enough updates, and a higher rate suits them.
 TOY_DEFAULTS = ["train.batch_size=24", "train.lr=3e-3", "train.epochs=8", "eval.every=4", "eval.batch_size=64"]
@@ -129,6 +133,47 @@ class Session:
         return self.state.epoch * self.steps_per_epoch + self.state.step_in_epoch
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training after a resumable checkpoint; `exit_code` is 130 or 143."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Interrupts:
+    """While active, the first SIGINT/SIGTERM only asks the loop to checkpoint and stop; a second one aborts at
+    once (Ctrl-C raises KeyboardInterrupt, SIGTERM kills). Handlers are installed only in the main thread."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS}
+        return self
+
+    def _request(self, signum: int, frame) -> None:
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        """Whether any process was asked to stop (all processes agree, so they checkpoint together)."""
+        asked = self.signum is not None
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([1.0 if asked else 0.0], device=accelerator.device)
+            asked = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        return asked
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def loader_generator(loader: MultitaskLoader) -> torch.Generator:
     """The training DataLoader's own generator (each pass draws its workers' base seed from it)."""
     return loader._data_loader().generator
@@ -175,9 +220,7 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     total = session.total_updates
     session.scheduler = get_linear_schedule_with_warmup(optimizer, int(preset.train.warmup_ratio * total), total)
     if resume:
-        last = session.checkpointer.latest()
-        if last is None:
-            raise VlpetError(f"cannot resume {run_dir}: it has no checkpoint yet; start it again with --overwrite")
+        last = intact_checkpoint(session)
         session.state = session.checkpointer.load(last, model, optimizer, session.scheduler,
                                                   {"train": loader_generator(loader)})
     elif accelerator.is_main_process:
@@ -186,6 +229,38 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     session.unwrapped = accelerator.unwrap_model(session.model)
     session.info = budget(session.unwrapped)
     return session
+
+
+def intact_checkpoint(session: Session) -> Path:
+    """The newest checkpoint whose files match what was written; newer damaged ones are named in a warning."""
+    last, damaged = session.checkpointer.latest_intact()
+    if last is None:
+        if damaged:
+            reasons = "; ".join(f"{path.name}: {why}" for path, why in damaged)
+            raise VlpetError(f"cannot resume {session.run_dir}: no intact checkpoint ({reasons}); start it again "
+                             f"with --overwrite")
+        raise VlpetError(f"cannot resume {session.run_dir}: it has no checkpoint yet; start it again with "
+                         f"--overwrite")
+    if session.main:
+        for path, why in damaged:
+            print(f"warning: checkpoint {path} is damaged ({why}); resuming from {last.name} instead",
+                  file=sys.stderr, flush=True)
+    return last
+
+
+def _interrupted(session: Session, interrupts: Interrupts) -> TrainingInterrupted:
+    """Record the stop and say where the checkpoint is and how to continue."""
+    state, run_dir = session.state, session.run_dir
+    signum = interrupts.signum or signal.SIGINT
+    name = signal.Signals(signum).name
+    if session.main:
+        append_event(run_dir, {"event": "interrupted", "signal": name, "epoch": state.epoch,
+                               "step_in_epoch": state.step_in_epoch, "update": state.global_step})
+    where = session.checkpointer.directory / f"step-{state.global_step}"
+    return TrainingInterrupted(
+        f"{name}: training stopped at update {state.global_step} (epoch {state.epoch + 1}, step "
+        f"{state.step_in_epoch}); checkpoint saved in {where}. Continue with: vlpet train --resume "
+        f"--name {run_dir.name} --runs-dir {run_dir.parent}", 128 + int(signum))
 
 
 def checkpoint(session: Session) -> None:
@@ -221,9 +296,12 @@ class FitResult:
     seconds: float
 
 
-def fit(session: Session, progress: Progress, stop_after: int | None = None) -> FitResult:
+def fit(session: Session, progress: Progress, stop_after: int | None = None,
+        interrupts: Interrupts | None = None) -> FitResult:
     """The epochs: forward/backward, (accumulated) updates, logging, checkpoints and validation every
-    eval.every epochs. `stop_after` pauses after that many updates in this invocation."""
+    eval.every epochs. `stop_after` pauses after that many updates in this invocation; a signal caught by
+    `interrupts` checkpoints at the next update and raises TrainingInterrupted."""
+    interrupts = interrupts or Interrupts()
     preset, state, accelerator = session.preset, session.state, session.accelerator
     model, optimizer, scheduler = session.model, session.optimizer, session.scheduler
     accum, steps_per_epoch = preset.train.grad_accum, session.steps_per_epoch
@@ -258,7 +336,8 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None) -> 
             samples += batch["input_ids"].shape[0] * accelerator.num_processes
             window.setdefault(task, []).append(loss.item())
             last_in_epoch = step + 1 == steps_per_epoch
-            if done_batches % accum == 0 or last_in_epoch:
+            updated = done_batches % accum == 0 or last_in_epoch
+            if updated:
                 if preset.train.clip_grad_norm:
                     accelerator.clip_grad_norm_(trainable, preset.train.clip_grad_norm)
                 optimizer.step()
@@ -286,6 +365,9 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None) -> 
             paused = pause_at is not None and state.global_step >= pause_at and not finished
             if not last_in_epoch and (finished or paused or (every and done_batches % (every * accum) == 0)):
                 checkpoint(session)
+            if updated and interrupts.requested(accelerator):
+                checkpoint(session)
+                raise _interrupted(session, interrupts)
             if finished or paused:
                 break
         if paused and state.step_in_epoch < steps_per_epoch:
@@ -295,6 +377,8 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None) -> 
         if preset.eval.every and (epoch + 1) % preset.eval.every == 0 and state.step_in_epoch == 0:
             last_val = validate_epoch(session, epoch, progress)
         checkpoint(session)
+        if interrupts.requested(accelerator):
+            raise _interrupted(session, interrupts)
         if paused:
             break
     accelerator.wait_for_everyone()
@@ -351,7 +435,8 @@ def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
                         enabled=session.main, done=session.done_batches, every_s=10.0, final_line=False)
     try:
         _announce(session, resume, progress)
-        fitted = fit(session, progress, stop_after)
+        with Interrupts() as interrupts:
+            fitted = fit(session, progress, stop_after, interrupts)
     finally:
         progress.close()
     return TrainResult(finish(session, fitted, progress), session.unwrapped)
