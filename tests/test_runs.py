@@ -100,10 +100,12 @@ def test_a_checkpoint_of_an_older_version_still_loads(parts, tmp_path):
     tensors = load_file(path / "optimizer.safetensors")
     save_file({k: v for k, v in tensors.items() if not k.startswith("rng/") or k == "rng/torch"},
               path / "optimizer.safetensors")
+    (path / "files.json").unlink()  # older versions wrote no manifest
     meta = json.loads((path / "state.json").read_text())
     del meta["rng"]
     meta["progress"]["future_field"] = 1
     (path / "state.json").write_text(json.dumps(meta))
+    assert ckpt.latest_intact() == (path, [])
     assert ckpt.load(path, model, optimizer, scheduler).global_step == 4
 
 
