@@ -44,6 +44,19 @@ def write_json(path: Path, data) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False))
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line with a single O_APPEND write, so the file only ever grows by whole lines (a log that a
+    reader or a crash never sees half of)."""
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
 def atomic_dir(final: Path):
     """A temp directory beside `final`; call commit() to move it into place (replacing any old one)."""
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from vlpet_cli.artifacts import adapter_state, load_adapter_state
-from vlpet_cli.atomic import atomic_dir, write_json, write_text
+from vlpet_cli.atomic import append_line, atomic_dir, write_json, write_text
 from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.presets import to_yaml, validate
@@ -63,12 +63,12 @@ def load_run_preset(run_dir: Path) -> Preset:
 
 
 def append_event(run_dir: Path, record: dict) -> None:
-    """Append one event to metrics.jsonl as a single whole line (one write call, so readers never see half)."""
-    with (Path(run_dir) / METRICS).open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    """Append one event to metrics.jsonl, the run's record of truth, as one whole line."""
+    append_line(Path(run_dir) / METRICS, json.dumps(record))
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
+    """Where the resumable step-N checkpoints (and `best`) are kept."""
     return Path(run_dir) / CHECKPOINTS
 
 
