@@ -14,6 +14,7 @@ $(BIN)/vlpet: pyproject.toml constraints.txt
 install: $(BIN)/vlpet
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 demo: install

@@ -78,8 +78,8 @@ def check_case(directory: Path, work: Path) -> dict:
     """Import one golden case, run vlpet on its inputs and compare with the reference's outputs."""
     import torch
 
+    from vlpet_cli.artifacts import load_adapter
     from vlpet_cli.reference import import_reference_checkpoint
-    from vlpet_cli.vl.state import load_adapter
 
     directory = Path(directory)
     readme = json.loads((directory / "README.json").read_text())

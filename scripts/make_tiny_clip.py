@@ -66,7 +66,7 @@ def toy_batch(rng: random.Random, n: int):
     import torch
 
     from vlpet_cli.data import toy
-    from vlpet_cli.extract import normalize
+    from vlpet_cli.data.extraction import normalize
 
     pixels, targets = [], []
     for _ in range(n):

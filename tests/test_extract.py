@@ -14,18 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlpet_cli.data.features import inspect_features, open_features
-from vlpet_cli.errors import DataError, VlpetError
-from vlpet_cli.extract import (
+from vlpet_cli.data.extraction import (
     CLIP_MEAN,
     CLIP_STD,
     TINY_CLIP,
     extract_features,
-    images_from,
     load_image,
     load_vision_model,
     report_path,
 )
+from vlpet_cli.data.features import inspect_features, open_features
+from vlpet_cli.data.tasks import annotation_images
+from vlpet_cli.errors import DataError, VlpetError
+from vlpet_cli.extract import images_from
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,7 +189,8 @@ CHILD = """
 import sys, time
 from pathlib import Path
 from vlpet_cli.data import features
-from vlpet_cli.extract import extract_features, images_from
+from vlpet_cli.extract import images_from
+from vlpet_cli.data.extraction import extract_features
 
 add = features.PackedWriter.add
 def slow_add(self, ids, feats):
@@ -250,7 +252,7 @@ def test_images_from_annotations(model_dir, tmp_path):
     }
     summary = extract_features(images, model_dir, tmp_path / "f.h5", progress=False)
     assert summary.written == 2 and [f[0] for f in summary.failed] == ["COCO_val2014_000000000003"]
-    info = inspect_features(tmp_path / "f.h5", karpathy)
+    info = inspect_features(tmp_path / "f.h5", annotation_images(karpathy), karpathy)
     assert info["missing_ids"] == ["COCO_val2014_000000000003"] and info["count"] == 2
 
     nlvr_dir = make_images(tmp_path / "nlvr" / "dev" / "1", 2)

@@ -15,7 +15,6 @@ from vlpet_cli.data.features import (
     FeatureStore,
     PackedWriter,
     PerImageWriter,
-    annotation_images,
     check_compatible,
     convert_features,
     describe_features,
@@ -24,6 +23,7 @@ from vlpet_cli.data.features import (
     missing_ids,
     open_features,
 )
+from vlpet_cli.data.tasks import annotation_images
 from vlpet_cli.errors import DataError
 
 T, D = 4, 6
@@ -238,7 +238,7 @@ def test_inspect_reports_missing_ids(tmp_path):
     path = write_packed(tmp_path / "f.h5", IDS[:2], feats(2))
     ann = tmp_path / "valid.json"
     ann.write_text(json.dumps([{"identifier": "x", "img0": IDS[0], "img1": "dev-1-img1", "label": 0}]))
-    info = inspect_features(path, ann)
+    info = inspect_features(path, annotation_images(ann), ann)
     assert info["count"] == 2 and info["shape"] == [2, T, D] and info["dtype"] == "float16"
     assert info["layout"] == "packed" and info["attributes"]["model"] == "m"
     assert info["annotation_ids"] == 2 and info["missing_count"] == 1 and info["missing_ids"] == ["dev-1-img1"]

@@ -8,12 +8,12 @@ import torch
 from safetensors.torch import load_file
 from test_merge import FEAT, batch_for, logits, seeded, trained_adapter
 
+from vlpet_cli.artifacts import OBJ_ROWS, load_adapter
 from vlpet_cli.merge import export_peft, fold_adapter, load_folded
 from vlpet_cli.pet import anatomy
 from vlpet_cli.presets import resolve
 from vlpet_cli.train import param_groups
 from vlpet_cli.vl.model import build_model
-from vlpet_cli.vl.state import OBJ_ROWS, load_adapter
 
 
 def make(backbone, *overrides):

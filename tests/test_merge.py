@@ -6,20 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlpet_cli.artifacts import OBJ_ROWS, kind_of, load_adapter, load_any, load_bundle, load_folded, save_adapter
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.merge import (
-    average_adapters,
-    export_peft,
-    fold_adapter,
-    kind_of,
-    load_any,
-    load_bundle,
-    load_folded,
-    merge_weights,
-)
+from vlpet_cli.merge import average_adapters, export_peft, fold_adapter, merge_weights
 from vlpet_cli.presets import resolve
 from vlpet_cli.vl.model import build_model
-from vlpet_cli.vl.state import OBJ_ROWS, load_adapter, save_adapter
 
 FEAT = 16
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from vlpet_cli.artifacts import load_adapter
 from vlpet_cli.inference import score
 from vlpet_cli.quickstart import quickstart
 from vlpet_cli.vl.model import build_model
-from vlpet_cli.vl.state import load_adapter
 
 
 def majority_rate(data: Path, task: str) -> float:

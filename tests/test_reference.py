@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vlpet_cli.artifacts import ADAPTER_WEIGHTS, OBJ_ROWS, adapter_state, load_adapter
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.presets import resolve
 from vlpet_cli.reference import import_reference_checkpoint, map_keys, rules
 from vlpet_cli.vl.model import build_model
-from vlpet_cli.vl.state import ADAPTER_WEIGHTS, OBJ_ROWS, adapter_state, load_adapter
 
 FEAT = 16
 HEADS = 4

@@ -91,7 +91,7 @@ def test_mismatched_preset_names_what_the_checkpoint_holds(golden, tmp_path):
 
 
 def test_all_added_vocabulary_rows_are_carried(golden, tmp_path):
-    from vlpet_cli.vl.state import load_adapter
+    from vlpet_cli.artifacts import load_adapter
 
     pth = golden["tiny-bart-vlpet-large-ownrows"] / "LAST.pth"
     readme = json.loads((pth.parent / "README.json").read_text())

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vlpet_cli.artifacts import ADAPTER_WEIGHTS
 from vlpet_cli.presets import resolve
 from vlpet_cli.reference import import_reference_checkpoint
 from vlpet_cli.vl.model import build_model
-from vlpet_cli.vl.state import ADAPTER_WEIGHTS
 
 FEAT = 16
 TASKS = ("vqa", "gqa", "nlvr", "caption")

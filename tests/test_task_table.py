@@ -14,7 +14,6 @@ from fractions import Fraction
 import pytest
 
 from vlpet_cli.config import DataConfig, EvalConfig, GenerationSpec, TrainConfig
-from vlpet_cli.data.features import annotation_images
 from vlpet_cli.data.multitask import DEFAULT_RATIOS, task_batch_sizes
 from vlpet_cli.data.tasks import (
     ALIASES,
@@ -22,6 +21,7 @@ from vlpet_cli.data.tasks import (
     Generate,
     ScoreChoices,
     Task,
+    annotation_images,
     get_task,
     primary_metrics,
     resolve_task,

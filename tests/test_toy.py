@@ -221,8 +221,8 @@ def test_tasks_are_not_solved_by_the_majority_answer(root):
 def test_build_is_deterministic(root, tmp_path):
     import numpy as np
 
+    from vlpet_cli.data.extraction import extract_features
     from vlpet_cli.data.features import open_features
-    from vlpet_cli.extract import extract_features
 
     assert toy.make_world() == toy.make_world()
     toy.write_world(toy.make_world(), tmp_path)

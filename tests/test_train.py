@@ -49,6 +49,8 @@ def test_resume_gives_the_same_weights_as_one_go(tmp_path):
     train_run(tmp_path, overrides=overrides, name="one-go")
     first, _ = train_run(tmp_path, overrides=overrides, name="paused", stop_after=3)
     assert first.summary["paused"] and not (tmp_path / "paused" / "adapter").exists()
+    saved = load_file(tmp_path / "paused" / "checkpoints" / "step-3" / "optimizer.safetensors")
+    assert {"rng/torch", "rng/generator/train", "rng/numpy"} <= set(saved)  # the loader's generator too
     resolved = resolve_train_preset("vlpet-small", ["coco"], "toy", "tiny-bart", overrides)
     train(resolved, tmp_path / "paused", resume=True, stop_after=4)  # crosses the epoch boundary
     train(resolved, tmp_path / "paused", resume=True)

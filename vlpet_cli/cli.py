@@ -12,7 +12,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vlpet_cli.atomic import write_text
+from vlpet_cli.data.features import convert_features, describe_features, inspect_features
+from vlpet_cli.data.tasks import annotation_images
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.presets import list_presets, load_raw, preset_path, resolve, to_yaml
+
+# Commands (and anything that imports torch or transformers) are imported inside the command functions, so that
+# `vlpet --help` answers at once.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Parameter-efficient tuning of vision-and-language encoder-decoders (VL-PET and baselines).")
@@ -39,8 +46,6 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks for
 @presets_app.command("ls")
 def presets_ls() -> None:
     """Name, method, description and backbone families of every shipped preset."""
-    from vlpet_cli.presets import list_presets, load_raw
-
     table = Table("preset", "method", "families", "description")
     for name in list_presets():
         raw = load_raw(name)
@@ -53,20 +58,16 @@ def presets_ls() -> None:
 def presets_show(name: str, backbone: str | None = typer.Option(None, help="resolve for this backbone"),
                  overrides: list[str] | None = OVERRIDES) -> None:
     """Print the resolved preset as YAML."""
-    from vlpet_cli.presets import resolve, to_yaml
-
     print(to_yaml(resolve(name, overrides, backbone)), end="")
 
 
 @presets_app.command("cp")
 def presets_cp(name: str, file: Path, force: bool = typer.Option(False, help="overwrite FILE")) -> None:
     """Copy a preset to FILE for editing; use it with --preset FILE."""
-    from vlpet_cli.presets import preset_path
-
     if file.exists() and not force:
         raise VlpetError(f"{file} exists; pass --force to overwrite it")
     text = preset_path(name).read_text()
-    file.write_text(text)
+    write_text(file, text)
     console.print(f"copied preset '{name}' to {file}")
 
 
@@ -78,7 +79,6 @@ def params(preset: str = typer.Option(..., "--preset", "-p", help="preset name o
            overrides: list[str] | None = OVERRIDES) -> None:
     """Trainable-parameter budget per module group, built on the meta device (no weights needed)."""
     from vlpet_cli.pet.budget import budget
-    from vlpet_cli.presets import resolve
     from vlpet_cli.vl.model import build_model
 
     resolved = resolve(preset, overrides, backbone)
@@ -113,11 +113,10 @@ def extract_features(images: Path = typer.Option(..., help="folder of images (se
                      device: str | None = typer.Option(None, help="cpu | cuda (default: cuda if present)"),
                      no_progress: bool = typer.Option(False, "--no-progress", help="plain output")) -> None:
     """Images -> CLIP grid features (HDF5), resumable, skipping unreadable images."""
-    from vlpet_cli.extract import extract_features as run
-    from vlpet_cli.extract import images_from
+    from vlpet_cli.extract import extract
 
-    summary = run(images_from(images, annotations), model, out, layout=layout, layer=layer, batch_size=batch_size,
-                  dtype=dtype, limit=limit, workers=workers, progress=not no_progress, device=device)
+    summary = extract(images, model, out, annotations, layout=layout, layer=layer, batch_size=batch_size,
+                      dtype=dtype, limit=limit, workers=workers, progress=not no_progress, device=device)
     console.print(summary.describe())
 
 
@@ -125,9 +124,7 @@ def extract_features(images: Path = typer.Option(..., help="folder of images (se
 def features_inspect(path: Path, annotations: Path | None = typer.Option(None, help="report ids it lacks"),
                      as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
     """Count, shape, dtype, recorded attributes, and annotation ids without features."""
-    from vlpet_cli.data.features import describe_features, inspect_features
-
-    info = inspect_features(path, annotations)
+    info = inspect_features(path, annotation_images(annotations) if annotations else None, annotations)
     print(json.dumps(info) if as_json else describe_features(info))
 
 
@@ -135,8 +132,6 @@ def features_inspect(path: Path, annotations: Path | None = typer.Option(None, h
 def features_convert(src: Path, dst: Path,
                      layout: str = typer.Option(..., help="layout to write: packed | per-image")) -> None:
     """Convert between the packed and the reference per-image layout (resumable)."""
-    from vlpet_cli.data.features import convert_features
-
     console.print(f"wrote {convert_features(src, dst, layout)} images to {dst}")
 
 
@@ -157,7 +152,8 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
           stop_after: int | None = typer.Option(None, help="pause after N updates (continue with --resume)"),
           overrides: list[str] | None = OVERRIDES) -> None:
     """Train PET modules on a frozen backbone, on one task or several at once."""
-    from vlpet_cli.train import load_run_preset, resolve_train_preset
+    from vlpet_cli.runs import load_run_preset
+    from vlpet_cli.train import TrainingInterrupted, resolve_train_preset
     from vlpet_cli.train import train as run_training
 
     if resume:
@@ -171,7 +167,11 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
         resolved = resolve_train_preset(preset, _tasks_option(task), data_root, backbone, overrides or [])
         tasks = resolved.data.tasks
         run_dir = runs_dir / (name or f"{resolved.name}-{tasks[0] if len(tasks) == 1 else 'multitask'}")
-    summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after).summary
+    try:
+        summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after).summary
+    except TrainingInterrupted as exc:
+        err_console.print(str(exc), highlight=False, soft_wrap=True)
+        raise SystemExit(exc.exit_code) from None
     if "adapter" in summary:
         console.print(f"done in {summary['seconds']:.0f} s, {summary['updates']} updates; adapter: "
                       f"{summary['adapter']} ({summary['adapter_bytes'] / 1e6:.2f} MB); run: {run_dir}")

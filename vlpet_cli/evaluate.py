@@ -58,7 +58,7 @@ def load_for_eval(path: Path, backbone: str | None = None):
     elif (path / "config.yaml").exists():
         raise VlpetError(f"{path} is a run without a final adapter yet; wait for training to finish or "
                          f"evaluate {path / 'checkpoints' / 'best'}")
-    from vlpet_cli.merge import load_any
+    from vlpet_cli.artifacts import load_any
 
     model, tokenizer, preset = load_any(path, backbone=backbone)
     return model, tokenizer, preset, path

@@ -15,33 +15,36 @@ Directory formats written here (all written atomically, all self-describing):
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from vlpet_cli.errors import VlpetError
-from vlpet_cli.vl.state import (
+from vlpet_cli.artifacts import (  # noqa: F401 - kind_of/load_* re-exported for callers not yet moved
     ADAPTER_CONFIG,
+    ADAPTER_FORMAT,
     ADAPTER_WEIGHTS,
+    BUNDLE_BACKBONE,
+    BUNDLE_FORMAT,
+    FOLDED_CONFIG,
+    FOLDED_FORMAT,
     OBJ_ROWS,
+    PROJECTOR_CONFIG,
+    PROJECTOR_WEIGHTS,
     adapter_state,
-    atomic_dir,
     backbone_identity,
+    kind_of,
     load_adapter,
+    load_any,
+    load_bundle,
+    load_folded,
+    load_projector,
     read_adapter_config,
-    write_json,
 )
+from vlpet_cli.atomic import atomic_dir, write_json
+from vlpet_cli.errors import VlpetError
 
-ADAPTER_FORMAT = "vlpet-adapter/1"
-BUNDLE_FORMAT = "vlpet-bundle/1"
-FOLDED_FORMAT = "vlpet-folded/1"
-FOLDED_CONFIG = "vlpet_folded.json"
-PROJECTOR_WEIGHTS = "projector.safetensors"
-PROJECTOR_CONFIG = "projector.json"
-BUNDLE_BACKBONE = "backbone"
 PEFT_BASE = "base"
 
 # ---- small helpers --------------------------------------------------------------------------------------
@@ -244,19 +247,6 @@ def _save_projector(model, preset, directory: Path) -> None:
                                               "feat_dim": preset.model.feat_dim, "n_boxes": preset.model.n_boxes})
 
 
-def _load_projector(model, directory: Path) -> None:
-    """Strictly load projector.safetensors into model.projector."""
-    from safetensors.torch import load_file
-
-    path = directory / PROJECTOR_WEIGHTS
-    if not path.exists():
-        raise VlpetError(f"{directory}: {PROJECTOR_WEIGHTS} is missing")
-    try:
-        model.projector.load_state_dict(load_file(str(path)), strict=True)
-    except RuntimeError as exc:
-        raise VlpetError(f"{path} does not fit this model's visual projector: {exc}") from None
-
-
 def fold_adapter(adapter: Path, out: Path, bundle: bool = False, backbone: str | None = None) -> dict:
     """Write the adapter's model as plain backbone weights (LoRA folded in) + projector; with `bundle`, what cannot
     be folded is kept as an adapter beside a folded `backbone/` so the directory loads with `load_bundle`."""
@@ -300,59 +290,6 @@ def fold_adapter(adapter: Path, out: Path, bundle: bool = False, backbone: str |
             write_json(tmp / FOLDED_CONFIG, {"format": FOLDED_FORMAT, "vlpet_version": __version__, "preset": plain,
                                              "source": source, "folded": folded})
     return {"out": str(out), "bundle": bundle, "folded": folded, "kept": kept, "size_bytes": _dir_size(out)}
-
-
-# ---- loading any of them --------------------------------------------------------------------------------
-def load_folded(directory: Path):
-    """(VLModel, tokenizer, preset) from a folded directory: its own weights, projector and a PET-free preset."""
-    from vlpet_cli.presets import validate
-    from vlpet_cli.vl.model import build_model
-
-    directory = Path(directory)
-    path = directory / FOLDED_CONFIG
-    if not path.exists():
-        raise VlpetError(f"{directory} is not a folded vlpet model: {FOLDED_CONFIG} is missing")
-    data = json.loads(path.read_text())["preset"]
-    data["model"]["backbone"] = str(directory)
-    preset = validate(data, str(path))
-    model, tokenizer = build_model(preset, weights=True)
-    _load_projector(model, directory)
-    return model, tokenizer, preset
-
-
-def load_bundle(directory: Path):
-    """(VLModel, tokenizer, preset) from a bundle: its adapter loaded onto its own `backbone/` folder."""
-    directory = Path(directory)
-    meta = read_adapter_config(directory)
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise VlpetError(f"{directory} is not a vlpet bundle (format {meta.get('format')!r})")
-    model, tokenizer, preset = load_adapter(directory, backbone=str(directory / BUNDLE_BACKBONE))
-    _load_projector(model, directory)
-    return model, tokenizer, preset
-
-
-def kind_of(path: Path) -> str:
-    """'adapter', 'bundle' or 'folded' for a directory vlpet can load (a run directory means its adapter)."""
-    path = Path(path)
-    if (path / FOLDED_CONFIG).exists():
-        return "folded"
-    if (path / ADAPTER_CONFIG).exists():
-        return "bundle" if read_adapter_config(path).get("format") == BUNDLE_FORMAT else "adapter"
-    raise VlpetError(f"{path} is neither an adapter directory ({ADAPTER_CONFIG}), a bundle nor a folded model "
-                     f"({FOLDED_CONFIG}); give one written by `vlpet train` or `vlpet merge`")
-
-
-def load_any(path: Path, backbone: str | None = None):
-    """(VLModel, tokenizer, preset) from an adapter, bundle or folded directory; `backbone` only for adapters."""
-    path = Path(path)
-    if (path / "adapter" / ADAPTER_CONFIG).exists() and not (path / ADAPTER_CONFIG).exists():
-        path = path / "adapter"
-    kind = kind_of(path)
-    if kind == "folded":
-        return load_folded(path)
-    if kind == "bundle":
-        return load_bundle(path)
-    return load_adapter(path, backbone=backbone)
 
 
 # ---- PEFT export ----------------------------------------------------------------------------------------

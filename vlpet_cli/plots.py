@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from vlpet_cli.atomic import atomic_file
 from vlpet_cli.data.tasks import TASKS, primary_metrics
 from vlpet_cli.errors import VlpetError
 
@@ -44,8 +45,6 @@ def read_events(path: Path) -> list[dict]:
 
 def read_config(run_dir: Path) -> dict:
     """The run's resolved preset (config.yaml) as a dict; {} when the file is absent."""
-    import yaml
-
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return {}
@@ -131,14 +130,8 @@ def save_figure(fig: Any, path: Path) -> Path:
     """Save a matplotlib figure as PNG atomically (temp file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=110)
     return path
 
 

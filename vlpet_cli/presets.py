@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from vlpet_cli.backbones import family_of
 from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError
 
@@ -157,8 +158,6 @@ def resolve(name: str, overrides: list[str] | None = None, backbone: str | None 
             defaults: list[str] | None = None) -> Preset:
     """Load a preset, apply its T5 section when the backbone is a T5, then `defaults` (e.g. the toy world's),
     then the user's overrides, and validate."""
-    from vlpet_cli.backbones import family_of
-
     raw = load_raw(name)
     pairs = parse_overrides(overrides or [])
     for key, _ in pairs:

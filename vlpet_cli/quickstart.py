@@ -1,4 +1,8 @@
-"""`vlpet quickstart`: the whole job offline on the toy world, with a before/after summary."""
+"""`vlpet quickstart`: the whole job offline on the toy world, with a before/after summary.
+
+A workflow above the commands (like `cli`): it composes extraction, `train` and `evaluate`, and no command imports
+it. The import-linter contract in pyproject.toml puts it in its own layer between `cli` and the commands.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,16 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
+from vlpet_cli.data.extraction import TINY_CLIP, extract_features
+from vlpet_cli.data.features import locate_features, open_features
 from vlpet_cli.data.tasks import TASKS as TASK_TABLE
 from vlpet_cli.data.tasks import primary_metrics
+from vlpet_cli.data.toy import SOURCES, build_toy
+from vlpet_cli.evaluate import evaluate, evaluate_model
+from vlpet_cli.train import TOY_DEFAULTS, resolve_train_preset, train
+from vlpet_cli.vl.model import build_model
 
 TASKS = list(TASK_TABLE)
 PRIMARY_METRIC = primary_metrics()
@@ -17,9 +29,6 @@ LABELS = {t: cls.label for t, cls in TASK_TABLE.items()}
 
 def prepare_world(data_dir: Path, say) -> Path:
     """The toy world's images and annotations, with features extracted here by the tiny CLIP model."""
-    from vlpet_cli.data.toy import SOURCES, build_toy
-    from vlpet_cli.extract import TINY_CLIP, extract_features
-
     if not (data_dir / "toy.json").exists():
         shutil.rmtree(data_dir, ignore_errors=True)
         say(f"building the toy world in {data_dir}")
@@ -36,13 +45,6 @@ def prepare_world(data_dir: Path, say) -> Path:
 def quickstart(runs_dir: Path = Path("runs"), preset: str = "vlpet-small", backbone: str = "tiny-bart",
                overrides: list[str] | None = None, say=print) -> dict:
     """Extract, train on the four toy tasks, evaluate before and after; returns the summary."""
-    import torch
-
-    from vlpet_cli.data.features import locate_features, open_features
-    from vlpet_cli.evaluate import evaluate, evaluate_model
-    from vlpet_cli.train import TOY_DEFAULTS, resolve_train_preset, train
-    from vlpet_cli.vl.model import build_model
-
     started = time.time()
     data_dir = prepare_world(Path(runs_dir) / "quickstart-data", say)
     dim = open_features(locate_features(data_dir, "COCO")).dim

@@ -3,7 +3,7 @@
 The reference saves `torch.save(model.state_dict())` of a DDP-wrapped model (spec pipeline §6): every key carries
 `module.`, the frozen backbone is included, and the added modules use the reference's names (spec modules §1-§3).
 This module maps those names onto vlpet's, checks the backbone against the one the user gives, and writes a normal
-adapter directory (`vl/state.save_adapter`), so `vlpet eval DIR` evaluates a published checkpoint.
+adapter directory (`artifacts.save_adapter`), so `vlpet eval DIR` evaluates a published checkpoint.
 """
 
 from __future__ import annotations
@@ -538,7 +538,7 @@ def _preset_from_checkpoint(state: dict, pth: Path) -> str:
 
 def _check_out(out: Path) -> None:
     """Refuse to replace a directory that is not an adapter directory (save_adapter replaces it whole)."""
-    from vlpet_cli.vl.state import ADAPTER_CONFIG
+    from vlpet_cli.artifacts import ADAPTER_CONFIG
 
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / ADAPTER_CONFIG).exists())):
         raise VlpetError(f"{out} exists and is not an adapter directory; choose a new --out path")
@@ -554,9 +554,9 @@ def import_reference_checkpoint(pth: Path, preset: str | Preset | None, out: Pat
     import torch
 
     from vlpet_cli import backbones
+    from vlpet_cli.artifacts import OBJ_ROWS, save_adapter
     from vlpet_cli.pet import anatomy
     from vlpet_cli.vl.model import build_model
-    from vlpet_cli.vl.state import OBJ_ROWS, save_adapter
 
     pth, out = Path(pth), Path(out)
     _check_out(out)

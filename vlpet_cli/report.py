@@ -8,9 +8,12 @@ The run's average is the mean over the tasks that have a score.
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from rich.table import Table
 
 from vlpet_cli.data.tasks import primary_metrics
 from vlpet_cli.errors import VlpetError
@@ -24,9 +27,6 @@ from vlpet_cli.plots import (
     task_order,
     val_events,
 )
-
-if TYPE_CHECKING:
-    from rich.table import Table
 
 SPLITS: tuple[str, ...] = ("test", "val")
 
@@ -155,8 +155,6 @@ def plot_report(rows: list[dict], out: Path, split: str = "test") -> Path:
 
 def plain_log_ticks(axis: Any, values: list[float]) -> None:
     """Label a log axis 0.1, 1, 10 rather than 10^-1; label the minor ticks too when the data span one decade."""
-    import math
-
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     plain = FuncFormatter(lambda v, _: f"{v:g}")
@@ -167,8 +165,6 @@ def plain_log_ticks(axis: Any, values: list[float]) -> None:
 
 def report_table(rows: list[dict]) -> Table:
     """A rich Table of the rows: run, method, backbone, trainable %, each task's score, average."""
-    from rich.table import Table
-
     tasks = task_order({t for r in rows for t in r["tasks"]})
     split = rows[0]["split"] if rows else "test"
     table = Table(title=f"runs on {split}")

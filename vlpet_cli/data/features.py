@@ -9,7 +9,6 @@ interrupted writer never leaves an id without its features.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -442,68 +441,9 @@ def convert_features(src: Path, dst: Path, layout: str, batch_size: int = 256) -
     return len(todo)
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Annotation files: which images they name
-# ------------------------------------------------------------------------------------------------------------
-
-def _load_json(path: Path) -> Any:
-    """Parse a .json file (or .jsonl, one record a line) with errors that name the file and line."""
-    if not path.is_file():
-        raise DataError(f"{path}: annotation file not found; check the path.")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove the line.") from exc
-        return records
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix the file.") from exc
-
-
-def annotation_images(annotations: Path) -> dict[str, str | None]:
-    """Image ids named by an annotation file -> relative image path when the file gives one (Karpathy).
-
-    The formats are the tasks' own (vlpet_cli/data/tasks/): a task's file format (Karpathy `dataset_coco.json`,
-    {"images": [{"filepath", "filename"}]}), or a list of records naming images in a task's `image_fields`
-    (VQA/GQA `img_id`, NLVR2 `img0`, `img1`).
-    """
-    from vlpet_cli.data.tasks import TASKS, Task
-
-    path = Path(annotations)
-    data = _load_json(path)
-    for cls in TASKS.values():
-        found = cls.file_images(data, path)
-        if found is not None:
-            return found
-    fields: dict[tuple[str, ...], list[str]] = {}
-    for name, cls in TASKS.items():
-        if cls.image_fields:
-            fields.setdefault(cls.image_fields, []).append(name)
-    keys = list(dict.fromkeys(k for group in fields for k in group))
-    named = " or ".join(f"{'/'.join(repr(k) for k in group)} ({', '.join(names)})" for group, names in fields.items())
-    if isinstance(data, list):
-        out: dict[str, str | None] = {}
-        for n, record in enumerate(data):
-            present = [k for k in keys if isinstance(record, dict) and record.get(k)]
-            if not present:
-                raise DataError(f"{path}: record {n} has no {named}; fix the record or pass the right "
-                                f"annotation file.")
-            for key in present:
-                out.setdefault(str(record[key]), None)
-        return out
-    own = [name for name, cls in TASKS.items() if cls.file_images.__func__ is not Task.file_images.__func__]
-    raise DataError(f"{path}: unrecognised annotation format; expected a {' or '.join(own)} annotation file "
-                    f"(e.g. Karpathy's dataset_coco.json), or a list of records with {named}.")
-
-
-def inspect_features(path: Path, annotations: Path | None = None) -> dict:
-    """Summary of a store: layout, count, shape, dtype, attributes; with annotations, the ids without features."""
+def inspect_features(path: Path, wanted: Iterable[str] | None = None, annotations: Path | None = None) -> dict:
+    """Summary of a store: layout, count, shape, dtype, attributes; with the ids an annotation file names
+    (`data.tasks.annotation_images`), the ids without features."""
     store = open_features(Path(path))
     try:
         count = len(store)
@@ -513,8 +453,8 @@ def inspect_features(path: Path, annotations: Path | None = None) -> dict:
         else:
             info.update(shape=[0], dtype=store.dtype if store.layout == PACKED else None,
                         attributes=store.attrs if store.layout == PACKED else {})
-        if annotations is not None:
-            wanted = list(annotation_images(Path(annotations)))
+        if wanted is not None:
+            wanted = list(wanted)
             missing = missing_ids(store, wanted)
             info.update(annotations=str(annotations), annotation_ids=len(wanted),
                         missing_count=len(missing), missing_ids=missing)

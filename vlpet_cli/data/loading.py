@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlpet_cli.config import Preset
+from vlpet_cli.data.features import locate_features, open_features
+from vlpet_cli.data.tasks import get_task
+from vlpet_cli.data.tasks.base import TaskDataset, check_features, open_task_features
+from vlpet_cli.data.toy import toy_root
 from vlpet_cli.errors import VlpetError
 
 
@@ -15,8 +19,6 @@ def resolve_data_root(data_root: str | None) -> Path:
         raise VlpetError("no data root: pass --data-root DIR (the folder holding vqa/, GQA/, nlvr/, COCO/) "
                          "or --data-root toy for the built-in toy world")
     if data_root == "toy":
-        from vlpet_cli.data.toy import toy_root
-
         return toy_root()
     root = Path(data_root).expanduser()
     if not root.is_dir():
@@ -26,8 +28,6 @@ def resolve_data_root(data_root: str | None) -> Path:
 
 def toy_feature_dim() -> int:
     """Feature size of the built-in toy world (building it on first use)."""
-    from vlpet_cli.data.features import locate_features, open_features
-
     return open_features(locate_features(resolve_data_root("toy"), "COCO")).dim
 
 
@@ -41,9 +41,6 @@ class TaskData:
 
 def feature_dim(root: Path, preset: Preset) -> int:
     """The feature size of the first task's training features (to check against model.feat_dim)."""
-    from vlpet_cli.data.features import locate_features, open_features
-    from vlpet_cli.data.tasks import get_task
-
     task = get_task(preset.data.tasks[0])
     source = task.feature_source(task.split_names("train")[0])
     return open_features(locate_features(root, source, preset.data.feature_name)).dim
@@ -51,9 +48,6 @@ def feature_dim(root: Path, preset: Preset) -> int:
 
 def load_task_data(preset: Preset, root: Path, tokenizer, splits=("train", "val")) -> TaskData:
     """Records, feature stores and datasets per task; stops early on missing features or bad files."""
-    from vlpet_cli.data.tasks import get_task
-    from vlpet_cli.data.tasks.base import TaskDataset, check_features, open_task_features
-
     data = TaskData()
     for name in preset.data.tasks:
         task = get_task(name, preset.data.prompts, preset.data.use_prompts)

@@ -14,10 +14,15 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from filelock import FileLock
+from PIL import Image, ImageDraw
+
+from vlpet_cli.atomic import write_text
+from vlpet_cli.data.extraction import extract_features
 from vlpet_cli.errors import VlpetError
 
 TOY_VERSION = "toy-v1"
@@ -127,8 +132,6 @@ def random_scene(rng: random.Random, img_id: str, source: str) -> Scene:
 def render_scene(scene: Scene, mask: bool = False):
     """Draw a scene as a 112x112 RGB PIL image; mask=True draws a grayscale map instead, where pixel value
     i + 1 marks shape i and 0 the background."""
-    from PIL import Image, ImageDraw
-
     if mask:
         img = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     else:
@@ -552,9 +555,9 @@ def toy_summary(seed: int = SEED) -> dict[str, dict[str, int]]:
 
 
 def _write_json(path: Path, obj) -> None:
-    """Write JSON with stable formatting."""
+    """Write compact JSON atomically, creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, sort_keys=False), encoding="utf-8")
+    write_text(path, json.dumps(obj, sort_keys=False))
 
 
 def _tiny_clip() -> Path:
@@ -619,8 +622,6 @@ def build_toy(dest: Path, seed: int = SEED, features: bool = True, model: Path |
         "features": None,
     }
     if features:
-        from vlpet_cli.extract import extract_features
-
         model = Path(model) if model is not None else _tiny_clip()
         # The built-in name keeps the install location out of the files' attributes.
         name = "tiny-clip" if model == _tiny_clip() and not Path("tiny-clip").exists() else model
@@ -659,22 +660,6 @@ def _is_current(root: Path) -> bool:
     )
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on `path` (no lock where fcntl is missing: the rename stays safe)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _remove_leftovers(parent: Path, min_age_s: float = 600.0) -> None:
     """Delete temporary folders that killed builds left behind (old enough not to belong to a live one)."""
     for p in parent.glob(f".{TOY_VERSION}.*-*"):
@@ -697,7 +682,7 @@ def toy_root(rebuild: bool = False) -> Path:
         raise VlpetError(
             f"cannot create the vlpet cache folder {root.parent}: {e}; set VLPET_CACHE to a writable folder"
         ) from e
-    with _locked(root.parent / f"{TOY_VERSION}.lock"):
+    with FileLock(root.parent / f"{TOY_VERSION}.lock"):
         if not rebuild and _is_current(root):
             return root
         _remove_leftovers(root.parent)

@@ -10,6 +10,7 @@ from vlpet_cli import backbones
 from vlpet_cli.config import Preset
 from vlpet_cli.pet import anatomy
 from vlpet_cli.pet.inject import PetModules, set_trainable
+from vlpet_cli.vl.identity import backbone_identity
 from vlpet_cli.vl.projector import VisualProjector, pool_grid, visual_ids
 
 
@@ -176,7 +177,5 @@ def build_model(preset: Preset, weights: bool = True):
     set_trainable(backbone, pet, projector, preset.pet.trainable)
     model = VLModel(backbone, projector, pet, preset.model.n_boxes)
     if weights:
-        from vlpet_cli.vl.state import backbone_identity
-
         model.identity = backbone_identity(model)
     return model, tokenizer

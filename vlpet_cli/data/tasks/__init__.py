@@ -7,7 +7,10 @@ eval, eval --predictions, extract-features, quickstart, report) reads the task's
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 from vlpet_cli.data.tasks.base import (
     DEFAULT_FEATURE_NAME,
@@ -24,7 +27,7 @@ from vlpet_cli.data.tasks.coco import CocoTask
 from vlpet_cli.data.tasks.gqa import GqaTask
 from vlpet_cli.data.tasks.nlvr import NlvrTask
 from vlpet_cli.data.tasks.vqa import VqaTask
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.errors import DataError, VlpetError
 
 TASKS: dict[str, type[Task]] = {
     "vqa": VqaTask,
@@ -69,8 +72,63 @@ def primary_metrics() -> dict[str, str]:
     return {name: cls.primary_metric for name, cls in TASKS.items()}
 
 
+def _load_json(path: Path) -> Any:
+    """Parse a .json file (or .jsonl, one record a line) with errors that name the file and line."""
+    if not path.is_file():
+        raise DataError(f"{path}: annotation file not found; check the path.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove the line.") from exc
+        return records
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix the file.") from exc
+
+
+def annotation_images(annotations: Path) -> dict[str, str | None]:
+    """Image ids named by an annotation file -> relative image path when the file gives one (Karpathy).
+
+    The formats are the tasks' own (vlpet_cli/data/tasks/): a task's file format (Karpathy `dataset_coco.json`,
+    {"images": [{"filepath", "filename"}]}), or a list of records naming images in a task's `image_fields`
+    (VQA/GQA `img_id`, NLVR2 `img0`, `img1`).
+    """
+    path = Path(annotations)
+    data = _load_json(path)
+    for cls in TASKS.values():
+        found = cls.file_images(data, path)
+        if found is not None:
+            return found
+    fields: dict[tuple[str, ...], list[str]] = {}
+    for name, cls in TASKS.items():
+        if cls.image_fields:
+            fields.setdefault(cls.image_fields, []).append(name)
+    keys = list(dict.fromkeys(k for group in fields for k in group))
+    named = " or ".join(f"{'/'.join(repr(k) for k in group)} ({', '.join(names)})" for group, names in fields.items())
+    if isinstance(data, list):
+        out: dict[str, str | None] = {}
+        for n, record in enumerate(data):
+            present = [k for k in keys if isinstance(record, dict) and record.get(k)]
+            if not present:
+                raise DataError(f"{path}: record {n} has no {named}; fix the record or pass the right "
+                                f"annotation file.")
+            for key in present:
+                out.setdefault(str(record[key]), None)
+        return out
+    own = [name for name, cls in TASKS.items() if cls.file_images.__func__ is not Task.file_images.__func__]
+    raise DataError(f"{path}: unrecognised annotation format; expected a {' or '.join(own)} annotation file "
+                    f"(e.g. Karpathy's dataset_coco.json), or a list of records with {named}.")
+
+
 __all__ = [
     "ALIASES",
+    "annotation_images",
     "DEFAULT_FEATURE_NAME",
     "TASKS",
     "CocoTask",

@@ -1,0 +1,172 @@
+"""What a run ships: the adapter, bundle and folded-model directory formats, and one loader for any of them.
+
+- adapter: `vlpet_config.json` (format vlpet-adapter/1: preset, backbone identity) + `adapter.safetensors` holding
+  only what is not in the backbone (trainable tensors and the frozen random object-order rows).
+- bundle: `vlpet_config.json` (format vlpet-bundle/1) + `adapter.safetensors` holding what cannot be folded, and
+  `backbone/`, the folded backbone; it loads like an adapter whose backbone is its own `backbone/` folder.
+- folded model: a plain Hugging Face model directory with `projector.safetensors`, `projector.json` and
+  `vlpet_folded.json` (the preset with its PET modules removed, the source adapter).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlpet_cli import __version__
+from vlpet_cli.atomic import atomic_dir, write_json
+from vlpet_cli.backbones import N_VIS
+from vlpet_cli.config import Preset
+from vlpet_cli.errors import VlpetError
+from vlpet_cli.pet import anatomy
+from vlpet_cli.presets import validate
+from vlpet_cli.vl.identity import backbone_identity
+from vlpet_cli.vl.model import build_model
+
+ADAPTER_CONFIG = "vlpet_config.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+OBJ_ROWS = "obj_order_rows"
+ADAPTER_FORMAT = "vlpet-adapter/1"
+BUNDLE_FORMAT = "vlpet-bundle/1"
+FOLDED_FORMAT = "vlpet-folded/1"
+FOLDED_CONFIG = "vlpet_folded.json"
+PROJECTOR_WEIGHTS = "projector.safetensors"
+PROJECTOR_CONFIG = "projector.json"
+BUNDLE_BACKBONE = "backbone"
+
+__all__ = ["backbone_identity"]  # re-exported: the identity is part of the adapter format
+
+
+# ---- adapter ----------------------------------------------------------------------------------------------
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """Every trainable tensor, plus the frozen random object-order rows (they are not in the pretrained file)."""
+    state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    words = anatomy.word_embedding(model.backbone).weight
+    if not words.requires_grad:
+        # the object-order codes; an imported reference checkpoint carries all its added rows (`carried_rows`)
+        state[OBJ_ROWS] = words.detach()[-getattr(model, "carried_rows", N_VIS):].cpu().contiguous()
+    return state
+
+
+def load_adapter_state(model, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly load an adapter state: every trainable tensor present, nothing unknown, shapes equal."""
+    expected = adapter_state(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise VlpetError(f"{source} does not match this preset/backbone: missing {missing[:5]} "
+                         f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if name == OBJ_ROWS:  # the trailing added vocabulary rows: N_VIS, or all added rows of an import
+                words = anatomy.word_embedding(model.backbone).weight
+                model.carried_rows = min(max(tensor.shape[0], N_VIS), words.shape[0])
+                target = words[-model.carried_rows:]
+            else:
+                target = params[name]
+            if target.shape != tensor.shape:
+                raise VlpetError(f"{source}: {name} has shape {tuple(tensor.shape)}, model has {tuple(target.shape)}")
+            target.copy_(tensor.to(target.dtype))
+
+
+def save_adapter(directory: Path, model, preset: Preset, extra: dict | None = None) -> int:
+    """Write <directory>/vlpet_config.json + adapter.safetensors atomically; returns the size in bytes."""
+    tmp, commit = atomic_dir(directory)
+    save_file(adapter_state(model), str(tmp / ADAPTER_WEIGHTS))
+    write_json(tmp / ADAPTER_CONFIG, {"format": ADAPTER_FORMAT, "vlpet_version": __version__,
+                                      "preset": preset.model_dump(mode="json"),
+                                      "backbone": backbone_identity(model), **(extra or {})})
+    commit()
+    return sum(f.stat().st_size for f in directory.iterdir())
+
+
+def read_adapter_config(directory: Path) -> dict:
+    """The vlpet_config.json of an adapter or bundle directory; a clear error when it is not one."""
+    path = directory / ADAPTER_CONFIG
+    if not path.exists():
+        raise VlpetError(f"{directory} is not an adapter directory: {ADAPTER_CONFIG} is missing")
+    return json.loads(path.read_text())
+
+
+def load_adapter(directory: Path, backbone: str | None = None):
+    """(VLModel, tokenizer, Preset) from an adapter directory; the backbone must be the one it was trained on."""
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    data = dict(meta["preset"])
+    if backbone:
+        data["model"] = {**data["model"], "backbone": backbone}
+    preset = validate(data, str(directory / ADAPTER_CONFIG))
+    model, tokenizer = build_model(preset, weights=True)
+    found = backbone_identity(model)
+    want = meta["backbone"]
+    diffs = [f"{k}: adapter {want.get(k)} vs backbone {found[k]}" for k in found if want.get(k) != found[k]]
+    if diffs:
+        raise VlpetError(f"{directory} was trained on a different backbone than '{preset.model.backbone}' "
+                         f"({'; '.join(diffs)}); pass --backbone with the original model directory")
+    load_adapter_state(model, load_file(str(directory / ADAPTER_WEIGHTS)), str(directory / ADAPTER_WEIGHTS))
+    return model, tokenizer, preset
+
+
+# ---- projector, folded model, bundle ----------------------------------------------------------------------
+def load_projector(model, directory: Path) -> None:
+    """Strictly load projector.safetensors into model.projector."""
+    path = directory / PROJECTOR_WEIGHTS
+    if not path.exists():
+        raise VlpetError(f"{directory}: {PROJECTOR_WEIGHTS} is missing")
+    try:
+        model.projector.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as exc:
+        raise VlpetError(f"{path} does not fit this model's visual projector: {exc}") from None
+
+
+def load_folded(directory: Path):
+    """(VLModel, tokenizer, preset) from a folded directory: its own weights, projector and a PET-free preset."""
+    directory = Path(directory)
+    path = directory / FOLDED_CONFIG
+    if not path.exists():
+        raise VlpetError(f"{directory} is not a folded vlpet model: {FOLDED_CONFIG} is missing")
+    data = json.loads(path.read_text())["preset"]
+    data["model"]["backbone"] = str(directory)
+    preset = validate(data, str(path))
+    model, tokenizer = build_model(preset, weights=True)
+    load_projector(model, directory)
+    return model, tokenizer, preset
+
+
+def load_bundle(directory: Path):
+    """(VLModel, tokenizer, preset) from a bundle: its adapter loaded onto its own `backbone/` folder."""
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise VlpetError(f"{directory} is not a vlpet bundle (format {meta.get('format')!r})")
+    model, tokenizer, preset = load_adapter(directory, backbone=str(directory / BUNDLE_BACKBONE))
+    load_projector(model, directory)
+    return model, tokenizer, preset
+
+
+def kind_of(path: Path) -> str:
+    """'adapter', 'bundle' or 'folded' for a directory vlpet can load (a run directory means its adapter)."""
+    path = Path(path)
+    if (path / FOLDED_CONFIG).exists():
+        return "folded"
+    if (path / ADAPTER_CONFIG).exists():
+        return "bundle" if read_adapter_config(path).get("format") == BUNDLE_FORMAT else "adapter"
+    raise VlpetError(f"{path} is neither an adapter directory ({ADAPTER_CONFIG}), a bundle nor a folded model "
+                     f"({FOLDED_CONFIG}); give one written by `vlpet train` or `vlpet merge`")
+
+
+def load_any(path: Path, backbone: str | None = None):
+    """(VLModel, tokenizer, preset) from an adapter, bundle or folded directory; `backbone` only for adapters."""
+    path = Path(path)
+    if (path / "adapter" / ADAPTER_CONFIG).exists() and not (path / ADAPTER_CONFIG).exists():
+        path = path / "adapter"
+    kind = kind_of(path)
+    if kind == "folded":
+        return load_folded(path)
+    if kind == "bundle":
+        return load_bundle(path)
+    return load_adapter(path, backbone=backbone)
