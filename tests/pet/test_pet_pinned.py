@@ -22,7 +22,7 @@ import torch
 from vlpet_cli.presets import resolve
 from vlpet_cli.vl.model import build_model
 
-FIXTURE = Path(__file__).parent / "fixtures" / "pet_pinned.json"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "pet_pinned.json"
 BACKBONES = ("tiny-bart", "tiny-t5")
 
 

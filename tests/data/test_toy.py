@@ -317,7 +317,7 @@ def test_shipped_tiny_backbones_read_scene_descriptions(family):
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_tiny_backbones.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "pretrain_tiny_backbones.py"
     spec = importlib.util.spec_from_file_location("pretrain_tiny_backbones", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
