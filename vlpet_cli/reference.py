@@ -302,7 +302,7 @@ def _override_hint(name: str, shape: tuple) -> str:
 
 def holds(mapped: Mapped) -> str:
     """What the checkpoint holds, in words, for error messages."""
-    methods = sorted(mapped.methods - {"value"}) or ["no added modules (BitFit or full fine-tuning)"]
+    methods = sorted(mapped.methods) or ["no added modules (BitFit or full fine-tuning)"]
     gates = f", gates '{', '.join(sorted(mapped.gates))}'" if mapped.gates else ""
     return f"modules: {', '.join(methods)}{gates}"
 
