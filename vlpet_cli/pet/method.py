@@ -4,7 +4,9 @@ A method owns one PetConfig field (its spec) and one or more PetModules attribut
 names of its tensors are `pet.<slot>.…`). It says how its modules are built (per sub-layer and/or once per
 backbone), how they enter the backbone (an output hook, or a wrapped Linear for methods that are not additive),
 its row in the `vlpet params` table, its tensors that skip weight decay under the corrected rule, and whether it
-folds into a Linear (and how) or why it cannot, and its PEFT export mapping where one exists.
+folds into a Linear (and how) or why it cannot, its PEFT export mapping where one exists, and how the reference
+code's checkpoints name its tensors (`ReferenceRule`s, the preset fields that size them, the preset it identifies),
+which `vlpet import-reference` reads.
 """
 
 from __future__ import annotations
