@@ -2,8 +2,10 @@
 
 The reference saves `torch.save(model.state_dict())` of a DDP-wrapped model (spec pipeline §6): every key carries
 `module.`, the frozen backbone is included, and the added modules use the reference's names (spec modules §1-§3).
-This module maps those names onto vlpet's, checks the backbone against the one the user gives, and writes a normal
-adapter directory (`artifacts.save_adapter`), so `vlpet eval DIR` evaluates a published checkpoint.
+Each PET method declares how the reference names its tensors (`pet.method.ReferenceRule`); this module fills in the
+backbone family's paths, sorts every key into module tensors, backbone tensors and ignored keys, checks the backbone
+against the one the user gives, and writes a normal adapter directory (`artifacts.save_adapter`), so `vlpet eval DIR`
+evaluates a published checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import NamedTuple
 from vlpet_cli.backbones import N_VIS
 from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.pet.inject import METHODS, owner
+from vlpet_cli.pet.method import REF_PARAM, ReferenceRule
 
 # A frozen backbone tensor "differs" when torch.allclose(rtol, atol) fails; it differs "largely" when
 # ||ckpt - backbone|| / ||backbone|| exceeds LARGE_DIFFERENCE (a different or fine-tuned model, not float noise).
@@ -25,9 +29,9 @@ RTOL, ATOL = 1e-5, 1e-6
 LARGE_DIFFERENCE = 1e-2
 SHOW = 5  # names shown in an error message
 
-# Where the reference's modules sit. BART: inside BartEncoderLayer / BartDecoderLayer. T5: inside the block's
-# sub-layers, `layer.{0,1}` (encoder: attention, FFN) and `layer.{0,1,2}` (decoder: self, cross, FFN);
-# `_sublayer_ok` checks the pairing of module name and sub-layer index.
+# Where the reference's modules sit, for the `{ROOT}`, `{ENC}`, ... of the methods' rules. BART: inside
+# BartEncoderLayer / BartDecoderLayer. T5: inside the block's sub-layers, `layer.{0,1}` (encoder: attention, FFN)
+# and `layer.{0,1,2}` (decoder: self, cross, FFN); `_sublayer_ok` checks the pairing of module and sub-layer index.
 SITES = {
     "bart": {"ROOT": r"model\.", "ENC": r"model\.encoder\.layers\.(?P<layer>\d+)\.",
              "DEC": r"model\.decoder\.layers\.(?P<layer>\d+)\.",
@@ -40,90 +44,33 @@ SITES = {
            "ATT": r"(?P<stack>encoder|decoder)\.block\.(?P<layer>\d+)\.layer\.\d+\."
                   r"(?P<att>SelfAttention|EncDecAttention)\.(?P<proj>q|k|v|o)\."},
 }
-T5_SUBLAYER = {"attn": "0", "ff": "1"}
-T5_DECODER_SUBLAYER = {"self": "0", "cross": "1", "ffn": "2"}
-KIND = {"attn": "attn", "ff": "ffn"}  # reference encoder sub-layer word -> vlpet SubLayer.kind
-DECODER_KIND = {"self_attn": "self", "attn": "self", "enc_attn": "cross", "ff": "ffn"}  # BART / T5 decoder words
+# The reference's sub-layer words (the `kind` of encoder and `dkind` of decoder modules, BART / T5) and projection
+# names, turned into vlpet's (`anatomy.SubLayer.kind`, `anatomy.Projection`).
+SITE_WORDS = {"kind": {"attn": "attn", "ff": "ffn"},
+              "dkind": {"self_attn": "self", "attn": "self", "enc_attn": "cross", "ff": "ffn"},
+              "proj": {"out": "o"}}
 ATTENTION = {("encoder", "self_attn"): "attn", ("encoder", "SelfAttention"): "attn",
              ("decoder", "self_attn"): "self", ("decoder", "SelfAttention"): "self",
              ("decoder", "encoder_attn"): "cross", ("decoder", "EncDecAttention"): "cross"}
-PROJECTION = {"out": "o"}
-PARAM = {"phm_rule": "rule", "W": "weight", "b": "bias"}  # Compacter's PHM names -> vlpet PHMLinear names
-PROMPT_LAYER = {"0": "embedding", "1": "mlp.0", "3": "mlp.2"}  # prefix_embedding = Embedding, Linear, Tanh, Linear
-HYPER_BLOCK = {("encoder", "self_attention"): "attn", ("encoder", "feed_forward"): "ffn",
-               ("decoder", "self_attention"): "self", ("decoder", "cross_attention"): "cross",
-               ("decoder", "feed_forward"): "ffn"}
+T5_SUBLAYER = {("encoder", "attn"): "0", ("encoder", "ffn"): "1",
+               ("decoder", "self"): "0", ("decoder", "cross"): "1", ("decoder", "ffn"): "2"}
 CHECKPOINT_CLASS = {"bart": "VLBart", "t5": "VLT5"}
 
-P = r"(?P<p>weight|bias)"
-PHM = r"(?P<p>weight|bias|phm_rule|W|b)"
+# The visual projector (the reference's `encoder.visual_embedding`), whose object-order table is the word embedding.
 VIS = r"{ROOT}encoder\.visual_embedding\."
-TASK = r"(?P<task>[^.]+)"
-HYPER = r"{ROOT}(?P<hstack>encoder|decoder)\.adapter_layers_hyper_net\."
-# (reference name pattern, vlpet name template or None to ignore, what it is). "task:" rows hold one copy per task
-# that must be equal (`--use_single_*`); "module:" rows name the method for the preset hint.
-RULES: list[tuple[str, str | None, str]] = [
-    (VIS + r"(?P<mod>feat_embedding\.[01]|absolute_vis_pos_embedding\.[01]|img_order_embedding)\." + P,
-     "projector.{mod}.{p}", "projector"),
-    (VIS + r"obj_order_embedding\.weight", None, "tied word embedding"),
-    (r"{ENC}(?P<kind>attn|ff)_adapter_multihead_down\.(?P<head>\d+)\." + P,
-     "pet.encoder_modules.encoder_{layer}_{kind}.down.{p}", "down head"),
-    (r"{ENC}(?P<kind>attn|ff)_adapter_multihead_up\." + P,
-     "pet.encoder_modules.encoder_{layer}_{kind}.up.{p}", "module:vlpet"),
-    (r"{ENC}encoder_(?P<kind>attn|ff)_adapter_gating_large_x_(?P<which>down|up)\." + P,
-     "pet.gates.encoder_{layer}_{kind}.{which}.{p}", "gate:large"),
-    (r"{ENC}encoder_(?P<kind>attn|ff)_adapter_gating_middle_xy_add\." + P,
-     "pet.gates.encoder_{layer}_{kind}.proj.{p}", "gate:middlex"),
-    (r"{ENC}encoder_(?P<kind>attn|ff)_adapter_gating_middle_ia3_add",
-     "pet.gates.encoder_{layer}_{kind}.z", "gate:middley"),
-    (r"{ENC}encoder_(?P<kind>attn|ff)_adapter_gating_small_xy_cat\." + P,
-     "pet.gates.encoder_{layer}_{kind}.proj.{p}", "gate:small"),
-    (r"{CROSS}attn_value_parallel_adapter\.adapters\." + TASK + r"\.(?P<which>down|up)_sampler\." + PHM,
-     "pet.value.decoder_{layer}_cross.{which}.{p}", "task:value"),
-    (r"{ENC}(?P<kind>attn|ff)_adapter\.adapters\." + TASK + r"\.(?P<which>down|up)_sampler\." + PHM,
-     "pet.encoder_modules.encoder_{layer}_{kind}.{which}.{p}", "task:adapter"),
-    (r"{DEC}(?P<dkind>self_attn|attn|enc_attn|ff)_adapter\.adapters\." + TASK + r"\.(?P<which>down|up)_sampler\."
-     + PHM, "pet.decoder_modules.decoder_{layer}_{dkind}.{which}.{p}", "task:adapter"),
-    (r"{ATT}lora_(?P<ab>A|B)s\." + TASK, "pet.lora.{stack}_{layer}_{att}_{proj}.{ab}", "task:lora"),
-    (r"{ROOT}encoder\.prompt_modules\.prompts\." + TASK + r"\.prefix_embedding\.(?P<idx>[013])\." + P,
-     "pet.prompt.{idx}.{p}", "task:prompt"),
-    (r"{ROOT}(?:shared_task_embed|(?:encoder|decoder)\.task_embed)\.task_to_embeddings\." + TASK,
-     "pet.task_embeddings", "task embedding"),
-    (HYPER + r"layer_id_embeddings\.weight", "pet.hyper.{hstack}.layer_embedding.weight", "module:hyperformer"),
-    (HYPER + r"task_hypernet\.task_embeding_generator\.(?P<idx>[02])\." + P, "pet.hyper.{hstack}.mlp.{idx}.{p}",
-     "module:hyperformer"),
-    (HYPER + r"LayerNorm\." + P, "pet.hyper.{hstack}.mlp.3.{p}", "module:hyperformer"),
-    (HYPER + r"(?P<block>self_attention|cross_attention|feed_forward)_(?P<which>up|down)_sampler_hyper_net\."
-     r"(?P<gen>weight|bias)_generator\.0\." + P, "pet.hyper.{hstack}.generators.{block}.{which}_{gen}.{p}",
-     "module:hyperformer"),
+PROJECTOR_RULES = [
+    ReferenceRule(VIS + r"(?P<mod>feat_embedding\.[01]|absolute_vis_pos_embedding\.[01]|img_order_embedding)\."
+                  + REF_PARAM, "projector.{mod}.{p}"),
+    ReferenceRule(VIS + r"obj_order_embedding\.weight", None),  # a copy of the tied word embedding
 ]
 
 
-def _names(groups: dict) -> dict:
-    """The reference's words in a match, turned into vlpet's."""
-    g = {k: v for k, v in groups.items() if v is not None}
-    if "kind" in g:
-        g["kind"] = KIND[g["kind"]]
-    if "dkind" in g:
-        g["dkind"] = DECODER_KIND[g["dkind"]]
-    if "att" in g:
-        g["att"] = ATTENTION[(g["stack"], g["att"])]
-        g["proj"] = PROJECTION.get(g["proj"], g["proj"])
-    if "p" in g:
-        g["p"] = PARAM.get(g["p"], g["p"])
-    if "idx" in g and "hstack" not in g:
-        g["idx"] = PROMPT_LAYER[g["idx"]]
-    if "block" in g:
-        g["block"] = HYPER_BLOCK[(g["hstack"], g["block"])]
-    return g
-
-
 class Rule(NamedTuple):
-    """One compiled row of RULES for a backbone family."""
+    """One declared rule compiled for a backbone family."""
 
     pattern: re.Pattern
     target: str | None
-    what: str
+    declared: ReferenceRule
 
 
 @dataclass
@@ -139,17 +86,30 @@ class Mapped:
     gates: set = field(default_factory=set)  # gate granularities the checkpoint holds
     methods: set = field(default_factory=set)  # module families: vlpet, adapter, lora, prompt, hyperformer
     task_embeddings: dict = field(default_factory=dict)  # source module -> {reference task: tensor}
+    task_embedding_name: str | None = None  # the vlpet tensor the task embeddings' rows form
 
 
 def rules(family: str) -> list[Rule]:
-    """The rule table with the family's module paths filled in."""
+    """The projector's rules and every method's, with the family's module paths filled in."""
     sites = SITES[family]
     out = []
-    for pattern, target, what in RULES:
+    for declared in [*PROJECTOR_RULES, *(r for m in METHODS for r in m.reference_rules())]:
+        pattern = declared.pattern
         for name, path in sites.items():
             pattern = pattern.replace("{" + name + "}", path)
-        out.append(Rule(re.compile(pattern), target, what))
+        out.append(Rule(re.compile(pattern), declared.target, declared))
     return out
+
+
+def _names(groups: dict, declared: ReferenceRule) -> dict:
+    """The reference's words in a match (its sub-layers, then the method's own words), turned into vlpet's."""
+    g = {k: v for k, v in groups.items() if v is not None}
+    for key, words in (*SITE_WORDS.items(), *declared.words.items()):
+        if key in g:
+            g[key] = words.get(g[key], g[key])
+    if "att" in g:
+        g["att"] = ATTENTION[(g["stack"], g["att"])]
+    return g
 
 
 def _first(names: Iterable[str], n: int = SHOW) -> str:
@@ -218,7 +178,8 @@ def map_keys(state: dict, family: str, backbone_keys: set[str]) -> Mapped:
     out = Mapped()
     for key, tensor in state.items():
         rule, match = next(((r, m) for r in table if (m := r.pattern.fullmatch(key))), (None, None))
-        if rule is not None and not _sublayer_ok(match):
+        groups = _names(match.groupdict(), rule.declared) if rule is not None else {}
+        if rule is not None and not _sublayer_ok(groups):
             rule = None
         if rule is None and key in backbone_keys:
             out.backbone[key] = tensor
@@ -229,34 +190,30 @@ def map_keys(state: dict, family: str, backbone_keys: set[str]) -> Mapped:
         if rule.target is None:
             out.ignored.append(key)
             continue
-        groups = _names(match.groupdict())
+        declared = rule.declared
         name = rule.target.format(**groups)
-        kind, _, word = rule.what.partition(":")
-        if kind == "gate":
-            out.gates.add(word)
-        if kind in ("task", "module", "gate"):
-            out.methods.add("vlpet" if kind == "gate" or word == "value" else word)
-        if rule.what == "down head":
+        if declared.gate:
+            out.gates.add(declared.gate)
+        if declared.tag:
+            out.methods.add(declared.tag)
+        if declared.role == "head":
             out.heads.setdefault(name, {})[int(groups["head"])] = tensor
-            out.methods.add("vlpet")
-        elif kind == "task":
+        elif declared.role == "task":
             out.values.setdefault(name, {})[groups["task"]] = tensor
-        elif rule.what == "task embedding":
+        elif declared.role == "task embedding":
             out.task_embeddings.setdefault(key.rsplit(".", 1)[0], {})[groups["task"]] = tensor
-            out.methods.add("hyperformer")
+            out.task_embedding_name = name
         else:
             out.tensors[name] = tensor
     return out
 
 
-def _sublayer_ok(match: re.Match) -> bool:
+def _sublayer_ok(groups: dict) -> bool:
     """T5: encoder attention modules sit in layer.0, FFN ones in layer.1; decoder self/cross/FFN in layer.0/1/2."""
-    groups = match.groupdict()
     if groups.get("sub") is None:
         return True
-    if groups.get("dkind"):
-        return T5_DECODER_SUBLAYER.get(DECODER_KIND[groups["dkind"]]) == groups["sub"]
-    return T5_SUBLAYER.get(groups.get("kind")) == groups["sub"]
+    where = ("decoder", groups["dkind"]) if "dkind" in groups else ("encoder", groups.get("kind"))
+    return T5_SUBLAYER.get(where) == groups["sub"]
 
 
 def join_heads(heads: dict, pth: Path) -> tuple[dict, int | None]:
@@ -275,11 +232,6 @@ def join_heads(heads: dict, pth: Path) -> tuple[dict, int | None]:
     return joined, counts.pop() if counts else None
 
 
-WHAT = {"pet.value.": "value adapters", "pet.encoder_modules.": "encoder adapters",
-        "pet.decoder_modules.": "decoder adapters", "pet.lora.": "LoRA matrices", "pet.prompt.": "prompts"}
-SINGLE_FLAG = {"pet.lora.": "--use_single_lora", "pet.prompt.": "--use_single_prompt"}
-
-
 def merge_tasks(values: dict, pth: Path) -> tuple[dict, list[str]]:
     """One tensor per module weight: the task copies of `--use_single_adapter` (lora, prompt) must be equal."""
     import torch
@@ -291,12 +243,13 @@ def merge_tasks(values: dict, pth: Path) -> tuple[dict, list[str]]:
         first = per_task[names[0]]
         for task in names[1:]:
             if per_task[task].shape != first.shape or not torch.equal(per_task[task], first):
-                prefix = next((k for k in WHAT if name.startswith(k)), "")
+                method = owner(name)
+                what = method.reference_label if method else "modules"
+                flag = method.single_flag if method else "--use_single_adapter"
                 where = name.split(".")[2].split("_") if name.count(".") > 2 else []
                 site = f"{where[0]} layer {where[1]}" if len(where) > 1 and where[1].isdigit() else "the encoder"
-                flag = SINGLE_FLAG.get(prefix, "--use_single_adapter")
                 raise VlpetError(
-                    f"{pth}: {site} has different {WHAT.get(prefix, 'modules')} for tasks '{names[0]}' and "
+                    f"{pth}: {site} has different {what} for tasks '{names[0]}' and "
                     f"'{task}' ({name}): the checkpoint was trained with one module per task (without {flag}), "
                     f"while vlpet's modules are shared by all tasks")
         merged[name] = first
@@ -311,8 +264,9 @@ def task_embedding_rows(mapped: Mapped, preset: Preset, pth: Path) -> dict:
 
     if not mapped.task_embeddings:
         return {}
+    name = mapped.task_embedding_name
     if preset.pet.hyperformer is None:
-        return {"pet.task_embeddings": None}  # check_fit names it as a tensor the model lacks
+        return {name: None}  # check_fit names it as a tensor the model lacks
     sources = list(mapped.task_embeddings.values())
     first = sources[0]
     for other in sources[1:]:
@@ -324,73 +278,31 @@ def task_embedding_rows(mapped: Mapped, preset: Preset, pth: Path) -> dict:
     if sorted(by_task) != sorted(order):
         raise VlpetError(f"{pth}: the checkpoint has task embeddings for {sorted(by_task)}, the preset's "
                          f"pet.hyperformer.tasks are {order}; set pet.hyperformer.tasks to the reference's --tasks")
-    return {"pet.task_embeddings": torch.stack([by_task[t] for t in order])}
+    return {name: torch.stack([by_task[t] for t in order])}
 
 
 def guess_preset(mapped: Mapped) -> str | None:
-    """The preset whose modules the checkpoint holds, or None (no added modules, or a mix no preset has).
+    """The preset that a method recognises from the checkpoint's modules, or None (no added modules, or a mix no
+    preset has).
 
     Sizes are not guessed: a preset whose sizes differ is refused with the override to pass (`_override_hint`)."""
-    methods = mapped.methods - {"value"}
-    gate = next(iter(mapped.gates)) if len(mapped.gates) == 1 else None
-    compacter = any(k.endswith(".rule") for k in mapped.values)
-    if "vlpet" in methods and gate:
-        if compacter:
-            return f"compacter-g{gate}-lw"
-        return f"vlpet-{gate}"
-    if methods == {"adapter"}:
-        return ("compacter" if compacter else "vl-adapter")
-    if methods == {"lora"}:
-        return "lora"
-    if methods == {"prompt"}:
-        return "prompt-tuning"
-    if methods == {"hyperformer"}:
-        return "hyperformer"
-    return None
+    names = {*mapped.tensors, *mapped.values, *mapped.heads}
+    return next((p for m in METHODS if (p := m.reference_preset(mapped.methods, mapped.gates, names))), None)
 
 
 # ---- checking --------------------------------------------------------------------------------------------------
-MODULE_FIELD = {"pet.encoder_modules.": "pet.encoder", "pet.decoder_modules.": "pet.decoder",
-                "pet.value.": "pet.value", "pet.gates.": "pet.gate"}
-# (vlpet tensor name prefix, suffix) -> (preset field, the checkpoint tensor's dimension that holds its value)
-SIZE_FIELD = {("pet.prompt.", "embedding.weight"): ("pet.prompt.length", 0),
-              ("pet.prompt.", "mlp.0.weight"): ("pet.prompt.mid_dim", 0),
-              ("pet.task_embeddings", ""): ("pet.hyperformer.task_dim", 1),
-              ("pet.hyper.", "layer_embedding.weight"): ("pet.hyperformer.layer_dim", 1),
-              ("pet.hyper.", "mlp.0.weight"): ("pet.hyperformer.hidden", 0),
-              ("pet.hyper.", "mlp.2.weight"): ("pet.hyperformer.projected", 0),
-              ("pet.hyper.", "down_bias.weight"): ("pet.hyperformer.r", 0),
-              ("pet.lora.", ".A"): ("pet.lora.r", 0), ("pet.lora.", ".B"): ("pet.lora.r", 1)}
-
-
-def _bottleneck_width(name: str, shape: tuple) -> int | None:
-    """r of a bottleneck tensor: Linear down (r, d) / up (d, r), PHM down (n, d/n, r/n) / up (n, r/n, d/n)."""
-    if name.endswith(".rule") or name.endswith("up.bias"):
-        return None
-    if len(shape) == 3:
-        return shape[0] * (shape[2] if ".down." in name else shape[1])
-    return shape[1] if name.endswith(".up.weight") else shape[0]
-
-
 def _override_hint(name: str, shape: tuple) -> str:
     """The preset override that gives a vlpet tensor the checkpoint's shape."""
     if name == "projector.feat_embedding.0.weight":
         return f"set model.feat_dim={shape[1]} (2048: CLIP RN101 image features, 512: video)"
-    for (start, end), (key, dim) in SIZE_FIELD.items():
-        if name.startswith(start) and name.endswith(end):
-            return f"set {key}={shape[dim]}"
-    prefix = next((k for k in MODULE_FIELD if name.startswith(k)), None)
-    if prefix and name.endswith(".rule"):
-        return f"set {MODULE_FIELD[prefix]}.phm_n={shape[0]}"
-    width = _bottleneck_width(name, shape)
-    if prefix and width:
-        return f"set {MODULE_FIELD[prefix]}.r={width}"
-    return "check the preset and its overrides"
+    method = owner(name)
+    hint = method.size_hint(name, tuple(shape)) if method is not None else None
+    return hint or "check the preset and its overrides"
 
 
 def holds(mapped: Mapped) -> str:
     """What the checkpoint holds, in words, for error messages."""
-    methods = sorted(mapped.methods - {"value"}) or ["no added modules (BitFit or full fine-tuning)"]
+    methods = sorted(mapped.methods) or ["no added modules (BitFit or full fine-tuning)"]
     gates = f", gates '{', '.join(sorted(mapped.gates))}'" if mapped.gates else ""
     return f"modules: {', '.join(methods)}{gates}"
 

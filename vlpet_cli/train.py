@@ -166,11 +166,6 @@ class Interrupts:
             signal.signal(sig, handler)
 
 
-def loader_generator(loader: MultitaskLoader) -> torch.Generator:
-    """The training DataLoader's own generator (each pass draws its workers' base seed from it)."""
-    return loader._data_loader().generator
-
-
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """A run to resume must be a run; a new run must not silently replace one."""
     if resume:
@@ -214,7 +209,7 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     if resume:
         last = intact_checkpoint(session)
         session.state = session.checkpointer.load(last, model, optimizer, session.scheduler,
-                                                  {"train": loader_generator(loader)})
+                                                  {"train": loader.generator})
     elif accelerator.is_main_process:
         write_config(run_dir, preset)
     session.model, session.optimizer = accelerator.prepare(model, optimizer)
@@ -260,7 +255,7 @@ def checkpoint(session: Session) -> None:
     session.accelerator.wait_for_everyone()
     if not session.main:
         return
-    generator = loader_generator(session.loader)
+    generator = session.loader.generator
     if session.state.step_in_epoch and session.epoch_rng is not None:
         generator = torch.Generator()
         generator.set_state(session.epoch_rng)
@@ -308,7 +303,7 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
     pause_at = state.global_step + stop_after if stop_after else None
     paused = False
     last_val: dict = {}
-    generator = loader_generator(session.loader)
+    generator = session.loader.generator
     for epoch in range(state.epoch, preset.train.epochs):
         if finished:
             break

@@ -251,3 +251,18 @@ def test_loader_validates_inputs(root):
     empty = TaskDataset(get_task("vqa"), [], {}, make_tokenizer())
     with pytest.raises(VlpetError, match="no records"):
         MultitaskLoader({"vqa": empty}, {"vqa": 2})
+
+
+def test_generator_state_is_read_and_restored(root):
+    """Checkpoints save `generator`'s state; a fresh loader given it continues as the original does."""
+    loader = MultitaskLoader(datasets(root), BATCH, data_seed=3)
+    seeded = loader.generator.get_state()
+    assert torch.equal(seeded, torch.Generator().manual_seed(3).get_state())
+    list(loader.epoch(0))
+    saved = loader.generator.get_state()
+    assert not torch.equal(saved, seeded), "each pass draws its workers' base seed from the generator"
+    other = MultitaskLoader(datasets(root), BATCH, data_seed=0)
+    other.generator.set_state(saved)
+    list(loader.epoch(1))
+    list(other.epoch(1))
+    assert torch.equal(other.generator.get_state(), loader.generator.get_state())

@@ -137,3 +137,50 @@ def test_hyperformer_needs_the_task(tiny_dirs):
     model, tok = make("hyperformer", tiny_dirs["bart"])
     with pytest.raises(VlpetError, match="HyperFormer needs the current task"):
         model(batch_for(tok, task=None))
+
+
+def test_prompts_and_context_are_asked_of_pet_modules(tiny_dirs):
+    """vl.model reads the prompts and sets the task and mask through PetModules' public methods."""
+    model, tok = make("prompt-tuning", tiny_dirs["bart"], "pet.prompt.length=3")
+    prompts = model.pet.prompts(2)
+    assert prompts.shape == (2, 3, model.config.d_model) and model.pet.prompt_length() == 3
+    batch = batch_for(tok)
+    embeds, mask, text_len = model.embed(batch)
+    assert torch.equal(embeds[:, :3], prompts)
+    plain, _ = make("vl-adapter", tiny_dirs["bart"])
+    assert plain.pet.prompts(2) is None and plain.pet.prompt_length() == 0
+    hyper, tok = make("hyperformer", tiny_dirs["t5"])
+    mask = torch.ones(2, 4)
+    hyper.pet.set_context("gqa", mask)
+    assert hyper.pet.task == "gqa" and hyper.pet.encoder_mask is mask
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_reference_rules_name_their_own_methods_tensors(family):
+    """Every declared reference rule compiles for both families and lands in the declaring method's slots."""
+    from vlpet_cli.pet.inject import METHODS, owner
+    from vlpet_cli.reference import rules
+
+    compiled = rules(family)
+    declared = [(m, r) for m in METHODS for r in m.reference_rules()]
+    assert len(compiled) == len(declared) + 2  # + the projector and its tied object-order table
+    for method, rule in declared:
+        fields = {f: "0" for f in ("layer", "kind", "dkind", "which", "p", "stack", "att", "proj", "ab", "idx",
+                                   "block", "gen")}
+        assert rule.role in ("tensor", "head", "task", "task embedding")
+        assert owner(rule.target.format(**fields)) is method, (method.label, rule.target)
+
+
+def test_no_pet_attribute_name_outside_pet():
+    """Issue 12: only pet/ spells PetModules' attribute names; the rest of the package asks the declarations."""
+    import re
+    from pathlib import Path
+
+    from vlpet_cli.pet.inject import METHODS
+
+    slots = "|".join(sorted({s for m in METHODS for s in m.slots}))
+    pattern = re.compile(rf"(\w*model|self)\.pet\.({slots})\b|[\"']pet\.({slots})[.\"']|\._lora_targets")
+    package = Path(__file__).resolve().parents[1] / "vlpet_cli"
+    found = [f"{path.relative_to(package)}:{i}" for path in package.rglob("*.py") if "pet" not in path.parts
+             for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found

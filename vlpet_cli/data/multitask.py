@@ -181,6 +181,12 @@ class MultitaskLoader:
                 persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.data_seed))
         return self._loader
 
+    @property
+    def generator(self) -> Any:
+        """The DataLoader's own torch.Generator: each pass draws its workers' base seed from it, so a checkpoint
+        saves its state (`get_state`) and a resumed run restores it (`set_state`) before the next pass."""
+        return self._data_loader().generator
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[str, dict]]:
         """(task, batch) for steps start_step..len-1 of an epoch; skipped steps are never loaded.
 

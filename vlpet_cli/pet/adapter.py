@@ -13,7 +13,15 @@ from vlpet_cli.config import DECODER_SITES, ENCODER_SITES
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.pet import anatomy, compacter
 from vlpet_cli.pet.activation import gelu_new
-from vlpet_cli.pet.method import Attachment, Method, zero_layer_params
+from vlpet_cli.pet.method import (
+    REF_PARAM,
+    REF_TASK,
+    Attachment,
+    Method,
+    ReferenceRule,
+    bottleneck_hint,
+    zero_layer_params,
+)
 
 NON_LINEAR = "ΔH = up(gelu_new(down(H))) is non-linear"
 
@@ -50,6 +58,15 @@ class _Bottlenecks(Method):
         slot = self.slots[0]
         return [f"{slot}.{n}" for n, _ in getattr(pet, slot).named_parameters() if n.endswith("bias")]
 
+    def size_hint(self, name: str, shape: tuple) -> str | None:
+        return super().size_hint(name, shape) or bottleneck_hint(self.field, name, shape)
+
+    def _per_task(self, site: str, word: str, target: str) -> ReferenceRule:
+        """The reference's `<word>_adapter.adapters.<task>.{down,up}_sampler.*` (Linear or PHM), one copy per task."""
+        return ReferenceRule(site + word + r"_adapter\.adapters\." + REF_TASK + r"\.(?P<which>down|up)_sampler\."
+                             + compacter.REFERENCE_PARAM, target + ".{which}.{p}", "task", self.reference_tag,
+                             words=compacter.REFERENCE_WORDS)
+
 
 class SequentialAdapters(_Bottlenecks):
     """H -> H + ΔH(H) after the chosen sub-layers of one stack (before dropout, residual and post-LN)."""
@@ -62,6 +79,8 @@ class SequentialAdapters(_Bottlenecks):
         self.slots = (f"{stack}_modules",)
         self.group = f"{stack} modules"
         self.label = f"{stack} adapters"
+        self.reference_label = f"{stack} adapters"
+        self.reference_tag = "adapter"
 
     def sites(self, spec) -> tuple[str, ...]:
         """The sub-layer kinds the spec names (all by default); an unknown one is the user's error."""
@@ -81,6 +100,25 @@ class SequentialAdapters(_Bottlenecks):
     def transform(self, pet, sub, h: torch.Tensor) -> torch.Tensor:
         return h + getattr(pet, self.slots[0])[sub.key](h)
 
+    def reference_rules(self) -> list[ReferenceRule]:
+        """Encoder: VL-PET's multi-head modules (`*_adapter_multihead_{down.<head>,up}`) and VL-Adapter's /
+        Compacter's per-task adapters; decoder: the per-task adapters (BART self_attn, T5 attn, enc_attn, ff)."""
+        module = f"pet.{self.slots[0]}.{self.stack}_{{layer}}"
+        if self.stack == "decoder":
+            return [self._per_task(r"{DEC}", r"(?P<dkind>self_attn|attn|enc_attn|ff)", module + "_{dkind}")]
+        site = r"{ENC}(?P<kind>attn|ff)_adapter_multihead_"
+        return [
+            ReferenceRule(site + r"down\.(?P<head>\d+)\." + REF_PARAM, module + "_{kind}.down.{p}", "head", "vlpet"),
+            ReferenceRule(site + r"up\." + REF_PARAM, module + "_{kind}.up.{p}", "tensor", "vlpet"),
+            self._per_task(r"{ENC}", r"(?P<kind>attn|ff)", module + "_{kind}"),
+        ]
+
+    def reference_preset(self, tags: set[str], gates: set[str], names: set[str]) -> str | None:
+        """Only per-task adapters: VL-Adapter, or Compacter when they are PHM layers."""
+        if tags == {self.reference_tag}:
+            return "compacter" if compacter.holds_phm(names) else "vl-adapter"
+        return None
+
 
 class ValueAdapters(_Bottlenecks):
     """The decoder's parallel value adapter (VPA): v(E) -> v(E) + ΔH(E) in every cross-attention."""
@@ -90,6 +128,8 @@ class ValueAdapters(_Bottlenecks):
     group = "decoder value modules"
     label = "cross-attention value adapters"
     unfoldable = "a gelu_new bottleneck parallel to v is non-linear"
+    reference_label = "value adapters"
+    reference_tag = "vlpet"  # VL-PET's decoder modules; the gates name the preset
 
     def build_site(self, pet, spec, sub, d: int) -> None:
         if sub.stack == "decoder" and sub.kind == "cross":
@@ -103,6 +143,10 @@ class ValueAdapters(_Bottlenecks):
                 v = anatomy.projections_of(sub.h_module, pet.family)["v"]
                 out.append(Attachment(v, "hook", lambda lin, args, output, m=module: output + m(args[0])))
         return out
+
+    def reference_rules(self) -> list[ReferenceRule]:
+        """`attn_value_parallel_adapter.adapters.<task>.*` inside the cross-attention."""
+        return [self._per_task(r"{CROSS}", "attn_value_parallel", f"pet.{self.slots[0]}.decoder_{{layer}}_cross")]
 
 
 ENCODER = SequentialAdapters("encoder", ENCODER_SITES)

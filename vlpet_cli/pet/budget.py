@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from vlpet_cli.pet import anatomy
-from vlpet_cli.pet.inject import METHODS
+from vlpet_cli.pet.inject import METHODS, owner
 
 ORDER = [*dict.fromkeys(m.group for m in METHODS), "visual projector", "encoder LayerNorms", "decoder LayerNorms",
          "biases", "word embeddings", "backbone (other)"]
@@ -15,7 +15,8 @@ def _added_group(name: str) -> str | None:
     """The group of a PET method's tensor (as the method declares it) or of the visual projector."""
     if name.startswith("projector."):
         return "visual projector"
-    return next((m.group for m in METHODS if m.owns(name)), None)
+    method = owner(name)
+    return method.group if method is not None else None
 
 
 def classify(model: nn.Module) -> dict[str, str]:

@@ -12,6 +12,14 @@ from torch import nn
 from vlpet_cli.pet.activation import gelu_new
 
 KIND = "compacter"
+# The reference's PHM layers name their tensors phm_rule / W / b; the group matches plain Linears' names too.
+REFERENCE_PARAM = r"(?P<p>weight|bias|phm_rule|W|b)"
+REFERENCE_WORDS = {"p": {"phm_rule": "rule", "W": "weight", "b": "bias"}}
+
+
+def holds_phm(names: set[str]) -> bool:
+    """Whether some of these vlpet parameter names are PHM tensors (the modules are Compacter's)."""
+    return any(n.endswith(".rule") for n in names)
 
 
 class PHMLinear(nn.Module):

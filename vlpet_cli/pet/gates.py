@@ -5,8 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlpet_cli.pet import compacter
 from vlpet_cli.pet.activation import gelu_new
-from vlpet_cli.pet.method import Method, zero_layer_params
+from vlpet_cli.pet.method import REF_PARAM, Method, ReferenceRule, bottleneck_hint, zero_layer_params
+
+# The reference's gate modules after `encoder_{attn,ff}_adapter_gating_`, and the vlpet tensor each one holds.
+REFERENCE_GATES = {"large": (r"large_x_(?P<which>down|up)\." + REF_PARAM, "{which}.{p}"),
+                   "middlex": (r"middle_xy_add\." + REF_PARAM, "proj.{p}"),
+                   "middley": (r"middle_ia3_add", "z"),
+                   "small": (r"small_xy_cat\." + REF_PARAM, "proj.{p}")}
 
 
 class Gate(nn.Module):
@@ -86,6 +93,22 @@ class Gates(Method):
 
     def no_decay(self, pet) -> list[str]:
         return [f"gates.{key}.z" for key, g in pet.gates.items() if g.granularity == "middley"]
+
+    def reference_rules(self) -> list[ReferenceRule]:
+        """`encoder_{attn,ff}_adapter_gating_<granularity>*` in every encoder sub-layer; each reveals its gate."""
+        return [ReferenceRule(r"{ENC}encoder_(?P<kind>attn|ff)_adapter_gating_" + pattern,
+                              f"pet.{self.slots[0]}.encoder_{{layer}}_{{kind}}.{target}", "tensor", "vlpet", gate)
+                for gate, (pattern, target) in REFERENCE_GATES.items()]
+
+    def reference_preset(self, tags: set[str], gates: set[str], names: set[str]) -> str | None:
+        """VL-PET's modules with one gate: vlpet-<gate>, or the Table 9 combination when the modules are PHM."""
+        if "vlpet" in tags and len(gates) == 1:
+            gate = next(iter(gates))
+            return f"compacter-g{gate}-lw" if compacter.holds_phm(names) else f"vlpet-{gate}"
+        return None
+
+    def size_hint(self, name: str, shape: tuple) -> str | None:
+        return bottleneck_hint(self.field, name, shape)
 
 
 GATES = Gates()

@@ -10,9 +10,12 @@ from vlpet_cli.config import DECODER_SITES, ENCODER_SITES
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.pet import anatomy
 from vlpet_cli.pet.activation import gelu_new
-from vlpet_cli.pet.method import Method
+from vlpet_cli.pet.method import REF_PARAM, REF_TASK, Method, ReferenceRule
 
 LN_EPS = 1e-6  # the reference's hyper-network LayerNorm (issue 11, item 3); PyTorch's default is 1e-5
+# The reference's words for the sub-layer an adapter generator serves, per stack.
+REFERENCE_BLOCKS = {"encoder": {"self_attention": "attn", "feed_forward": "ffn"},
+                    "decoder": {"self_attention": "self", "cross_attention": "cross", "feed_forward": "ffn"}}
 
 
 class AdapterGenerator(nn.Module):
@@ -60,6 +63,12 @@ class HyperMethod(Method):
     group = "hyper-networks"
     label = "HyperFormer hyper-networks"
     unfoldable = "they generate the adapters per task at run time"
+    reference_tag = "hyperformer"
+    reference_preset_name = "hyperformer"
+    sizes = (("task_embeddings", "pet.hyperformer.task_dim", 1),
+             ("layer_embedding.weight", "pet.hyperformer.layer_dim", 1),
+             ("mlp.0.weight", "pet.hyperformer.hidden", 0), ("mlp.2.weight", "pet.hyperformer.projected", 0),
+             ("down_bias.weight", "pet.hyperformer.r", 0))
 
     def containers(self) -> dict:
         return {"hyper": None}
@@ -81,6 +90,26 @@ class HyperMethod(Method):
 
     def no_decay(self, pet) -> list[str]:
         return [f"hyper.{n}" for n, _ in pet.hyper.named_parameters() if "bias" in n]
+
+    def reference_rules(self) -> list[ReferenceRule]:
+        """The task embeddings (shared, or one table per stack: all must be equal) and each stack's
+        `adapter_layers_hyper_net` (layer embeddings, task MLP, its LayerNorm, per-sub-layer generators)."""
+        hyper, embeddings = self.slots
+        tag = self.reference_tag
+        rules = [ReferenceRule(r"{ROOT}(?:shared_task_embed|(?:encoder|decoder)\.task_embed)\.task_to_embeddings\."
+                               + REF_TASK, f"pet.{embeddings}", "task embedding", tag)]
+        for stack, blocks in REFERENCE_BLOCKS.items():
+            net, ours = r"{ROOT}" + stack + r"\.adapter_layers_hyper_net\.", f"pet.{hyper}.{stack}."
+            rules += [
+                ReferenceRule(net + r"layer_id_embeddings\.weight", ours + "layer_embedding.weight", tag=tag),
+                ReferenceRule(net + r"task_hypernet\.task_embeding_generator\.(?P<idx>[02])\." + REF_PARAM,
+                              ours + "mlp.{idx}.{p}", tag=tag),
+                ReferenceRule(net + r"LayerNorm\." + REF_PARAM, ours + "mlp.3.{p}", tag=tag),
+                ReferenceRule(net + f"(?P<block>{'|'.join(blocks)})" + r"_(?P<which>up|down)_sampler_hyper_net\."
+                              r"(?P<gen>weight|bias)_generator\.0\." + REF_PARAM,
+                              ours + "generators.{block}.{which}_{gen}.{p}", tag=tag, words={"block": blocks}),
+            ]
+        return rules
 
 
 def task_embedding(pet) -> torch.Tensor:

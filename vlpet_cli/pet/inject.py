@@ -66,8 +66,8 @@ def attach(attachment: Attachment):
 class PetModules(nn.Module):
     """Every module a PET method adds to one backbone, plus the hooks and wraps that run them.
 
-    `task` (HyperFormer) and `encoder_mask` (masked small gate) are set by the caller before a forward pass;
-    `prompt` is read by the caller (the prompts are encoder inputs).
+    The caller sets the context of a forward pass with `set_context(task, encoder_mask)` (HyperFormer needs the
+    task, the masked small gate the mask) and places `prompts(batch_size)` in front of the encoder's text.
     """
 
     def __init__(self, cfg: PetConfig, backbone: nn.Module, extra_norms: list[tuple[str, nn.Module]] = ()):
@@ -97,6 +97,19 @@ class PetModules(nn.Module):
     def methods(self) -> list[Method]:
         """The methods that placed tensors in this PetModules, in METHODS order."""
         return [m for m in METHODS if m.present(self)]
+
+    def set_context(self, task: str | None, encoder_mask: torch.Tensor | None) -> None:
+        """The current batch's task and joint encoder attention mask, read by the hooks of the next forward."""
+        self.task, self.encoder_mask = task, encoder_mask
+
+    def prompts(self, batch_size: int) -> torch.Tensor | None:
+        """[B, P, d] encoder input rows the methods place in front of the text (prompt tuning), or None."""
+        parts = [p for m, spec in self.specs if (p := m.encoder_prefix(self, spec, batch_size)) is not None]
+        return torch.cat(parts, dim=1) if parts else None
+
+    def prompt_length(self) -> int:
+        """How many rows `prompts` places in front of the text (0 without prompt tuning)."""
+        return sum(m.prefix_length(spec) for m, spec in self.specs)
 
     # ---- initialisation -------------------------------------------------------------------------------
     def _init_weights(self) -> None:
@@ -177,6 +190,11 @@ def set_trainable(backbone: nn.Module, pet: PetModules, projector: nn.Module, po
 
 
 # ---- what the commands ask of the declarations --------------------------------------------------------
+def owner(name: str) -> Method | None:
+    """The method a VLModel parameter name (`pet.<slot>…`) belongs to, or None (backbone, projector)."""
+    return next((m for m in METHODS if m.owns(name)), None)
+
+
 def unfoldable(pet: PetModules) -> list[str]:
     """'label (count): reason' for each method present that no edit of the backbone's weights reproduces."""
     return [m.why_unfoldable(pet) for m in pet.methods() if m.unfoldable]

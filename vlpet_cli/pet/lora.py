@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vlpet_cli.pet import anatomy
-from vlpet_cli.pet.method import Attachment, Method, PeftExport, peft_module_names
+from vlpet_cli.pet.method import REF_TASK, Attachment, Method, PeftExport, ReferenceRule, peft_module_names
 
 
 class LoRA(nn.Module):
@@ -40,6 +40,11 @@ class LoraMethod(Method):
     label = "LoRA"
     peft_type = "LORA"
     peft_unit = "LoRA modules"
+    reference_label = "LoRA matrices"
+    single_flag = "--use_single_lora"
+    reference_tag = "lora"
+    reference_preset_name = "lora"
+    sizes = ((".A", "pet.lora.r", 0), (".B", "pet.lora.r", 1))
 
     def build(self, pet, spec, backbone: nn.Module, extra_norms) -> None:
         targets = [p for p in anatomy.projections(backbone) if p.which in spec.targets]
@@ -51,6 +56,12 @@ class LoraMethod(Method):
     def attachments(self, pet, backbone: nn.Module) -> list[Attachment]:
         return [Attachment(p.linear, "hook", lambda lin, args, output, m=pet.lora[p.key]: output + m(args[0]))
                 for p in pet.targets["lora"]]
+
+    def reference_rules(self) -> list[ReferenceRule]:
+        """`<projection>.lora_As.<task>` / `lora_Bs.<task>` on the attention projections (BART; the reference's T5
+        has no LoRA layers)."""
+        return [ReferenceRule(r"{ATT}lora_(?P<ab>A|B)s\." + REF_TASK,
+                              f"pet.{self.slots[0]}.{{stack}}_{{layer}}_{{att}}_{{proj}}.{{ab}}", "task", "lora")]
 
     def fold(self, pet) -> str:
         targets = pet.targets["lora"]

@@ -4,13 +4,15 @@ A method owns one PetConfig field (its spec) and one or more PetModules attribut
 names of its tensors are `pet.<slot>.…`). It says how its modules are built (per sub-layer and/or once per
 backbone), how they enter the backbone (an output hook, or a wrapped Linear for methods that are not additive),
 its row in the `vlpet params` table, its tensors that skip weight decay under the corrected rule, and whether it
-folds into a Linear (and how) or why it cannot, and its PEFT export mapping where one exists.
+folds into a Linear (and how) or why it cannot, its PEFT export mapping where one exists, and how the reference
+code's checkpoints name its tensors (`ReferenceRule`s, the preset fields that size them, the preset it identifies),
+which `vlpet import-reference` reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -40,6 +42,34 @@ class PeftExport:
     modules: int
 
 
+# Pieces of the reference's key names that several methods' rules share.
+REF_PARAM = r"(?P<p>weight|bias)"
+REF_TASK = r"(?P<task>[^.]+)"  # the reference task a per-task copy belongs to
+
+
+@dataclass(frozen=True)
+class ReferenceRule:
+    """How the reference code's checkpoints name one kind of a method's tensors, and where it lands in vlpet.
+
+    pattern: a regex over the checkpoint key; `{ROOT}`, `{ENC}`, `{DEC}`, `{CROSS}` and `{ATT}` stand for the
+             backbone family's paths (`reference.SITES`), whose groups (layer, kind, dkind, stack, att, proj) the
+             importer translates into vlpet's sub-layer words.
+    target:  the vlpet parameter name, a format string over the match's groups (after `words`).
+    role:    "tensor"; "head" (one of the N_h down heads, joined in head order); "task" (one copy per reference
+             task, all equal under `--use_single_*`); "task embedding" (one row per reference task).
+    tag:     the module family the key reveals ("vlpet", "adapter", "lora", ...), for choosing the preset.
+    gate:    the gate granularity the key reveals.
+    words:   group -> {reference word: vlpet word}, for the method's own words (PHM names, layer indices).
+    """
+
+    pattern: str
+    target: str | None
+    role: str = "tensor"
+    tag: str = ""
+    gate: str | None = None
+    words: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+
 class Method:
     """One modification. The defaults describe a method that does nothing at that step."""
 
@@ -50,6 +80,11 @@ class Method:
     unfoldable: str | None = None  # why no edit of a Linear's weights reproduces it; None: `fold` does it
     peft_type: str | None = None  # the PEFT adapter type it exports to, if any
     peft_unit: str = ""  # what an export counts ("LoRA modules")
+    reference_label: str = "modules"  # how import messages name the reference's copies of its modules
+    single_flag: str = "--use_single_adapter"  # the reference flag that shares its modules between tasks
+    reference_tag: str = ""  # the module family its reference keys reveal (ReferenceRule.tag)
+    reference_preset_name: str | None = None  # the preset of a checkpoint holding only this family
+    sizes: tuple[tuple[str, str, int], ...] = ()  # (name suffix, preset field, dimension of the tensor that holds it)
 
     def spec(self, cfg) -> Any:
         return getattr(cfg, self.field)
@@ -80,6 +115,14 @@ class Method:
         """Hooks and wraps on backbone modules other than the sub-layer outputs."""
         return []
 
+    def encoder_prefix(self, pet, spec, batch_size: int) -> torch.Tensor | None:
+        """[B, P, d] vectors placed in front of the text in the encoder input (prompt tuning), or None."""
+        return None
+
+    def prefix_length(self, spec) -> int:
+        """P of `encoder_prefix`."""
+        return 0
+
     def no_decay(self, pet) -> list[str]:
         """Parameter names under `pet.` that the corrected decay rule exempts (the reference rule is by name)."""
         return []
@@ -91,6 +134,24 @@ class Method:
     def peft(self, pet, spec, backbone: nn.Module, base: str) -> PeftExport:
         """The PEFT adapter holding this method, for `backbone` saved at `base` (only where `peft_type` is set)."""
         raise NotImplementedError(f"{self.label} has no PEFT format")
+
+    def reference_rules(self) -> list[ReferenceRule]:
+        """How the reference code's checkpoints name this method's tensors (none: it has no reference layout)."""
+        return []
+
+    def reference_preset(self, tags: set[str], gates: set[str], names: set[str]) -> str | None:
+        """The preset of a checkpoint whose keys revealed `tags` and `gates` and mapped onto `names`, when this
+        method identifies it."""
+        if self.reference_tag and tags == {self.reference_tag}:
+            return self.reference_preset_name
+        return None
+
+    def size_hint(self, name: str, shape: tuple) -> str | None:
+        """'set FIELD=VALUE' giving this method's tensor `name` the checkpoint's `shape`, or None."""
+        for suffix, key, dim in self.sizes:
+            if name.endswith(suffix):
+                return f"set {key}={shape[dim]}"
+        return None
 
     # ---- derived from the slots -------------------------------------------------------------------------
     def present(self, pet) -> bool:
@@ -111,6 +172,23 @@ class Method:
         """'label (count): reason' for messages."""
         count = self.size(pet)
         return f"{self.label}{f' ({count})' if count is not None else ''}: {self.unfoldable}"
+
+
+def bottleneck_width(name: str, shape: tuple) -> int | None:
+    """r of a bottleneck tensor: Linear down (r, d) / up (d, r), PHM down (n, d/n, r/n) / up (n, r/n, d/n)."""
+    if name.endswith(".rule") or name.endswith("up.bias"):
+        return None
+    if len(shape) == 3:
+        return shape[0] * (shape[2] if ".down." in name else shape[1])
+    return shape[1] if name.endswith(".up.weight") else shape[0]
+
+
+def bottleneck_hint(field_name: str, name: str, shape: tuple) -> str | None:
+    """The `pet.<field>.phm_n` / `.r` override that gives a bottleneck (or gate) tensor the checkpoint's shape."""
+    if name.endswith(".rule"):
+        return f"set pet.{field_name}.phm_n={shape[0]}"
+    width = bottleneck_width(name, shape)
+    return f"set pet.{field_name}.r={width}" if width else None
 
 
 def pkey(name: str) -> str:

@@ -104,22 +104,22 @@ class VLModel(nn.Module):
         vis = self.projector(feats.reshape(b, n_img * per_image, dim), img_ids, obj_ids, words)
         parts = [text, vis.to(text.dtype)]
         masks = [text_mask, text_mask.new_ones(b, vis.shape[1])]
-        if self.pet.prompt is not None:
+        prompts = self.pet.prompts(b)
+        if prompts is not None:
             # The reference's order: [prompts ; text ; visual] (the prompts sit in the text part).
-            prompts = self.pet.prompt(b).to(text.dtype)
+            prompts = prompts.to(text.dtype)
             parts.insert(0, prompts)
             masks.insert(0, text_mask.new_ones(b, prompts.shape[1]))
         return torch.cat(parts, 1), torch.cat(masks, 1), input_ids.shape[1]
 
     def prompt_len(self) -> int:
         """Prompt rows in front of the text (0 without prompt tuning)."""
-        return 0 if self.pet.prompt is None else self.pet.cfg.prompt.length
+        return self.pet.prompt_length()
 
     def encode(self, batch: dict):
         """(encoder outputs, attention mask) for a batch; sets the PET context (task, mask)."""
         embeds, mask, text_len = self.embed(batch)
-        self.pet.task = batch.get("task")
-        self.pet.encoder_mask = mask
+        self.pet.set_context(batch.get("task"), mask)
         self._span = (self.prompt_len(), text_len)
         try:
             out = self.backbone.get_encoder()(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
