@@ -1,12 +1,13 @@
 """Check vlpet against golden cases computed by the reference VL-PET code (issue 11).
 
-    python scripts/check_reference.py GOLDEN_DIR [GOLDEN_DIR ...]
+    python scripts/check_reference.py [--float64] GOLDEN_DIR [GOLDEN_DIR ...]
 
 Each directory holds the reference's `LAST.pth`, `inputs.pt`, `outputs.pt` and `README.json` (the vlpet preset,
 backbone and overrides that match, and the reference's decoding settings). For each one this imports the checkpoint
 as `vlpet import-reference` does, runs vlpet on the inputs and compares the encoder output, the logits, the loss and,
 where the case holds them, the generated ids of every decoding setting and the NLVR2 predictions. It prints one JSON
-line per directory and `N/M golden cases match`, and exits 1 when any case differs.
+line per directory and `N/M golden cases match`, and exits 1 when any case differs. `--float64` runs vlpet in double
+precision: the differences left are then the reference's own float32 rounding alone.
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def _nlvr(model, tokenizer, batch: dict, rule: dict, outputs: dict) -> list[bool
     return [ids_ok and pred_true.tolist() == outputs["pred_true"].tolist()]
 
 
-def check_case(directory: Path, work: Path) -> dict:
-    """Import one golden case, run vlpet on its inputs and compare with the reference's outputs."""
+def check_case(directory: Path, work: Path, float64: bool = False) -> dict:
+    """Import one golden case, run vlpet on its inputs and compare with the reference's outputs. With float64,
+    vlpet computes in double precision, so only the reference's own float32 rounding is left in the differences."""
     import torch
 
     from vlpet_cli.artifacts import load_adapter
@@ -90,6 +92,8 @@ def check_case(directory: Path, work: Path) -> dict:
                                 readme.get("vlpet_overrides", []))
     model, tokenizer, _ = load_adapter(out)
     model.eval()
+    if float64:
+        model.double()
     generation = readme.get("generation", {}).get("reference_test_step_kwargs", {})
     diffs = {"encoder": 0.0, "logits": 0.0, "loss": 0.0}
     same: list[bool] = []
@@ -210,11 +214,13 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
+    float64 = "--float64" in argv
+    argv = [a for a in argv if a != "--float64"]
     matched = 0
     with tempfile.TemporaryDirectory(prefix="vlpet-golden-") as work:
         for directory in argv:
             try:
-                result = check_case(Path(directory), Path(work))
+                result = check_case(Path(directory), Path(work), float64)
             except VlpetError as exc:
                 result = {"golden": Path(directory).name, "encoder": None, "logits": None, "loss": None,
                           "generated": None, "ok": False, "error": str(exc)}
