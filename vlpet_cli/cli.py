@@ -286,12 +286,12 @@ def merge_average(adapters: list[Path] = typer.Argument(..., help="adapter (or r
                   out: Path = typer.Option(..., help="output adapter directory"),
                   weights: str | None = typer.Option(None, help="comma list, e.g. 1,3 (default: equal)"),
                   mode: str = typer.Option("mean", help="mean (weights normalised) | sum (task arithmetic)"),
-                  scale: float = typer.Option(1.0, help="multiplies the result")) -> None:
+                  scale: float = typer.Option(1.0, help="multiplies the result"),
+                  overwrite: bool = typer.Option(False, help="replace an existing --out")) -> None:
     """Combine adapters of the same preset and backbone parameter by parameter."""
-    from vlpet_cli.merge import average_adapters
+    from vlpet_cli.merge import average_adapters, parse_weights
 
-    w = [float(x) for x in weights.split(",")] if weights else None
-    result = average_adapters(adapters, out, w, mode, scale)
+    result = average_adapters(adapters, out, parse_weights(weights), mode, scale, overwrite=overwrite)
     console.print(f"{result['tensors']} tensors combined with coefficients {result['coefficients']} -> {out}")
 
 
