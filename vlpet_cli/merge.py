@@ -15,7 +15,6 @@ Directory formats written here (all written atomically, all self-describing):
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
