@@ -257,7 +257,10 @@ class Checkpointer:
             rng, rng_meta = rng_tensors(generators)
             tensors.update(rng)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
-            write_json(tmp / "state.json", {"progress": asdict(state), "param_groups": opt["param_groups"],
+            progress = asdict(state)
+            if not progress["pending_validation"]:  # only written when set, so other checkpoints keep their format
+                del progress["pending_validation"]
+            write_json(tmp / "state.json", {"progress": progress, "param_groups": opt["param_groups"],
                                             "scheduler": scheduler.state_dict(), "rng": rng_meta})
             write_manifest(tmp)
         steps = sorted((p for p in self.directory.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
