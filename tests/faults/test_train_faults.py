@@ -125,7 +125,7 @@ def test_resume_applies_more_epochs_and_says_so(paused_copy, monkeypatch, capsys
     assert code == 0, err
     assert "train.epochs: 2 -> 3" in out + err and "eval.every: 0 -> 3" in out + err
     assert yaml.safe_load((paused_copy / "config.yaml").read_text())["train"]["epochs"] == 3
-    assert [e["update"] for e in events(paused_copy, "end")] == [15]  # 3 epochs of 5 steps
+    assert [e["updates"] for e in events(paused_copy, "end")] == [15]  # 3 epochs of 5 steps
     assert [e["epoch"] for e in events(paused_copy, "val")] == [2]
     resumed = events(paused_copy, "resume")
     assert resumed[0]["checkpoint"] == "step-3" and resumed[0]["changes"] == ["eval.every: 0 -> 3",
@@ -138,7 +138,7 @@ def test_resume_with_a_new_max_steps_stops_there(paused_copy, monkeypatch, capsy
                            paused_copy.parent, "train.max_steps=7")
     assert code == 0, err
     assert "train.max_steps: None -> 7" in out + err
-    assert [e["update"] for e in events(paused_copy, "end")] == [7]
+    assert [e["updates"] for e in events(paused_copy, "end")] == [7]
 
 
 # ---- item 4: t5.* overrides ---------------------------------------------------------------------------------
