@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlpet_cli import __version__
-from vlpet_cli.atomic import atomic_dir, write_json
+from vlpet_cli.atomic import staged_dir, write_json
 from vlpet_cli.backbones import N_VIS
 from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError
@@ -75,12 +75,11 @@ def load_adapter_state(model, state: dict[str, torch.Tensor], source: str) -> No
 
 def save_adapter(directory: Path, model, preset: Preset, extra: dict | None = None) -> int:
     """Write <directory>/vlpet_config.json + adapter.safetensors atomically; returns the size in bytes."""
-    tmp, commit = atomic_dir(directory)
-    save_file(adapter_state(model), str(tmp / ADAPTER_WEIGHTS))
-    write_json(tmp / ADAPTER_CONFIG, {"format": ADAPTER_FORMAT, "vlpet_version": __version__,
-                                      "preset": preset.model_dump(mode="json"),
-                                      "backbone": backbone_identity(model), **(extra or {})})
-    commit()
+    with staged_dir(directory) as tmp:
+        save_file(adapter_state(model), str(tmp / ADAPTER_WEIGHTS))
+        write_json(tmp / ADAPTER_CONFIG, {"format": ADAPTER_FORMAT, "vlpet_version": __version__,
+                                          "preset": preset.model_dump(mode="json"),
+                                          "backbone": backbone_identity(model), **(extra or {})})
     return sum(f.stat().st_size for f in directory.iterdir())
 
 
@@ -89,7 +88,25 @@ def read_adapter_config(directory: Path) -> dict:
     path = directory / ADAPTER_CONFIG
     if not path.exists():
         raise VlpetError(f"{directory} is not an adapter directory: {ADAPTER_CONFIG} is missing")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise VlpetError(f"{path} is damaged (not valid JSON: {exc}); copy it again from where the adapter "
+                         f"was trained") from None
+    if not isinstance(meta, dict):
+        raise VlpetError(f"{path} is damaged (not a JSON object); copy it again from where the adapter was trained")
+    return meta
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing, truncated or corrupt file is one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise VlpetError(f"{path} is missing; the adapter directory {path.parent} is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors reports a damaged header or short data as SafetensorError
+        raise VlpetError(f"{path} is damaged ({exc}); copy it again from where it was written, or retrain") from None
 
 
 def load_adapter(directory: Path, backbone: str | None = None):
@@ -107,7 +124,7 @@ def load_adapter(directory: Path, backbone: str | None = None):
     if diffs:
         raise VlpetError(f"{directory} was trained on a different backbone than '{preset.model.backbone}' "
                          f"({'; '.join(diffs)}); pass --backbone with the original model directory")
-    load_adapter_state(model, load_file(str(directory / ADAPTER_WEIGHTS)), str(directory / ADAPTER_WEIGHTS))
+    load_adapter_state(model, read_tensors(directory / ADAPTER_WEIGHTS), str(directory / ADAPTER_WEIGHTS))
     return model, tokenizer, preset
 
 
@@ -118,7 +135,7 @@ def load_projector(model, directory: Path) -> None:
     if not path.exists():
         raise VlpetError(f"{directory}: {PROJECTOR_WEIGHTS} is missing")
     try:
-        model.projector.load_state_dict(load_file(str(path)), strict=True)
+        model.projector.load_state_dict(read_tensors(path), strict=True)
     except RuntimeError as exc:
         raise VlpetError(f"{path} does not fit this model's visual projector: {exc}") from None
 

@@ -4,12 +4,37 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+from vlpet_cli.errors import VlpetError
+
+
+class WriteError(VlpetError):
+    """A file could not be written (disk full, read-only, permissions); the previous version is intact."""
+
+    def __init__(self, path: Path, exc: BaseException):
+        self.path = Path(path)
+        self.reason = write_failure_reason(exc)
+        super().__init__(f"cannot write {path}: {self.reason}")
+
+
+def write_failure_reason(exc: BaseException) -> str:
+    """The OS's words for a failed write: strerror of an OSError, or the message inside a SafetensorError."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    found = re.search(r'message: "([^"]+)"', str(exc))
+    return found.group(1) if found else str(exc)
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """OSError, or safetensors' wrapper of one (its writer reports I/O errors as SafetensorError)."""
+    return isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"
 
 
 def write_text(path: Path, text: str) -> None:
@@ -19,8 +44,10 @@ def write_text(path: Path, text: str) -> None:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if _is_write_failure(exc):
+            raise WriteError(path, exc) from exc
         raise
 
 
@@ -48,11 +75,16 @@ def append_line(path: Path, line: str) -> None:
     """Append one line with a single O_APPEND write, so the file only ever grows by whole lines (a log that a
     reader or a crash never sees half of)."""
     data = (line.rstrip("\n") + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise WriteError(path, exc) from exc
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+    except OSError as exc:
+        raise WriteError(path, exc) from exc
     finally:
         os.close(fd)
 
@@ -73,3 +105,22 @@ def atomic_dir(final: Path):
             os.replace(tmp, final)
 
     return tmp, commit
+
+
+@contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """A temp directory beside `final` that replaces it when the block succeeds; on any failure it is removed
+    and `final` is left as it was (a failed write, e.g. a full disk, raises WriteError naming `final`)."""
+    final = Path(final)
+    try:
+        tmp, commit = atomic_dir(final)
+    except OSError as exc:
+        raise WriteError(final, exc) from exc
+    try:
+        yield tmp
+        commit()
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_write_failure(exc):
+            raise WriteError(final, exc) from exc
+        raise

@@ -152,6 +152,21 @@ def load_tokenizer(bb: Backbone):
     return tok
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_weights(bb: Backbone) -> None:
+    """A backbone to train or evaluate needs weights, not just the config `vlpet params` is content with."""
+    if bb.directory is None:
+        load_tokenizer(bb)  # raises the clear "no local weights" message
+        return
+    if not any((bb.directory / name).is_file() for name in WEIGHT_FILES):
+        raise VlpetError(
+            f"backbone directory {bb.directory} has a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); "
+            f"copy the model's weight files there (a config alone is enough only for `vlpet params`)")
+
+
 def build(bb: Backbone, weights: bool = True):
     """(model, tokenizer) with the vocabulary resized; weights=False builds on the meta device (no tokenizer)."""
     import torch
@@ -165,8 +180,13 @@ def build(bb: Backbone, weights: bool = True):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    check_weights(bb)
     tokenizer = load_tokenizer(bb)
-    model = cls.from_pretrained(bb.directory, local_files_only=True)
+    try:
+        model = cls.from_pretrained(bb.directory, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VlpetError(f"cannot load the backbone weights from {bb.directory}: {first}") from None
     old = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     new_rows = model.get_input_embeddings().weight.data[old:]

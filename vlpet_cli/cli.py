@@ -152,23 +152,29 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
           stop_after: int | None = typer.Option(None, help="pause after N updates (continue with --resume)"),
           overrides: list[str] | None = OVERRIDES) -> None:
     """Train PET modules on a frozen backbone, on one task or several at once."""
-    from vlpet_cli.runs import load_run_preset
-    from vlpet_cli.train import TrainingInterrupted, resolve_train_preset
+    from vlpet_cli.train import TrainingInterrupted, resolve_train_preset, resume_preset
     from vlpet_cli.train import train as run_training
 
+    tasks = _tasks_option(task)
+    if task is not None and not tasks:
+        raise VlpetError(f"--task {task!r} names no task; give one or a comma list of vqa, gqa, nlvr, coco")
+    changes: list[str] = []
     if resume:
         if not name:
             raise VlpetError("--resume needs --name of the run to continue")
+        if overwrite:
+            raise VlpetError("--resume continues a run and --overwrite replaces it; give one of them")
         run_dir = runs_dir / name
-        resolved = load_run_preset(run_dir)
+        resolved, changes = resume_preset(run_dir, preset, tasks or None, data_root, backbone, overrides or [])
     else:
         if not preset:
             raise VlpetError("--preset is required (see `vlpet presets ls`)")
-        resolved = resolve_train_preset(preset, _tasks_option(task), data_root, backbone, overrides or [])
+        resolved = resolve_train_preset(preset, tasks, data_root, backbone, overrides or [])
         tasks = resolved.data.tasks
         run_dir = runs_dir / (name or f"{resolved.name}-{tasks[0] if len(tasks) == 1 else 'multitask'}")
     try:
-        summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after).summary
+        summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after,
+                               changes=changes).summary
     except TrainingInterrupted as exc:
         err_console.print(str(exc), highlight=False, soft_wrap=True)
         raise SystemExit(exc.exit_code) from None
@@ -286,12 +292,12 @@ def merge_average(adapters: list[Path] = typer.Argument(..., help="adapter (or r
                   out: Path = typer.Option(..., help="output adapter directory"),
                   weights: str | None = typer.Option(None, help="comma list, e.g. 1,3 (default: equal)"),
                   mode: str = typer.Option("mean", help="mean (weights normalised) | sum (task arithmetic)"),
-                  scale: float = typer.Option(1.0, help="multiplies the result")) -> None:
+                  scale: float = typer.Option(1.0, help="multiplies the result"),
+                  overwrite: bool = typer.Option(False, help="replace an existing --out")) -> None:
     """Combine adapters of the same preset and backbone parameter by parameter."""
-    from vlpet_cli.merge import average_adapters
+    from vlpet_cli.merge import average_adapters, parse_weights
 
-    w = [float(x) for x in weights.split(",")] if weights else None
-    result = average_adapters(adapters, out, w, mode, scale)
+    result = average_adapters(adapters, out, parse_weights(weights), mode, scale, overwrite=overwrite)
     console.print(f"{result['tensors']} tensors combined with coefficients {result['coefficients']} -> {out}")
 
 

@@ -15,7 +15,6 @@ Directory formats written here (all written atomically, all self-describing):
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,7 +41,7 @@ from vlpet_cli.artifacts import (  # noqa: F401 - kind_of/load_* re-exported for
     load_projector,
     read_adapter_config,
 )
-from vlpet_cli.atomic import atomic_dir, write_json
+from vlpet_cli.atomic import staged_dir, write_json
 from vlpet_cli.errors import VlpetError
 
 PEFT_BASE = "base"
@@ -51,13 +50,8 @@ PEFT_BASE = "base"
 @contextmanager
 def _staged(out: Path) -> Iterator[Path]:
     """A temp directory that replaces `out` when the block succeeds and is removed when it fails."""
-    tmp, commit = atomic_dir(Path(out))
-    try:
+    with staged_dir(Path(out)) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit()
 
 
 def _refuse_overwrite(out: Path, inputs: list[Path]) -> None:
@@ -89,9 +83,20 @@ def _dir_size(directory: Path) -> int:
 
 
 # ---- averaging ------------------------------------------------------------------------------------------
+def adapter_of(path: Path) -> Path:
+    """The adapter directory a path means: itself, or a run directory's final `adapter/`."""
+    path = Path(path)
+    if not (path / ADAPTER_CONFIG).exists() and (path / "config.yaml").exists():
+        if not (path / "adapter" / ADAPTER_CONFIG).exists():
+            raise VlpetError(f"{path} is a run without a final adapter (unfinished?); finish it with "
+                             f"`vlpet train --resume --name {path.name} --runs-dir {path.parent}`")
+        return path / "adapter"
+    return path
+
+
 def _read_adapter(path: Path):
     """(config, tensors) of a plain adapter directory."""
-    from safetensors.torch import load_file
+    from vlpet_cli.artifacts import read_tensors
 
     path = Path(path)
     meta = read_adapter_config(path)
@@ -101,7 +106,7 @@ def _read_adapter(path: Path):
     weights = path / ADAPTER_WEIGHTS
     if not weights.exists():
         raise VlpetError(f"{path} is not an adapter directory: {ADAPTER_WEIGHTS} is missing")
-    return meta, load_file(str(weights))
+    return meta, read_tensors(weights)
 
 
 def compatibility_problems(meta_a: dict, tensors_a: dict, meta_b: dict, tensors_b: dict) -> list[str]:
@@ -157,19 +162,40 @@ def merge_weights(n: int, weights: list[float] | None, mode: str, scale: float) 
     return [scale * x for x in w]
 
 
+def parse_weights(text: str | None) -> list[float] | None:
+    """--weights '1,3' as numbers; a bad item is one clear error."""
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise VlpetError(f"--weights {text}: give a comma list of numbers, one per adapter (e.g. 1,3)") from None
+
+
+def refuse_existing_out(out: Path, overwrite: bool) -> None:
+    """An existing non-empty --out is replaced only with --overwrite (as `vlpet train` protects runs)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise VlpetError(f"--out {out} is a file; choose a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise VlpetError(f"--out {out} already exists; pass --overwrite to replace it, or choose another --out")
+
+
 def average_adapters(adapters: list[Path], out: Path, weights: list[float] | None = None,
-                     mode: Literal["mean", "sum"] = "mean", scale: float = 1.0) -> dict:
+                     mode: Literal["mean", "sum"] = "mean", scale: float = 1.0, overwrite: bool = True) -> dict:
     """Combine adapters of one preset and backbone tensor by tensor: mean = Σ ŵ_i θ_i with ŵ = w / Σw;
-    sum = Σ w_i θ_i (task-arithmetic style); both times `scale`. Writes a normal adapter directory."""
+    sum = Σ w_i θ_i (task-arithmetic style); both times `scale`. Writes a normal adapter directory; run
+    directories mean their final adapter; an existing `out` is replaced only when `overwrite`."""
     import torch
     from safetensors.torch import save_file
 
     from vlpet_cli import __version__
 
-    adapters = [Path(a) for a in adapters]
+    adapters = [adapter_of(a) for a in adapters]
     if not adapters:
         raise VlpetError("give at least one adapter directory to average")
     _refuse_overwrite(out, adapters)
+    refuse_existing_out(out, overwrite)
     coefficients = merge_weights(len(adapters), weights, mode, scale)
     loaded = [_read_adapter(a) for a in adapters]
     meta0, tensors0 = loaded[0]

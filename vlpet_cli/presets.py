@@ -88,8 +88,18 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
+T5_PREFIX = "t5."  # `t5.<key>` overrides apply on T5 backbones only (the preset's T5 section)
+
+
 def check_key(dotted: str) -> None:
-    """Raise a VlpetError with a did-you-mean if `dotted` names no field of a preset."""
+    """Raise a VlpetError with a did-you-mean if `dotted` names no field of a preset (`t5.<key>` is checked as
+    `<key>`, since the T5 section holds the same fields)."""
+    if dotted.startswith(T5_PREFIX):
+        try:
+            check_key(dotted[len(T5_PREFIX):])
+        except VlpetError as exc:
+            raise VlpetError(str(exc).replace("unknown key '", f"unknown key '{T5_PREFIX}", 1)) from None
+        return
     model: Any = Preset
     parts = dotted.split(".")
     for i, part in enumerate(parts):
@@ -134,8 +144,7 @@ def deep_merge(base: dict, extra: dict) -> dict:
 def validate(data: dict, source: str) -> Preset:
     """A Preset from a dict, with pydantic's errors turned into one readable message."""
     for key in _leaf_keys(data):
-        if not key.startswith("t5."):
-            check_key(key)
+        check_key(key)
     try:
         return Preset.model_validate(data)
     except ValidationError as exc:
@@ -147,7 +156,7 @@ def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
     keys = []
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value and key not in ("task_ratios", "prompts", "t5"):
+        if isinstance(value, dict) and value and key not in ("task_ratios", "prompts"):
             keys.extend(_leaf_keys(value, dotted + "."))
         else:
             keys.append(dotted)
@@ -157,7 +166,8 @@ def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
 def resolve(name: str, overrides: list[str] | None = None, backbone: str | None = None,
             defaults: list[str] | None = None) -> Preset:
     """Load a preset, apply its T5 section when the backbone is a T5, then `defaults` (e.g. the toy world's),
-    then the user's overrides, and validate."""
+    then the user's overrides, and validate. `t5.<key>=v` overrides act as `<key>=v` (after the others) on a T5
+    backbone and are kept in the T5 section otherwise."""
     raw = load_raw(name)
     pairs = parse_overrides(overrides or [])
     for key, _ in pairs:
@@ -173,7 +183,11 @@ def resolve(name: str, overrides: list[str] | None = None, backbone: str | None 
     if family == "t5" and raw.get("t5"):
         raw = deep_merge(raw, raw["t5"])
         raw["t5"] = None
-    for key, value in parse_overrides(defaults or []) + pairs:
+    pairs = parse_overrides(defaults or []) + pairs
+    if family == "t5":  # the T5-only values win over the general ones, as the preset's T5 section does
+        pairs = [p for p in pairs if not p[0].startswith(T5_PREFIX)] + [
+            (k[len(T5_PREFIX):], v) for k, v in pairs if k.startswith(T5_PREFIX)]
+    for key, value in pairs:
         set_dotted(raw, key, value)
     return validate(raw, f"preset '{name}'")
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from vlpet_cli.artifacts import adapter_state, load_adapter_state
-from vlpet_cli.atomic import append_line, atomic_dir, write_json, write_text
+from vlpet_cli.atomic import append_line, staged_dir, write_failure_reason, write_json, write_text
 from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.presets import to_yaml, validate
@@ -40,6 +42,7 @@ class TrainState:
     step_in_epoch: int = 0
     global_step: int = 0
     best: float | None = None
+    pending_validation: bool = False  # saved before an epoch's validation, so a failed best-adapter save loses nothing
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainState:
@@ -60,6 +63,64 @@ def load_run_preset(run_dir: Path) -> Preset:
     if not path.exists():
         raise VlpetError(f"cannot resume: {run_dir} is not a run directory (no {CONFIG})")
     return validate(yaml.safe_load(path.read_text()), str(path))
+
+
+def check_writable(run_dir: Path) -> None:
+    """The runs directory (or, for a new one, its nearest existing parent) is a directory we can write in; checked
+    before the model is built, with a probe file that is removed at once."""
+    runs = Path(run_dir).parent
+    probe = Path(run_dir) if Path(run_dir).is_dir() else runs
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise VlpetError(f"--runs-dir {runs}: {probe} is a file, not a directory; choose another --runs-dir")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".vlpet-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise VlpetError(f"--runs-dir {runs}: cannot write in {probe} ({write_failure_reason(exc)}); choose a "
+                         f"writable --runs-dir") from None
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    """The events of metrics.jsonl (unreadable lines are skipped)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
+def rewind_events(run_dir: Path, batches: int, state: TrainState) -> int:
+    """Drop the train and val events logged after the checkpoint a resumed run continues from (the resumed run
+    logs them again); returns how many were dropped. The file is rewritten atomically."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            kept.append(line)
+            continue
+        kind = event.get("event")
+        after = (kind == "train" and event.get("step", 0) > batches) or (kind == "val" and (
+            event.get("step", 0) > state.global_step
+            or (event.get("step") == state.global_step and state.pending_validation)))
+        if after:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        write_text(path, "".join(f"{line}\n" for line in kept))
+    return dropped
 
 
 def append_event(run_dir: Path, record: dict) -> None:
@@ -189,22 +250,28 @@ class Checkpointer:
              generators: dict[str, torch.Generator] | None = None) -> Path:
         """checkpoints/step-N/: trainable tensors, optimizer moments, scheduler, every RNG and the loop position."""
         final = self.directory / f"step-{state.global_step}"
-        tmp, commit = atomic_dir(final)
-        save_file(adapter_state(model), str(tmp / "model.safetensors"))
-        opt = optimizer.state_dict()
-        tensors = {f"{i}/{k}": v.contiguous() for i, st in opt["state"].items() for k, v in st.items()}
-        rng, rng_meta = rng_tensors(generators)
-        tensors.update(rng)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        write_json(tmp / "state.json", {"progress": asdict(state), "param_groups": opt["param_groups"],
-                                        "scheduler": scheduler.state_dict(), "rng": rng_meta})
-        write_manifest(tmp)
-        commit()
+        with staged_dir(final) as tmp:
+            save_file(adapter_state(model), str(tmp / "model.safetensors"))
+            opt = optimizer.state_dict()
+            tensors = {f"{i}/{k}": v.contiguous() for i, st in opt["state"].items() for k, v in st.items()}
+            rng, rng_meta = rng_tensors(generators)
+            tensors.update(rng)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            progress = asdict(state)
+            if not progress["pending_validation"]:  # only written when set, so other checkpoints keep their format
+                del progress["pending_validation"]
+            write_json(tmp / "state.json", {"progress": progress, "param_groups": opt["param_groups"],
+                                            "scheduler": scheduler.state_dict(), "rng": rng_meta})
+            write_manifest(tmp)
         steps = sorted((p for p in self.directory.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
                        key=_step_of)
         for old in steps[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def progress(self, path: Path) -> TrainState:
+        """The loop position a checkpoint holds (read without loading its tensors)."""
+        return TrainState.from_dict(json.loads((path / "state.json").read_text())["progress"])
 
     def load(self, path: Path, model, optimizer, scheduler,
              generators: dict[str, torch.Generator] | None = None) -> TrainState:

@@ -22,29 +22,39 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from transformers import get_linear_schedule_with_warmup
 
+from vlpet_cli import backbones
 from vlpet_cli.artifacts import save_adapter
+from vlpet_cli.atomic import WriteError
 from vlpet_cli.config import Preset
-from vlpet_cli.data.loading import TaskData, feature_dim, load_task_data, resolve_data_root, toy_feature_dim
+from vlpet_cli.data.loading import TaskData, check_feature_dims, load_task_data, resolve_data_root, toy_feature_dim
 from vlpet_cli.data.multitask import MultitaskLoader, task_batch_sizes
 from vlpet_cli.data.tasks import get_task
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.inference import best_score, validate
 from vlpet_cli.pet.budget import budget
 from vlpet_cli.plots import plot_run
-from vlpet_cli.presets import resolve
+from vlpet_cli.presets import T5_PREFIX, check_key, parse_overrides, resolve, set_dotted
+from vlpet_cli.presets import validate as validate_preset
 from vlpet_cli.progress import Progress
 from vlpet_cli.runs import (
     Checkpointer,
     TrainState,
     append_event,
     best_dir,
+    check_writable,
     load_run_preset,
+    rewind_events,
     write_config,
 )
 from vlpet_cli.vl.model import build_model
 
-__all__ = ["TOY_DEFAULTS", "TrainResult", "TrainingInterrupted", "load_run_preset", "param_groups",
-           "resolve_train_preset", "train"]
+__all__ = ["RESUMABLE", "TOY_DEFAULTS", "TrainResult", "TrainingInterrupted", "load_run_preset", "param_groups",
+           "resolve_train_preset", "resume_preset", "train"]
+
+# What `--resume` may change: how long the run goes on, how often it checkpoints, and every evaluation setting
+# (keys under eval.). Everything else shapes what was already trained and is refused.
+RESUMABLE = ("train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
+             "data.num_workers")
 
 # The toy world is small: smaller batches give the PET modules enough updates, and a higher rate suits them.
 TOY_DEFAULTS = ["train.batch_size=24", "train.lr=3e-3", "train.epochs=8", "eval.every=4", "eval.batch_size=64"]
@@ -61,6 +71,61 @@ def resolve_train_preset(name: str, tasks: list[str] | None = None, data_root: s
     for task in preset.data.tasks:
         get_task(task)
     return preset
+
+
+def _leaves(tree, prefix: str = "") -> dict[str, object]:
+    """{dotted key: value} of a nested dict's leaves."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _same_root(given: str, saved: str | None) -> bool:
+    if saved is None or given == saved:
+        return given == saved
+    return "toy" not in (given, saved) and Path(given).expanduser().resolve() == Path(saved).expanduser().resolve()
+
+
+def resume_preset(run_dir: Path, preset: str | None = None, tasks: list[str] | None = None,
+                  data_root: str | None = None, backbone: str | None = None,
+                  overrides: list[str] | None = None) -> tuple[Preset, list[str]]:
+    """The preset a resumed run continues with: its config.yaml plus the overrides that are safe to change when
+    continuing (RESUMABLE and eval.*), and the list of changes ('train.epochs: 2 -> 5'). Options or overrides that
+    would change what was trained are refused, each by name."""
+    saved = load_run_preset(run_dir)
+    root = saved.data.data_root
+    fixed = [("--preset", preset, saved.name, preset and saved.name in (preset, Path(preset).stem)),
+             ("--task", ",".join(tasks or []), ",".join(saved.data.tasks), tasks == saved.data.tasks),
+             ("--data-root", data_root, root, data_root and _same_root(data_root, root)),
+             ("--backbone", backbone, saved.model.backbone, backbone == saved.model.backbone)]
+    for option, given, kept, same in fixed:
+        if given and not same:
+            raise VlpetError(f"{option} {given}: a resumed run keeps what it was started with ({kept}); drop "
+                             f"{option}, or start a new run with --name")
+    raw = saved.model_dump(mode="json")
+    pairs = parse_overrides(overrides or [])
+    for key, value in pairs:
+        check_key(key)
+        if key.startswith(T5_PREFIX):
+            raise VlpetError(f"{key}: t5.* overrides are for new runs; when resuming, give the key without "
+                             f"'{T5_PREFIX}'")
+        set_dotted(raw, key, value)
+    updated = validate_preset(raw, f"--resume overrides for {run_dir}")
+    before, after = _leaves(saved.model_dump(mode="json")), _leaves(updated.model_dump(mode="json"))
+    changes = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        if not (key in RESUMABLE or key.startswith("eval.")):
+            raise VlpetError(f"{key}={new}: cannot be changed when resuming (the run was trained with "
+                             f"{key}={old}); --resume may change {', '.join(RESUMABLE)} and eval.*; start a new "
+                             f"run with --name to change it")
+        changes.append(f"{key}: {old} -> {new}")
+    return updated, changes
 
 
 def param_groups(model, preset: Preset) -> list[dict]:
@@ -101,6 +166,7 @@ class Session:
     info: dict
     checkpointer: Checkpointer
     state: TrainState = field(default_factory=TrainState)
+    resumed_from: Path | None = None  # the checkpoint a resumed run continues from
     epoch_rng: torch.Tensor | None = None  # the loader generator's state when the current epoch's pass began
 
     @property
@@ -175,23 +241,36 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                          f"--overwrite to replace it, or --name to start another")
 
 
+def _check_resume_room(checkpointer: Checkpointer, path: Path, preset: Preset, steps_per_epoch: int) -> None:
+    """A resumed run cannot be asked to end before the point it already reached."""
+    state = checkpointer.progress(path)
+    if preset.train.max_steps and state.global_step > preset.train.max_steps:
+        raise VlpetError(f"train.max_steps={preset.train.max_steps}: {path.name} already made {state.global_step} "
+                         f"updates; give a larger train.max_steps")
+    if state.epoch * steps_per_epoch + state.step_in_epoch > preset.train.epochs * steps_per_epoch:
+        raise VlpetError(f"train.epochs={preset.train.epochs}: {path.name} is already in epoch {state.epoch + 1}; "
+                         f"give at least train.epochs={state.epoch + (1 if state.step_in_epoch else 0)}")
+
+
 def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool = False) -> Session:
-    """Check the run directory and the data, build model, data, optimizer and schedule; restore a checkpoint when
-    resuming. Nothing is written before the data are known to be good."""
+    """Check the run directory, the backbone and the data, build model, data, optimizer and schedule; restore a
+    checkpoint when resuming. Nothing is written before everything that can be checked is known to be good."""
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # so that processes started by `accelerate launch` join over gloo
         mixed_precision="bf16" if preset.train.precision == "bf16" else "no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     check_run_dir(run_dir, resume, overwrite)
+    check_writable(run_dir)
+    backbones.check_weights(backbones.resolve(preset.model.backbone))
     root = resolve_data_root(preset.data.data_root)
-    found_dim = feature_dim(root, preset)
-    if found_dim != preset.model.feat_dim:
-        raise VlpetError(f"the features under {root} are {found_dim}-dimensional but the preset expects "
-                         f"model.feat_dim={preset.model.feat_dim}; add the override model.feat_dim={found_dim}")
+    splits = ("train", "val") if preset.eval.every else ("train",)
+    check_feature_dims(root, preset, splits)
+    checkpointer = Checkpointer(run_dir, preset.train.keep_checkpoints)
+    last = intact_checkpoint(checkpointer, run_dir, accelerator.is_main_process) if resume else None
 
     set_seed(preset.train.seed)
     model, tokenizer = build_model(preset, weights=True)
-    data = load_task_data(preset, root, tokenizer, splits=("train", "val") if preset.eval.every else ("train",))
+    data = load_task_data(preset, root, tokenizer, splits=splits)
     sizes = task_batch_sizes(preset.train.batch_size, list(data.train), preset.train.task_ratios)
     accelerator.wait_for_everyone()  # every process has checked the run directory before it is replaced
     if accelerator.is_main_process and not resume:
@@ -203,13 +282,15 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
                              num_workers=preset.data.num_workers)
     optimizer = torch.optim.AdamW(param_groups(model, preset), lr=preset.train.lr, eps=preset.train.adam_eps)
     session = Session(preset, run_dir, accelerator, model, model, tokenizer, optimizer, None, loader, data, sizes,
-                      {}, Checkpointer(run_dir, preset.train.keep_checkpoints))
+                      {}, checkpointer)
+    if last is not None:
+        _check_resume_room(checkpointer, last, preset, session.steps_per_epoch)
     total = session.total_updates
     session.scheduler = get_linear_schedule_with_warmup(optimizer, int(preset.train.warmup_ratio * total), total)
-    if resume:
-        last = intact_checkpoint(session)
+    if last is not None:
         session.state = session.checkpointer.load(last, model, optimizer, session.scheduler,
                                                   {"train": loader.generator})
+        session.resumed_from = last
     elif accelerator.is_main_process:
         write_config(run_dir, preset)
     session.model, session.optimizer = accelerator.prepare(model, optimizer)
@@ -218,17 +299,17 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     return session
 
 
-def intact_checkpoint(session: Session) -> Path:
+def intact_checkpoint(checkpointer: Checkpointer, run_dir: Path, main: bool = True) -> Path:
     """The newest checkpoint whose files match what was written; newer damaged ones are named in a warning."""
-    last, damaged = session.checkpointer.latest_intact()
+    last, damaged = checkpointer.latest_intact()
     if last is None:
         if damaged:
             reasons = "; ".join(f"{path.name}: {why}" for path, why in damaged)
-            raise VlpetError(f"cannot resume {session.run_dir}: no intact checkpoint ({reasons}); start it again "
+            raise VlpetError(f"cannot resume {run_dir}: no intact checkpoint ({reasons}); start it again "
                              f"with --overwrite")
-        raise VlpetError(f"cannot resume {session.run_dir}: it has no checkpoint yet; start it again with "
+        raise VlpetError(f"cannot resume {run_dir}: it has no checkpoint yet; start it again with "
                          f"--overwrite")
-    if session.main:
+    if main:
         for path, why in damaged:
             print(f"warning: checkpoint {path} is damaged ({why}); resuming from {last.name} instead",
                   file=sys.stderr, flush=True)
@@ -304,6 +385,9 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
     paused = False
     last_val: dict = {}
     generator = session.loader.generator
+    if state.pending_validation:  # the last leg stopped while validating (e.g. the disk filled up): do it now
+        last_val = validate_epoch(session, state.epoch - 1, progress)
+        checkpoint(session)
     for epoch in range(state.epoch, preset.train.epochs):
         if finished:
             break
@@ -315,9 +399,10 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
             with accelerator.autocast():
                 loss = model(batch)
             if not torch.isfinite(loss):
-                raise VlpetError(f"the {task} loss became {loss.item()} at epoch {epoch} step {step}; lower "
-                                 f"train.lr or use train.precision=fp32 (last good checkpoint: "
-                                 f"{session.checkpointer.latest() or 'none'})")
+                fix = ("lower train.lr" if preset.train.precision == "fp32" else
+                       "lower train.lr or use train.precision=fp32")
+                raise VlpetError(f"the {task} loss became {loss.item()} at epoch {epoch} step {step}; {fix} "
+                                 f"(last good checkpoint: {session.checkpointer.latest() or 'none'})")
             accelerator.backward(loss / accum)
             done_batches += 1
             samples += batch["input_ids"].shape[0] * accelerator.num_processes
@@ -338,7 +423,15 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
             losses = " ".join(f"{t} {v:.3f}" for t, v in recent.items())
             progress.update(done_batches, f"epoch {epoch + 1}/{preset.train.epochs} | {losses} | lr {lr:.1e} | "
                                           f"{rate:.0f} samples/s")
-            if session.main and (time.time() - last_log > 5 or last_in_epoch):
+            every = preset.train.checkpoint_every
+            finished = state.global_step >= session.total_updates
+            paused = pause_at is not None and state.global_step >= pause_at and not finished
+            asked = updated and interrupts.requested(accelerator)
+            due = bool(every) and done_batches % (every * accum) == 0
+            saving = not last_in_epoch and (finished or paused or asked or due)
+            # the losses since the last line are logged before every checkpoint, so a resumed run neither loses
+            # nor repeats any (runs.rewind_events drops what came after the checkpoint it resumes from)
+            if session.main and (time.time() - last_log > 5 or last_in_epoch or saving):
                 for t, values in window.items():
                     if values:
                         append_event(session.run_dir, {"event": "train", "epoch": epoch, "step": done_batches,
@@ -347,13 +440,11 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
                                                        "samples_per_s": rate})
                 window = {t: [] for t in window}
                 last_log = time.time()
-            every = preset.train.checkpoint_every
-            finished = state.global_step >= session.total_updates
-            paused = pause_at is not None and state.global_step >= pause_at and not finished
-            if not last_in_epoch and (finished or paused or (every and done_batches % (every * accum) == 0)):
+            if saving:
                 checkpoint(session)
-            if updated and interrupts.requested(accelerator):
-                checkpoint(session)
+            if asked:
+                if last_in_epoch:
+                    checkpoint(session)
                 raise _interrupted(session, interrupts)
             if finished or paused:
                 break
@@ -362,6 +453,8 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
         if state.step_in_epoch == steps_per_epoch:
             state.epoch, state.step_in_epoch = epoch + 1, 0
         if preset.eval.every and (epoch + 1) % preset.eval.every == 0 and state.step_in_epoch == 0:
+            state.pending_validation = True
+            checkpoint(session)  # the epoch is safe before validation writes the best adapter
             last_val = validate_epoch(session, epoch, progress)
         checkpoint(session)
         if interrupts.requested(accelerator):
@@ -387,6 +480,7 @@ def validate_epoch(session: Session, epoch: int, progress: Progress) -> dict:
         if state.best is None or score > state.best:
             state.best = score
             save_adapter(best_dir(session.run_dir), session.unwrapped, preset, {"epoch": epoch, "score": score})
+    session.state.pending_validation = False
     session.accelerator.wait_for_everyone()
     return result
 
@@ -413,17 +507,49 @@ def finish(session: Session, fitted: FitResult, progress: Progress) -> dict:
     return summary
 
 
+def _resumed(session: Session, changes: list[str], progress: Progress) -> None:
+    """Say where a resumed run continues and what changed; forget the events logged after that checkpoint."""
+    state, last = session.state, session.resumed_from
+    if not session.main or last is None:
+        return
+    dropped = rewind_events(session.run_dir, session.done_batches, state)
+    if changes:
+        write_config(session.run_dir, session.preset)
+    append_event(session.run_dir, {"event": "resume", "checkpoint": last.name, "update": state.global_step,
+                                   "changes": changes, "events_dropped": dropped})
+    said = f"resuming {session.run_dir} from {last.name} (update {state.global_step})"
+    if changes:
+        said += f"; changed: {'; '.join(changes)}; the learning-rate schedule now spans {session.total_updates} updates"
+    progress.print(said)
+
+
+def _write_failed(session: Session, exc: WriteError) -> VlpetError:
+    """A failed write (disk full, read-only) as one line: what failed, what is intact, how to continue."""
+    last = session.checkpointer.latest()
+    where = f"its last checkpoint {last}" if last else "its start (no checkpoint was written)"
+    how = (f"continue with: vlpet train --resume --name {session.run_dir.name} --runs-dir {session.run_dir.parent}"
+           if last else "start it again with --overwrite")
+    return VlpetError(f"{exc}; the run is intact up to {where}; free some space and {how}")
+
+
 def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool = False,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, changes: list[str] | None = None) -> TrainResult:
     """Train `preset` into `run_dir`. `stop_after` pauses after that many updates in this invocation (the
-    schedule still spans the whole run; continue with resume=True). Data are checked before anything is written."""
+    schedule still spans the whole run; continue with resume=True); `changes` are the resume_preset changes to
+    announce. Everything that can be checked is checked before anything is written."""
     session = setup(preset, run_dir, resume=resume, overwrite=overwrite)
     progress = Progress(min(session.total_batches, session.total_updates * preset.train.grad_accum),
                         enabled=session.main, done=session.done_batches, every_s=10.0, final_line=False)
     try:
+        _resumed(session, changes or [], progress)
         _announce(session, resume, progress)
         with Interrupts() as interrupts:
             fitted = fit(session, progress, stop_after, interrupts)
+    except WriteError as exc:
+        raise _write_failed(session, exc) from None
     finally:
         progress.close()
-    return TrainResult(finish(session, fitted, progress), session.unwrapped)
+    try:
+        return TrainResult(finish(session, fitted, progress), session.unwrapped)
+    except WriteError as exc:
+        raise _write_failed(session, exc) from None

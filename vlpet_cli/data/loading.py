@@ -46,6 +46,30 @@ def feature_dim(root: Path, preset: Preset) -> int:
     return open_features(locate_features(root, source, preset.data.feature_name)).dim
 
 
+def check_feature_dims(root: Path, preset: Preset, splits=("train", "val")) -> None:
+    """Every task's feature stores, for every split used, hold model.feat_dim-sized features (cheap: headers only),
+    so a wrong file stops the run before the model is built or anything is written."""
+    want = preset.model.feat_dim
+    seen: set[Path] = set()
+    for name in preset.data.tasks:
+        task = get_task(name)
+        for split in splits:
+            for split_name in task.split_names(split):
+                path = locate_features(root, task.feature_source(split_name), preset.data.feature_name)
+                if path in seen:
+                    continue
+                seen.add(path)
+                found = open_features(path).dim
+                if found != want:
+                    raise VlpetError(_dim_message(name, split_name, path, found, want))
+
+
+def _dim_message(task: str, split: str, path: Path, found: int, want: int) -> str:
+    return (f"{task} {split}: the features in {path} are {found}-dimensional but the preset expects "
+            f"model.feat_dim={want}; re-extract them with the model the other tasks use, or add the override "
+            f"model.feat_dim={found} if every task's features are {found}-dimensional")
+
+
 def load_task_data(preset: Preset, root: Path, tokenizer, splits=("train", "val")) -> TaskData:
     """Records, feature stores and datasets per task; stops early on missing features or bad files."""
     data = TaskData()
@@ -55,6 +79,9 @@ def load_task_data(preset: Preset, root: Path, tokenizer, splits=("train", "val"
             limit = preset.data.limit if split == "train" else preset.eval.limit
             records = task.load(root, split)[:limit] if limit else task.load(root, split)
             stores = open_task_features(records, root, preset.data.feature_name)
+            for store in stores.values():
+                if store.dim != preset.model.feat_dim:
+                    raise VlpetError(_dim_message(name, split, store.path, store.dim, preset.model.feat_dim))
             check_features(task, records, stores)
             kind = "train" if split == "train" else "eval"
             ds = TaskDataset(task, records, stores, tokenizer, split_kind=kind, seed=preset.train.seed)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from PIL import Image, ImageDraw
 
 from vlpet_cli.atomic import write_text
@@ -668,6 +668,15 @@ def _remove_leftovers(parent: Path, min_age_s: float = 600.0) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def _clean_stale(parent: Path) -> None:
+    """Remove what killed builds left (a 13 MB `.toy-v1.building-*` each) when no build holds the lock; a world
+    that is already current is never rebuilt, so this is the only place they would go."""
+    if not any(parent.glob(f".{TOY_VERSION}.*-*")):
+        return
+    with contextlib.suppress(Timeout, OSError), FileLock(parent / f"{TOY_VERSION}.lock", timeout=0):
+        _remove_leftovers(parent, min_age_s=0.0)
+
+
 def toy_root(rebuild: bool = False) -> Path:
     """The toy world's folder, `$VLPET_CACHE/toy-v1`, built on first use (about 10-20 s on a laptop CPU).
 
@@ -675,6 +684,7 @@ def toy_root(rebuild: bool = False) -> Path:
     build never leaves half a world behind."""
     root = cache_dir() / TOY_VERSION
     if not rebuild and _is_current(root):
+        _clean_stale(root.parent)
         return root
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -685,7 +695,7 @@ def toy_root(rebuild: bool = False) -> Path:
     with FileLock(root.parent / f"{TOY_VERSION}.lock"):
         if not rebuild and _is_current(root):
             return root
-        _remove_leftovers(root.parent)
+        _remove_leftovers(root.parent, min_age_s=0.0)  # under the lock no build is running: every one is stale
         tmp = Path(tempfile.mkdtemp(prefix=f".{TOY_VERSION}.building-", dir=root.parent))
         try:
             build_toy(tmp)

@@ -100,6 +100,50 @@ def test_the_cli_prints_how_to_resume_and_exits_130(tmp_path):
     assert "Traceback" not in err
 
 
+def test_kill_int_of_a_training_process_then_resume_finishes_identically(one_go, tmp_path):
+    """The acceptance of issue 13: exit 130, a checkpoint at the step it stopped, and a bit-identical finish."""
+    common = ["--preset", "vlpet-small", "--task", "coco", "--data-root", "toy", "--backbone", "tiny-bart",
+              "--runs-dir", str(tmp_path), "--name", "run"]
+    overrides = [*OVERRIDES, "train.checkpoint_every=1"]  # a line in metrics.jsonl at every update
+    env = {**os.environ, "COLUMNS": "300"}
+    proc = subprocess.Popen([sys.executable, "-m", "vlpet_cli", "train", *common, *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and '"event": "train"' not in (
+            metrics.read_text() if metrics.exists() else ""):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-2000:]
+    stopped = [json.loads(x) for x in metrics.read_text().splitlines()][-1]
+    assert stopped["event"] == "interrupted" and 0 < stopped["update"] < 10
+    where = tmp_path / "run" / "checkpoints" / f"step-{stopped['update']}"
+    assert f"checkpoint saved in {where}" in err
+    saved = json.loads((where / "state.json").read_text())["progress"]
+    assert saved["global_step"] == stopped["update"]
+    assert not (tmp_path / "run" / "adapter").exists()
+    resumed = subprocess.run([sys.executable, "-m", "vlpet_cli", "train", "--resume", "--name", "run",
+                              "--runs-dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    same_adapters(one_go, tmp_path / "run")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "state.json", "files.json"])
+def test_a_truncated_file_of_the_newest_checkpoint_falls_back_and_finishes_identically(one_go, tmp_path, capsys,
+                                                                                        name):
+    every = preset("train.checkpoint_every=1", "train.keep_checkpoints=3")
+    train(every, tmp_path / "run", stop_after=3)
+    newest = tmp_path / "run" / "checkpoints" / "step-3"
+    path = newest / name
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    capsys.readouterr()
+    train(every, tmp_path / "run", resume=True)
+    err = capsys.readouterr().err
+    assert f"warning: checkpoint {newest} is damaged" in err and "resuming from step-2 instead" in err
+    same_adapters(one_go, tmp_path / "run")
+
+
 def damage_file(path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
