@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from vlpet_cli.atomic import write_text
 from vlpet_cli.data.features import convert_features, describe_features, inspect_features
@@ -21,7 +22,31 @@ from vlpet_cli.presets import list_presets, load_raw, preset_path, resolve, to_y
 # Commands (and anything that imports torch or transformers) are imported inside the command functions, so that
 # `vlpet --help` answers at once.
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+console = Console()
+err_console = Console(stderr=True)
+STATE = {"debug": False}
+
+
+def _print_error(exc: VlpetError) -> None:
+    """A user error as one line on stderr."""
+    err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+
+
+class _Group(TyperGroup):
+    """The root command group: a VlpetError from any command is one line on stderr and exit code 2 (a
+    traceback only with --debug), however the app is invoked (console script, `python -m`, CliRunner)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except VlpetError as exc:
+            if STATE["debug"]:
+                raise
+            _print_error(exc)
+            raise SystemExit(2) from None
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
                   help="Parameter-efficient tuning of vision-and-language encoder-decoders (VL-PET and baselines).")
 presets_app = typer.Typer(no_args_is_help=True, help="List, show and copy presets.")
 features_app = typer.Typer(no_args_is_help=True, help="Inspect and convert visual feature files.")
@@ -29,10 +54,6 @@ merge_app = typer.Typer(no_args_is_help=True, help="Combine, fold and export tra
 app.add_typer(presets_app, name="presets")
 app.add_typer(features_app, name="features")
 app.add_typer(merge_app, name="merge")
-
-console = Console()
-err_console = Console(stderr=True)
-STATE = {"debug": False}
 
 OVERRIDES = typer.Argument(None, help="preset overrides as dotted key=value, e.g. train.lr=5e-4", show_default=False)
 
@@ -364,7 +385,7 @@ def main() -> None:
     except VlpetError as exc:
         if STATE["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        _print_error(exc)
         sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
