@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
@@ -67,7 +68,12 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks for
 @presets_app.command("ls")
 def presets_ls() -> None:
     """Name, method, description and backbone families of every shipped preset."""
-    table = Table("preset", "method", "families", "description")
+    # preset names never wrap; the rest wraps (never cut with an ellipsis), so the table fits 80 columns
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    table.add_column("preset", no_wrap=True)
+    table.add_column("method", overflow="fold", max_width=16)
+    table.add_column("families", overflow="fold")
+    table.add_column("description", overflow="fold")
     for name in list_presets():
         raw = load_raw(name)
         table.add_row(name, raw.get("method", ""), ", ".join(raw.get("families", ["bart", "t5"])),
@@ -348,12 +354,13 @@ def quickstart(runs_dir: Path = typer.Option(Path("runs"), help="where the run a
                backbone: str = typer.Option("tiny-bart", help="tiny-bart | tiny-t5"),
                overrides: list[str] | None = OVERRIDES) -> None:
     """Offline demo: extract toy features, train on four toy tasks, and compare scores before and after."""
+    from vlpet_cli.quickstart import TABLE_COLUMNS, table_rows
     from vlpet_cli.quickstart import quickstart as run
 
     summary = run(runs_dir, preset, backbone, overrides or [], say=console.print)
-    table = Table("task", "metric", "before", "after", title=f"{preset} on {backbone}: the toy world's test splits")
-    for row in summary["rows"]:
-        table.add_row(row["task"], row["metric"], f"{row['before']:.1f}", f"[bold]{row['after']:.1f}[/bold]")
+    table = Table(*TABLE_COLUMNS, title=f"{preset} on {backbone}: the toy world's test splits")
+    for task, metric, before, after in table_rows(summary):
+        table.add_row(task, metric, before, f"[bold]{after}[/bold]")
     console.print(table)
     console.print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} "
                   f"({summary['percent']:.2f} %); training took {summary['train_seconds']:.0f} s "
@@ -375,7 +382,8 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories to compa
     if result["plot"]:
         console.print(f"scatter plot: {result['plot']}")
     if result["not_plotted"]:
-        console.print(f"not plotted (no trainable % or no scores): {', '.join(map(str, result['not_plotted']))}")
+        console.print(f"not plotted (no trainable % or no score to average): "
+                      f"{', '.join(map(str, result['not_plotted']))}")
 
 
 def main() -> None:

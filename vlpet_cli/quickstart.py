@@ -25,6 +25,12 @@ TASKS = list(TASK_TABLE)
 PRIMARY_METRIC = primary_metrics()
 PRIMARY_ONLY = {t: [m] for t, m in PRIMARY_METRIC.items()}
 LABELS = {t: cls.label for t, cls in TASK_TABLE.items()}
+TABLE_COLUMNS = ("task", "metric", "before", "after")
+
+
+def table_rows(summary: dict) -> list[tuple[str, str, str, str]]:
+    """The quick start's table as `vlpet quickstart` prints it, and as README.md must show it (a test compares)."""
+    return [(r["task"], r["metric"], f"{r['before']:.1f}", f"{r['after']:.1f}") for r in summary["rows"]]
 
 
 def prepare_world(data_dir: Path, say) -> Path:

@@ -13,7 +13,7 @@ from pydantic import field_validator
 
 from vlpet_cli.data.tasks import files
 from vlpet_cli.data.tasks.base import Record, ScoreChoices, Task
-from vlpet_cli.data.tasks.records import RecordModel, RecordRef, parse_record, read_record_list
+from vlpet_cli.data.tasks.records import RecordModel, RecordRef, parse_record, read_record_list, warn_empty
 from vlpet_cli.errors import DataError
 
 CHOICES = ("true", "false")
@@ -127,6 +127,7 @@ class NlvrTask(Task):
                 raise ref.error("field 'label' is missing")
             records.append(Record(str(path), i, rec.identifier, rec.sent, (rec.img0, rec.img1), source,
                                   rec.label, {"uid": rec.uid}))
+        warn_empty(path, "sentence", [r.id for r in records if not r.text.strip()], len(records))
         return records
 
     def target(self, record: Record, rng: Any, train: bool) -> tuple[str, float] | None:
