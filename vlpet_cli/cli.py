@@ -378,7 +378,7 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories to compa
     from vlpet_cli.report import report_table
 
     result = build_report(runs, out, split)
-    console.print(report_table(result["rows"]))
+    console.print(report_table(result["rows"], width=console.width))
     if result["plot"]:
         console.print(f"scatter plot: {result['plot']}")
     if result["not_plotted"]:

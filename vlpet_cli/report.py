@@ -19,6 +19,7 @@ from typing import Any
 
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from vlpet_cli.data.tasks import primary_metrics
 from vlpet_cli.errors import VlpetError
@@ -225,24 +226,22 @@ def plain_log_ticks(axis: Any, values: list[float]) -> None:
     axis.set_minor_formatter(plain if narrow else NullFormatter())
 
 
-def report_table(rows: list[dict]) -> Table:
-    """A rich Table of the rows: run, method, backbone, trainable %, each task's score (marked when it is not
-    comparable), average. A backbone every run shares goes into the title; columns wrap rather than cut, so the
-    table fits 80 columns."""
+def report_table(rows: list[dict], width: int | None = None) -> Table:
+    """A rich Table of the rows: run (with its method, and backbone unless every run shares it), trainable %,
+    each task's score (marked when it is not comparable), average. Long names wrap instead of being cut; for a
+    terminal narrower than 120 columns (`width`) the headers take two lines, so the table fits 80 columns."""
+    sep = "\n" if width is not None and width < 120 else " "
     tasks = task_order({t for r in rows for t in r["tasks"]})
     split = rows[0]["split"] if rows else "test"
     backbones = {r["backbone"] for r in rows}
     shared = next(iter(backbones)) if len(backbones) == 1 and rows and rows[0]["backbone"] else None
     table = Table(title=f"runs on {split}" + (f", backbone {shared}" if shared else ""), box=box.SIMPLE_HEAD,
                   caption_justify="left", pad_edge=False, show_edge=False)
-    table.add_column("run", overflow="fold", ratio=3)
-    table.add_column("method", overflow="fold", ratio=2)
-    if not shared:
-        table.add_column("backbone", overflow="fold", ratio=2)
-    table.add_column("trainable %", justify="right", overflow="fold")
+    table.add_column("run" if shared else "run (method, backbone)", overflow="fold")
+    table.add_column(f"trainable{sep}%", justify="right")
     for t in tasks:
-        table.add_column(f"{t} ({primary_metrics().get(t, '?')})", justify="right", overflow="fold")
-    table.add_column("avg", justify="right", overflow="fold")
+        table.add_column(f"{t}{sep}({primary_metrics().get(t, '?')})", justify="right")
+    table.add_column("avg", justify="right")
     used: set[str] = set()
     for r in rows:
         cells = []
@@ -258,8 +257,11 @@ def report_table(rows: list[dict]) -> Table:
         if r["average"] is not None and "val" in r.get("average_splits", []) and split != "val":
             average += "*"
             used.add("*")
-        backbone = [] if shared else [r["backbone"] or "—"]
-        table.add_row(r["name"], r["method"] or "—", *backbone, percent, *cells, average)
+        about = ", ".join(x for x in (r["method"], None if shared else r["backbone"] or "—") if x)
+        name = Text(r["name"])
+        if about:
+            name.append(f"\n{about}", style="dim")
+        table.add_row(name, percent, *cells, average)
     notes = [f"{mark} {text.format(split=split)}" for mark, text in MARKS.items() if mark in used]
     kinds = {tuple(r.get("average_tasks", ())) for r in rows if r["average"] is not None}
     splits = {tuple(r.get("average_splits", ())) for r in rows if r["average"] is not None}
