@@ -101,7 +101,7 @@ def load_for_eval(path: Path, backbone: str | None = None):
 
 
 def eval_preset(base: dict, tasks: list[str] | None, data_root: str | None, overrides: list[str] | None,
-                limit: int | None) -> Preset:
+                limit: int | None, split: str = "test") -> Preset:
     """The preset an evaluation runs with: the stored one, then overrides, --data-root, --task and --limit."""
     from vlpet_cli.presets import parse_overrides, set_dotted
     from vlpet_cli.presets import validate as validate_preset
@@ -118,6 +118,8 @@ def eval_preset(base: dict, tasks: list[str] | None, data_root: str | None, over
     # --limit, else an explicit eval.limit override; never the training run's validation limit
     data["eval"]["limit"] = limit if limit is not None else next(
         (v for k, v in pairs if k == "eval.limit"), None)
+    if split == "train":  # the training split is cut by data.limit (vlpet_cli/data/loading.py)
+        data["data"]["limit"] = data["eval"]["limit"]
     return validate_preset(data, "eval settings")
 
 
@@ -145,8 +147,8 @@ def check_split(cls: type, split: str) -> None:
     asked = [name.strip() for name in split.split(",") if name.strip()]
     if split in cls.splits or (asked and all(name in files for name in asked)):
         return
-    kinds = sorted(cls.splits, key=lambda k: ("test", "val", "train").index(k) if k in ("test", "val", "train")
-                   else 3)
+    kinds = [k for k in ("test", "val", "train") if k in cls.splits] + [
+        k for k in cls.splits if k not in ("test", "val", "train")]
     raise VlpetError(f"unknown split {split!r} for task {cls.name}; choose one of {', '.join(kinds)} "
                      f"(--split), or one of its split files: {', '.join(sorted(files))}")
 
@@ -162,8 +164,11 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     adapter_dir = locate(path)
     stored = stored_preset(adapter_dir)
     trained = [resolve_task(t) for t in (stored.get("data") or {}).get("tasks") or []]
-    settings = eval_preset(stored, tasks, data_root, overrides, limit)
+    settings = eval_preset(stored, tasks, data_root, overrides, limit, split)
     check_eval_arguments(settings, split, metrics, batch_size)
+    from vlpet_cli.data.loading import resolve_data_root
+
+    resolve_data_root(settings.data.data_root)  # a missing --data-root is refused before the model is built
     untrained = [t for t in settings.data.tasks if t not in trained]
     if untrained:
         warnings.warn(f"{adapter_dir} was trained on {', '.join(trained) or 'no task'}, not on "
@@ -171,7 +176,7 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
                       f"say trained: false, and `vlpet report` leaves them out of averages)", UserWarning,
                       stacklevel=1)
     model, tokenizer, loaded, _ = load_for_eval(adapter_dir, backbone)
-    preset = eval_preset(loaded.model_dump(mode="json"), tasks, data_root, overrides, limit)
+    preset = eval_preset(loaded.model_dump(mode="json"), tasks, data_root, overrides, limit, split)
     out_dir = out_dir or (adapter_dir.parent / "eval" if adapter_dir.name == "adapter" else adapter_dir / "eval")
     results = evaluate_model(model, tokenizer, preset, split, metrics, batch_size, progress)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -101,10 +101,9 @@ def eval_scores(run_dir: Path, split: str, planned: list[str] | None = None) -> 
         metrics = record.get("metrics") if isinstance(record, dict) else None
         scores = primary_scores({task: metrics}) if isinstance(metrics, dict) else {}
         if task in scores:
-            limit = record.get("limit")
-            trained = record.get("trained")
-            found[task] = Score(scores[task], f"eval/{path.name}", split,
-                                limit if is_number(limit) else None,
+            limit, n, trained = record.get("limit"), record.get("n"), record.get("trained")
+            cut = is_number(limit) and not (is_number(n) and n < limit)  # fewer records than the limit: all
+            found[task] = Score(scores[task], f"eval/{path.name}", split, int(limit) if cut else None,
                                 trained if isinstance(trained, bool) else planned is None or task in planned)
     return found
 

@@ -59,6 +59,8 @@ BAD_ARGUMENTS = {
     "metric of another task": (["--task", "coco", "--metric", "accuracy"], ["'accuracy'", "'coco'", "cider"]),
     "metric for one of two tasks": (["--task", "vqa,coco", "--metric", "cider"], ["'cider'", "'vqa'"]),
     "unknown task": (["--task", "vqa,nope"], ["unknown task 'nope'"]),
+    "missing data root": (["--data-root", "/nonexistent/datasets"], ["--data-root /nonexistent/datasets",
+                                                                      "not a directory"]),
 }
 
 
