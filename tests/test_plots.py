@@ -206,3 +206,40 @@ def test_broken_eval_file_is_named(tmp_path):
     (run / "eval" / "vqa-test.json").write_text("{")
     with pytest.raises(VlpetError, match="vqa-test.json is not readable JSON"):
         run_row(run)
+
+
+# ---- tables at 80 columns ---------------------------------------------------------------------------------
+def vlpet_at_80_columns(*args) -> str:
+    """stdout of a vlpet command on an 80-column terminal; it must fit and cut nothing."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "vlpet_cli", *map(str, args)], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "80"})
+    assert out.returncode == 0, out.stderr
+    assert max(len(line) for line in out.stdout.splitlines()) <= 80, out.stdout
+    assert "…" not in out.stdout, out.stdout
+    return out.stdout
+
+
+def test_presets_ls_fits_80_columns_with_whole_names():
+    from vlpet_cli.presets import list_presets
+
+    text = vlpet_at_80_columns("presets", "ls")
+    firsts = {line.split()[0] for line in text.splitlines() if line.strip()}
+    assert set(list_presets()) <= firsts  # every name whole, on its own row
+
+
+def test_report_fits_80_columns(tmp_path):
+    runs = [make_run(tmp_path / "runs", "vlpet-large-multitask", percent=4.16),
+            make_run(tmp_path / "runs", "compacter-gmiddlex-lw", method="Compacter + Gmiddlex + LW", percent=2.7)]
+    for run in runs:
+        write_eval(run, "coco", "test", {"cider": 112.25})
+    text = vlpet_at_80_columns("report", *runs, "--out", tmp_path / "r.png")
+    lines = text.splitlines()
+    for run in runs:
+        (row,) = [line for line in lines if line.startswith(run.name + " ")]
+        assert row.split()[1:] == ["4.16" if "vlpet" in run.name else "2.70", "42.00*", "32.00*", "52.00*",
+                                   "112.25", f"{(42 + 32 + 52 + 112.25) / 4:.2f}*"]
+    assert "* from the run's last validation event" in text and "includes validation scores" in text

@@ -43,3 +43,13 @@ def test_starting_part_way_counts_from_there(capsys):
     bar = Progress(5, done=3, every_s=3600)
     bar.update(5, "resumed")
     assert capsys.readouterr().out == "[5/5] resumed\n"
+
+
+def test_plain_lines_show_an_eta_until_the_end(capsys, monkeypatch):
+    clock = iter([100.0, 110.0, 110.0, 130.0, 130.0, 130.0, 130.0])
+    monkeypatch.setattr("vlpet_cli.progress.time.perf_counter", lambda: next(clock))
+    bar = Progress(4, every_s=0)  # started at t=100
+    bar.advance(1, "epoch 1/2")  # t=110: 1 of 4 in 10 s, 3 left
+    assert capsys.readouterr().out == "[1/4] epoch 1/2 | ETA 0:30\n"
+    bar.advance(3, "epoch 2/2")  # complete: no ETA
+    assert capsys.readouterr().out == "[4/4] epoch 2/2\n"

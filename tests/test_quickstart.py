@@ -1,6 +1,8 @@
-"""End-to-end learning on the toy world: every task clearly beats the untrained model and the majority answer."""
+"""End-to-end learning on the toy world: every task clearly beats the untrained model and the majority answer,
+and README.md's quick-start table is what the quick start prints."""
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -8,7 +10,7 @@ import torch
 
 from vlpet_cli.artifacts import load_adapter
 from vlpet_cli.inference import score
-from vlpet_cli.quickstart import quickstart
+from vlpet_cli.quickstart import TABLE_COLUMNS, quickstart, table_rows
 from vlpet_cli.vl.model import build_model
 
 
@@ -31,8 +33,39 @@ def majority_rate(data: Path, task: str) -> float:
     return 100 * max(Counter(r["label"] for r in test).values()) / len(test)
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_quickstart_table() -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the first markdown table in README.md's "Quick start" section."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n## Quick start", 1)[1].split("\n## ", 1)[0]
+    lines = [line.strip() for line in section.splitlines()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    header, rule, *rows = table
+    assert all(set(cell) <= set("-: ") for cell in rule), rule
+    return header, rows
+
+
+def test_readme_quickstart_table_is_a_table():
+    header, rows = readme_quickstart_table()
+    assert tuple(header) == TABLE_COLUMNS  # the columns `vlpet quickstart` prints, no others
+    assert [r[0] for r in rows] == ["vqa", "gqa", "nlvr", "coco"]
+
+
 def test_quickstart_learns_every_task(tmp_path):
     summary = quickstart(tmp_path, say=lambda *a: None)
+    # README.md shows what the command prints (update its table from `vlpet quickstart` when they differ)
+    header, rows = readme_quickstart_table()
+    assert (tuple(header), [tuple(r) for r in rows]) == (TABLE_COLUMNS, table_rows(summary))
+    after = re.search(r"\(now ([\d.]+), ([\d.]+), ([\d.]+), ([\d.]+)\)", README.read_text(encoding="utf-8"))
+    if after:  # the toy world section quotes the quick start's scores after training
+        assert list(after.groups()) == [row[3] for row in table_rows(summary)]
     rows = {r["task"]: r for r in summary["rows"]}
     assert set(rows) == {"vqa", "gqa", "nlvr", "coco"}
     assert rows["coco"]["after"] >= max(3 * rows["coco"]["before"], 30)

@@ -9,8 +9,10 @@ import warnings
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from vlpet_cli.atomic import write_text
 from vlpet_cli.data.features import convert_features, describe_features, inspect_features
@@ -21,7 +23,31 @@ from vlpet_cli.presets import list_presets, load_raw, preset_path, resolve, to_y
 # Commands (and anything that imports torch or transformers) are imported inside the command functions, so that
 # `vlpet --help` answers at once.
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+console = Console()
+err_console = Console(stderr=True)
+STATE = {"debug": False}
+
+
+def _print_error(exc: VlpetError) -> None:
+    """A user error as one line on stderr."""
+    err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+
+
+class _Group(TyperGroup):
+    """The root command group: a VlpetError from any command is one line on stderr and exit code 2 (a
+    traceback only with --debug), however the app is invoked (console script, `python -m`, CliRunner)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except VlpetError as exc:
+            if STATE["debug"]:
+                raise
+            _print_error(exc)
+            raise SystemExit(2) from None
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
                   help="Parameter-efficient tuning of vision-and-language encoder-decoders (VL-PET and baselines).")
 presets_app = typer.Typer(no_args_is_help=True, help="List, show and copy presets.")
 features_app = typer.Typer(no_args_is_help=True, help="Inspect and convert visual feature files.")
@@ -29,10 +55,6 @@ merge_app = typer.Typer(no_args_is_help=True, help="Combine, fold and export tra
 app.add_typer(presets_app, name="presets")
 app.add_typer(features_app, name="features")
 app.add_typer(merge_app, name="merge")
-
-console = Console()
-err_console = Console(stderr=True)
-STATE = {"debug": False}
 
 OVERRIDES = typer.Argument(None, help="preset overrides as dotted key=value, e.g. train.lr=5e-4", show_default=False)
 
@@ -46,7 +68,12 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks for
 @presets_app.command("ls")
 def presets_ls() -> None:
     """Name, method, description and backbone families of every shipped preset."""
-    table = Table("preset", "method", "families", "description")
+    # preset names never wrap; the rest wraps (never cut with an ellipsis), so the table fits 80 columns
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    table.add_column("preset", no_wrap=True)
+    table.add_column("method", overflow="fold", max_width=16)
+    table.add_column("families", overflow="fold")
+    table.add_column("description", overflow="fold")
     for name in list_presets():
         raw = load_raw(name)
         table.add_row(name, raw.get("method", ""), ", ".join(raw.get("families", ["bart", "t5"])),
@@ -333,12 +360,13 @@ def quickstart(runs_dir: Path = typer.Option(Path("runs"), help="where the run a
                backbone: str = typer.Option("tiny-bart", help="tiny-bart | tiny-t5"),
                overrides: list[str] | None = OVERRIDES) -> None:
     """Offline demo: extract toy features, train on four toy tasks, and compare scores before and after."""
+    from vlpet_cli.quickstart import TABLE_COLUMNS, table_rows
     from vlpet_cli.quickstart import quickstart as run
 
     summary = run(runs_dir, preset, backbone, overrides or [], say=console.print)
-    table = Table("task", "metric", "before", "after", title=f"{preset} on {backbone}: the toy world's test splits")
-    for row in summary["rows"]:
-        table.add_row(row["task"], row["metric"], f"{row['before']:.1f}", f"[bold]{row['after']:.1f}[/bold]")
+    table = Table(*TABLE_COLUMNS, title=f"{preset} on {backbone}: the toy world's test splits")
+    for task, metric, before, after in table_rows(summary):
+        table.add_row(task, metric, before, f"[bold]{after}[/bold]")
     console.print(table)
     console.print(f"trainable parameters: {summary['trainable']:,} of {summary['total']:,} "
                   f"({summary['percent']:.2f} %); training took {summary['train_seconds']:.0f} s "
@@ -356,11 +384,12 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories to compa
     from vlpet_cli.report import report_table
 
     result = build_report(runs, out, split)
-    console.print(report_table(result["rows"]))
+    console.print(report_table(result["rows"], width=console.width))
     if result["plot"]:
         console.print(f"scatter plot: {result['plot']}")
     if result["not_plotted"]:
-        console.print(f"not plotted (no trainable % or no scores): {', '.join(map(str, result['not_plotted']))}")
+        console.print(f"not plotted (no trainable % or no score to average): "
+                      f"{', '.join(map(str, result['not_plotted']))}")
 
 
 def main() -> None:
@@ -370,7 +399,7 @@ def main() -> None:
     except VlpetError as exc:
         if STATE["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        _print_error(exc)
         sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import platform
 import time
+import warnings
 from pathlib import Path
 
 from vlpet_cli.atomic import write_json, write_text
@@ -11,6 +14,7 @@ from vlpet_cli.config import Preset
 from vlpet_cli.data.tasks import TASKS, resolve_task, task_class
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.inference import decoding_settings, predict, score
+from vlpet_cli.progress import Progress
 
 
 def score_predictions_file(
@@ -50,44 +54,136 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def load_for_eval(path: Path, backbone: str | None = None):
-    """(model, tokenizer, preset, adapter dir) from a run directory or an adapter/bundle/folded directory."""
+def locate(path: Path) -> Path:
+    """The directory to load for a run directory (its adapter/) or an adapter, bundle or folded directory."""
+    from vlpet_cli.artifacts import ADAPTER_CONFIG
+
     path = Path(path)
+    if not path.exists():
+        raise VlpetError(f"{path} does not exist; give a run directory (runs/<name>), an adapter, a bundle or a "
+                         f"folded model")
     if (path / "config.yaml").exists() and (path / "adapter").is_dir():
-        path = path / "adapter"
-    elif (path / "config.yaml").exists():
+        return path / "adapter"
+    if (path / "config.yaml").exists():
         raise VlpetError(f"{path} is a run without a final adapter yet; wait for training to finish or "
                          f"evaluate {path / 'checkpoints' / 'best'}")
+    if (path / "adapter" / ADAPTER_CONFIG).exists() and not (path / ADAPTER_CONFIG).exists():
+        return path / "adapter"
+    return path
+
+
+def stored_preset(directory: Path) -> dict:
+    """The preset recorded in an adapter, bundle or folded directory, read without building the model."""
+    from vlpet_cli.artifacts import FOLDED_CONFIG, kind_of, read_adapter_config
+
+    try:
+        if kind_of(directory) == "folded":
+            meta = json.loads((directory / FOLDED_CONFIG).read_text(encoding="utf-8"))
+        else:
+            meta = read_adapter_config(directory)
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise VlpetError(f"{directory}: its vlpet config is not readable JSON ({exc}); write it again with "
+                         f"`vlpet train` or `vlpet merge`") from None
+    preset = meta.get("preset") if isinstance(meta, dict) else None
+    if not isinstance(preset, dict):
+        raise VlpetError(f"{directory}: its vlpet config holds no preset; write it again with `vlpet train` or "
+                         f"`vlpet merge`")
+    return preset
+
+
+def load_for_eval(path: Path, backbone: str | None = None):
+    """(model, tokenizer, preset, adapter dir) from a run directory or an adapter/bundle/folded directory."""
     from vlpet_cli.artifacts import load_any
 
+    path = locate(path)
     model, tokenizer, preset = load_any(path, backbone=backbone)
     return model, tokenizer, preset, path
+
+
+def eval_preset(base: dict, tasks: list[str] | None, data_root: str | None, overrides: list[str] | None,
+                limit: int | None, split: str = "test") -> Preset:
+    """The preset an evaluation runs with: the stored one, then overrides, --data-root, --task and --limit."""
+    from vlpet_cli.presets import parse_overrides, set_dotted
+    from vlpet_cli.presets import validate as validate_preset
+
+    data = copy.deepcopy(base)
+    pairs = parse_overrides(overrides or [])
+    for key, value in pairs:
+        set_dotted(data, key, value)
+    if data_root:
+        data["data"]["data_root"] = data_root
+    if tasks:
+        data["data"]["tasks"] = tasks
+    data["data"]["tasks"] = list(dict.fromkeys(resolve_task(t) for t in data["data"].get("tasks") or []))
+    # --limit, else an explicit eval.limit override; never the training run's validation limit
+    data["eval"]["limit"] = limit if limit is not None else next(
+        (v for k, v in pairs if k == "eval.limit"), None)
+    if split == "train":  # the training split is cut by data.limit (vlpet_cli/data/loading.py)
+        data["data"]["limit"] = data["eval"]["limit"]
+    return validate_preset(data, "eval settings")
+
+
+def check_eval_arguments(preset: Preset, split: str, metrics: list[str] | None, batch_size: int | None) -> None:
+    """Refuse what cannot work before anything is loaded: splits, metrics, batch size and limit."""
+    if not preset.data.tasks:
+        raise VlpetError("no task to evaluate; pass --task, e.g. --task vqa")
+    if preset.eval.limit is not None and preset.eval.limit < 1:
+        raise VlpetError(f"--limit {preset.eval.limit}: the number of records per task must be at least 1; "
+                         f"leave --limit out to evaluate the whole split")
+    if batch_size is not None and batch_size < 1:
+        raise VlpetError(f"--batch-size {batch_size}: the evaluation batch size must be at least 1")
+    if batch_size is None and preset.eval.batch_size < 1:
+        raise VlpetError(f"eval.batch_size {preset.eval.batch_size}: the evaluation batch size must be at least 1; "
+                         f"pass --batch-size N")
+    for task in preset.data.tasks:
+        cls = task_class(task)
+        check_split(cls, split)
+        cls.resolve_metrics(metrics)
+
+
+def check_split(cls: type, split: str) -> None:
+    """A split is one the task declares: a kind (train, val, test) or one of its split files by name."""
+    files = {name.strip() for names in cls.splits.values() for name in names.split(",")}
+    asked = [name.strip() for name in split.split(",") if name.strip()]
+    if split in cls.splits or (asked and all(name in files for name in asked)):
+        return
+    kinds = [k for k in ("test", "val", "train") if k in cls.splits] + [
+        k for k in cls.splits if k not in ("test", "val", "train")]
+    raise VlpetError(f"unknown split {split!r} for task {cls.name}; choose one of {', '.join(kinds)} "
+                     f"(--split), or one of its split files: {', '.join(sorted(files))}")
 
 
 def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", metrics: list[str] | None = None,
              batch_size: int | None = None, data_root: str | None = None, backbone: str | None = None,
              out_dir: Path | None = None, overrides: list[str] | None = None, progress: bool = True,
              limit: int | None = None) -> dict:
-    """Generate and score each task's split; writes eval/<task>-<split>.json, predictions and submissions."""
-    from vlpet_cli.presets import parse_overrides, set_dotted
-    from vlpet_cli.presets import validate as validate_preset
+    """Generate and score each task's split; writes eval/<task>-<split>.json, predictions and submissions.
 
-    model, tokenizer, preset, adapter_dir = load_for_eval(path, backbone)
-    data = preset.model_dump(mode="json")
-    for key, value in parse_overrides(overrides or []):
-        set_dotted(data, key, value)
-    if data_root:
-        data["data"]["data_root"] = data_root
-    if tasks:
-        data["data"]["tasks"] = tasks
-    data["eval"]["limit"] = limit
-    preset = validate_preset(data, "eval settings")
+    Every argument is checked against the stored preset before the model is built. Each record says how many
+    records were scored (`n`, `limit`) and whether the adapter was trained on the task (`trained`)."""
+    adapter_dir = locate(path)
+    stored = stored_preset(adapter_dir)
+    trained = [resolve_task(t) for t in (stored.get("data") or {}).get("tasks") or []]
+    settings = eval_preset(stored, tasks, data_root, overrides, limit, split)
+    check_eval_arguments(settings, split, metrics, batch_size)
+    from vlpet_cli.data.loading import resolve_data_root
+
+    resolve_data_root(settings.data.data_root)  # a missing --data-root is refused before the model is built
+    untrained = [t for t in settings.data.tasks if t not in trained]
+    if untrained:
+        warnings.warn(f"{adapter_dir} was trained on {', '.join(trained) or 'no task'}, not on "
+                      f"{', '.join(untrained)}: those scores do not measure what it learned (the eval files "
+                      f"say trained: false, and `vlpet report` leaves them out of averages)", UserWarning,
+                      stacklevel=1)
+    model, tokenizer, loaded, _ = load_for_eval(adapter_dir, backbone)
+    preset = eval_preset(loaded.model_dump(mode="json"), tasks, data_root, overrides, limit, split)
     out_dir = out_dir or (adapter_dir.parent / "eval" if adapter_dir.name == "adapter" else adapter_dir / "eval")
     results = evaluate_model(model, tokenizer, preset, split, metrics, batch_size, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     for task, record in results.items():
         preds = record.pop("predictions")
-        record.update(source=str(path), versions=versions(), out_dir=str(out_dir))
+        record.update(trained=task in trained, trained_tasks=trained, source=str(path), versions=versions(),
+                      out_dir=str(out_dir))
         write_json(out_dir / f"{task}-{split}.json", record)
         write_json(out_dir / f"{task}-{split}.predictions.json", preds)
         suffix, content = task_class(task)().submission(preds)
@@ -97,7 +193,7 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
 
 def evaluate_model(model, tokenizer, preset: Preset, split: str = "test", metrics: list[str] | dict | None = None,
                    batch_size: int | None = None, progress: bool = True) -> dict:
-    """{task: {metrics, settings, predictions, n, seconds, ...}} for the preset's tasks and data root.
+    """{task: {metrics, settings, predictions, n, limit, seconds, ...}} for the preset's tasks and data root.
     `metrics` is one list for every task, or {task: list}."""
     import torch
 
@@ -108,46 +204,20 @@ def evaluate_model(model, tokenizer, preset: Preset, split: str = "test", metric
     model.to(device)
     data = load_task_data(preset, root, tokenizer, splits=(split,))
     datasets = data.train if split == "train" else data.val
-    bar = Progress(sum(len(d) for d in datasets.values())) if progress else None
+    size = batch_size if batch_size is not None else preset.eval.batch_size
     results = {}
-    try:
+    with Progress(sum(len(d) for d in datasets.values()), enabled=progress, label="eval", unit="samples",
+                  stderr=True) as bar:
         for task, ds in datasets.items():
             started = time.time()
-            preds = predict(model, tokenizer, ds, preset, batch_size or preset.eval.batch_size,
-                            progress=bar.advance(task) if bar else None)
+            preds = predict(model, tokenizer, ds, preset, size,
+                            progress=lambda n, task=task: bar.advance(n, task))
             seconds = time.time() - started
             settings = decoding_settings(model, tokenizer, preset, task)
             wanted = metrics.get(task) if isinstance(metrics, dict) else metrics
             results[task] = {"task": task, "split": split, "metrics": score(task, preds, wanted,
                                                                             preset.eval.vqa_variant),
-                             "n": len(preds), "seconds": seconds, "samples_per_s": len(preds) / max(seconds, 1e-9),
-                             "settings": settings, "predictions": preds}
-    finally:
-        if bar:
-            bar.stop()
+                             "n": len(preds), "limit": preset.eval.limit, "seconds": seconds,
+                             "samples_per_s": len(preds) / max(seconds, 1e-9), "settings": settings,
+                             "predictions": preds}
     return results
-
-
-class Progress:
-    """A rich progress bar with samples/s over every task's records."""
-
-    def __init__(self, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichProgress
-
-        self.progress = RichProgress(TextColumn("eval {task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
-        self.bar = self.progress.add_task("", total=total, rate="")
-        self.started = time.time()
-        self.done = 0
-        self.progress.start()
-
-    def advance(self, task: str):
-        def step(n: int) -> None:
-            self.done += n
-            rate = f"{self.done / max(time.time() - self.started, 1e-9):.1f} samples/s"
-            self.progress.update(self.bar, advance=n, description=task, rate=rate)
-        return step
-
-    def stop(self) -> None:
-        self.progress.stop()

@@ -13,7 +13,8 @@ from rich.console import Console
 class Progress:
     """Progress over `total` items starting at `done`. `advance(n, description)` moves it on; `count` (default n)
     is what the rate counts (samples, images); `unit` adds a '<rate> <unit>/s' column. Off a terminal a line
-    (`line(self)`, default '[completed/total] description') is printed every `every_s` seconds and at the end."""
+    (`line(self)`, default '[completed/total] description | ETA m:ss') is printed every `every_s` seconds and
+    at the end; the ETA is left out once the bar is complete or closed."""
 
     def __init__(self, total: int, enabled: bool = True, label: str = "", done: int = 0, unit: str | None = None,
                  every_s: float = 10.0, stderr: bool = False, line: Callable[[Progress], str] | None = None,
@@ -23,8 +24,9 @@ class Progress:
         self.description = ""
         self.every_s, self.final_line = every_s, final_line
         self.stream = sys.stderr if stderr else sys.stdout
-        self.line = line or (lambda p: f"[{p.completed}/{p.total}] {p.description}")
+        self.line = line or default_line
         self.started = self.last_plain = time.perf_counter()
+        self.start_done, self.closed = done, False
         self.shown: int | None = None
         self.console = Console(stderr=stderr)
         self.bar = None
@@ -43,6 +45,13 @@ class Progress:
     def rate(self) -> float:
         """Counted units per second since the start."""
         return self.counted / max(time.perf_counter() - self.started, 1e-9)
+
+    def eta(self) -> float | None:
+        """Seconds left at the pace since the start; None when complete, closed, or nothing is done yet."""
+        done = self.completed - self.start_done
+        if self.closed or self.completed >= self.total or done <= 0:
+            return None
+        return (self.total - self.completed) * (time.perf_counter() - self.started) / done
 
     def advance(self, n: int = 1, description: str | None = None, count: int | None = None) -> None:
         """Move on by n items (counting `count` units for the rate, default n)."""
@@ -78,6 +87,7 @@ class Progress:
 
     def close(self) -> None:
         """Stop the bar; off a terminal, print the final position if the last line did not show it."""
+        self.closed = True
         if self.bar is not None:
             self.bar.stop()
         elif self.enabled and self.final_line and self.shown != self.completed:
@@ -88,3 +98,16 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def clock(seconds: float) -> str:
+    """'1:02:03' or '2:03': a duration as a clock."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def default_line(p: Progress) -> str:
+    """'[completed/total] description | ETA m:ss' (no ETA once complete or closed)."""
+    eta = p.eta()
+    return f"[{p.completed}/{p.total}] {p.description}" + (f" | ETA {clock(eta)}" if eta is not None else "")

@@ -2,7 +2,10 @@
 
 Per run and task the score is the task's primary metric (vqa: vqa, gqa/nlvr: acc, coco: cider; all x100) from
 `eval/<task>-<split>.json` when that file exists, else from the run's last validation event in metrics.jsonl.
-The run's average is the mean over the tasks that have a score.
+Every score is shown, but only comparable ones are averaged: the run's average is the mean over the tasks it
+trained, scored on a whole split; a `--limit` evaluation or a task the run never trained is shown, marked, and
+left out. Where averages mix validation and test scores, or runs average over different task sets, the table and
+the plot say so.
 """
 
 from __future__ import annotations
@@ -10,10 +13,13 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from vlpet_cli.data.tasks import primary_metrics
 from vlpet_cli.errors import VlpetError
@@ -46,9 +52,39 @@ def check_run_dir(path: Path) -> Path:
     return path
 
 
-def eval_scores(run_dir: Path, split: str) -> dict[str, tuple[float, str]]:
-    """Task -> (primary metric, file) from the run's eval/<task>-<split>.json files."""
-    found = {}
+@dataclass
+class Score:
+    """One task's score in a run, where it comes from, and whether it is comparable."""
+
+    value: float
+    source: str  # "eval/<task>-<split>.json" or "val epoch N"
+    split: str  # the split it was measured on: the report's split, or "val" for validation events
+    limit: int | None = None  # records per task of a --limit evaluation (None: the whole split)
+    trained: bool = True  # whether the run trained on the task
+
+    @property
+    def comparable(self) -> bool:
+        """Whether the score may enter an average: a whole split of a trained task."""
+        return self.trained and self.limit is None
+
+    @property
+    def marks(self) -> str:
+        """The table's marks: * validation, ~ --limit subset, ! task not trained (see MARKS)."""
+        return ("*" if self.source.startswith("val") else "") + ("~" if self.limit is not None else "") + (
+            "" if self.trained else "!")
+
+
+MARKS = {
+    "*": "from the run's last validation event (no eval/<task>-{split}.json)",
+    "~": "a --limit evaluation of the first records only: not in avg",
+    "!": "a task the run did not train: not in avg",
+}
+
+
+def eval_scores(run_dir: Path, split: str, planned: list[str] | None = None) -> dict[str, Score]:
+    """Task -> Score from the run's eval/<task>-<split>.json files (their `limit` and `trained` fields; files
+    written before those fields existed count as whole-split, and trained when the run's config names the task)."""
+    found: dict[str, Score] = {}
     suffix = f"-{split}.json"
     eval_dir = run_dir / "eval"
     if not eval_dir.is_dir():
@@ -61,36 +97,40 @@ def eval_scores(run_dir: Path, split: str) -> dict[str, tuple[float, str]]:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise VlpetError(f"{path} is not readable JSON ({exc}); evaluate again with "
-                             f"`vlpet evaluate {run_dir} --task {task} --split {split}`") from exc
+                             f"`vlpet eval {run_dir} --task {task} --split {split}`") from exc
         metrics = record.get("metrics") if isinstance(record, dict) else None
         scores = primary_scores({task: metrics}) if isinstance(metrics, dict) else {}
         if task in scores:
-            found[task] = (scores[task], f"eval/{path.name}")
+            limit, n, trained = record.get("limit"), record.get("n"), record.get("trained")
+            cut = is_number(limit) and not (is_number(n) and n < limit)  # fewer records than the limit: all
+            found[task] = Score(scores[task], f"eval/{path.name}", split, int(limit) if cut else None,
+                                trained if isinstance(trained, bool) else planned is None or task in planned)
     return found
 
 
 def run_row(run_dir: Path, split: str = "test") -> dict[str, Any]:
-    """One run's summary: name, method, backbone, trainable %, per-task scores with their source, average."""
+    """One run's summary: name, method, backbone, trainable %, per-task scores with their source, average.
+
+    `average` is over `average_tasks` (trained, whole-split scores) measured on `average_splits`."""
     run_dir = check_run_dir(run_dir)
     config = read_config(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     events = read_events(metrics_path) if metrics_path.is_file() else []
     start = start_event(events)
-    scores: dict[str, float] = {}
-    sources: dict[str, str] = {}
-    vals = val_events(events)
-    if vals:
-        last = vals[-1]
-        for task, value in primary_scores(last["metrics"]).items():
-            scores[task] = value
-            sources[task] = f"val epoch {last['epoch'] + 1}" if is_number(last.get("epoch")) else "val"
-    for task, (value, source) in eval_scores(run_dir, split).items():
-        scores[task], sources[task] = value, source
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
     planned = [t for t in data.get("tasks") or [] if isinstance(t, str)]
-    tasks = task_order(set(planned) | set(scores))
-    scores = {t: scores[t] for t in tasks if t in scores}
+    found: dict[str, Score] = {}
+    vals = val_events(events)
+    if vals:
+        last = vals[-1]
+        source = f"val epoch {last['epoch'] + 1}" if is_number(last.get("epoch")) else "val"
+        for task, value in primary_scores(last["metrics"]).items():
+            found[task] = Score(value, source, "val", trained=not planned or task in planned)
+    found.update(eval_scores(run_dir, split, planned or None))
+    tasks = task_order(set(planned) | set(found))
+    found = {t: found[t] for t in tasks if t in found}
+    counted = [t for t, sc in found.items() if sc.comparable]
     return {
         "name": run_dir.resolve().name,
         "path": str(run_dir),
@@ -102,10 +142,26 @@ def run_row(run_dir: Path, split: str = "test") -> dict[str, Any]:
         "percent": float(start["percent"]) if is_number(start.get("percent")) else None,
         "split": split,
         "tasks": tasks,
-        "scores": scores,
-        "sources": {t: sources[t] for t in scores},
-        "average": sum(scores.values()) / len(scores) if scores else None,
+        "trained_tasks": task_order(set(planned)),
+        "scores": {t: sc.value for t, sc in found.items()},
+        "sources": {t: sc.source for t, sc in found.items()},
+        "marks": {t: sc.marks for t, sc in found.items()},
+        "limits": {t: sc.limit for t, sc in found.items() if sc.limit is not None},
+        "untrained": [t for t, sc in found.items() if not sc.trained],
+        "average": sum(found[t].value for t in counted) / len(counted) if counted else None,
+        "average_tasks": counted,
+        "average_splits": sorted({found[t].split for t in counted}, key=lambda s: (s != split, s)),
     }
+
+
+def average_kind(row: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What a row's average is over: (tasks, splits)."""
+    return tuple(row["average_tasks"]), tuple(row["average_splits"])
+
+
+def average_words(tasks: tuple[str, ...] | list[str], splits: tuple[str, ...] | list[str]) -> str:
+    """'test: vqa, gqa' or 'test and val: vqa, coco', for labels and captions."""
+    return f"{' and '.join(splits)}: {', '.join(tasks)}"
 
 
 def report(runs: list[Path], out: Path | None = None, split: str = "test") -> dict[str, Any]:
@@ -127,7 +183,9 @@ def report(runs: list[Path], out: Path | None = None, split: str = "test") -> di
 
 
 def plot_report(rows: list[dict], out: Path, split: str = "test") -> Path:
-    """Scatter of trainable % (log x) against average score, one labelled point per run (VL-PET Figure 1)."""
+    """Scatter of trainable % (log x) against average score, one labelled point per run (VL-PET Figure 1).
+
+    When the runs' averages are over different tasks or splits, the axis says so and each label names its own."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 5), layout="constrained")
@@ -137,14 +195,18 @@ def plot_report(rows: list[dict], out: Path, split: str = "test") -> Path:
         mine = [r for r in rows if (r["method"] or r["name"]) == method]
         ax.scatter([r["percent"] for r in mine], [r["average"] for r in mine], s=60, color=f"C{i % 10}",
                    label=method, zorder=3, edgecolor="black", linewidth=0.5)
+    kinds = {average_kind(r) for r in rows}
     for r in rows:
-        ax.annotate(r["name"], (r["percent"], r["average"]), textcoords="offset points", xytext=(6, 5),
+        label = r["name"] if len(kinds) == 1 else f"{r['name']} ({average_words(*average_kind(r))})"
+        ax.annotate(label, (r["percent"], r["average"]), textcoords="offset points", xytext=(6, 5),
                     fontsize="small")
     ax.set_xscale("log")
     plain_log_ticks(ax.xaxis, [r["percent"] for r in rows])
     ax.set_xlabel("trainable parameters (% of the model, log scale)")
-    counted = task_order({t for r in rows for t in r["scores"]})
-    ax.set_ylabel(f"average score on {split} ({', '.join(counted)})")
+    if len(kinds) == 1:
+        ax.set_ylabel(f"average score ({average_words(*next(iter(kinds)))})")
+    else:
+        ax.set_ylabel("average score: over different tasks or splits per run (see labels)")
     ax.set_title("Average score against trainable parameters")
     ax.grid(alpha=0.3, which="major")
     ax.grid(alpha=0.1, which="minor")
@@ -163,29 +225,51 @@ def plain_log_ticks(axis: Any, values: list[float]) -> None:
     axis.set_minor_formatter(plain if narrow else NullFormatter())
 
 
-def report_table(rows: list[dict]) -> Table:
-    """A rich Table of the rows: run, method, backbone, trainable %, each task's score, average."""
+def report_table(rows: list[dict], width: int | None = None) -> Table:
+    """A rich Table of the rows: run (with its method, and backbone unless every run shares it), trainable %,
+    each task's score (marked when it is not comparable), average. Long names wrap instead of being cut; for a
+    terminal narrower than 120 columns (`width`) the headers take two lines, so the table fits 80 columns."""
+    sep = "\n" if width is not None and width < 120 else " "
     tasks = task_order({t for r in rows for t in r["tasks"]})
     split = rows[0]["split"] if rows else "test"
-    table = Table(title=f"runs on {split}")
-    for header in ("run", "method", "backbone", "trainable %"):
-        table.add_column(header, justify="right" if header == "trainable %" else "left")
+    backbones = {r["backbone"] for r in rows}
+    shared = next(iter(backbones)) if len(backbones) == 1 and rows and rows[0]["backbone"] else None
+    table = Table(title=f"runs on {split}" + (f", backbone {shared}" if shared else ""), box=box.SIMPLE_HEAD,
+                  caption_justify="left", pad_edge=False, show_edge=False)
+    table.add_column("run" if shared else "run (method, backbone)", overflow="fold")
+    table.add_column(f"trainable{sep}%", justify="right")
     for t in tasks:
-        table.add_column(f"{t} ({primary_metrics().get(t, '?')})", justify="right")
+        table.add_column(f"{t}{sep}({primary_metrics().get(t, '?')})", justify="right")
     table.add_column("avg", justify="right")
-    from_val = False
+    used: set[str] = set()
     for r in rows:
         cells = []
         for t in tasks:
             if t not in r["scores"]:
                 cells.append("—")
                 continue
-            mark = "*" if r["sources"][t].startswith("val") else ""
-            from_val = from_val or bool(mark)
-            cells.append(f"{r['scores'][t]:.2f}{mark}")
+            marks = r.get("marks", {}).get(t, "*" if r["sources"][t].startswith("val") else "")
+            used.update(marks)
+            cells.append(f"{r['scores'][t]:.2f}{marks}")
         percent = f"{r['percent']:.2f}" if r["percent"] is not None else "—"
         average = f"{r['average']:.2f}" if r["average"] is not None else "—"
-        table.add_row(r["name"], r["method"] or "—", r["backbone"] or "—", percent, *cells, average)
-    if from_val:
-        table.caption = f"* from the run's last validation event (no eval/<task>-{split}.json)"
+        if r["average"] is not None and "val" in r.get("average_splits", []) and split != "val":
+            average += "*"
+            used.add("*")
+        about = ", ".join(x for x in (r["method"], None if shared else r["backbone"] or "—") if x)
+        name = Text(r["name"])
+        if about:
+            name.append(f"\n{about}", style="dim")
+        table.add_row(name, percent, *cells, average)
+    notes = [f"{mark} {text.format(split=split)}" for mark, text in MARKS.items() if mark in used]
+    kinds = {tuple(r.get("average_tasks", ())) for r in rows if r["average"] is not None}
+    splits = {tuple(r.get("average_splits", ())) for r in rows if r["average"] is not None}
+    if len(kinds) > 1 or len(splits) > 1:
+        notes.append("avg is over different tasks or splits: " + "; ".join(
+            f"{r['name']} ({average_words(r['average_tasks'], r['average_splits'])})"
+            for r in rows if r["average"] is not None))
+    elif "*" in used and any("val" in s for s in splits) and split != "val":
+        notes.append("an avg marked * includes validation scores")
+    if notes:
+        table.caption = "\n".join(notes)
     return table

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from vlpet_cli.data.tasks import files
 from vlpet_cli.data.tasks.base import (
     DEFAULT_FEATURE_NAME,
     Generate,
@@ -76,7 +77,7 @@ def _load_json(path: Path) -> Any:
     """Parse a .json file (or .jsonl, one record a line) with errors that name the file and line."""
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found; check the path.")
-    text = path.read_text(encoding="utf-8")
+    text = files.read_text(path)
     if path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(text.splitlines(), 1):

@@ -18,7 +18,7 @@ from pydantic import field_validator
 
 from vlpet_cli.data.tasks import files
 from vlpet_cli.data.tasks.base import Generate, Record, Task
-from vlpet_cli.data.tasks.records import RecordModel, RecordRef, parse_record, read_json
+from vlpet_cli.data.tasks.records import RecordModel, RecordRef, parse_record, read_json, warn_empty
 from vlpet_cli.errors import DataError, VlpetError
 
 KARPATHY_FILE = "dataset_coco.json"
@@ -207,18 +207,24 @@ class CocoTask(Task):
                             f"Fix: use Karpathy's dataset_coco.json.")
         source = self.feature_source(name)
         records = []
+        empty: list[str] = []  # images of this split with an empty caption
+        n_images = 0
         for i, img in enumerate(images):
             ref = RecordRef(path, i, img, "filename")
             if SPLIT_RENAME[parse_record(KarpathySplit, img, ref).split] != karpathy:
                 continue
             rec = parse_record(KarpathyImage, img, ref)
             img_id = rec.filename.rsplit(".", 1)[0]
+            n_images += 1
+            if not all(rec.sentences):
+                empty.append(img_id)
             extra = {"cocoid": rec.cocoid, "references": rec.sentences}
             if karpathy == "train":
                 records.extend(Record(str(path), i, img_id, "", (img_id,), source, cap, extra)
                                for cap in rec.sentences)
             else:
                 records.append(Record(str(path), i, img_id, "", (img_id,), source, None, extra))
+        warn_empty(path, f"caption in split {name}", empty, n_images, unit="images")
         return records
 
     def target(self, record: Record, rng: Any, train: bool) -> tuple[str, float] | None:

@@ -15,12 +15,23 @@ from vlpet_cli.errors import DataError
 from vlpet_cli.metrics import preview_ids
 
 
-def read_json(path: Path, allow_jsonl: bool = False) -> Any:
-    """Load a JSON file (or JSON lines when allowed); a missing or malformed file is a DataError naming it."""
+def read_text(path: Path) -> str:
+    """The text of a UTF-8 file; a missing, unreadable or non-UTF-8 file is a DataError naming it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                        f"save the file as UTF-8 (JSON files are UTF-8)") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}); check the file and its permissions") from None
+
+
+def read_json(path: Path, allow_jsonl: bool = False) -> Any:
+    """Load a JSON file (or JSON lines when allowed); a missing or malformed file is a DataError naming it."""
+    text = read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

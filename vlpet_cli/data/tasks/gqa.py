@@ -14,7 +14,14 @@ from typing import Any, ClassVar
 
 from vlpet_cli.data.tasks import files
 from vlpet_cli.data.tasks.base import Generate, Record, Task, sample_answer
-from vlpet_cli.data.tasks.records import RecordModel, RecordRef, SoftLabel, parse_record, read_record_list
+from vlpet_cli.data.tasks.records import (
+    RecordModel,
+    RecordRef,
+    SoftLabel,
+    parse_record,
+    read_record_list,
+    warn_empty,
+)
 from vlpet_cli.errors import DataError
 
 SPLIT_SOURCES = {"train": "VG", "valid": "VG", "testdev": "GQA", "submit": "GQA"}
@@ -99,6 +106,7 @@ class GqaTask(Task):
                 raise ref.error("field 'label' is missing")
             records.append(Record(str(path), i, str(rec.question_id), rec.sent, (str(rec.img_id),), source,
                                   rec.label))
+        warn_empty(path, "question", [r.id for r in records if not r.text.strip()], len(records))
         return records
 
     def target(self, record: Record, rng: Any, train: bool) -> tuple[str, float] | None:

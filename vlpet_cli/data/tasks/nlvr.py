@@ -13,7 +13,7 @@ from pydantic import field_validator
 
 from vlpet_cli.data.tasks import files
 from vlpet_cli.data.tasks.base import Record, ScoreChoices, Task
-from vlpet_cli.data.tasks.records import RecordModel, RecordRef, parse_record, read_record_list
+from vlpet_cli.data.tasks.records import RecordModel, RecordRef, parse_record, read_record_list, warn_empty
 from vlpet_cli.errors import DataError
 
 CHOICES = ("true", "false")
@@ -44,19 +44,17 @@ def load_predictions(path: Path) -> dict[str, bool]:
     path = Path(path)
     rows: list[tuple[str, Any, int | str]] = []
     if path.suffix.lower() == ".csv":
-        if not path.is_file():
-            raise DataError(f"{path}: file not found")
-        with path.open(newline="", encoding="utf-8") as handle:
-            for line_no, row in enumerate(csv.reader(handle), start=1):
-                if not row or not "".join(row).strip():
-                    continue
-                if line_no == 1 and row[0].strip().lower() == "identifier":
-                    continue  # header line
-                if len(row) < 2:
-                    raise DataError(
-                        f"{path}: line {line_no} is {','.join(row)!r}; expected identifier,True|False"
-                    )
-                rows.append((row[0].strip(), row[1], f"line {line_no}"))
+        text = files.read_text(path)
+        for line_no, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
+            if not row or not "".join(row).strip():
+                continue
+            if line_no == 1 and row[0].strip().lower() == "identifier":
+                continue  # header line
+            if len(row) < 2:
+                raise DataError(
+                    f"{path}: line {line_no} is {','.join(row)!r}; expected identifier,True|False"
+                )
+            rows.append((row[0].strip(), row[1], f"line {line_no}"))
     else:
         data = files.read_json(path, allow_jsonl=True)
         if isinstance(data, dict):
@@ -129,6 +127,7 @@ class NlvrTask(Task):
                 raise ref.error("field 'label' is missing")
             records.append(Record(str(path), i, rec.identifier, rec.sent, (rec.img0, rec.img1), source,
                                   rec.label, {"uid": rec.uid}))
+        warn_empty(path, "sentence", [r.id for r in records if not r.text.strip()], len(records))
         return records
 
     def target(self, record: Record, rng: Any, train: bool) -> tuple[str, float] | None:

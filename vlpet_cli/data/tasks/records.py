@@ -9,12 +9,15 @@ Fix: correct the record or regenerate the file." Validators raise ValueError wit
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from vlpet_cli.errors import DataError
+from vlpet_cli.metrics import preview_ids
 
 _TYPE_WORDS = {"int_type": "an integer", "string_type": "a string", "float_type": "a number",
                "dict_type": "an object", "list_type": "a list", "bool_type": "a boolean"}
@@ -128,3 +131,12 @@ def read_record_list(path: Path, what: str, fix: str) -> list:
         raise DataError(f"{path}: expected a JSON list of records, found {type(data).__name__}. "
                         f"Fix: use the {what} in the reference format (spec/pipeline.md §1).")
     return data
+
+
+def warn_empty(path: Path, what: str, ids: Sequence[Any], total: int, unit: str = "records") -> None:
+    """One warning for a file whose records have an empty `what` (a question, a caption): the count and the
+    first ids. Such records are kept (the reference keeps them), but they are usually a broken export."""
+    if ids:
+        warnings.warn(f"{path}: {len(ids)} of {total} {unit} have an empty {what} (first: {preview_ids(ids)}); "
+                      f"they are used as they are: fix or remove them if that is not intended", UserWarning,
+                      stacklevel=2)

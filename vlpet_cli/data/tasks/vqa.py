@@ -19,6 +19,7 @@ from vlpet_cli.data.tasks.records import (
     parse_record,
     read_json,
     read_record_list,
+    warn_empty,
 )
 from vlpet_cli.errors import DataError
 
@@ -142,6 +143,7 @@ class VqaTask(Task):
             if rec.label is None and not for_eval:
                 raise ref.error("field 'label' is missing")
             parsed.append((ref, rec, sent))
+        warn_empty(path, "question", [rec.question_id for _, rec, sent in parsed if not sent.strip()], len(parsed))
 
         official = load_official_answers(path.parent, {p[1].question_id for p in parsed}) if for_eval else {}
         records = []
