@@ -69,6 +69,7 @@ def toy_run(tmp_path_factory):
     return root / "run"
 
 
+@pytest.mark.slow
 def test_eval_scores_all_four_tasks_and_writes_files(toy_run):
     results = evaluate(toy_run, split="test", limit=12, progress=False)
     assert set(results) == {"vqa", "gqa", "nlvr", "coco"}
@@ -91,6 +92,7 @@ def cli(*args):
                           env={**os.environ, "COLUMNS": "200"})
 
 
+@pytest.mark.slow
 def test_eval_cli_on_a_run_prints_json(toy_run):
     out = cli("eval", str(toy_run), "--task", "nlvr", "--limit", "8", "--json")
     assert out.returncode == 0, out.stderr
@@ -125,6 +127,7 @@ def path_without_java() -> str:
     return os.pathsep.join(d for d in dirs if d and not (Path(d) / "java").exists())
 
 
+@pytest.mark.slow
 def test_eval_cli_on_a_run_without_java_drops_meteor_and_scores_the_rest(toy_run, tmp_path):
     env = {**os.environ, "COLUMNS": "200", "PATH": path_without_java()}
     out = subprocess.run([sys.executable, "-m", "vlpet_cli", "eval", str(toy_run), "--task", "coco", "--limit", "6",

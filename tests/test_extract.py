@@ -204,6 +204,7 @@ print("finished", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_gives_every_id_once(model_dir, tmp_path):
     images = images_from(make_images(tmp_path / "imgs", 24))
     out = tmp_path / "f.h5"

@@ -60,6 +60,7 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "vlpet_cli", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_cli_presets_show_cp_and_errors(tmp_path):
     shown = run("presets", "show", "vlpet-small", "train.lr=2e-4")
     assert shown.returncode == 0

@@ -6,12 +6,15 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 
 from vlpet_cli.artifacts import load_adapter
 from vlpet_cli.inference import score
 from vlpet_cli.quickstart import TABLE_COLUMNS, quickstart, table_rows
 from vlpet_cli.vl.model import build_model
+
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` skips them
 
 
 def majority_rate(data: Path, task: str) -> float:

@@ -10,7 +10,6 @@ import torch
 
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.reference import import_reference_checkpoint, load_state_dict, map_keys
-from vlpet_cli.vl.projector import pool_grid, visual_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -116,25 +115,6 @@ def test_reference_key_names_map_for_every_t5_decoder_sublayer():
 
 
 # ---- vl/projector.py -------------------------------------------------------------------------------------------
-def test_pool_grid_is_adaptive_max_pooling_of_the_square_grid():
-    feats = torch.arange(2 * 1 * 49 * 3, dtype=torch.float).reshape(2, 1, 49, 3)
-    pooled = pool_grid(feats, 36)
-    assert pooled.shape == (2, 1, 36, 3)
-    grid = feats[0, 0].reshape(7, 7, 3)
-    # 7 -> 6 adaptive windows: output cell (i, j) covers rows i..i+1 and columns j..j+1
-    assert torch.equal(pooled[0, 0].reshape(6, 6, 3)[2, 3], grid[2:4, 3:5].amax((0, 1)))
-    assert pool_grid(feats, 49) is feats
-    assert pool_grid(feats, 40).shape == (2, 1, 36, 3)  # s = floor(sqrt(n_boxes))
-    with pytest.raises(ValueError, match="not a square grid"):
-        pool_grid(torch.zeros(1, 1, 50, 3), 36)
-
-
-def test_visual_ids_number_images_and_objects():
-    img, obj = visual_ids(2, 3, "cpu")
-    assert img.tolist() == [0, 0, 0, 1, 1, 1]
-    assert obj.tolist() == [0, 1, 2, 0, 1, 2]
-
-
 @pytest.mark.parametrize("case,override,hint", [
     ("tiny-bart-compacter", "pet.encoder.r=32", "set pet.encoder.r=16"),
     ("tiny-bart-lora", "pet.lora.r=4", "set pet.lora.r=8"),

@@ -15,6 +15,8 @@ from vlpet_cli.errors import VlpetError
 from vlpet_cli.train import resolve_train_preset, train
 from vlpet_cli.vl.model import build_model
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` skips them
+
 
 def events(run: Path, kind: str) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()

@@ -218,6 +218,7 @@ def test_tasks_are_not_solved_by_the_majority_answer(root):
         assert len(answers) >= 10
 
 
+@pytest.mark.slow
 def test_build_is_deterministic(root, tmp_path):
     import numpy as np
 

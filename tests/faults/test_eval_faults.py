@@ -123,6 +123,7 @@ EMPTY_TEXT = {  # task: (file under the data root, what the warning calls the te
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", EMPTY_TEXT)
 def test_empty_questions_and_captions_are_warned_once_per_file(run_dir, tmp_path, task):
     data = tmp_path / "data"

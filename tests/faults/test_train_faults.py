@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 from vlpet_cli.cli import main
 from vlpet_cli.train import resolve_train_preset, train
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` skips them
+
 SMALL = ["data.limit=200", "train.epochs=2", "eval.every=0", "train.batch_size=48"]  # 5 steps/epoch
 TOY = ["--preset", "vlpet-small", "--task", "coco", "--data-root", "toy", "--backbone", "tiny-bart"]
 

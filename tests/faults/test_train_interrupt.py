@@ -16,6 +16,8 @@ from vlpet_cli.errors import VlpetError
 from vlpet_cli.progress import Progress
 from vlpet_cli.train import TrainingInterrupted, resolve_train_preset, train
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` skips them
+
 OVERRIDES = ["data.limit=200", "train.epochs=2", "eval.every=0", "train.batch_size=48"]  # 5 steps/epoch
 
 

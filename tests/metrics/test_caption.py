@@ -125,6 +125,7 @@ def test_without_java_auto_falls_back_with_a_warning(monkeypatch):
         caption_scores(PREDICTIONS, REFERENCES, metrics=("meteor",), tokenizer="python")
 
 
+@pytest.mark.slow
 @needs_java
 def test_meteor_runs_and_rewards_exact_captions():
     refs = {1: ["a man riding a horse on a beach"], 2: ["two dogs playing with a red ball"]}

@@ -87,6 +87,7 @@ def test_groups_add_up_and_name_the_denominator():
     assert "projector" in b["denominator"]
 
 
+@pytest.mark.slow
 def test_cli_json_output():
     out = subprocess.run([sys.executable, "-m", "vlpet_cli", "params", "--preset", "vlpet-large", "--backbone",
                           "bart-base", "--json"], capture_output=True, text=True, check=True)
