@@ -200,8 +200,9 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
         tasks = resolved.data.tasks
         run_dir = runs_dir / (name or f"{resolved.name}-{tasks[0] if len(tasks) == 1 else 'multitask'}")
     try:
-        summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after,
-                               changes=changes).summary
+        with _warnings_to_stderr():
+            summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after,
+                                   changes=changes).summary
     except TrainingInterrupted as exc:
         err_console.print(str(exc), highlight=False, soft_wrap=True)
         raise SystemExit(exc.exit_code) from None
@@ -363,7 +364,8 @@ def quickstart(runs_dir: Path = typer.Option(Path("runs"), help="where the run a
     from vlpet_cli.quickstart import TABLE_COLUMNS, table_rows
     from vlpet_cli.quickstart import quickstart as run
 
-    summary = run(runs_dir, preset, backbone, overrides or [], say=console.print)
+    with _warnings_to_stderr():
+        summary = run(runs_dir, preset, backbone, overrides or [], say=console.print)
     table = Table(*TABLE_COLUMNS, title=f"{preset} on {backbone}: the toy world's test splits")
     for task, metric, before, after in table_rows(summary):
         table.add_row(task, metric, before, f"[bold]{after}[/bold]")
