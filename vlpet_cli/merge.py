@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from vlpet_cli.artifacts import (  # noqa: F401 - kind_of/load_* re-exported for callers not yet moved
+from vlpet_cli.artifacts import (
     ADAPTER_CONFIG,
     ADAPTER_FORMAT,
     ADAPTER_WEIGHTS,
@@ -33,12 +33,7 @@ from vlpet_cli.artifacts import (  # noqa: F401 - kind_of/load_* re-exported for
     PROJECTOR_WEIGHTS,
     adapter_state,
     backbone_identity,
-    kind_of,
     load_adapter,
-    load_any,
-    load_bundle,
-    load_folded,
-    load_projector,
     read_adapter_config,
 )
 from vlpet_cli.atomic import staged_dir, write_json

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 from test_merge import FEAT, batch_for, logits, seeded, trained_adapter
 
-from vlpet_cli.artifacts import OBJ_ROWS, load_adapter
-from vlpet_cli.merge import export_peft, fold_adapter, load_folded
+from vlpet_cli.artifacts import OBJ_ROWS, load_adapter, load_folded
+from vlpet_cli.merge import export_peft, fold_adapter
 from vlpet_cli.pet import anatomy
 from vlpet_cli.presets import resolve
 from vlpet_cli.train import param_groups
@@ -120,7 +120,7 @@ def test_fold_gives_the_same_logits(family, tiny_dirs, tmp_path):
 
 
 def test_bundle_folds_ia3_and_keeps_the_adapters(tiny_dirs, tmp_path):
-    from vlpet_cli.merge import load_bundle
+    from vlpet_cli.artifacts import load_bundle
 
     adapter = ia3_adapter(tmp_path / "adapter", tiny_dirs["t5"], "vlpet-small", "pet.ia3={}")
     model, tok, _ = seeded(load_adapter, adapter)
