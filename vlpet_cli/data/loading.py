@@ -39,13 +39,6 @@ class TaskData:
     val: dict = field(default_factory=dict)
 
 
-def feature_dim(root: Path, preset: Preset) -> int:
-    """The feature size of the first task's training features (to check against model.feat_dim)."""
-    task = get_task(preset.data.tasks[0])
-    source = task.feature_source(task.split_names("train")[0])
-    return open_features(locate_features(root, source, preset.data.feature_name)).dim
-
-
 def check_feature_dims(root: Path, preset: Preset, splits=("train", "val")) -> None:
     """Every task's feature stores, for every split used, hold model.feat_dim-sized features (cheap: headers only),
     so a wrong file stops the run before the model is built or anything is written."""
