@@ -102,6 +102,20 @@ class ModelConfig(Strict):
 # The task defaults below (DataConfig.tasks, TrainConfig.task_ratios, EvalConfig.generation) are literals because
 # config sits below data/ in the layering (pet imports config); tests/test_task_table.py checks that they equal
 # the task table's declarations (vlpet_cli/data/tasks/__init__.py).
+class VideoData(Strict):
+    """Video-text tasks (TVQA, How2QA, TVC, YC2C): text length, subtitle truncation, frames (spec §2.3, §3.1, §8)."""
+
+    max_length: int = Field(600, gt=0, description="encoder text tokens, special tokens included")
+    truncate: Literal["tail", "subtitles"] = Field(
+        "tail", description="tail: cut the end of the text, question and prompt included (reference); "
+                            "subtitles: shorten the subtitles so question, choices and prompt survive (fix)")
+    frames: int = Field(64, gt=0, description="visual tokens per video: zero-pad or adaptive max-pool over time")
+    mask_padding: bool = Field(False, description="mask zero-padded frames (fix; reference: padded frames attended)")
+    dedup_test: bool = Field(False, description="TVQA test: drop questions repeated across test_public and "
+                                                "test_release (fix; reference: loads both)")
+    feature_name: str = Field("clip-vit", description="video/vis_features/<source>/<feature_name>/ folder")
+
+
 class DataConfig(Strict):
     data_root: str | None = None
     tasks: list[str] = ["vqa", "gqa", "nlvr", "coco"]
@@ -110,6 +124,7 @@ class DataConfig(Strict):
     feature_name: str = "data_clip_RN101_att"
     num_workers: int = 0
     limit: int | None = Field(None, description="use at most this many records per task and split")
+    video: VideoData = VideoData()
 
 
 class TrainConfig(Strict):
@@ -131,6 +146,8 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: epoch ends only)")
     keep_checkpoints: int = Field(2, gt=0)
     max_steps: int | None = Field(None, description="stop after this many optimiser steps")
+    gradient_checkpointing: bool = Field(False, description="recompute backbone activations in backward "
+                                                            "(less memory, same results)")
 
 
 class GenerationSpec(Strict):
@@ -145,6 +162,9 @@ class EvalConfig(Strict):
     limit: int | None = Field(None, description="validate on at most this many records per task")
     best_metric: str = Field("avg", description="'avg' of the primary metrics, or TASK.METRIC e.g. coco.cider")
     vqa_variant: Literal["reference", "official"] = "reference"
+    caption_references: Literal["row", "clip"] = Field(
+        "row", description="TVC/YC2C validation: one reference per row (reference) or every description of the "
+                           "clip (VALUE's scoring)")
     generation: dict[str, GenerationSpec] = {
         "vqa": GenerationSpec(num_beams=1, max_length=20),
         "gqa": GenerationSpec(num_beams=1, max_length=20),
@@ -163,6 +183,7 @@ class Preset(Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     t5: dict | None = Field(None, description="overrides applied when the backbone is a T5")
+    video: dict | None = Field(None, description="overrides applied when the tasks are video tasks")
 
     @field_validator("name")
     @classmethod

@@ -67,7 +67,7 @@ def load_task_data(preset: Preset, root: Path, tokenizer, splits=("train", "val"
     """Records, feature stores and datasets per task; stops early on missing features or bad files."""
     data = TaskData()
     for name in preset.data.tasks:
-        task = get_task(name, preset.data.prompts, preset.data.use_prompts)
+        task = get_task(name, preset.data.prompts, preset.data.use_prompts, preset.data.video)
         for split in splits:
             limit = preset.data.limit if split == "train" else preset.eval.limit
             records = task.load(root, split)[:limit] if limit else task.load(root, split)

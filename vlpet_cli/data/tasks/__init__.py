@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from vlpet_cli.config import VideoData
 from vlpet_cli.data.tasks import files
 from vlpet_cli.data.tasks.base import (
     DEFAULT_FEATURE_NAME,
@@ -57,15 +58,17 @@ def task_class(name: str) -> type[Task]:
     return TASKS[resolve_task(name)]
 
 
-def get_task(name: str, prompts: Mapping[str, str] | None = None, use_prompts: bool = True) -> Task:
-    """The task called `name`; prompts overrides the default prompt per task; use_prompts=False gives ''."""
+def get_task(name: str, prompts: Mapping[str, str] | None = None, use_prompts: bool = True,
+             video: VideoData | None = None) -> Task:
+    """The task called `name`; prompts overrides the default prompt per task; use_prompts=False gives '';
+    video holds the video tasks' settings (data.video)."""
     cls = task_class(name)
     prompt = None
     if not use_prompts:
         prompt = ""
     elif prompts is not None:
         prompt = prompts.get(cls.name, prompts.get(name))
-    return cls(prompt)
+    return cls(prompt, video)
 
 
 def primary_metrics() -> dict[str, str]:

@@ -18,6 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
 
+from vlpet_cli.config import VideoData
 from vlpet_cli.data.features import DEFAULT_FEATURE_NAME
 from vlpet_cli.errors import DataError, VlpetError
 
@@ -93,9 +94,12 @@ class Task:
     """Fields of a split-file record that name its images (for `vlpet extract-features --annotations`)."""
     split_option: ClassVar[bool] = False
     """Whether `vlpet eval --predictions` may take a --split for this task's annotation files."""
+    feature_kind: ClassVar[str] = "image"
+    """'image' (per-image grid features) or 'video' (per-video frame features, data.video)."""
 
-    def __init__(self, prompt: str | None = None) -> None:
+    def __init__(self, prompt: str | None = None, video: VideoData | None = None) -> None:
         self.prompt = self.default_prompt if prompt is None else prompt
+        self.video = video if video is not None else VideoData()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(prompt={self.prompt!r})"
