@@ -128,7 +128,8 @@ def params(preset: str = typer.Option(..., "--preset", "-p", help="preset name o
 # ---- features ---------------------------------------------------------------------------------------------
 @app.command("extract-features")
 def extract_features(images: Path = typer.Option(..., help="folder of images (searched recursively)"),
-                     model: str = typer.Option(..., help="CLIP model directory, cached hub id, or 'tiny-clip'"),
+                     model: str = typer.Option(..., help="CLIP model directory, cached hub id, 'tiny-clip', or a "
+                                                         "CLIP ResNet checkpoint (.safetensors file or its folder)"),
                      out: Path = typer.Option(..., help="packed .h5 file, or a folder for --layout per-image"),
                      annotations: Path | None = typer.Option(None, help="only the images this file names"),
                      layout: str = typer.Option("packed", help="packed | per-image (the reference layout)"),
@@ -138,12 +139,15 @@ def extract_features(images: Path = typer.Option(..., help="folder of images (se
                      limit: int | None = typer.Option(None, help="extract at most N new images"),
                      workers: int = typer.Option(2, help="image decoding threads"),
                      device: str | None = typer.Option(None, help="cpu | cuda (default: cuda if present)"),
+                     torchscript: bool = typer.Option(False, "--torchscript",
+                                                      help="--model is OpenAI's TorchScript archive (RN101.pt)"),
                      no_progress: bool = typer.Option(False, "--no-progress", help="plain output")) -> None:
     """Images -> CLIP grid features (HDF5), resumable, skipping unreadable images."""
     from vlpet_cli.extract import extract
 
     summary = extract(images, model, out, annotations, layout=layout, layer=layer, batch_size=batch_size,
-                      dtype=dtype, limit=limit, workers=workers, progress=not no_progress, device=device)
+                      dtype=dtype, limit=limit, workers=workers, progress=not no_progress, device=device,
+                      torchscript=torchscript)
     console.print(summary.describe())
 
 

@@ -168,6 +168,7 @@ class Session:
     state: TrainState = field(default_factory=TrainState)
     resumed_from: Path | None = None  # the checkpoint a resumed run continues from
     epoch_rng: torch.Tensor | None = None  # the loader generator's state when the current epoch's pass began
+    features: dict = field(default_factory=dict)  # feature-store attributes per source (feature_attrs)
 
     @property
     def main(self) -> bool:
@@ -296,7 +297,21 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     session.model, session.optimizer = accelerator.prepare(model, optimizer)
     session.unwrapped = accelerator.unwrap_model(session.model)
     session.info = budget(session.unwrapped)
+    session.features = feature_attrs(data)
     return session
+
+
+def feature_attrs(data: TaskData) -> dict[str, dict]:
+    """What made the features the run reads, per source (vision model, layer, grid, dtype, shape): the adapter
+    records it so that `vlpet predict` extracts new images' features the same way."""
+    found: dict[str, dict] = {}
+    for datasets in (data.train, data.val):
+        for ds in datasets.values():
+            stores = getattr(ds, "features", None)
+            for source, store in (stores.items() if isinstance(stores, dict) else ()):
+                if source not in found and hasattr(store, "attrs"):
+                    found[source] = {**store.attrs, "dtype": store.dtype, "shape": list(store.shape)}
+    return found
 
 
 def intact_checkpoint(checkpointer: Checkpointer, run_dir: Path, main: bool = True) -> Path:
@@ -479,7 +494,8 @@ def validate_epoch(session: Session, epoch: int, progress: Progress) -> dict:
         progress.print(f"epoch {epoch + 1} validation: {shown}  (selection score {score:.2f})")
         if state.best is None or score > state.best:
             state.best = score
-            save_adapter(best_dir(session.run_dir), session.unwrapped, preset, {"epoch": epoch, "score": score})
+            save_adapter(best_dir(session.run_dir), session.unwrapped, preset,
+                         {"epoch": epoch, "score": score, "features": session.features})
     session.state.pending_validation = False
     session.accelerator.wait_for_everyone()
     return result
@@ -496,7 +512,7 @@ def finish(session: Session, fitted: FitResult, progress: Progress) -> dict:
         return summary
     if session.main:
         adapter = session.run_dir / "adapter"
-        size = save_adapter(adapter, session.unwrapped, session.preset)
+        size = save_adapter(adapter, session.unwrapped, session.preset, {"features": session.features})
         summary.update(adapter=str(adapter), adapter_bytes=size)
         append_event(session.run_dir, {"event": "end", "updates": state.global_step, "seconds": fitted.seconds,
                                        "adapter_bytes": size})

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,16 +263,18 @@ def read_state(path: Path, torchscript: bool = False) -> dict[str, torch.Tensor]
         raise VlpetError(f"{path}: checkpoint file not found")
     if torchscript:
         try:
-            archive = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():  # torch 2.x marks TorchScript deprecated; OpenAI's archive is one
+                warnings.simplefilter("ignore", DeprecationWarning)
+                archive = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:  # noqa: BLE001 - any load failure is the user's file
             raise VlpetError(f"{path}: cannot load it as a TorchScript archive ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}); --torchscript is for OpenAI's "
                              f"original RN101.pt, other files must be safetensors") from None
         return {k: v.detach() for k, v in archive.state_dict().items()}
     if path.suffix != ".safetensors":
-        raise VlpetError(f"{path}: not a safetensors file; OpenAI's RN101.pt is a TorchScript archive (code, not "
-                         f"plain tensors) that vlpet loads only with --torchscript, or convert it once to "
-                         f"safetensors (README: CLIP RN101 features)")
+        raise VlpetError(f"{path}: not a safetensors file; --model takes a transformers CLIP model directory or a "
+                         f"CLIP ResNet checkpoint in safetensors. OpenAI's RN101.pt is a TorchScript archive (code, "
+                         f"not plain tensors): pass --torchscript to load it, or convert it once to safetensors")
     from safetensors.torch import load_file
 
     try:
@@ -283,9 +286,9 @@ def read_state(path: Path, torchscript: bool = False) -> dict[str, torch.Tensor]
 def load_resnet(path: Path, torchscript: bool = False) -> ModifiedResNet:
     """A CLIP ResNet tower from a checkpoint file (or a directory holding one safetensors file)."""
     path = Path(path)
-    file = path if torchscript else resnet_checkpoint(path)
+    file = path if torchscript or path.is_file() else resnet_checkpoint(path)
     if file is None:
-        raise VlpetError(f"{path}: no single .safetensors CLIP checkpoint here (found "
-                         f"{sorted(p.name for p in path.iterdir())[:6] if path.is_dir() else 'no such file'}); "
-                         f"pass the checkpoint file itself")
+        found = sorted(p.name for p in path.iterdir())[:6] if path.is_dir() else "no such file or directory"
+        raise VlpetError(f"{path}: no single .safetensors CLIP checkpoint here (found {found}); pass the checkpoint "
+                         f"file itself")
     return build_resnet(read_state(file, torchscript), str(file))

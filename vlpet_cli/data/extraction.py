@@ -1,7 +1,10 @@
 """Grid features from a CLIP vision model, written to a packed or per-image store (the extraction library).
 
 Grid features are the patch tokens of one layer (`hidden_states[layer]`, default the last), class token dropped,
-in row-major grid order: ViT-B/32 at 224 px gives 7x7 = 49 tokens like the reference RN101 grid. Preprocessing
+in row-major grid order: ViT-B/32 at 224 px gives 7x7 = 49 tokens like the reference RN101 grid. A CLIP ResNet
+checkpoint (`data/clip_resnet.py`: a safetensors file with the tower under `visual.`, or OpenAI's TorchScript
+archive when asked for) gives the reference's own features instead: the last stage's map before attention pooling,
+computed in fp16 on CUDA as the reference did and in fp32 on CPU. Preprocessing
 uses PIL only, as the reference does: RGB, resize to (S, S) with BICUBIC (aspect ratio not kept), scale to [0, 1],
 normalise with the CLIP mean/std. Images are decoded by a thread pool while the model runs; each batch is
 written (and flushed) as soon as it is computed, so an interrupted run loses at most the batch in flight and a
@@ -77,6 +80,8 @@ class VisionModel:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     device: str
+    kind: str = "vit"  # "vit": a transformers CLIPVisionModel; "resnet": data/clip_resnet.ModifiedResNet
+    compute_dtype: Any = None  # the ResNet's compute dtype (fp16 on CUDA as the reference, fp32 on CPU)
 
     @property
     def grid(self) -> int:
@@ -123,8 +128,52 @@ def _preprocessor_stats(model_dir: Path) -> tuple[tuple[float, ...], tuple[float
     return mean, std
 
 
-def load_vision_model(model: str | Path, device: str | None = None) -> VisionModel:
-    """Load a CLIPVisionModel (a vision-only or a full CLIP checkpoint) in eval mode, fp32."""
+def _is_resnet_checkpoint(model: str | Path, torchscript: bool) -> bool:
+    """Whether --model names a CLIP checkpoint file (or a folder of one, with no config.json) for the ResNet path."""
+    path = Path(model)
+    if torchscript or path.is_file():
+        return True
+    return path.is_dir() and not (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def _reference_precision(module: Any) -> Any:
+    """fp16 convolutions and linears with fp32 BatchNorm, as CLIP's `convert_weights` leaves the reference tower."""
+    from torch import nn
+
+    for sub in module.modules():
+        if isinstance(sub, (nn.Conv2d, nn.Linear)):
+            sub.half()
+    return module
+
+
+def load_resnet_model(model: str | Path, device: str | None = None, torchscript: bool = False,
+                      compute_dtype: str | None = None) -> VisionModel:
+    """A CLIP ResNet tower from a checkpoint; fp16 compute on CUDA (the reference's), fp32 on CPU by default."""
+    from vlpet_cli.data.clip_resnet import load_resnet, resnet_checkpoint
+
+    path = Path(model)
+    module = load_resnet(path, torchscript)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    compute_dtype = compute_dtype or ("float16" if device.startswith("cuda") else "float32")
+    if compute_dtype not in ("float16", "float32"):
+        raise VlpetError(f"compute dtype '{compute_dtype}': use float16 or float32.")
+    if compute_dtype == "float16":
+        if not device.startswith("cuda"):
+            raise VlpetError("fp16 computation of the CLIP ResNet needs --device cuda; on CPU it runs in fp32.")
+        _reference_precision(module)
+    module.to(device).eval()
+    spec = module.spec
+    file = path if torchscript else resnet_checkpoint(path)
+    return VisionModel(module, str(Path(file or path).resolve()), spec.resolution, 32, spec.channels, 4,
+                       CLIP_MEAN, CLIP_STD, device, kind="resnet",
+                       compute_dtype=torch.float16 if compute_dtype == "float16" else torch.float32)
+
+
+def load_vision_model(model: str | Path, device: str | None = None, torchscript: bool = False) -> VisionModel:
+    """Load a CLIPVisionModel (a vision-only or a full CLIP checkpoint) in eval mode, fp32, or a CLIP ResNet
+    tower when `model` is a checkpoint file (or a folder holding one) rather than a transformers model directory."""
+    if _is_resnet_checkpoint(model, torchscript):
+        return load_resnet_model(model, device, torchscript)
     model_dir, model_id = _model_dir(model)
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
@@ -176,8 +225,11 @@ def to_pixels(arrays: list[np.ndarray]) -> Any:
 
 
 def grid_features(vm: VisionModel, pixel_values: Any, layer: int = -1) -> Any:
-    """Patch tokens of hidden_states[layer] (class token dropped), float32 (B, grid*grid, hidden)."""
+    """Patch tokens of hidden_states[layer] (class token dropped), float32 (B, grid*grid, hidden); for a ResNet
+    tower the last stage's map before attention pooling, row-major."""
     with torch.inference_mode():
+        if vm.kind == "resnet":
+            return vm.module.grid(pixel_values.to(vm.device, vm.compute_dtype)).float().cpu()
         pixel_values = pixel_values.to(vm.device)
         if layer in (-1, vm.num_layers):
             hidden = vm.module(pixel_values=pixel_values).last_hidden_state
@@ -271,8 +323,10 @@ def _write_report(path: Path, failed: list[tuple[str, str, str]], requested: set
 
 def extract_features(images: dict[str, Path], model: str | Path, out: Path, layout: str = "packed",
                      layer: int = -1, batch_size: int = 32, dtype: str = "float16", limit: int | None = None,
-                     workers: int = 2, progress: bool = True, device: str | None = None) -> ExtractSummary:
-    """Extract grid features for `images` (img_id -> file) into `out`; resumable, failures reported."""
+                     workers: int = 2, progress: bool = True, device: str | None = None,
+                     torchscript: bool = False) -> ExtractSummary:
+    """Extract grid features for `images` (img_id -> file) into `out`; resumable, failures reported.
+    `torchscript` allows OpenAI's TorchScript CLIP archive (RN101.pt) as `model`."""
     out = Path(out)
     if layout not in LAYOUTS:
         raise VlpetError(f"unknown --layout '{layout}'; use one of {', '.join(LAYOUTS)}.")
@@ -280,7 +334,10 @@ def extract_features(images: dict[str, Path], model: str | Path, out: Path, layo
         raise VlpetError(f"unsupported --dtype '{dtype}'; use one of {', '.join(DTYPES)}.")
     if batch_size < 1 or (limit is not None and limit < 0):
         raise VlpetError("--batch-size must be >= 1 and --limit >= 0.")
-    vm = load_vision_model(model, device)
+    vm = load_vision_model(model, device, torchscript)
+    if vm.kind == "resnet" and layer not in (-1, vm.num_layers):
+        raise VlpetError(f"--layer {layer}: a CLIP ResNet gives the last stage's map (before attention pooling) "
+                         f"only; leave --layer out (-1).")
     if not -(vm.num_layers + 1) <= layer <= vm.num_layers:
         raise VlpetError(f"--layer {layer} is out of range for {vm.model_id}: it has {vm.num_layers} layers, so "
                          f"use -{vm.num_layers + 1}..{vm.num_layers} (-1 = last).")
