@@ -258,6 +258,41 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
     console.print(f"files written to {next(iter(results.values()))['out_dir']}")
 
 
+# ---- predict ----------------------------------------------------------------------------------------------
+@app.command()
+def predict(path: Path = typer.Argument(..., help="run directory, adapter, bundle or folded model"),
+            task: str = typer.Option(..., "--task", "-t", help="vqa | gqa | nlvr | coco"),
+            image: list[Path] | None = typer.Option(None, "--image", "-i",
+                                                    help="an image file (twice for nlvr: left, right)"),
+            question: str | None = typer.Option(None, help="the question (vqa, gqa)"),
+            statement: str | None = typer.Option(None, help="the statement about both images (nlvr)"),
+            inputs: Path | None = typer.Option(None, help="a folder of images, or a JSON-lines file of "
+                                                          "{\"image(s)\": ..., \"question\"/\"statement\": ...}"),
+            vision_model: str | None = typer.Option(None, help="the vision model, for runs that record none"),
+            layer: int | None = typer.Option(None, help="the feature layer (default: the recorded one)"),
+            torchscript: bool = typer.Option(False, "--torchscript",
+                                             help="--vision-model is OpenAI's TorchScript archive (RN101.pt)"),
+            batch_size: int = typer.Option(16, help="inputs per batch"),
+            backbone: str | None = typer.Option(None, help="the backbone directory, if it moved"),
+            as_json: bool = typer.Option(False, "--json", help="one JSON object per input, with its score")) -> None:
+    """Answer a question, caption or judge a statement about your own images with a trained model."""
+    from vlpet_cli.predict import gather_inputs
+    from vlpet_cli.predict import predict as run_predict
+
+    if question and statement:
+        raise VlpetError("give --question (vqa, gqa) or --statement (nlvr), not both")
+    items = gather_inputs(task, list(image or []), question or statement, inputs)
+    with _warnings_to_stderr():
+        results = run_predict(path, task, items, vision_model, layer, torchscript, batch_size, backbone,
+                              progress=not as_json)
+    for r in results:
+        if as_json:
+            print(json.dumps(r))
+        else:
+            shown = " ".join(Path(p).name for p in r["images"])
+            console.print(f"{shown}: {r['answer']}  ({r['score_kind']} {r['score']:.3f})", highlight=False)
+
+
 def _flat(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
