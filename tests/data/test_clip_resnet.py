@@ -76,6 +76,19 @@ def test_golden_from_openai_clip_matches():
         readme["layers"], readme["width"], readme["heads"], readme["output_dim"], readme["input_resolution"])
 
 
+def test_fp16_compute_as_the_reference_ran_it_stays_close_to_fp32():
+    """CUDA's default (fp16 convolutions, fp32 BatchNorm, as CLIP's convert_weights); run here on CPU."""
+    from vlpet_cli.data.extraction import load_resnet_model
+
+    io = load_file(str(GOLDEN / "tiny-rn" / "io.safetensors"))
+    vm = load_resnet_model(GOLDEN / "tiny-rn", "cpu", compute_dtype="float16")
+    assert vm.module.conv1.weight.dtype == torch.float16 and vm.module.bn1.weight.dtype == torch.float32
+    feats = grid_features(vm, io["pixel_values"])
+    assert feats.dtype == torch.float32
+    assert 0 < (feats - io["grid_features"]).abs().max() < 5e-3
+    assert load_resnet_model(GOLDEN / "tiny-rn", "cpu").compute_dtype == torch.float32  # CPU default: fp32
+
+
 def test_checker_on_other_depths_and_widths_and_a_corrupted_case(tmp_path, capsys):
     checker = _checker()
     cases = [write_golden(tmp_path / "rn-2131-w16", ResNetSpec((2, 1, 3, 1), 16, 8, 32, 224), 1),

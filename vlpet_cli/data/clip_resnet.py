@@ -236,11 +236,14 @@ def build_resnet(state: dict, source: str) -> ModifiedResNet:
 
 
 def resnet_checkpoint(path: Path) -> Path | None:
-    """The safetensors file of a CLIP ResNet checkpoint (a file, or the one .safetensors file of a directory)."""
+    """The safetensors file of a CLIP ResNet checkpoint: a file, or in a directory its one .safetensors file (or
+    the one of several that holds a ResNet tower)."""
     path = Path(path)
     if path.is_file():
         return path if path.suffix == ".safetensors" else None
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if len(files) > 1:
+        files = [f for f in files if holds_resnet(f)]
     return files[0] if len(files) == 1 else None
 
 

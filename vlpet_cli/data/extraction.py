@@ -158,8 +158,6 @@ def load_resnet_model(model: str | Path, device: str | None = None, torchscript:
     if compute_dtype not in ("float16", "float32"):
         raise VlpetError(f"compute dtype '{compute_dtype}': use float16 or float32.")
     if compute_dtype == "float16":
-        if not device.startswith("cuda"):
-            raise VlpetError("fp16 computation of the CLIP ResNet needs --device cuda; on CPU it runs in fp32.")
         _reference_precision(module)
     module.to(device).eval()
     spec = module.spec
