@@ -209,8 +209,9 @@ def _decode(model: Any, tokenizer: Any, preset: Any, task: Any, batch: dict) -> 
         best = logits.argmax(1).tolist()
         return [choices[i] for i in best], [float(probs[b, i]) for b, i in enumerate(best)]
     kwargs = decoding_settings(model, tokenizer, preset, task.name)
-    config = GenerationConfig(decoder_start_token_id=model.config.decoder_start_token_id, **kwargs)
-    out = model.generate(batch, generation_config=config, return_dict_in_generate=True, output_scores=True)
+    config = GenerationConfig(decoder_start_token_id=model.config.decoder_start_token_id, return_dict_in_generate=True,
+                              output_scores=True, **kwargs)
+    out = model.generate(batch, generation_config=config)
     texts = [t.strip() for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
     return texts, _scores_generated(model, out, tokenizer.eos_token_id)
 

@@ -36,7 +36,7 @@ PREFIX = "visual."
 EXPANSION = 4
 STAGES = 4
 _BLOCK_KEY = re.compile(r"^visual\.layer([1-4])\.(\d+)\.")
-_VIT_MARKERS = ("visual.transformer.", "visual.class_embedding", "visual.trunk.")
+_VIT_MARKERS = ("visual.transformer.", "visual.class_embedding")
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,10 @@ def infer_spec(state: dict, source: str) -> ResNetSpec:
         if any(k.startswith(m) for k in keys for m in _VIT_MARKERS):
             raise VlpetError(f"{source}: its vision tower is a ViT (found {_prefixes(keys)}), not a CLIP ResNet; "
                              f"for ViT features pass a transformers CLIP model directory (config.json + weights)")
+        if any(k.startswith("visual.trunk.") for k in keys):
+            raise VlpetError(f"{source}: its vision tower is a timm trunk (found {_prefixes(keys)}), not CLIP's "
+                             f"ModifiedResNet key layout; use OpenAI's RN101.pt (--torchscript) or its conversion "
+                             f"to safetensors")
         found = "no vision tower under 'visual.'" if not any(k.startswith(PREFIX) for k in keys) else \
             "no CLIP ResNet layout under 'visual.'"
         raise VlpetError(f"{source}: {found} (the top-level key prefixes are: {_prefixes(keys)}); --model needs a "
