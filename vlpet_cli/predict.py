@@ -131,7 +131,7 @@ def _name(model_id: str) -> str:
 def vision_settings(recorded: dict, source: str, vision_model: str | None, layer: int | None,
                     torchscript: bool, directory: Path) -> VisionSettings:
     """The recorded vision settings of the task's feature source; a given --vision-model or --layer must agree."""
-    rec = recorded.get(source) or next(iter(recorded.values()), None) if recorded else None
+    rec = (recorded.get(source) or next(iter(recorded.values()))) if recorded else None
     if rec is None or "model" not in rec:
         if vision_model is None:
             raise VlpetError(f"{directory} records no vision model for its features (trained before vlpet recorded "

@@ -336,6 +336,8 @@ def extract_features(images: dict[str, Path], model: str | Path, out: Path, layo
     if vm.kind == "resnet" and layer not in (-1, vm.num_layers):
         raise VlpetError(f"--layer {layer}: a CLIP ResNet gives the last stage's map (before attention pooling) "
                          f"only; leave --layer out (-1).")
+    if vm.kind == "resnet":
+        layer = -1  # recorded as -1 whichever way it was asked for, so stores and runs compare equal
     if not -(vm.num_layers + 1) <= layer <= vm.num_layers:
         raise VlpetError(f"--layer {layer} is out of range for {vm.model_id}: it has {vm.num_layers} layers, so "
                          f"use -{vm.num_layers + 1}..{vm.num_layers} (-1 = last).")
