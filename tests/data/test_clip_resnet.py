@@ -76,6 +76,15 @@ def test_golden_from_openai_clip_matches():
         readme["layers"], readme["width"], readme["heads"], readme["output_dim"], readme["input_resolution"])
 
 
+SHARED = ROOT.parent / "shared" / "golden-clip-rn"  # the original, where the checkout has ../shared (CI does)
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="no ../shared/golden-clip-rn next to this checkout")
+def test_shared_golden_directories_match(capsys):
+    assert _checker().main([str(p) for p in sorted(SHARED.iterdir()) if p.is_dir()]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("match")
+
+
 def test_fp16_compute_as_the_reference_ran_it_stays_close_to_fp32():
     """CUDA's default (fp16 convolutions, fp32 BatchNorm, as CLIP's convert_weights); run here on CPU."""
     from vlpet_cli.data.extraction import load_resnet_model
