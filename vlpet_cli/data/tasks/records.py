@@ -42,15 +42,15 @@ def id_text(raw: Any, key: str) -> str:
 class RecordRef:
     """Points at a raw record in a file so that validation errors can name it (id text built on error)."""
 
-    __slots__ = ("id_key", "index", "path", "raw")
+    __slots__ = ("id_key", "index", "path", "raw", "unit")
 
-    def __init__(self, path: Path, index: int, raw: Any = None, id_key: str = "") -> None:
-        self.path, self.index, self.raw, self.id_key = path, index, raw, id_key
+    def __init__(self, path: Path, index: int, raw: Any = None, id_key: str = "", unit: str = "record") -> None:
+        self.path, self.index, self.raw, self.id_key, self.unit = path, index, raw, id_key, unit
 
     def error(self, problem: str, fix: str = "correct the record or regenerate the file") -> DataError:
-        """A DataError naming the file, the record index and id, the problem and the fix."""
+        """A DataError naming the file, the record index (or line of a .jsonl file) and id, problem and fix."""
         rid = id_text(self.raw, self.id_key) if self.id_key else ""
-        who = f"record {self.index}" + (f" ({rid})" if rid else "")
+        who = f"{self.unit} {self.index}" + (f" ({rid})" if rid else "")
         return DataError(f"{self.path}: {who}: {problem}. Fix: {fix}.")
 
 
@@ -122,6 +122,25 @@ def read_json(path: Path, what: str, fix: str) -> Any:
                         f"Fix: repair or re-download the file.") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot be read ({e}). Fix: check the file and its permissions.") from None
+
+
+def read_jsonl(path: Path, what: str, fix: str) -> list[tuple[int, Any]]:
+    """(line number, parsed object) of each non-blank line of a JSON-lines file (VALUE's format); a missing
+    file or a malformed line is a DataError naming the file and line."""
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}. Fix: {fix}.")
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    out.append((lineno, json.loads(line)))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {lineno}: not valid JSON (column {e.colno}: {e.msg}). "
+                        f"Fix: repair the line or re-download the file.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read ({e}). Fix: check the file and its permissions.") from None
+    return out
 
 
 def read_record_list(path: Path, what: str, fix: str) -> list:
