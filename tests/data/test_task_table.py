@@ -33,7 +33,6 @@ from vlpet_cli.inference import score
 from vlpet_cli.quickstart import LABELS, PRIMARY_ONLY
 from vlpet_cli.quickstart import TASKS as QUICKSTART_TASKS
 
-
 IMAGE_TASKS = ["vqa", "gqa", "nlvr", "coco"]
 VIDEO_TASKS = ["tvqa", "how2qa", "tvc", "yc2c"]
 

@@ -54,19 +54,32 @@ class RecordRef:
         return DataError(f"{self.path}: {who}: {problem}. Fix: {fix}.")
 
 
+def _field_path(loc: tuple) -> tuple[str, int]:
+    """A field's name for messages, nested fields of list items included ('descs[0].desc'), and how many
+    parts of the location it used (the rest names union members, e.g. 'int')."""
+    text, used = str(loc[0]), 1
+    while used < len(loc) and isinstance(loc[used], int):
+        text += f"[{loc[used]}]"
+        used += 1
+        if used < len(loc) and isinstance(loc[used], str):
+            text += f".{loc[used]}"
+            used += 1
+    return text, used
+
+
 def problem_text(exc: ValidationError, raw: Any) -> str:
     """The first problem of a validation error in words: missing field, wrong type (with the value) or rule."""
     errors = exc.errors()
     first = errors[0]
     if not first["loc"]:
         return f"expected an object, found {type(raw).__name__}"
-    field = first["loc"][0]
+    field, used = _field_path(first["loc"])
     if first["type"] == "value_error":
         return str(first["msg"]).removeprefix("Value error, ")
     value = first.get("input")
     if first["type"] == "missing" or value is None:
         return f"field '{field}' is missing"
-    wants = [_TYPE_WORDS.get(e["type"], e["type"]) for e in errors if e["loc"][:1] == (field,)]
+    wants = [_TYPE_WORDS.get(e["type"], e["type"]) for e in errors if e["loc"][:used] == first["loc"][:used]]
     return f"field '{field}' should be {' or '.join(dict.fromkeys(wants))}, found {type(value).__name__} {value!r:.60}"
 
 
