@@ -134,9 +134,7 @@ class VideoTask(Task):
     def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
         """Read one VALUE .jsonl split file into records (subtitles joined, errors naming file and line)."""
         path = self.split_path(data_root, name)
-        lines = read_value_lines(path, self.name) if path.is_file() else None
-        if lines is None:
-            raise DataError(f"{self.name} annotation file not found: {path}. Fix: {self.missing_file_fix()}.")
+        lines = read_jsonl(path, f"{self.name} annotation file", self.missing_file_fix())
         subs = load_subtitles(subtitles_path(data_root, self.source))
         records: list[Record] = []
         for lineno, raw in lines:
