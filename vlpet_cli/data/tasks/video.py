@@ -279,7 +279,8 @@ class VideoQaTask(VideoTask):
         rows = [(p["prediction"], p["answer"], str(p.get("type"))) for p in predictions if p.get("answer")]
         if not rows:
             return {"n": len(predictions), "scored": 0}
-        return typed_accuracy(rows)
+        result = typed_accuracy(rows)
+        return {"acc": result["acc"], "per_type": result["per_type"]}
 
     def submission(self, predictions: list[dict]) -> tuple[str, str]:
         """VALUE's QA format: {qid: answer index} (int(pred[1]), 0 when that fails)."""
