@@ -160,24 +160,24 @@ class VideoTask(Task):
         """Token ids within data.video.max_length: cut at the end (reference, may lose question, choices and
         prompt) or, with data.video.truncate 'subtitles', shorten the subtitles so the rest survives."""
         limit = self.video.max_length
+        if self.video.truncate == "tail":
+            return _tokenize(tokenizer, self.source_text(record), limit)
         ids = _tokenize(tokenizer, self.source_text(record), None)
         if len(ids) <= limit:
             return ids
-        if self.video.truncate == "subtitles":
-            words = (record.extra or {}).get("subs", "").split(" ")
-            lo, hi = 0, len(words) - 1  # the most words that fit lies in [lo, hi]; all of them do not fit
-            best = None
-            while lo <= hi:
-                mid = (lo + hi) // 2
-                trial = _tokenize(tokenizer, self.compose(record, " ".join(words[:mid])), None)
-                if len(trial) <= limit:
-                    best, lo = trial, mid + 1
-                else:
-                    hi = mid - 1
-            if best is not None:
-                return best
-            return _tokenize(tokenizer, self.compose(record, ""), limit)  # even the rest is too long
-        return _tokenize(tokenizer, self.source_text(record), limit)
+        words = (record.extra or {}).get("subs", "").split(" ")
+        lo, hi = 0, len(words) - 1  # the most subtitle words that fit lie in [lo, hi]: all of them do not
+        best = None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            trial = _tokenize(tokenizer, self.compose(record, " ".join(words[:mid])), None)
+            if len(trial) <= limit:
+                best, lo = trial, mid + 1
+            else:
+                hi = mid - 1
+        if best is not None:
+            return best
+        return _tokenize(tokenizer, self.compose(record, ""), limit)  # even without subtitles it is too long
 
     def target(self, record: Record, rng: Any, train: bool) -> tuple[str, float] | None:
         """'a{answer_idx}' (QA) or the row's description (captions), weight 1; None when hidden (test)."""
