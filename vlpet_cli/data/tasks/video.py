@@ -52,10 +52,8 @@ def _subtitles_cached(path: Path, stamp: tuple[int, int]) -> dict[str, str]:
     fix = "put VALUE's subtitles file there (video/ann/{tv,how2,yc2}_subtitles.jsonl, spec/pipeline.md §1.5)"
     for lineno, raw in read_jsonl(path, "subtitles file", fix):
         rec = parse_record(Subtitles, raw, RecordRef(path, lineno, raw, "vid_name", unit="line"))
-        if rec.vid_name in out:
-            raise DataError(f"{path}: line {lineno}: video {rec.vid_name!r} appears a second time. "
-                            f"Fix: keep one subtitles line per video.")
-        out[rec.vid_name] = " ".join(line.text.strip() for line in rec.sub)
+        out[rec.vid_name] = " ".join(line.text.strip() for line in rec.sub)  # a repeated video: the last line
+
     return out
 
 
@@ -67,7 +65,7 @@ def load_subtitles(path: Path) -> dict[str, str]:
         raise DataError(f"subtitles file not found: {path}. Fix: put VALUE's subtitles file there "
                         f"(video/ann/<source>_subtitles.jsonl, spec/pipeline.md §1.5) or check --data-root.")
     st = path.stat()
-    return _subtitles_cached(path.resolve(), (st.st_mtime_ns, st.st_size))
+    return _subtitles_cached(path, (st.st_mtime_ns, st.st_size))
 
 
 def read_value_lines(path: Path, task: str) -> list[tuple[int, Any]]:
