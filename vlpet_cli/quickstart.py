@@ -21,7 +21,7 @@ from vlpet_cli.evaluate import evaluate, evaluate_model
 from vlpet_cli.train import TOY_DEFAULTS, resolve_train_preset, train
 from vlpet_cli.vl.model import build_model
 
-TASKS = list(TASK_TABLE)
+TASKS = [t for t, cls in TASK_TABLE.items() if cls.feature_kind == "image"]
 PRIMARY_METRIC = primary_metrics()
 PRIMARY_ONLY = {t: [m] for t, m in PRIMARY_METRIC.items()}
 LABELS = {t: cls.label for t, cls in TASK_TABLE.items()}
