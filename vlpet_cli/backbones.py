@@ -122,7 +122,7 @@ def resolve(name: str) -> Backbone:
                         directory)
     if key in BUILTIN:
         snapshot = _cached_snapshot(BUILTIN[key]["hub_id"])
-        return Backbone(name, BUILTIN[key]["config"]["model_type"], snapshot, key)
+        return Backbone(name, FAMILIES[BUILTIN[key]["config"]["model_type"]], snapshot, key)
     snapshot = _cached_snapshot(name)
     if snapshot is None:
         raise VlpetError(
@@ -162,10 +162,14 @@ def model_class(model_type: str):
 
 
 def head_is_untied(config) -> bool:
-    """Whether the checkpoint has its own LM head (T5 v1.1, Flan-T5, mT5, UMT5). transformers 5 forces the T5
-    configs' `tie_word_embeddings` to True and keeps the checkpoint's meaning in `scale_decoder_outputs` (False
-    exactly when the head is untied); it unties only while loading a checkpoint whose head differs."""
-    if getattr(config, "model_type", "") in ("t5", "mt5", "umt5"):
+    """Whether checkpoints of this config have their own LM head (T5 v1.1, Flan-T5, mT5, UMT5). transformers 5
+    forces the T5 family's `tie_word_embeddings` to True (T5 and UMT5 keep the checkpoint's flag in
+    `scale_decoder_outputs`, False exactly when the head is untied; mT5 keeps nothing, all its checkpoints are
+    untied) and unties only while loading a checkpoint whose head differs. Used for weight-free builds."""
+    model_type = getattr(config, "model_type", "")
+    if model_type == "mt5":
+        return True
+    if model_type in ("t5", "umt5"):
         return not getattr(config, "scale_decoder_outputs", True)
     return not getattr(config, "tie_word_embeddings", True)
 
@@ -241,12 +245,11 @@ def build(bb: Backbone, weights: bool = True):
 
     config = load_config(bb)
     cls = model_class(config.model_type)
-    untied = head_is_untied(config)
     if not weights:
         config.vocab_size = vocab_size_without_weights(bb, config)
         with torch.device("meta"):
             model = cls(config)
-            if untied:
+            if head_is_untied(config):
                 untie_head(model, torch.empty_like(model.get_input_embeddings().weight))
         return model, None
     from transformers.utils import logging as hf_logging
@@ -259,7 +262,8 @@ def build(bb: Backbone, weights: bool = True):
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VlpetError(f"cannot load the backbone weights from {bb.directory}: {first}") from None
-    head = model.get_output_embeddings().weight.detach().clone() if untied else None
+    head = model.get_output_embeddings().weight
+    head = head.detach().clone() if head is not model.get_input_embeddings().weight else None
     old = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     new_rows = model.get_input_embeddings().weight.data[old:]

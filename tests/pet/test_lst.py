@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.pet import anatomy
 from vlpet_cli.pet.budget import budget
 from vlpet_cli.presets import resolve
 from vlpet_cli.vl.model import build_model
@@ -41,10 +42,10 @@ def test_lst_trains_without_gradients_reaching_the_backbone(family, tiny_dirs):
     model, tok = make(tiny_dirs[family])
     model.train()
     assert not any(p.requires_grad for p in model.backbone.parameters())
-    blocks = getattr(model.backbone.get_encoder(), "block", None) or model.backbone.get_encoder().layers
+    blocks = [b for stack in anatomy.stacks(model.backbone) for b in anatomy.layers(stack)]
     grads = []
     hooks = [b.register_forward_hook(lambda m, a, o: grads.append((o[0] if isinstance(o, tuple) else o).requires_grad))
-             for b in [*blocks, *getattr(model.backbone.get_decoder(), "block", model.backbone.get_decoder().layers)]]
+             for b in blocks]
     loss = model(batch_for(tok))
     for h in hooks:
         h.remove()

@@ -83,11 +83,6 @@ def final_norm(stack: nn.Module) -> nn.Module | None:
     return getattr(stack, "final_layer_norm", None) or getattr(stack, "layer_norm", None)
 
 
-def scales_head_input(model: nn.Module) -> bool:
-    """Whether the decoder output is multiplied by d_model**-0.5 before the LM head (T5 v1.0's tied head only)."""
-    return family(model) == "t5" and bool(getattr(model.config, "scale_decoder_outputs", True))
-
-
 def stacks(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(encoder, decoder) of a seq2seq LM."""
     return model.get_encoder(), model.get_decoder()
