@@ -221,10 +221,13 @@ def narrow_config(stack: nn.Module, reduction: int):
 
 def new_block(stack: nn.Module, config, index: int) -> nn.Module:
     """A fresh block of the stack's own class for `config` (T5 v1.0/v1.1/mT5: the relative bias in block 0 only)."""
+    import inspect
+
     cls = type(_layers(stack)[index])
+    kwargs = {"layer_idx": index} if "layer_idx" in inspect.signature(cls.__init__).parameters else {}
     if getattr(config, "model_type", "") in ("t5", "mt5"):
-        return cls(config, has_relative_attention_bias=index == 0, layer_idx=index)
-    return cls(config, layer_idx=index)
+        kwargs["has_relative_attention_bias"] = index == 0
+    return cls(config, **kwargs)
 
 
 def block_attentions(block: nn.Module) -> list[nn.Module]:
