@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tokenizer
+
 from vlpet_cli import backbones
 from vlpet_cli.artifacts import load_adapter, save_adapter
 from vlpet_cli.errors import VlpetError

@@ -97,8 +97,8 @@ def _config_json(directory: Path) -> dict:
 def _family_from_type(model_type: str, where: str) -> str:
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    raise VlpetError(f"{where}: model type '{model_type}' is not supported; vlpet works with the encoder-decoders "
-                     f"of model_type {', '.join(FAMILIES)} (BART and T5 families)")
+    raise VlpetError(f"{where}: model type '{model_type}' is not supported; vlpet works with BART and T5 family "
+                     f"encoder-decoders, model_type {', '.join(FAMILIES)}")
 
 
 def _cached_snapshot(hub_id: str) -> Path | None:
@@ -150,8 +150,13 @@ def load_config(bb: Backbone):
 
 def model_class(model_type: str):
     """The stock transformers seq2seq LM class of a supported model_type."""
-    from transformers import (BartForConditionalGeneration, MBartForConditionalGeneration, MT5ForConditionalGeneration,
-                              T5ForConditionalGeneration, UMT5ForConditionalGeneration)
+    from transformers import (
+        BartForConditionalGeneration,
+        MBartForConditionalGeneration,
+        MT5ForConditionalGeneration,
+        T5ForConditionalGeneration,
+        UMT5ForConditionalGeneration,
+    )
 
     classes = {"bart": BartForConditionalGeneration, "mbart": MBartForConditionalGeneration,
                "t5": T5ForConditionalGeneration, "mt5": MT5ForConditionalGeneration,
