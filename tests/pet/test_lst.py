@@ -71,6 +71,32 @@ def test_side_output_replaces_the_decoder_output_and_generation_uses_it(family, 
     assert not torch.isclose(before, after), "the loss must come from the side network"
     ids = model.generate(batch, num_beams=2, max_length=5)
     assert ids.shape[0] == 2
+    # greedy generation (no cache: the side decoder sees the whole prefix) agrees with the teacher-forced logits
+    greedy = model.generate(batch, num_beams=1, max_length=6, min_length=6)
+    enc, mask = model.encode(batch)
+    with torch.no_grad():
+        logits = model.backbone(encoder_outputs=enc, attention_mask=mask, decoder_input_ids=greedy[:, :-1]).logits
+    assert torch.equal(logits.argmax(-1), greedy[:, 1:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone,task", [("tiny-t5", "coco"), ("tiny-bart", "vqa,nlvr")])
+def test_lst_trains_and_evaluates_on_the_toy_world(backbone, task, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "vlpet_cli", *args], capture_output=True, text=True,
+                              env={**os.environ, "COLUMNS": "200"})
+
+    out = cli("train", "--preset", "lst", "--task", task, "--data-root", "toy", "--backbone", backbone,
+              "--runs-dir", str(tmp_path), "--name", "lst", "data.limit=16", "train.epochs=1", "eval.limit=8",
+              "train.batch_size=8")
+    assert out.returncode == 0, out.stderr[-2000:]
+    first = task.split(",")[-1]
+    out = cli("eval", str(tmp_path / "lst"), "--task", first, "--limit", "8", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_pruned_init_copies_backbone_weights(tiny_dirs):

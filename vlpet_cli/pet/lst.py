@@ -104,7 +104,7 @@ class LstMethod(Method):
         scores = torch.zeros(backbone.config.d_model)
         for name, module in backbone.named_modules():
             axes = anatomy.PRUNE_AXES.get(name.rsplit(".", 1)[-1])
-            if axes and isinstance(module, nn.Linear) and name.split(".")[-2:-1] != ["lm_head"]:
+            if axes and isinstance(module, nn.Linear):
                 w = module.weight.detach().abs().float()
                 scores += w.sum(0) if axes[1] == "d" else w.sum(1)
         return _top(scores, d_side)

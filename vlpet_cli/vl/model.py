@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -168,7 +170,11 @@ class VLModel(nn.Module):
         """Generated token ids; the encoder runs once per batch."""
         enc, mask = self.encode(batch)
         if self.pet.recomputes_decoder():  # LST's side decoder keeps no cache: every step sees the whole prefix
-            kwargs = {**kwargs, "use_cache": False}
+            if kwargs.get("generation_config") is not None:
+                kwargs = {**kwargs, "generation_config": copy.deepcopy(kwargs["generation_config"])}
+                kwargs["generation_config"].use_cache = False
+            else:
+                kwargs = {**kwargs, "use_cache": False}
         return self.backbone.generate(encoder_outputs=enc, attention_mask=mask, **kwargs)
 
     @torch.no_grad()
