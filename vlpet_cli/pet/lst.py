@@ -119,27 +119,22 @@ class LstMethod(Method):
                 sources = dict(block.named_parameters())
                 keep: dict[tuple[str, str], torch.Tensor] = {}
                 for name, p in small.named_parameters():
-                    src = sources[name]
-                    owner, _, leaf = name.rpartition(".")
-                    module_name = owner.rpartition(".")
-                    axes = anatomy.PRUNE_AXES.get(module_name[2] if owner else "", None)
-                    index = []
+                    src = sources[name].detach()
+                    module_path, _, tensor = name.rpartition(".")  # e.g. layer.0.SelfAttention.q / weight
+                    parent, _, leaf = module_path.rpartition(".")
+                    axes = anatomy.PRUNE_AXES.get(leaf)  # None: a norm (residual axis) or an unchanged table
+                    value = src
                     for axis, (want, have) in enumerate(zip(p.shape, src.shape)):
                         if want == have:
-                            index.append(slice(None))
                             continue
-                        role = axes[axis] if axes and leaf == "weight" else (axes[0] if axes else "d")
+                        role = "d" if axes is None else (axes[axis] if tensor == "weight" else axes[0])
                         if role == "d":
-                            index.append(keep_d)
+                            idx = keep_d
                         else:
-                            parent = module_name[0]
                             if (parent, role) not in keep:
                                 keep[(parent, role)] = self._keep_inner(modules, parent, role, want)
-                            index.append(keep[(parent, role)])
-                    value = src.detach()
-                    for axis, idx in enumerate(index):
-                        if not isinstance(idx, slice):
-                            value = value.index_select(axis, idx)
+                            idx = keep[(parent, role)]
+                        value = value.index_select(axis, idx)
                     p.copy_(value)
             final = anatomy.final_norm(stack)
             if final is not None and getattr(final, "weight", None) is not None:
