@@ -206,3 +206,34 @@ def test_vlpet_train_on_a_family_directory(kind, tmp_path):
                           "train.batch_size=8"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "runs" / kind / "adapter" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.parametrize("kind", ["flan-t5", "mbart", "umt5"])
+def test_folded_lora_keeps_the_family(kind, family_dirs, tmp_path):
+    """A folded LoRA model of an untied-head / pre-LN family gives the adapter's logits, and is a plain HF model
+    that keeps its own head."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from vlpet_cli.artifacts import load_folded
+    from vlpet_cli.merge import fold_adapter
+
+    torch.manual_seed(0)
+    resolved = resolve("lora", [f"model.feat_dim={FEAT}"], backbone=str(family_dirs[kind]))
+    model, tok = build_model(resolved, weights=True)
+    with torch.no_grad():
+        for lora in model.pet.lora.values():
+            lora.B.normal_(0, 0.1)
+    save_adapter(tmp_path / "adapter", model, resolved)
+    model.eval()
+    batch = batch_for(tok)
+    with torch.no_grad():
+        want = model(batch)
+    fold_adapter(tmp_path / "adapter", tmp_path / "folded")
+    folded, _, _ = load_folded(tmp_path / "folded")
+    folded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(batch), want, atol=1e-5, rtol=0)
+    plain = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "folded")
+    head = model.backbone.get_output_embeddings().weight
+    assert torch.equal(plain.get_output_embeddings().weight, head)
+    assert (plain.get_output_embeddings().weight is plain.get_input_embeddings().weight) == (kind == "mbart")
