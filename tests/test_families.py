@@ -4,6 +4,7 @@ count; `vlpet train` runs on a tiny Flan-T5-style and a tiny mBART-style directo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -237,3 +238,13 @@ def test_folded_lora_keeps_the_family(kind, family_dirs, tmp_path):
     head = model.backbone.get_output_embeddings().weight
     assert torch.equal(plain.get_output_embeddings().weight, head)
     assert (plain.get_output_embeddings().weight is plain.get_input_embeddings().weight) == (kind == "mbart")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bart-large", "t5-large", "flan-t5-base", "mt5-base"])
+def test_vlpet_params_on_each_new_builtin_config(name):
+    out = subprocess.run([sys.executable, "-m", "vlpet_cli", "params", "--preset", "vlpet-large", "--backbone", name,
+                          "--json"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 0 < report["percent"] < 10 and report["total"] > BUILTIN_TOTALS[name]
