@@ -5,8 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlpet_cli.errors import VlpetError
+
+if TYPE_CHECKING:
+    import torch
 
 ASSETS = Path(__file__).parent / "assets" / "backbones"
 
@@ -29,9 +33,46 @@ BUILTIN = {
                        feed_forward_proj="relu", tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
                        decoder_start_token_id=0),
     },
+    # The four below are written from the published config.json of each hub id (and its tokenizer's length).
+    "bart-large": {
+        "hub_id": "facebook/bart-large", "tokenizer_size": 50265,
+        "config": dict(model_type="bart", vocab_size=50265, d_model=1024, encoder_layers=12, decoder_layers=12,
+                       encoder_attention_heads=16, decoder_attention_heads=16, encoder_ffn_dim=4096,
+                       decoder_ffn_dim=4096, max_position_embeddings=1024, activation_function="gelu",
+                       dropout=0.1, attention_dropout=0.0, activation_dropout=0.0, scale_embedding=False,
+                       pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+                       forced_bos_token_id=0, forced_eos_token_id=2),
+    },
+    "t5-large": {
+        "hub_id": "google-t5/t5-large", "tokenizer_size": 32100,
+        "config": dict(model_type="t5", vocab_size=32128, d_model=1024, d_kv=64, d_ff=4096, num_layers=24,
+                       num_decoder_layers=24, num_heads=16, relative_attention_num_buckets=32, dropout_rate=0.1,
+                       feed_forward_proj="relu", tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
+                       decoder_start_token_id=0),
+    },
+    "flan-t5-base": {  # T5 v1.1 architecture: gated-GELU FFN (wi_0, wi_1), untied LM head, no head scaling
+        "hub_id": "google/flan-t5-base", "tokenizer_size": 32100,
+        "config": dict(model_type="t5", vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12,
+                       num_decoder_layers=12, num_heads=12, relative_attention_num_buckets=32,
+                       relative_attention_max_distance=128, dropout_rate=0.1, feed_forward_proj="gated-gelu",
+                       tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
+    },
+    "mt5-base": {
+        "hub_id": "google/mt5-base", "tokenizer_size": 250100,
+        "config": dict(model_type="mt5", vocab_size=250112, d_model=768, d_kv=64, d_ff=2048, num_layers=12,
+                       num_decoder_layers=12, num_heads=12, relative_attention_num_buckets=32,
+                       relative_attention_max_distance=128, dropout_rate=0.1, feed_forward_proj="gated-gelu",
+                       tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
+    },
 }
 TINY = ("tiny-bart", "tiny-t5")
-ALIASES = {"facebook/bart-base": "bart-base", "t5-base": "t5-base", "google-t5/t5-base": "t5-base"}
+ALIASES = {"facebook/bart-base": "bart-base", "t5-base": "t5-base", "google-t5/t5-base": "t5-base",
+           "facebook/bart-large": "bart-large", "t5-large": "t5-large", "google-t5/t5-large": "t5-large",
+           "google/flan-t5-base": "flan-t5-base", "google/mt5-base": "mt5-base"}
+# model_type -> family: the family decides the module paths (pet/anatomy.py), the preset section (`t5:` for the
+# whole T5 family) and the reference's conventions (extra tokens, init); the model type picks the HF class.
+FAMILIES = {"bart": "bart", "mbart": "bart", "t5": "t5", "mt5": "t5", "umt5": "t5"}
+MBART_LANGUAGE = "en_XX"  # mBART's decoder starts with the target language code; vlpet's tasks are English
 N_EXTRA = 100  # <extra_id_k> sentinels (BART gets them added; T5 has them)
 N_VIS = 100  # <vis_extra_id_k> tokens whose embedding rows are the object-order codes
 
@@ -54,9 +95,10 @@ def _config_json(directory: Path) -> dict:
 
 
 def _family_from_type(model_type: str, where: str) -> str:
-    if model_type in ("bart", "t5"):
-        return model_type
-    raise VlpetError(f"{where}: model type '{model_type}' is not supported; vlpet works with BART and T5 models")
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    raise VlpetError(f"{where}: model type '{model_type}' is not supported; vlpet works with BART and T5 family "
+                     f"encoder-decoders, model_type {', '.join(FAMILIES)}")
 
 
 def _cached_snapshot(hub_id: str) -> Path | None:
@@ -80,7 +122,7 @@ def resolve(name: str) -> Backbone:
                         directory)
     if key in BUILTIN:
         snapshot = _cached_snapshot(BUILTIN[key]["hub_id"])
-        return Backbone(name, BUILTIN[key]["config"]["model_type"], snapshot, key)
+        return Backbone(name, FAMILIES[BUILTIN[key]["config"]["model_type"]], snapshot, key)
     snapshot = _cached_snapshot(name)
     if snapshot is None:
         raise VlpetError(
@@ -92,25 +134,60 @@ def resolve(name: str) -> Backbone:
 
 
 def family_of(name: str) -> str:
-    """'bart' or 't5' for a backbone name, without loading weights."""
+    """'bart' or 't5' (the family, e.g. 't5' for mT5) for a backbone name, without loading weights."""
     return resolve(name).family
 
 
 def load_config(bb: Backbone):
     """The transformers config: from the directory when there is one, else the built-in one."""
-    from transformers import AutoConfig, BartConfig, T5Config
+    from transformers import AutoConfig
 
     if bb.directory is not None:
         return AutoConfig.from_pretrained(bb.directory, local_files_only=True)
     spec = dict(BUILTIN[bb.builtin]["config"])
-    cls = BartConfig if spec.pop("model_type") == "bart" else T5Config
-    return cls(**spec)
+    return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
 
-def model_class(family: str):
-    from transformers import BartForConditionalGeneration, T5ForConditionalGeneration
+def model_class(model_type: str):
+    """The stock transformers seq2seq LM class of a supported model_type."""
+    from transformers import (
+        BartForConditionalGeneration,
+        MBartForConditionalGeneration,
+        MT5ForConditionalGeneration,
+        T5ForConditionalGeneration,
+        UMT5ForConditionalGeneration,
+    )
 
-    return BartForConditionalGeneration if family == "bart" else T5ForConditionalGeneration
+    classes = {"bart": BartForConditionalGeneration, "mbart": MBartForConditionalGeneration,
+               "t5": T5ForConditionalGeneration, "mt5": MT5ForConditionalGeneration,
+               "umt5": UMT5ForConditionalGeneration}
+    if model_type not in classes:
+        raise VlpetError(f"model type '{model_type}' is not supported; supported: {', '.join(classes)}")
+    return classes[model_type]
+
+
+def head_is_untied(config) -> bool:
+    """Whether checkpoints of this config have their own LM head (T5 v1.1, Flan-T5, mT5, UMT5). transformers 5
+    forces the T5 family's `tie_word_embeddings` to True (T5 and UMT5 keep the checkpoint's flag in
+    `scale_decoder_outputs`, False exactly when the head is untied; mT5 keeps nothing, all its checkpoints are
+    untied) and unties only while loading a checkpoint whose head differs. Used for weight-free builds."""
+    model_type = getattr(config, "model_type", "")
+    if model_type == "mt5":
+        return True
+    if model_type in ("t5", "umt5"):
+        return not getattr(config, "scale_decoder_outputs", True)
+    return not getattr(config, "tie_word_embeddings", True)
+
+
+def untie_head(model, rows: torch.Tensor | None = None) -> None:
+    """Give the model its own LM head (a copy of `rows`, default the current head) and record it in the config,
+    so that neither resizing nor save/reload ties it back to the word embedding."""
+    import torch
+
+    head = model.get_output_embeddings()
+    weight = head.weight if rows is None else rows
+    head.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    model.config.tie_word_embeddings = False
 
 
 def extend_tokenizer(tokenizer, family: str) -> None:
@@ -172,11 +249,14 @@ def build(bb: Backbone, weights: bool = True):
     import torch
 
     config = load_config(bb)
-    cls = model_class(bb.family)
+    cls = model_class(config.model_type)
     if not weights:
         config.vocab_size = vocab_size_without_weights(bb, config)
         with torch.device("meta"):
-            return cls(config), None
+            model = cls(config)
+            if head_is_untied(config):
+                untie_head(model, torch.empty_like(model.get_input_embeddings().weight))
+        return model, None
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -187,14 +267,36 @@ def build(bb: Backbone, weights: bool = True):
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VlpetError(f"cannot load the backbone weights from {bb.directory}: {first}") from None
+    head = model.get_output_embeddings().weight
+    head = head.detach().clone() if head is not model.get_input_embeddings().weight else None
     old = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     new_rows = model.get_input_embeddings().weight.data[old:]
+    gen = torch.Generator().manual_seed(0)
+    std = 0.02 if bb.family == "bart" else 1.0
     if new_rows.numel():
         # The reference's new rows keep the model's own init: BART N(0, 0.02), T5 N(0, 1). A fixed generator makes
         # the built backbone the same in every process and run (the object-order rows are saved with adapters).
-        gen = torch.Generator().manual_seed(0)
-        std = 0.02 if bb.family == "bart" else 1.0
         new_rows.copy_(torch.randn(new_rows.shape, generator=gen) * std)
+    if head is not None:
+        # resize_token_embeddings ties the head back (the forced config flag); restore the checkpoint's head,
+        # grown or cut to the new vocabulary, its added rows drawn from the same fixed generator.
+        n = len(tokenizer)
+        extra = torch.randn(max(n - head.shape[0], 0), head.shape[1], generator=gen) * std
+        untie_head(model, torch.cat([head[:n], extra.to(head.dtype)]))
     model.config.vocab_size = len(tokenizer)
+    if config.model_type == "mbart":
+        _mbart_language(model, tokenizer)
     return model, tokenizer
+
+
+def _mbart_language(model, tokenizer) -> None:
+    """mBART (cc25 convention): the decoder starts with the target language code (en_XX), not with </s>; labels
+    stay `text </s>`. Where the tokenizer has no en_XX, the config's decoder start is kept."""
+    lang = tokenizer.convert_tokens_to_ids(MBART_LANGUAGE)
+    if lang is None or lang == tokenizer.unk_token_id:
+        return
+    model.config.decoder_start_token_id = lang
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.decoder_start_token_id = lang
+        model.generation_config.forced_bos_token_id = None

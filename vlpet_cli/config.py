@@ -64,6 +64,17 @@ class HyperSpec(Strict):
     tasks: list[str] = ["vqa", "gqa", "nlvr", "coco"]
 
 
+class LstSpec(Strict):
+    """Ladder Side-Tuning (Sung et al., 2022): a narrow side network fed by gated ladders from every backbone layer."""
+
+    reduction: int = Field(4, gt=0, description="side width d_model / reduction (d_ff and d_kv too); LST's VL-T5 "
+                                                "script LST.sh uses 4")
+    gate_t: float = Field(0.1, gt=0, description="ladder gate mu_i = sigmoid(alpha_i / T): the temperature T")
+    gate_alpha: float = Field(0.0, description="initial alpha_i (0: mu_i = 0.5)")
+    init: Literal["prune", "random"] = Field(
+        "prune", description="side blocks from the backbone's weights by structured pruning, or random init")
+
+
 class TrainablePolicy(Strict):
     """Which existing parameters train besides the added modules."""
 
@@ -85,6 +96,7 @@ class PetConfig(Strict):
     prompt: PromptSpec | None = None
     hyperformer: HyperSpec | None = None
     ia3: IA3Spec | None = Field(None, description="IA3 rescaling vectors on k, v and the FFN activation")
+    lst: LstSpec | None = Field(None, description="Ladder Side-Tuning side network (no backward through the backbone)")
     add_biases: bool = Field(False, description="create the biases a bias-free backbone (T5) lacks (LST BitFit)")
     trainable: TrainablePolicy = TrainablePolicy()
     init: Literal["normal", "default"] = Field(

@@ -1,4 +1,10 @@
-"""The only place that knows Hugging Face module paths: BART and T5 sub-layers, projections and norms."""
+"""The only place that knows Hugging Face module paths: sub-layers, projections and norms of the BART family
+(BART, mBART) and the T5 family (T5 v1.0, T5 v1.1 / Flan-T5, mT5, UMT5).
+
+Within a family the module names are the same; what differs is said here once: mBART is pre-LayerNorm with final
+encoder/decoder LayerNorms (X of a sub-layer is then the normed input), T5 v1.1/mT5/UMT5 have a gated FFN
+(`wi_0`, `wi_1`, `wo`) and an untied LM head, UMT5 has a relative position bias in every self-attention.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from vlpet_cli.backbones import FAMILIES
 from vlpet_cli.errors import VlpetError
 
 
@@ -43,11 +50,37 @@ class Projection:
 
 
 def family(model: nn.Module) -> str:
-    """'bart' or 't5' from the model's config."""
+    """'bart' or 't5' (the family) from the model's config."""
     model_type = getattr(model.config, "model_type", "")
-    if model_type in ("bart", "t5"):
-        return model_type
-    raise VlpetError(f"unsupported backbone type '{model_type}': vlpet supports BART and T5 encoder-decoders")
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    raise VlpetError(f"unsupported backbone type '{model_type}': vlpet supports the encoder-decoders of model_type "
+                     f"{', '.join(FAMILIES)}")
+
+
+def encoder_position_biases(model: nn.Module) -> list[nn.Module]:
+    """The encoder self-attentions that compute a relative position bias: the first one for T5 v1.0/v1.1 and mT5
+    (later layers reuse it), every one for UMT5; none for the BART family (learned absolute positions)."""
+    if family(model) != "t5":
+        return []
+    attentions = [block.layer[0].SelfAttention for block in model.get_encoder().block]
+    return [a for a in attentions if getattr(a, "has_relative_attention_bias", False)]
+
+
+def shares_position_bias(model: nn.Module) -> bool:
+    """Whether later layers reuse the first layer's bias (T5, mT5: passed as `position_bias`) rather than each
+    computing its own inside the attention (UMT5, whose attention takes no `position_bias`)."""
+    return getattr(model.config, "model_type", "") != "umt5"
+
+
+def layers(stack: nn.Module) -> nn.ModuleList:
+    """The blocks of an encoder or decoder stack (BART `layers`, T5 `block`)."""
+    return _layers(stack)
+
+
+def final_norm(stack: nn.Module) -> nn.Module | None:
+    """The stack's final LayerNorm (T5 family `final_layer_norm`, mBART `layer_norm`; BART has none)."""
+    return getattr(stack, "final_layer_norm", None) or getattr(stack, "layer_norm", None)
 
 
 def stacks(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -110,8 +143,8 @@ def projections(model: nn.Module) -> list[Projection]:
 
 
 def ffn_outputs(model: nn.Module) -> list[tuple[SubLayer, str, nn.Linear]]:
-    """(sub-layer, dotted name, Linear) of the second FFN Linear of every layer (BART fc2, T5 DenseReluDense.wo),
-    whose input is the FFN's inner activation."""
+    """(sub-layer, dotted name, Linear) of the second FFN Linear of every layer (BART fc2, T5 DenseReluDense.wo,
+    the gated FFN's wo too), whose input is the FFN's inner activation."""
     module_names = {id(m): n for n, m in model.named_modules()}
     out = []
     for sub in sublayers(model):
@@ -153,7 +186,8 @@ def bias_free_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 
 def text_embedding_modules(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """BART's encoder (positions, layernorm_embedding), which the reference applies to text tokens only."""
+    """The BART family's encoder (positions, layernorm_embedding), which the reference applies to text tokens
+    only (mBART has both too, before its pre-LayerNorm layers)."""
     if family(model) != "bart":
         return None
     enc = model.get_encoder()
@@ -163,3 +197,53 @@ def text_embedding_modules(model: nn.Module) -> tuple[nn.Module, nn.Module] | No
 def word_embedding(model: nn.Module) -> nn.Embedding:
     """The shared token embedding (tied to the LM head)."""
     return model.get_input_embeddings()
+
+
+# The role of each axis of a block's Linear weights, by leaf name, for pruning a block into a narrower one:
+# "d" the residual width, "inner" the attention's heads x d_kv, "ffn" the FFN's inner width.
+PRUNE_AXES = {"q": ("inner", "d"), "k": ("inner", "d"), "v": ("inner", "d"), "o": ("d", "inner"),
+              "q_proj": ("inner", "d"), "k_proj": ("inner", "d"), "v_proj": ("inner", "d"), "out_proj": ("d", "inner"),
+              "wi": ("ffn", "d"), "wi_0": ("ffn", "d"), "wi_1": ("ffn", "d"), "wo": ("d", "ffn"),
+              "fc1": ("ffn", "d"), "fc2": ("d", "ffn")}
+
+
+def narrow_config(stack: nn.Module, reduction: int):
+    """A copy of a stack's config with the width, FFN and per-head sizes divided by `reduction` (heads kept)."""
+    import copy
+
+    cfg = copy.deepcopy(stack.config)
+    cfg.d_model = cfg.d_model // reduction
+    for name in ("d_ff", "d_kv", "encoder_ffn_dim", "decoder_ffn_dim"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, getattr(cfg, name) // reduction)
+    return cfg
+
+
+def new_block(stack: nn.Module, config, index: int) -> nn.Module:
+    """A fresh block of the stack's own class for `config` (T5 v1.0/v1.1/mT5: the relative bias in block 0 only)."""
+    import inspect
+
+    cls = type(_layers(stack)[index])
+    kwargs = {"layer_idx": index} if "layer_idx" in inspect.signature(cls.__init__).parameters else {}
+    if getattr(config, "model_type", "") in ("t5", "mt5"):
+        kwargs["has_relative_attention_bias"] = index == 0
+    return cls(config, **kwargs)
+
+
+def block_attentions(block: nn.Module) -> list[nn.Module]:
+    """The self-attention of a block that may hold a relative position bias (T5 family), else none."""
+    layer = getattr(block, "layer", None)
+    return [layer[0].SelfAttention] if layer is not None else []
+
+
+def new_norm(model: nn.Module, d: int) -> nn.Module:
+    """A LayerNorm of the backbone family's kind (T5: RMS norm without bias) of width d."""
+    norm = final_norm(model.get_encoder())
+    if norm is not None and family(model) == "t5":
+        return type(norm)(d, eps=model.config.layer_norm_epsilon)
+    return nn.LayerNorm(d)
+
+
+def dropout_rate(config) -> float:
+    """The residual dropout of a family's config."""
+    return getattr(config, "dropout_rate", None) or getattr(config, "dropout", 0.0)

@@ -20,12 +20,13 @@ from vlpet_cli.pet.gates import GATES
 from vlpet_cli.pet.hyperformer import HYPER
 from vlpet_cli.pet.ia3 import IA3
 from vlpet_cli.pet.lora import LORA
+from vlpet_cli.pet.lst import LST
 from vlpet_cli.pet.method import Attachment, Method
 from vlpet_cli.pet.prompt import PROMPT
 
 # Every method, in the order they are built, registered and listed by `vlpet params`. A sub-layer's output goes
 # through the modifications in this order and then through the gate, its own axis.
-METHODS: tuple[Method, ...] = (ENCODER, GATES, DECODER, VALUE, LORA, PROMPT, HYPER, BIASES, IA3)
+METHODS: tuple[Method, ...] = (ENCODER, GATES, DECODER, VALUE, LORA, PROMPT, HYPER, BIASES, IA3, LST)
 SUBLAYER_STEPS: tuple[Method, ...] = (*(m for m in METHODS if m is not GATES), GATES)
 
 
@@ -106,6 +107,16 @@ class PetModules(nn.Module):
         """[B, P, d] encoder input rows the methods place in front of the text (prompt tuning), or None."""
         parts = [p for m, spec in self.specs if (p := m.encoder_prefix(self, spec, batch_size)) is not None]
         return torch.cat(parts, dim=1) if parts else None
+
+    def side_position_biases(self) -> list[nn.Module]:
+        """Attentions of an added network that compute their own relative position bias (LST's side encoder),
+        to which the VL model applies the same text-only rule as to the backbone's."""
+        return LST.position_biases(self)
+
+    def recomputes_decoder(self) -> bool:
+        """Whether generation must run the decoder over the whole prefix each step (LST's side decoder keeps no
+        key/value cache of its own)."""
+        return LST.present(self)
 
     def prompt_length(self) -> int:
         """How many rows `prompts` places in front of the text (0 without prompt tuning)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -48,9 +50,13 @@ class VLModel(nn.Module):
             positions.register_forward_pre_hook(self._text_only_position_ids)
             positions.register_forward_hook(self._text_only_positions)
             norm.register_forward_hook(self._text_only_norm)
-        if self.family == "t5":
-            first = next(s for s in anatomy.sublayers(backbone) if s.stack == "encoder" and s.kind == "attn")
-            first.h_module.register_forward_pre_hook(self._text_only_position_bias, with_kwargs=True)
+        biased = anatomy.encoder_position_biases(backbone) + pet.side_position_biases()
+        if biased and anatomy.shares_position_bias(backbone):
+            for attention in biased:  # the backbone's first layer, and a side network's (LST)
+                attention.register_forward_pre_hook(self._text_only_position_bias, with_kwargs=True)
+        else:
+            for attention in biased:  # UMT5: every layer computes its own bias
+                self._text_only_compute_bias(attention)
 
     # BART adds learned positions to the text tokens only (spec pipeline §3.2): positions 0..t-1 are looked up for
     # the text rows and zeros are placed in the prompt and visual rows; layernorm_embedding then runs over
@@ -87,6 +93,22 @@ class VLModel(nn.Module):
         bias = block.new_zeros(1, block.shape[1], length, length)
         bias[:, :, :n, :n] = block
         return args, {**kwargs, "position_bias": bias.to(hidden.dtype)}
+
+    # UMT5 computes a bias inside every self-attention (no `position_bias` argument): the same rule, per layer,
+    # by giving each encoder attention instance a compute_bias that fills only the text x text block.
+    def _text_only_compute_bias(self, attention: nn.Module) -> None:
+        inner = attention.compute_bias
+
+        def compute_bias(query_length, key_length, device=None, past_seen_tokens=0):
+            if self._span is None:
+                return inner(query_length, key_length, device=device, past_seen_tokens=past_seen_tokens)
+            n = sum(self._span)
+            block = inner(n, n, device=device)
+            bias = block.new_zeros(1, block.shape[1], query_length, key_length)
+            bias[:, :, :n, :n] = block
+            return bias
+
+        attention.compute_bias = compute_bias
 
     @property
     def config(self):
@@ -147,6 +169,12 @@ class VLModel(nn.Module):
     def generate(self, batch: dict, **kwargs) -> torch.Tensor:
         """Generated token ids; the encoder runs once per batch."""
         enc, mask = self.encode(batch)
+        if self.pet.recomputes_decoder():  # LST's side decoder keeps no cache: every step sees the whole prefix
+            if kwargs.get("generation_config") is not None:
+                kwargs = {**kwargs, "generation_config": copy.deepcopy(kwargs["generation_config"])}
+                kwargs["generation_config"].use_cache = False
+            else:
+                kwargs = {**kwargs, "use_cache": False}
         return self.backbone.generate(encoder_outputs=enc, attention_mask=mask, **kwargs)
 
     @torch.no_grad()
