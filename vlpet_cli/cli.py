@@ -174,7 +174,7 @@ def extract_features(images: Path = typer.Option(..., help="folder of images (se
 @features_app.command("inspect")
 def features_inspect(path: Path, annotations: Path | None = typer.Option(None, help="report ids it lacks"),
                      as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
-    """Count, shape, dtype, recorded attributes, and annotation ids without features."""
+    """Count, shape (video: dim and frames per video), dtype, attributes, and annotation ids without features."""
     info = inspect_features(path, annotation_images(annotations) if annotations else None, annotations)
     print(json.dumps(info) if as_json else describe_features(info))
 

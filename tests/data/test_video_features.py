@@ -206,3 +206,50 @@ def test_resize_other_sizes():
     np.testing.assert_array_equal(out[0], frames(10)[0:3].astype(np.float32).max(axis=0))
     with pytest.raises(ValueError):
         resize_frames(np.zeros(3), 4)
+
+
+@pytest.mark.parametrize("layout", ["npz", "packed", "value"])
+def test_inspect_video_stores(tmp_path, monkeypatch, layout):
+    from typer.testing import CliRunner
+
+    from vlpet_cli.cli import app
+    from vlpet_cli.data.features import describe_features, inspect_features
+    from vlpet_cli.data.tasks import TASKS, CocoTask
+
+    if layout == "value":
+        path = value_folder(tmp_path / "clip-vit")
+    else:
+        path = tmp_path / ("v" if layout == "npz" else "v.h5")
+        with open_video_writer(path, layout, D, attrs=ATTRS) as writer:
+            for seed, (vid, n) in enumerate(VIDS.items()):
+                writer.add(vid, frames(n, seed))
+    info = inspect_features(path, ["yc2_abc_3", "lost_clip"], tmp_path / "ann.jsonl")
+    assert info["kind"] == "video" and info["count"] == 3 and info["dim"] == D and info["dtype"] == "float16"
+    assert info["layout"] == ("npz" if layout == "value" else layout)
+    assert info["frames"] == {"min": 5, "max": 70, "mean": 46.33}
+    assert info["missing_ids"] == ["lost_clip"] and info["annotation_ids"] == 2
+    assert (info["attributes"] == {}) if layout == "value" else info["attributes"]["model"] == "tiny-clip"
+    text = describe_features(info)
+    assert "videos:     3" in text and "5-70 per video" in text and "missing: lost_clip" in text
+    json.dumps(info)
+    # The command, with a VALUE annotation file (its records name videos in `vid_name`).
+    if not any("vid_name" in cls.image_fields for cls in TASKS.values()):
+        monkeypatch.setitem(TASKS, "tvqa", type("FakeTvqa", (CocoTask,), {"name": "tvqa", "aliases": (),
+                                                                          "image_fields": ("vid_name",)}))
+    ann = tmp_path / "tvqa_val.jsonl"
+    ann.write_text("\n".join(json.dumps({"qid": i, "vid_name": v, "q": "?"})
+                             for i, v in enumerate(["s03e02_seg02_clip_10", "s09_clip_00"])) + "\n")
+    result = CliRunner().invoke(app, ["features", "inspect", str(path), "--annotations", str(ann), "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["missing_ids"] == ["s09_clip_00"] and out["count"] == 3
+
+
+def test_inspect_empty_folder_is_still_an_image_store(tmp_path):
+    from vlpet_cli.data.features import inspect_features
+
+    (tmp_path / "empty").mkdir()
+    assert inspect_features(tmp_path / "empty")["layout"] == "per-image"
+    open_video_writer(tmp_path / "v", "npz", D).close()  # a started but empty video folder knows its dim
+    info = inspect_features(tmp_path / "v")
+    assert info["kind"] == "video" and info["count"] == 0 and info["dim"] == D and info["frames"] is None
