@@ -212,3 +212,25 @@ def test_video_store_dim_is_checked_against_the_preset(tmp_path, fake_task):
                                          r"but the preset expects model.feat_dim=512"):
         check_feature_dims(root, preset)
     assert open_video_features(root / "video/vis_features/tv/clip-vit").dim == DIM
+
+
+@pytest.mark.slow
+def test_training_a_video_task_end_to_end(tmp_path, fake_task, capsys):
+    """`vlpet train` on a video task: the video section applies, frames are checked and read, validation keeps
+    checkpoints/best; a resumed run refuses video.* overrides."""
+    from vlpet_cli.train import resolve_train_preset, resume_preset, train
+
+    root = video_root(tmp_path / "data")
+    preset = resolve_train_preset("vlpet-small", ["fakevid"], str(root), "tiny-bart", [
+        f"model.feat_dim={DIM}", "train.epochs=2", "train.batch_size=4", "train.task_ratios={fakevid: 1}",
+        "data.video.mask_padding=true", "eval.batch_size=8", "eval.generation={fakevid: {num_beams: 1}}"])
+    assert (preset.model.n_boxes, preset.train.lr) == (64, pytest.approx(7e-4))
+    result = train(preset, tmp_path / "run")
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "2 steps/epoch x 2 epochs" in capsys.readouterr().out  # 8 rows / batch 4
+    assert {e["task"] for e in lines if e["event"] == "train"} == {"fakevid"}
+    assert "cider" in [e for e in lines if e["event"] == "val"][-1]["metrics"]["fakevid"]
+    assert (run / "checkpoints" / "best" / "adapter.safetensors").exists() and result.summary
+    with pytest.raises(VlpetError, match=r"video.train.lr: video.\* overrides are for new runs"):
+        resume_preset(run, overrides=["video.train.lr=1"])
