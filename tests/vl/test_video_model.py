@@ -234,3 +234,15 @@ def test_training_a_video_task_end_to_end(tmp_path, fake_task, capsys):
     assert (run / "checkpoints" / "best" / "adapter.safetensors").exists() and result.summary
     with pytest.raises(VlpetError, match=r"video.train.lr: video.\* overrides are for new runs"):
         resume_preset(run, overrides=["video.train.lr=1"])
+
+
+def test_toy_video_runs_take_the_toy_video_feature_size(tmp_path, fake_task, monkeypatch):
+    from vlpet_cli.data import loading
+    from vlpet_cli.train import TOY_DEFAULTS, resolve_train_preset
+
+    root = video_root(tmp_path)
+    monkeypatch.setattr(loading, "toy_root", lambda: root)
+    assert loading.toy_feature_dim(["fakevid"]) == DIM
+    preset = resolve_train_preset("vlpet-small", ["fakevid"], "toy", "tiny-bart")
+    assert preset.model.feat_dim == DIM and preset.model.n_boxes == 64  # the video section, toy feature size
+    assert f"train.batch_size={preset.train.batch_size}" in TOY_DEFAULTS  # the toy world's defaults still win
