@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlpet_cli.data.h5attrs import DTYPES
+from vlpet_cli.data.h5attrs import read_attrs as _read_attrs
 from vlpet_cli.errors import DataError
 
 if TYPE_CHECKING:
@@ -24,7 +26,6 @@ if TYPE_CHECKING:
 PACKED = "packed"
 PER_IMAGE = "per-image"
 LAYOUTS = (PACKED, PER_IMAGE)
-DTYPES = ("float16", "float32")
 DEFAULT_FEATURE_NAME = "data_clip_RN101_att"
 _TMP_SUFFIX = ".tmp"
 
@@ -52,20 +53,6 @@ def open_features(path: Path) -> FeatureStore:
     if path.is_file():
         return FeatureStore(path, PACKED)
     raise DataError(f"{path}: feature file or directory not found; check the path or run `vlpet extract-features`.")
-
-
-def _plain(value: Any) -> Any:
-    """HDF5 attribute value -> JSON-friendly python value."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    return value
-
-
-def _read_attrs(attrs: Any) -> dict:
-    """HDF5 attribute manager -> plain dict."""
-    return {key: _plain(attrs[key]) for key in attrs}
 
 
 class FeatureStore:
@@ -442,52 +429,14 @@ def convert_features(src: Path, dst: Path, layout: str, batch_size: int = 256) -
     return len(todo)
 
 
-def is_video_store(path: Path) -> bool:
-    """True for a video feature store: a folder of <vid>.npz files, or a packed file with per-video spans."""
-    from vlpet_cli.data.video_features import ATTRS_FILE
-
-    path = Path(path)
-    if path.is_dir():
-        return (path / ATTRS_FILE).is_file() or any(e.name.endswith(".npz") for e in os.scandir(path))
-    if not path.is_file():
-        return False
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            return "spans" in f
-    except OSError:
-        return False  # open_features reports the unreadable file
-
-
-def _inspect_videos(path: Path, wanted: Iterable[str] | None, annotations: Path | None) -> dict:
-    """inspect_features for a video store: count, dim, dtype, frame-count range, attributes, missing videos."""
-    from vlpet_cli.data.video_features import missing_videos, open_video_features
-
-    store = open_video_features(path)
-    try:
-        counts = [store.frame_count(vid) for vid in store.ids()]
-        info: dict[str, Any] = {"path": str(store.path), "layout": store.layout, "kind": "video",
-                                "count": len(counts), "dim": store.dim, "dtype": store.dtype or None,
-                                "frames": ({"min": min(counts), "max": max(counts),
-                                            "mean": round(sum(counts) / len(counts), 2)} if counts else None),
-                                "attributes": store.attrs}
-        if wanted is not None:
-            wanted = list(wanted)
-            missing = missing_videos(store, wanted)
-            info.update(annotations=str(annotations), annotation_ids=len(wanted),
-                        missing_count=len(missing), missing_ids=missing)
-        return info
-    finally:
-        store.close()
-
-
 def inspect_features(path: Path, wanted: Iterable[str] | None = None, annotations: Path | None = None) -> dict:
     """Summary of a store: layout, count, shape, dtype, attributes; with the ids an annotation file names
     (`data.tasks.annotation_images`), the ids without features. Video stores (VALUE .npz folders, packed video
     files) report their dim and frame-count range instead of one shape."""
+    from vlpet_cli.data.video_features import inspect_video_features, is_video_store
+
     if is_video_store(Path(path)):
-        return _inspect_videos(Path(path), wanted, annotations)
+        return inspect_video_features(Path(path), wanted, annotations)
     store = open_features(Path(path))
     try:
         count = len(store)
@@ -510,7 +459,9 @@ def inspect_features(path: Path, wanted: Iterable[str] | None = None, annotation
 def describe_features(info: dict, show_missing: int = 10) -> str:
     """Human-readable lines for an inspect_features() result."""
     if info.get("kind") == "video":
-        return _describe_videos(info, show_missing)
+        from vlpet_cli.data.video_features import describe_video_features
+
+        return describe_video_features(info, show_missing)
     lines = [
         f"{info['path']}  ({info['layout']})",
         f"  images:     {info['count']}",
@@ -527,23 +478,3 @@ def describe_features(info: dict, show_missing: int = 10) -> str:
             lines.append(f"    ... and {info['missing_count'] - show_missing} more")
     return "\n".join(lines)
 
-
-def _describe_videos(info: dict, show_missing: int) -> str:
-    """Human-readable lines for a video store's inspect_features() result."""
-    frames = info["frames"]
-    lines = [
-        f"{info['path']}  ({info['layout']}, video)",
-        f"  videos:     {info['count']}",
-        f"  dim:        {info['dim']}  dtype: {info['dtype']}",
-        "  frames:     " + (f"{frames['min']}-{frames['max']} per video (mean {frames['mean']})" if frames else "-"),
-    ]
-    for key, value in sorted((info.get("attributes") or {}).items()):
-        lines.append(f"  {key + ':':<11} {value}")
-    if "annotation_ids" in info:
-        lines.append(f"  annotations: {info['annotations']} names {info['annotation_ids']} videos, "
-                     f"{info['missing_count']} without features")
-        for vid in info["missing_ids"][:show_missing]:
-            lines.append(f"    missing: {vid}")
-        if info["missing_count"] > show_missing:
-            lines.append(f"    ... and {info['missing_count'] - show_missing} more")
-    return "\n".join(lines)
