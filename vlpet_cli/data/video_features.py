@@ -76,8 +76,9 @@ def read_attrs(attrs: Any) -> dict:
 
 
 def _json_attrs(attrs: dict) -> dict:
-    """Attributes as they read back (tuples -> lists), so a resumed writer compares like with like."""
-    return json.loads(json.dumps(attrs))
+    """Attributes as they read back (tuples -> lists; None left out, HDF5 cannot hold it), so a resumed writer
+    compares like with like."""
+    return json.loads(json.dumps({key: value for key, value in attrs.items() if value is not None}))
 
 
 def _npz_header(path: Path) -> tuple[tuple[int, ...], str]:
