@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from vlpet_cli.config import GenerationSpec, Preset
 from vlpet_cli.data.tasks import ScoreChoices, VideoCaptionTask, primary_metrics, task_class
-from vlpet_cli.data.tasks.video import family_generation
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.vl.decoding import generation_kwargs
 
@@ -18,7 +17,7 @@ def decoding_settings(model, tokenizer, preset: Preset, task: str) -> dict:
     cls = task_class(task)
     if isinstance(cls.decoding, ScoreChoices):
         return {"decoding": cls.decoding.describe()}
-    spec = family_generation(cls, preset.eval.generation.get(task, GenerationSpec()), model.family)
+    spec = preset.eval.generation.get(task, GenerationSpec())
     return generation_kwargs(spec, model.family, tokenizer)
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from vlpet_cli.backbones import load_tokenizer, resolve
-from vlpet_cli.config import GenerationSpec, VideoData
+from vlpet_cli.config import VideoData
 from vlpet_cli.data.tasks import TaskDataset, annotation_images, get_task, task_class
-from vlpet_cli.data.tasks.video import family_generation, load_subtitles
+from vlpet_cli.data.tasks.video import load_subtitles
 from vlpet_cli.errors import DataError
 
 SUBS = {
@@ -134,17 +134,6 @@ def test_video_task_facts():
     assert yc2c.split_path(Path("R"), "test_release") == Path("R/video/ann/yc2c/yc2c_test_release.jsonl")
 
 
-def test_qa_decoding_follows_each_backbones_config():
-    bart_default = GenerationSpec(num_beams=4, max_length=20)
-    assert family_generation(task_class("tvqa"), bart_default, "bart") == bart_default
-    assert family_generation(task_class("how2qa"), bart_default, "t5") == GenerationSpec(num_beams=1, max_length=20)
-    changed = GenerationSpec(num_beams=3, max_length=20)
-    assert family_generation(task_class("tvqa"), changed, "t5") == changed  # a user's setting is kept
-    caption = GenerationSpec(num_beams=5, max_length=20)
-    assert family_generation(task_class("tvc"), caption, "t5") == caption
-
-
-# ---- prompts ------------------------------------------------------------------------------------------------
 def test_prompts_are_the_references_exact_strings(world):
     tvqa = get_task("tvqa").load(world, "train")[0]
     assert get_task("tvqa").source_text(tvqa) == (

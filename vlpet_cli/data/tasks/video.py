@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vlpet_cli.config import GenerationSpec, VideoData
+from vlpet_cli.config import VideoData
 from vlpet_cli.data.tasks import files
 from vlpet_cli.data.tasks.base import Generate, Record, Task, _tokenize
 from vlpet_cli.data.tasks.records import RecordModel, RecordRef, parse_record, read_jsonl
@@ -73,19 +73,6 @@ def read_value_lines(path: Path, task: str) -> list[tuple[int, Any]]:
     return read_jsonl(path, f"{task} annotation file",
                       f"check --data-root: it must contain video/ann/ with VALUE's {task} files "
                       f"(spec/pipeline.md §1.5)")
-
-
-def family_generation(cls: type[Task], spec: GenerationSpec, family: str) -> GenerationSpec:
-    """The generation settings of a task on a backbone family: a task's `family_decoding` replaces its own
-    default (TVQA/How2QA: BART beams 4, T5 greedy, as each backbone's config decoded in the reference);
-    settings changed in eval.generation are kept as they are."""
-    own = cls.decoding
-    other = getattr(cls, "family_decoding", {}).get(family)
-    if other is None or not isinstance(own, Generate):
-        return spec
-    if spec != GenerationSpec(num_beams=own.num_beams, max_length=own.max_length):
-        return spec
-    return spec.model_copy(update={"num_beams": other.num_beams, "max_length": other.max_length})
 
 
 class VideoTask(Task):
@@ -209,8 +196,6 @@ class VideoQaTask(VideoTask):
     qa_type: ClassVar[str | None] = None
     """The `type` of every question (How2QA: 'how2qa'); None takes the show name (TVQA)."""
     decoding = Generate(num_beams=4, max_length=20)  # the reference's: BART's config defaults
-    family_decoding: ClassVar[dict[str, Generate]] = {"t5": Generate(num_beams=1, max_length=20)}
-    """Decoding on other families when eval.generation keeps the task's default (t5-base's config: greedy)."""
     valid_metrics = ("acc",)
     default_metrics = ("acc",)
     primary_metric = "acc"
