@@ -270,6 +270,8 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
 
     set_seed(preset.train.seed)
     model, tokenizer = build_model(preset, weights=True)
+    if preset.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     data = load_task_data(preset, root, tokenizer, splits=splits)
     sizes = task_batch_sizes(preset.train.batch_size, list(data.train), preset.train.task_ratios)
     accelerator.wait_for_everyone()  # every process has checked the run directory before it is replaced
