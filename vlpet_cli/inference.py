@@ -20,8 +20,10 @@ def decoding_settings(model, tokenizer, preset: Preset, task: str) -> dict:
     return generation_kwargs(preset.eval.generation.get(task, GenerationSpec()), model.family, tokenizer)
 
 
-def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress=None) -> list[dict]:
-    """One prediction per record: generated text, or the best-scored choice for tasks that score choices."""
+def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress=None, rank: int = 0,
+            world_size: int = 1) -> list[dict]:
+    """One prediction per record: generated text, or the best-scored choice for tasks that score choices.
+    Rank r of world_size takes records r, r+W, ... (`gather_predictions` puts the ranks' lists back in order)."""
     import torch
     from transformers import GenerationConfig
 
@@ -38,7 +40,7 @@ def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress
     else:
         choice_ids = [tokenizer(c)["input_ids"] for c in choices]
     with torch.no_grad():
-        for batch in eval_batches(dataset, batch_size, num_workers=preset.data.num_workers):
+        for batch in eval_batches(dataset, batch_size, rank, world_size, num_workers=preset.data.num_workers):
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
             if choices is not None:
                 logits = model.score_choices(batch, choice_ids)
@@ -52,17 +54,46 @@ def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress
     return out
 
 
+def interleave(per_rank: list[list[dict]]) -> list[dict]:
+    """Record order from the ranks' strided shards (rank r held records r, r+W, ...); no padding to drop."""
+    world = len(per_rank)
+    out: list[dict] = [None] * sum(len(p) for p in per_rank)  # type: ignore[list-item]
+    for r, preds in enumerate(per_rank):
+        out[r::world] = preds
+    return out
+
+
+def processes(state) -> tuple[int, int]:
+    """(rank, world size) of an Accelerator/PartialState, (0, 1) without one."""
+    return (0, 1) if state is None else (state.process_index, state.num_processes)
+
+
+def predict_all(model, tokenizer, dataset, preset: Preset, batch_size: int, progress=None, state=None) -> list[dict]:
+    """Every record's prediction, in record order. Under several processes (`state`: an Accelerator or
+    PartialState) each predicts its shard and every process receives all predictions (gather_object)."""
+    rank, world = processes(state)
+    mine = predict(model, tokenizer, dataset, preset, batch_size, progress, rank=rank, world_size=world)
+    if world == 1:
+        return mine
+    from accelerate.utils import gather_object
+
+    return interleave(gather_object([mine]))
+
+
 def score(task: str, predictions: list[dict], metrics: list[str] | None = None,
           vqa_variant: str = "reference") -> dict:
     """Metrics (x100, lower-case keys) of a task's predictions against the references in their metadata."""
     return task_class(task)().score(predictions, metrics, vqa_variant)
 
 
-def validate(model, tokenizer, preset: Preset, datasets: dict, progress: bool = False) -> dict:
-    """Each task's validation metrics (its `validation_metrics`, e.g. CIDEr only for captions, spec §8)."""
+def validate(model, tokenizer, preset: Preset, datasets: dict, progress: bool = False, state=None) -> dict:
+    """Each task's validation metrics (its `validation_metrics`, e.g. CIDEr only for captions, spec §8). Under
+    several processes every process predicts its shard and the main process scores ({} on the others)."""
     result = {}
     for task, ds in datasets.items():
-        preds = predict(model, tokenizer, ds, preset, preset.eval.batch_size)
+        preds = predict_all(model, tokenizer, ds, preset, preset.eval.batch_size, state=state)
+        if state is not None and not state.is_main_process:
+            continue
         wanted = task_class(task).validation_metrics
         result[task] = {k: v for k, v in score(task, preds, None if wanted is None else list(wanted),
                                                preset.eval.vqa_variant).items()

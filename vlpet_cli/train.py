@@ -468,11 +468,12 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
 
 
 def validate_epoch(session: Session, epoch: int, progress: Progress) -> dict:
-    """Score every task's validation split (main process), log it, and keep the best adapter."""
-    result: dict = {}
+    """Predict every task's validation split (sharded over the processes), score it and log it (main process),
+    and keep the best adapter."""
+    preset, state = session.preset, session.state
+    result = validate(session.unwrapped, session.tokenizer, preset, session.data.val, progress=False,
+                      state=session.accelerator)
     if session.main:
-        preset, state = session.preset, session.state
-        result = validate(session.unwrapped, session.tokenizer, preset, session.data.val, progress=False)
         score = best_score(result, preset.eval.best_metric)
         append_event(session.run_dir, {"event": "val", "epoch": epoch, "step": state.global_step,
                                        "metrics": result, "score": score})

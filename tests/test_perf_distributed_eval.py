@@ -1,0 +1,70 @@
+"""Distributed evaluation: under `accelerate launch` with 2 CPU processes, `vlpet eval` shards the records,
+gathers the predictions in record order and gives exactly the metrics and prediction files of 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlpet_cli.artifacts import save_adapter
+from vlpet_cli.inference import interleave
+from vlpet_cli.train import resolve_train_preset
+from vlpet_cli.vl.model import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ("vqa", "nlvr", "coco")  # generation (greedy and beams) and choice scoring
+
+
+def test_interleave_restores_record_order_for_uneven_shards():
+    records = [{"i": i} for i in range(11)]
+    shards = [records[r::3] for r in range(3)]  # what rank r of 3 predicts: r, r+3, ...
+    assert interleave(shards) == records
+    assert interleave([records]) == records
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+            "VLPET_NO_RICH": "1"}
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    preset = resolve_train_preset("vlpet-small", list(TASKS), "toy", "tiny-bart")
+    model, _ = build_model(preset, weights=True)
+    with torch.no_grad():  # make the added modules act, so that predictions depend on them
+        for name, p in model.named_parameters():
+            if name.startswith("pet."):
+                p.add_(0.05 * torch.randn_like(p))
+    directory = tmp_path_factory.mktemp("adapter") / "adapter"
+    save_adapter(directory, model, preset)
+    return directory
+
+
+def _eval(command: list[str], adapter: Path, out: Path) -> dict:
+    args = [str(adapter), "--data-root", "toy", "--task", ",".join(TASKS), "--limit", "11", "--split", "val",
+            "--batch-size", "4", "--out", str(out), "--json"]
+    proc = subprocess.run([*command, *args], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_metrics_of_one(adapter, tmp_path):
+    one = _eval([sys.executable, "-m", "vlpet_cli", "eval"], adapter, tmp_path / "one")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlpet_cli", "eval"]
+    two = _eval(launcher, adapter, tmp_path / "two")
+    assert two == one
+    for task in TASKS:
+        a = json.loads((tmp_path / "one" / f"{task}-val.predictions.json").read_text())
+        b = json.loads((tmp_path / "two" / f"{task}-val.predictions.json").read_text())
+        assert len(a) == 11 and a == b
+        assert json.loads((tmp_path / "two" / f"{task}-val.json").read_text())["processes"] == 2
+        assert json.loads((tmp_path / "one" / f"{task}-val.json").read_text())["processes"] == 1
