@@ -21,13 +21,15 @@ def decoding_settings(model, tokenizer, preset: Preset, task: str) -> dict:
 
 
 def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress=None, rank: int = 0,
-            world_size: int = 1) -> list[dict]:
-    """One prediction per record: generated text, or the best-scored choice for tasks that score choices.
-    Rank r of world_size takes records r, r+W, ... (`gather_predictions` puts the ranks' lists back in order)."""
+            world_size: int = 1, by_length: bool = True) -> list[dict]:
+    """One prediction per record, in record order: generated text, or the best-scored choice for tasks that score
+    choices. Rank r of world_size takes records r, r+W, ... (`interleave` puts the ranks' lists back in order).
+    Batches are formed longest text first (less padding; the padded rows are masked, so predictions do not
+    change: tests/test_perf_eval_order.py)."""
     import torch
     from transformers import GenerationConfig
 
-    from vlpet_cli.data.multitask import eval_batches
+    from vlpet_cli.data.multitask import eval_batches, eval_order
 
     task = dataset.task
     model.eval()
@@ -39,8 +41,10 @@ def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress
         gen_config = GenerationConfig(decoder_start_token_id=model.config.decoder_start_token_id, **kwargs)
     else:
         choice_ids = [tokenizer(c)["input_ids"] for c in choices]
+    order = eval_order(dataset, rank, world_size, by_length)
     with torch.no_grad():
-        for batch in eval_batches(dataset, batch_size, rank, world_size, num_workers=preset.data.num_workers):
+        for batch in eval_batches(dataset, batch_size, rank, world_size, num_workers=preset.data.num_workers,
+                                  order=order):
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
             if choices is not None:
                 logits = model.score_choices(batch, choice_ids)
@@ -51,7 +55,11 @@ def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress
             out.extend({**meta, "prediction": text} for meta, text in zip(batch["meta"], texts))
             if progress is not None:
                 progress(len(texts))
-    return out
+    position = {i: k for k, i in enumerate(sorted(order))}
+    ordered: list[dict] = [None] * len(out)  # type: ignore[list-item]
+    for i, pred in zip(order, out):
+        ordered[position[i]] = pred
+    return ordered
 
 
 def interleave(per_rank: list[list[dict]]) -> list[dict]:
