@@ -30,10 +30,26 @@ def vqa_records(n: int, n_images: int, seed: int, words: tuple[int, int] = (4, 1
     records = []
     for i in range(n):
         a, b = rng.sample(ANSWERS, 2)
-        records.append({"question_id": 10_000_000 + seed * 1_000_000 + i, "img_id": f"COCO_train2014_{i % n_images:012d}",
+        records.append({"question_id": seed * 100_000_000 + i, "img_id": f"COCO_train2014_{i % n_images:012d}",
                         "sent": question(rng, rng.randint(*words)), "label": {a: 1.0, b: 0.3},
                         "answer_type": "other", "question_type": "what", "is_topk_optimal": True})
     return records
+
+
+def coco_karpathy(n_train: int, n_test: int, n_images: int, seed: int = 4) -> dict:
+    """Karpathy's dataset_coco.json: n_test test images (one record each) and n_train train images."""
+    rng = random.Random(seed)
+    images = []
+    for k in range(n_train + n_test):
+        i = k % n_images
+        sentences = []
+        for s in range(5):
+            raw = question(rng, rng.randint(6, 14)).rstrip("?") + "."
+            sentences.append({"raw": raw, "tokens": raw.lower().rstrip(".").split(), "sentid": 5 * k + s})
+        images.append({"filepath": "train2014", "filename": f"COCO_train2014_{i:012d}.jpg", "imgid": k,
+                       "split": "test" if k >= n_train else "train", "sentences": sentences, "cocoid": k,
+                       "sentids": [x["sentid"] for x in sentences]})
+    return {"images": images, "dataset": "coco"}
 
 
 def write_features(path: Path, n_images: int, tokens: int = 49, dim: int = 2048, seed: int = 0) -> None:
@@ -64,6 +80,8 @@ def make_root(dest: Path, n_train: int, n_images: int, n_val: int = 64, dim: int
     (dest / "vqa" / "karpathy_train.json").write_text(json.dumps(vqa_records(n_train, n_images, 1)))
     for name, seed in (("karpathy_val", 2), ("karpathy_test", 3)):
         (dest / "vqa" / f"{name}.json").write_text(json.dumps(vqa_records(n_val, n_images, seed)))
+    (dest / "COCO").mkdir(parents=True)
+    (dest / "COCO" / "dataset_coco.json").write_text(json.dumps(coco_karpathy(n_val, n_val, n_images)))
     write_features(dest / "COCO" / FEATURE_FILE, n_images, dim=dim)
     stamp.write_text(json.dumps(want))
     return dest

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlpet_cli.config import Preset
+from vlpet_cli.data.cache import load_records
 from vlpet_cli.data.features import locate_features, open_features
 from vlpet_cli.data.tasks import get_task
 from vlpet_cli.data.tasks.base import TaskDataset, check_features, open_task_features
@@ -63,19 +64,42 @@ def _dim_message(task: str, split: str, path: Path, found: int, want: int) -> st
             f"model.feat_dim={found} if every task's features are {found}-dimensional")
 
 
-def load_task_data(preset: Preset, root: Path, tokenizer, splits=("train", "val")) -> TaskData:
-    """Records, feature stores and datasets per task; stops early on missing features or bad files."""
+def open_stores(records, root: Path, feature_name: str) -> dict:
+    """One feature store per source of the records (cached records name their sources without building rows)."""
+    if getattr(records, "flat", False):
+        return {s: open_features(locate_features(Path(root), s, feature_name))
+                for s in sorted(records.images_by_source())}
+    return open_task_features(records, root, feature_name)
+
+
+def check_record_features(task, records, stores) -> None:
+    """check_features, on the Arrow columns for cached records; the full check (and its message) when any id is
+    missing."""
+    if getattr(records, "flat", False):
+        from vlpet_cli.data.features import missing_ids
+
+        by_source = records.images_by_source()
+        if all(s in stores and not missing_ids(stores[s], ids) for s, ids in by_source.items()):
+            return
+        records = list(records)
+    check_features(task, records, stores)
+
+
+def load_task_data(preset: Preset, root: Path, tokenizer, splits=("train", "val"), cache: bool = True) -> TaskData:
+    """Records, feature stores and datasets per task; stops early on missing features or bad files. With `cache`,
+    the records come from the memory-mapped record cache when it is current (data/cache.py)."""
     data = TaskData()
     for name in preset.data.tasks:
         task = get_task(name, preset.data.prompts, preset.data.use_prompts, preset.data.video)
         for split in splits:
             limit = preset.data.limit if split == "train" else preset.eval.limit
-            records = task.load(root, split)[:limit] if limit else task.load(root, split)
-            stores = open_task_features(records, root, preset.data.feature_name)
+            records = load_records(task, root, split, tokenizer) if cache else task.load(root, split)
+            records = records[:limit] if limit else records
+            stores = open_stores(records, root, preset.data.feature_name)
             for store in stores.values():
                 if store.dim != preset.model.feat_dim:
                     raise VlpetError(_dim_message(name, split, store.path, store.dim, preset.model.feat_dim))
-            check_features(task, records, stores)
+            check_record_features(task, records, stores)
             kind = "train" if split == "train" else "eval"
             ds = TaskDataset(task, records, stores, tokenizer, split_kind=kind, seed=preset.train.seed)
             (data.train if split == "train" else data.val)[task.name] = ds

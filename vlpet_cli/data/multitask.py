@@ -204,6 +204,8 @@ class MultitaskLoader:
 
 def source_lengths(dataset: TaskDataset, indices: list[int]) -> list[int]:
     """Encoder text length in tokens of each record (one batched tokenizer call, as `item` truncates)."""
+    if getattr(dataset.records, "flat", False):  # cached records know their token ids (data/cache.py)
+        return dataset.records.token_lengths(indices)
     task, tokenizer = dataset.task, dataset.tokenizer
     texts = [task.source_text(dataset.records[i]) for i in indices]
     if not texts:

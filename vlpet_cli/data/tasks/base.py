@@ -289,7 +289,7 @@ class TaskDataset:
         if seed < 0:
             raise VlpetError(f"the data seed must be >= 0, not {seed}.")
         self.task = task
-        self.records = list(records)
+        self.records = records if getattr(records, "flat", False) else list(records)  # data/cache.py: mapped
         self.features = features
         self.tokenizer = tokenizer
         self.split_kind = split_kind
@@ -350,7 +350,8 @@ class TaskDataset:
             target_ids = _tokenize(self.tokenizer, text, task.target_max_length)
         return {
             "task": task.name,
-            "input_ids": _tokenize(self.tokenizer, task.source_text(record), task.input_max_length),
+            "input_ids": (self.records.token_ids(i) if getattr(self.records, "flat", False) else
+                          _tokenize(self.tokenizer, task.source_text(record), task.input_max_length)),
             "vis_feats": self.image_features(record),
             "target": None if target is None else target[0],
             "target_ids": target_ids,
