@@ -14,8 +14,8 @@ from vlpet_cli.data import cache
 from vlpet_cli.data.loading import resolve_data_root
 from vlpet_cli.data.tasks import get_task
 from vlpet_cli.data.tasks.base import TaskDataset, _tokenize, open_task_features
-from vlpet_cli.vl.model import build_model
 from vlpet_cli.presets import resolve
+from vlpet_cli.vl.model import build_model
 
 SPLITS = {"vqa": ("train", "val"), "gqa": ("train", "val"), "nlvr": ("train", "val"), "coco": ("train", "test")}
 
