@@ -3,12 +3,13 @@ the annotation files and the records' memory stays flat (Arrow buffers in the pa
 per row).
 
 One Arrow IPC file per (task, split) under `$VLPET_RECORD_CACHE_DIR`, else `<cache>/records/` (`$VLPET_CACHE`,
-else ~/.cache/vlpet; not the data root, which may be read-only), named by a key over everything the records depend on: the task (class, prompt, truncation,
-video settings), the split's file names and whether it is read for evaluation, the tokenizer (its full
-serialisation), and every annotation file of the task's folder by path and content hash. Any change gives another
-key, so a stale file is never read. Files are written atomically (`atomic.atomic_file`). pyarrow is used directly
-(the format the `datasets` library caches in) because the key is ours and `datasets`' fingerprinting would only
-add an import of a second or more to every start-up. `VLPET_RECORD_CACHE=0` turns the cache off.
+else ~/.cache/vlpet; not the data root, which may be read-only), named by a key over everything the records
+depend on: the task (class, prompt, truncation, video settings), the split's file names and whether it is read
+for evaluation, the tokenizer (its full serialisation), and every annotation file of the task's folder by path
+and content hash. Any change gives another key, so a stale file is never read. Files are written atomically
+(`atomic.atomic_file`). pyarrow is used directly (the format the `datasets` library caches in) because the key is
+ours and `datasets`' fingerprinting would only add an import of a second or more to every start-up.
+`VLPET_RECORD_CACHE=0` turns the cache off.
 """
 
 from __future__ import annotations
