@@ -42,11 +42,18 @@ def measure(name: str, work: Path, records: int, batch_size: int) -> dict:
                                   [f"eval.limit={records}"])
     torch.manual_seed(0)
     model, tok = build_model(preset, weights=True)
-    model.eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     ds = load_task_data(preset, work / "root", tok, splits=("test",)).val[task]
     if kind == "vlpet":
         start = time.perf_counter()
         preds = predict(model, tok, ds, preset, batch_size)
+        sync()
         seconds = time.perf_counter() - start
         n = len(preds)
     else:
@@ -56,11 +63,14 @@ def measure(name: str, work: Path, records: int, batch_size: int) -> dict:
         config = GenerationConfig(decoder_start_token_id=model.config.decoder_start_token_id,
                                   **decoding_settings(model, tok, preset, task))
         with torch.no_grad():
-            encoded = [model.encode(b) for b in eval_batches(ds, batch_size, order=eval_order(ds))]
+            encoded = [model.encode({k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()})
+                       for b in eval_batches(ds, batch_size, order=eval_order(ds))]
+            sync()
             start = time.perf_counter()
             for enc, mask in encoded:
                 model.pet.set_context(task, mask)  # what encode set for this batch
                 model.backbone.generate(encoder_outputs=enc, attention_mask=mask, generation_config=config)
+            sync()
             seconds = time.perf_counter() - start
         n = len(ds)
     return {"seconds": seconds, "samples_per_s": n / seconds, "records": n}

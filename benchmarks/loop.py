@@ -26,20 +26,20 @@ CONFIGS = ("vlpet", "bare")
 BATCH = 8
 
 
-def preset_for(root: Path, backbone: Path, steps: int, preset: str):
+def preset_for(root: Path, backbone: Path, steps: int, preset: str, precision: str):
     from vlpet_cli.train import resolve_train_preset
 
     return resolve_train_preset(preset, ["vqa"], str(root), str(backbone),
                                 [f"train.batch_size={BATCH}", "train.epochs=1", f"train.max_steps={steps}",
-                                 "eval.every=0", "train.checkpoint_every=0"])
+                                 "eval.every=0", "train.checkpoint_every=0", f"train.precision={precision}"])
 
 
-def measure(name: str, work: Path, steps: int, preset_name: str) -> dict:
+def measure(name: str, work: Path, steps: int, preset_name: str, precision: str = "fp32") -> dict:
     """Seconds for `steps` training steps of one configuration."""
     import torch
 
     root, backbone = work / "root", work / "backbone"
-    preset = preset_for(root, backbone, steps, preset_name)
+    preset = preset_for(root, backbone, steps, preset_name, precision)
     if name == "vlpet":
         from vlpet_cli.train import train
 
@@ -64,16 +64,24 @@ def measure(name: str, work: Path, steps: int, preset_name: str) -> dict:
         batches.append(batch)
         if len(batches) == steps:
             break
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    batches = [{k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()} for b in batches]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups(model, preset), lr=preset.train.lr, eps=preset.train.adam_eps)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(param_groups(model, preset), lr=preset.train.lr, eps=preset.train.adam_eps, **fused)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     model.train()
     start = time.perf_counter()
     for batch in batches:
-        loss = model(batch)
+        with autocast:
+            loss = model(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, preset.train.clip_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "samples_per_s": len(batches) * BATCH / seconds, "steps": len(batches)}
 
@@ -85,24 +93,26 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=4000, help="training questions in the synthetic root")
     parser.add_argument("--images", type=int, default=400, help="images (feature rows) in the synthetic root")
     parser.add_argument("--preset", default="vlpet-large")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vlpet-bench-loop",
                         help="where the synthetic root and backbone are built (reused)")
     parser.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.work, args.steps, args.preset)))
+        print(json.dumps(measure(args.one, args.work, args.steps, args.preset, args.precision)))
         return
     synthetic.make_root(args.work / "root", args.records, args.images)
     synthetic.make_backbone(args.work / "backbone")
-    flags = ["--work", str(args.work), "--steps", str(args.steps), "--preset", args.preset]
+    flags = ["--work", str(args.work), "--steps", str(args.steps), "--preset", args.preset, "--precision",
+             args.precision]
     results = harness.alternate(list(CONFIGS), args.rounds, lambda n: harness.run_one(__file__, n, flags),
                                 log=harness.log_stderr)
     ratios = {"loop_efficiency": harness.ratio(results, "bare", "vlpet", "seconds")}
     absolute = {n: {"samples_per_s": round(harness.median_of(results, n, "samples_per_s"), 3)} for n in CONFIGS}
     harness.print_summary(harness.summary(
         "loop", ratios, {"loop_efficiency": (">=", 0.95)},
-        {"preset": args.preset, "batch": BATCH, "steps": args.steps, "records": args.records,
-         "images": args.images, "rounds": args.rounds, "absolute": absolute}))
+        {"preset": args.preset, "precision": args.precision, "batch": BATCH, "steps": args.steps,
+         "records": args.records, "images": args.images, "rounds": args.rounds, "absolute": absolute}))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ def question(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words)).capitalize() + "?"
 
 
-def vqa_records(n: int, n_images: int, seed: int, words: tuple[int, int] = (4, 12)) -> list[dict]:
-    """n Karpathy-split VQA records (VL-T5 format: soft label, no official answers) over n_images images."""
+def vqa_records(n: int, n_images: int, seed: int, words: tuple[int, int] = (4, 12),
+                answers: bool = False) -> list[dict]:
+    """n Karpathy-split VQA records (VL-T5 format: soft label; the 10 annotators' answers when `answers`, as
+    evaluation needs) over n_images images."""
     rng = random.Random(seed)
     records = []
     for i in range(n):
@@ -33,6 +35,9 @@ def vqa_records(n: int, n_images: int, seed: int, words: tuple[int, int] = (4, 1
         records.append({"question_id": seed * 100_000_000 + i, "img_id": f"COCO_train2014_{i % n_images:012d}",
                         "sent": question(rng, rng.randint(*words)), "label": {a: 1.0, b: 0.3},
                         "answer_type": "other", "question_type": "what", "is_topk_optimal": True})
+        if answers:
+            records[-1]["answers"] = [{"answer": a if k < 7 else b, "answer_confidence": "yes", "answer_id": k + 1}
+                                      for k in range(10)]
     return records
 
 
@@ -72,14 +77,14 @@ def make_root(dest: Path, n_train: int, n_images: int, n_val: int = 64, dim: int
     """A VQA data root under `dest` (reused when it exists with the same sizes)."""
     dest = Path(dest)
     stamp = dest / "synthetic.json"
-    want = {"n_train": n_train, "n_images": n_images, "n_val": n_val, "dim": dim}
+    want = {"n_train": n_train, "n_images": n_images, "n_val": n_val, "dim": dim, "format": 2}
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         return dest
     shutil.rmtree(dest, ignore_errors=True)
     (dest / "vqa").mkdir(parents=True)
     (dest / "vqa" / "karpathy_train.json").write_text(json.dumps(vqa_records(n_train, n_images, 1)))
     for name, seed in (("karpathy_val", 2), ("karpathy_test", 3)):
-        (dest / "vqa" / f"{name}.json").write_text(json.dumps(vqa_records(n_val, n_images, seed)))
+        (dest / "vqa" / f"{name}.json").write_text(json.dumps(vqa_records(n_val, n_images, seed, answers=True)))
     (dest / "COCO").mkdir(parents=True)
     (dest / "COCO" / "dataset_coco.json").write_text(json.dumps(coco_karpathy(n_val, n_val, n_images)))
     write_features(dest / "COCO" / FEATURE_FILE, n_images, dim=dim)

@@ -27,9 +27,9 @@ def cache_dir(tmp_path, monkeypatch):
     return tmp_path / "records"
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_model(resolve("vlpet-small", backbone="tiny-bart"), weights=True)[1]
+@pytest.fixture(scope="module", params=["tiny-bart", "tiny-t5"])
+def tok(request):
+    return build_model(resolve("vlpet-small", backbone=request.param), weights=True)[1]
 
 
 def _same_item(a: dict, b: dict) -> None:
@@ -72,7 +72,7 @@ def test_any_key_part_change_misses_the_cache(cache_dir, tok, tmp_path):
     assert cache.cache_key(task, root, "train", False, tok) == base
     assert cache.cache_key(get_task("vqa", {"vqa": "question: "}), root, "train", False, tok) != base
     assert cache.cache_key(task, root, "train", True, tok) != base
-    other = build_model(resolve("vlpet-small", backbone="tiny-bart"), weights=True)[1]
+    other = build_model(resolve("vlpet-small", backbone=tok.name_or_path), weights=True)[1]
     assert cache.cache_key(task, root, "train", False, other) == base  # the same tokenizer
     other.add_tokens(["zebra-token"])
     assert cache.cache_key(task, root, "train", False, other) != base

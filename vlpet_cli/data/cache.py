@@ -24,8 +24,8 @@ from typing import Any
 from vlpet_cli.atomic import atomic_file
 from vlpet_cli.data.tasks.base import Record, Task
 
-FORMAT = 1
-COLUMNS = ("file", "index", "id", "text", "image_ids", "source", "label", "extra", "input_ids")
+FORMAT = 2
+COLUMNS = ("file", "index", "fields", "text", "image_ids", "source", "input_ids")
 _FINGERPRINTS: dict[int, tuple[Any, str, int]] = {}
 _HASHES: dict[tuple[str, int, int], str] = {}
 
@@ -93,37 +93,62 @@ def cache_key(task: Task, root: Path, split: str, for_eval: bool, tokenizer: Any
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 
-def source_ids(task: Task, records: Sequence[Record], tokenizer: Any) -> list[list[int]]:
-    """The encoder token ids of every record, as TaskDataset.item makes them (one batched tokenizer call)."""
+def _backend(tokenizer: Any, max_length: int | None) -> Any:
+    """A private copy of a fast tokenizer's Rust tokenizer truncating as `tokenizer(..., max_length,
+    truncation=True)` does (right side, special tokens kept), or None for a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "truncation_side", "right") != "right":
+        return None
+    from tokenizers import Tokenizer
+
+    own = Tokenizer.from_str(backend.to_str())
+    own.no_padding()
+    if max_length is None:
+        own.no_truncation()
+    else:
+        own.enable_truncation(max_length)
+    return own
+
+
+def source_ids(task: Task, records: Sequence[Record], tokenizer: Any):
+    """(flat token ids, offsets) of every record's encoder text, as TaskDataset.item tokenises it (one batched
+    call of the Rust tokenizer; tests/test_perf_cache.py checks the ids against item's)."""
+    import numpy as np
+
     texts = [task.source_text(r) for r in records]
-    if not texts:
-        return []
-    limit = task.input_max_length
-    enc = tokenizer(texts, max_length=limit, truncation=True) if limit is not None else tokenizer(texts)
-    return [list(ids) for ids in enc["input_ids"]]
+    backend = _backend(tokenizer, task.input_max_length)
+    if backend is not None:
+        ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+    else:
+        limit = task.input_max_length
+        enc = tokenizer(texts, max_length=limit, truncation=True) if limit is not None else tokenizer(texts)
+        ids = enc["input_ids"]
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+    return flat, offsets
 
 
 def _table(task: Task, records: Sequence[Record], tokenizer: Any):
-    """The Arrow table of a split's records and their token ids."""
+    """The Arrow table of a split's records and their token ids, or None when a record's id, label or extra
+    would not come back unchanged from JSON (e.g. a tuple): such records are not cached."""
     import pyarrow as pa
 
-    dumps = json.dumps
+    dumps, loads = json.dumps, json.loads
+    fields = [dumps([r.id, r.label, r.extra]) for r in records]
+    if any(loads(f) != [r.id, r.label, r.extra] for f, r in zip(fields, records)):
+        return None
+    flat, offsets = source_ids(task, records, tokenizer)
     return pa.table({
         "file": pa.array([r.file for r in records], pa.string()).dictionary_encode(),
         "index": pa.array([r.index for r in records], pa.int64()),
-        "id": pa.array([dumps(r.id) for r in records], pa.string()),
+        "fields": pa.array(fields, pa.string()),
         "text": pa.array([r.text for r in records], pa.string()),
         "image_ids": pa.array([list(r.image_ids) for r in records], pa.list_(pa.string())),
         "source": pa.array([r.source for r in records], pa.string()),
-        "label": pa.array([dumps(r.label) for r in records], pa.string()),
-        "extra": pa.array([dumps(r.extra) for r in records], pa.string()),
-        "input_ids": pa.array(source_ids(task, records, tokenizer), pa.list_(pa.int32())),
+        "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
     })
-
-
-def _json_safe(records: Sequence[Record]) -> bool:
-    """Whether every record survives the JSON round trip of the label/extra/id columns unchanged."""
-    return all(json.loads(json.dumps([r.id, r.label, r.extra])) == [r.id, r.label, r.extra] for r in records)
 
 
 class CachedRecords(Sequence):
@@ -139,6 +164,7 @@ class CachedRecords(Sequence):
         self.start = max(0, min(start, n))
         self.stop = n if stop is None else max(self.start, min(stop, n))
         self._cols = {c: _one_chunk(self._table.column(c)) for c in COLUMNS}
+        self._images: dict[str, list[str]] | None = None
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "start": self.start, "stop": self.stop}
@@ -160,10 +186,10 @@ class CachedRecords(Sequence):
             if step != 1:
                 return [self[k] for k in range(start, stop, step)]
             return CachedRecords(self.path, self.start + start, self.start + max(start, stop), self._table)
-        row, cols, loads = self._row(i), self._cols, json.loads
-        return Record(cols["file"][row].as_py(), cols["index"][row].as_py(), loads(cols["id"][row].as_py()),
-                      cols["text"][row].as_py(), tuple(cols["image_ids"][row].as_py()), cols["source"][row].as_py(),
-                      loads(cols["label"][row].as_py()), loads(cols["extra"][row].as_py()))
+        row, cols = self._row(i), self._cols
+        record_id, label, extra = json.loads(cols["fields"][row].as_py())
+        return Record(cols["file"][row].as_py(), cols["index"][row].as_py(), record_id, cols["text"][row].as_py(),
+                      tuple(cols["image_ids"][row].as_py()), cols["source"][row].as_py(), label, extra)
 
     def __iter__(self) -> Iterator[Record]:
         return (self[k] for k in range(len(self)))
@@ -180,7 +206,12 @@ class CachedRecords(Sequence):
         return [int(lengths[i]) for i in indices]
 
     def images_by_source(self) -> dict[str, list[str]]:
-        """{source: unique image ids} of the records in view, computed on the Arrow columns."""
+        """{source: unique image ids} of the records in view, computed on the Arrow columns (once)."""
+        if self._images is None:
+            self._images = self._images_by_source()
+        return self._images
+
+    def _images_by_source(self) -> dict[str, list[str]]:
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -222,13 +253,13 @@ def load_records(task: Task, root: Path, split: str, tokenizer: Any) -> Sequence
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)  # damaged (e.g. a foreign file): rebuild it below
     records = task.load(root, split)
-    if not records or not _json_safe(records):
+    table = _table(task, records, tokenizer) if records else None
+    if table is None:
         return records
     try:
         import pyarrow as pa
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        table = _table(task, records, tokenizer)
         with atomic_file(path) as f, pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)
         return CachedRecords(path)
