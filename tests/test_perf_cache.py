@@ -92,3 +92,18 @@ def test_cache_can_be_turned_off(cache_dir, tok, monkeypatch):
     monkeypatch.setenv("VLPET_RECORD_CACHE", "0")
     records = cache.load_records(get_task("gqa"), resolve_data_root("toy"), "train", tok)
     assert isinstance(records, list) and not cache_dir.exists()
+
+
+def test_load_warnings_are_said_again_from_the_cache(cache_dir, tok, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(resolve_data_root("toy") / "GQA", root / "GQA", ignore=shutil.ignore_patterns("images", "clip*"))
+    path = root / "GQA" / "train.json"
+    records = json.loads(path.read_text())
+    records[0]["sent"] = ""
+    path.write_text(json.dumps(records))
+    task = get_task("gqa")
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="have an empty question"):
+            cache.load_records(task, root, "train", tok)
+    with pytest.warns(UserWarning):
+        assert isinstance(cache.load_records(task, root, "train", tok), cache.CachedRecords)

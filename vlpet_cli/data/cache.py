@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -194,6 +195,11 @@ class CachedRecords(Sequence):
     def __iter__(self) -> Iterator[Record]:
         return (self[k] for k in range(len(self)))
 
+    def load_warnings(self) -> list[str]:
+        """The warnings reading the annotation files gave (empty questions or captions), kept with the records."""
+        meta = self._table.schema.metadata or {}
+        return json.loads(meta.get(b"warnings", b"[]"))
+
     def token_ids(self, i: int) -> list[int]:
         """The encoder token ids of record i (what TaskDataset.item would tokenise)."""
         return self._cols["input_ids"][self._row(i)].as_py()
@@ -249,10 +255,19 @@ def load_records(task: Task, root: Path, split: str, tokenizer: Any) -> Sequence
     path = cache_root() / f"{task.name}-{'-'.join(task.split_names(split))}-{key}.arrow"
     if path.is_file():
         try:
-            return CachedRecords(path)
+            cached = CachedRecords(path)
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)  # damaged (e.g. a foreign file): rebuild it below
-    records = task.load(root, split)
+        else:
+            for message in cached.load_warnings():  # what parsing the files warned about, said again
+                warnings.warn(message, UserWarning, stacklevel=2)
+            return cached
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = task.load(root, split)
+    said = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    for w in caught:  # pass them on as they were raised
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     table = _table(task, records, tokenizer) if records else None
     if table is None:
         return records
@@ -260,6 +275,7 @@ def load_records(task: Task, root: Path, split: str, tokenizer: Any) -> Sequence
         import pyarrow as pa
 
         path.parent.mkdir(parents=True, exist_ok=True)
+        table = table.replace_schema_metadata({"warnings": json.dumps(said)})
         with atomic_file(path) as f, pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)
         return CachedRecords(path)
