@@ -420,6 +420,7 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
             state.epoch, state.step_in_epoch = epoch, step + 1
             lr = scheduler.get_last_lr()[0]
             rate = samples / max(time.time() - started, 1e-9)
+            progress.update(done_batches)
             every = preset.train.checkpoint_every
             finished = state.global_step >= session.total_updates
             paused = pause_at is not None and state.global_step >= pause_at and not finished
@@ -442,8 +443,6 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
                                                        "samples_per_s": rate})
                 window = {t: [] for t in window}
                 last_log = time.time()
-            else:
-                progress.update(done_batches)
             if saving:
                 checkpoint(session)
             if asked:
