@@ -52,6 +52,10 @@ def measure(name: str, work: Path, records: int, batch_size: int) -> dict:
 
     ds = load_task_data(preset, work / "root", tok, splits=("test",)).val[task]
     if kind == "vlpet":
+        with torch.no_grad():  # the same one-off warm-up as the bare side
+            first = next(eval_batches(ds, batch_size, order=eval_order(ds)))
+            model.encode({k: v.to(device) if hasattr(v, "to") else v for k, v in first.items()})
+        sync()
         start = time.perf_counter()
         preds = predict(model, tok, ds, preset, batch_size)
         sync()
