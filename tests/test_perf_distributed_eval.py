@@ -48,8 +48,8 @@ def adapter(tmp_path_factory) -> Path:
     return directory
 
 
-def _eval(command: list[str], adapter: Path, out: Path) -> dict:
-    args = [str(adapter), "--data-root", "toy", "--task", ",".join(TASKS), "--limit", "11", "--split", "val",
+def _eval(command: list[str], adapter: Path, out: Path, tasks: str = ",".join(TASKS), limit: int = 11) -> dict:
+    args = [str(adapter), "--data-root", "toy", "--task", tasks, "--limit", str(limit), "--split", "val",
             "--batch-size", "4", "--out", str(out), "--json"]
     proc = subprocess.run([*command, *args], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,3 +72,24 @@ def test_two_processes_give_the_metrics_of_one(adapter, tmp_path):
         assert len(a) == 11 and a == b
         assert json.loads((tmp_path / "two" / f"{task}-val.json").read_text())["processes"] == 2
         assert json.loads((tmp_path / "one" / f"{task}-val.json").read_text())["processes"] == 1
+
+
+@pytest.mark.slow
+def test_validation_under_two_processes_scores_what_one_process_evaluation_does(tmp_path):
+    """Validation during a 2-process run shards and gathers; its logged metrics equal a 1-process `vlpet eval`
+    of the same adapter on the same records."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "vlpet_cli", "train"]
+    args = ["--preset", "vlpet-small", "--task", "vqa,coco", "--data-root", "toy", "--backbone", "tiny-bart",
+            "--runs-dir", str(tmp_path), "--name", "ddp", "data.limit=96", "train.epochs=1", "eval.every=1",
+            "eval.limit=13"]
+    proc = subprocess.run([*launcher, *args], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [e for e in events if e["event"] == "start"][0]["processes"] == 2
+    val = [e for e in events if e["event"] == "val"]
+    assert len(val) == 1
+    one = _eval([sys.executable, "-m", "vlpet_cli", "eval"], tmp_path / "ddp" / "adapter", tmp_path / "one",
+                tasks="vqa,coco", limit=13)
+    assert val[0]["metrics"]["vqa"]["vqa"] == one["vqa"]["vqa"]
+    assert val[0]["metrics"]["coco"]["cider"] == one["coco"]["cider"]

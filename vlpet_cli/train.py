@@ -424,7 +424,9 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
             every = preset.train.checkpoint_every
             finished = state.global_step >= session.total_updates
             paused = pause_at is not None and state.global_step >= pause_at and not finished
-            asked = updated and interrupts.requested(accelerator)
+            # under several processes the ranks agree through an all-reduce (a host sync): every 20 updates only
+            asked = updated and (accelerator.num_processes == 1 or finished or paused or last_in_epoch
+                                 or state.global_step % 20 == 0) and interrupts.requested(accelerator)
             due = bool(every) and done_batches % (every * accum) == 0
             saving = not last_in_epoch and (finished or paused or asked or due)
             # the losses since the last line are logged before every checkpoint, so a resumed run neither loses
