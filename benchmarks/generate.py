@@ -2,7 +2,7 @@
 
 A bart-base-size VL-PET-large model (random weights; benchmarks/synthetic.py) on a synthetic data root in the
 real formats. `vlpet-*` times `inference.predict` over the test split (feature reads from packed HDF5,
-tokenisation, collation, length-sorted batches, the encoder, `generate` with the task's settings, decoding the
+tokenisation, collation, the encoder, `generate` with the task's settings, decoding the
 text); `bare-*` collates the same batches beforehand and times only the model: the encoder
 (`VLModel.encode`, which vlpet's path must run too) and `backbone.generate(encoder_outputs=...)` on its outputs
 with the same GenerationConfig. The ratio is the eval path's cost over the model's.

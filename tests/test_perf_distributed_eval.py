@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from vlpet_cli.artifacts import save_adapter
-from vlpet_cli.inference import interleave
+from vlpet_cli.data.multitask import shard_batches
+from vlpet_cli.inference import merge
 from vlpet_cli.train import resolve_train_preset
 from vlpet_cli.vl.model import build_model
 
@@ -22,11 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("vqa", "nlvr", "coco")  # generation (greedy and beams) and choice scoring
 
 
-def test_interleave_restores_record_order_for_uneven_shards():
+def test_shards_are_one_process_batches_and_merge_back_in_record_order():
+    order = list(range(11))
+    shards = [shard_batches(order, 3, r, 2) for r in range(2)]
+    assert shards == [[[0, 1, 2], [6, 7, 8]], [[3, 4, 5], [9, 10]]]  # the batches of one process, dealt out
     records = [{"i": i} for i in range(11)]
-    shards = [records[r::3] for r in range(3)]  # what rank r of 3 predicts: r, r+3, ...
-    assert interleave(shards) == records
-    assert interleave([records]) == records
+    held = [sorted(i for b in s for i in b) for s in shards]
+    assert merge([[records[i] for i in h] for h in held], held) == records
 
 
 def _env() -> dict:
@@ -53,7 +56,11 @@ def _eval(command: list[str], adapter: Path, out: Path, tasks: str = ",".join(TA
             "--batch-size", "4", "--out", str(out), "--json"]
     proc = subprocess.run([*command, *args], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    printed, decoder, at = [], json.JSONDecoder(), proc.stdout.find("{")
+    while at != -1:  # each process prints its JSON object; two may share a line
+        obj, end = decoder.raw_decode(proc.stdout, at)
+        printed.append(obj)
+        at = proc.stdout.find("{", end)
     assert printed and all(p == printed[0] for p in printed)  # every process returns the same metrics
     return printed[0]
 

@@ -21,15 +21,17 @@ def decoding_settings(model, tokenizer, preset: Preset, task: str) -> dict:
 
 
 def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress=None, rank: int = 0,
-            world_size: int = 1, by_length: bool = True) -> list[dict]:
-    """One prediction per record, in record order: generated text, or the best-scored choice for tasks that score
-    choices. Rank r of world_size takes records r, r+W, ... (`interleave` puts the ranks' lists back in order).
-    Batches are formed longest text first (less padding; the padded rows are masked, so predictions do not
-    change: tests/test_perf_eval_order.py)."""
+            world_size: int = 1, by_length: bool = False) -> list[dict]:
+    """One prediction per record of this rank's shard, in record order: generated text, or the best-scored choice
+    for tasks that score choices. The batches are those one process forms; rank r of world_size predicts
+    batches r, r+W, ... (`shard_records` names its records), so every batch, and so every prediction, is the
+    same under any number of processes. by_length forms the batches longest text first (less padding). It is off:
+    the padded rows are masked, but other batch shapes round differently and can flip a prediction (the quick
+    start's GQA score moved by 0.8)."""
     import torch
     from transformers import GenerationConfig
 
-    from vlpet_cli.data.multitask import eval_batches, eval_order
+    from vlpet_cli.data.multitask import eval_batches, eval_order, shard_batches
 
     task = dataset.task
     model.eval()
@@ -41,10 +43,10 @@ def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress
         gen_config = GenerationConfig(decoder_start_token_id=model.config.decoder_start_token_id, **kwargs)
     else:
         choice_ids = [tokenizer(c)["input_ids"] for c in choices]
-    order = eval_order(dataset, rank, world_size, by_length)
+    mine = [i for b in shard_batches(eval_order(dataset, by_length=by_length), batch_size, rank, world_size)
+            for i in b]
     with torch.no_grad():
-        for batch in eval_batches(dataset, batch_size, rank, world_size, num_workers=preset.data.num_workers,
-                                  order=order):
+        for batch in eval_batches(dataset, batch_size, num_workers=preset.data.num_workers, order=mine):
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
             if choices is not None:
                 logits = model.score_choices(batch, choice_ids)
@@ -55,19 +57,23 @@ def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress
             out.extend({**meta, "prediction": text} for meta, text in zip(batch["meta"], texts))
             if progress is not None:
                 progress(len(texts))
-    position = {i: k for k, i in enumerate(sorted(order))}
-    ordered: list[dict] = [None] * len(out)  # type: ignore[list-item]
-    for i, pred in zip(order, out):
-        ordered[position[i]] = pred
-    return ordered
+    return [pred for _, pred in sorted(zip(mine, out), key=lambda pair: pair[0])]
 
 
-def interleave(per_rank: list[list[dict]]) -> list[dict]:
-    """Record order from the ranks' strided shards (rank r held records r, r+W, ...); no padding to drop."""
-    world = len(per_rank)
+def shard_records(dataset, batch_size: int, rank: int, world_size: int, by_length: bool = False) -> list[int]:
+    """The records rank r predicts, in record order (what `predict` returns predictions for)."""
+    from vlpet_cli.data.multitask import eval_order, shard_batches
+
+    return sorted(i for b in shard_batches(eval_order(dataset, by_length=by_length), batch_size, rank, world_size)
+                  for i in b)
+
+
+def merge(per_rank: list[list[dict]], records: list[list[int]]) -> list[dict]:
+    """Record order from the ranks' predictions and the records each rank held; every record once."""
     out: list[dict] = [None] * sum(len(p) for p in per_rank)  # type: ignore[list-item]
-    for r, preds in enumerate(per_rank):
-        out[r::world] = preds
+    for preds, indices in zip(per_rank, records):
+        for i, pred in zip(indices, preds):
+            out[i] = pred
     return out
 
 
@@ -78,14 +84,16 @@ def processes(state) -> tuple[int, int]:
 
 def predict_all(model, tokenizer, dataset, preset: Preset, batch_size: int, progress=None, state=None) -> list[dict]:
     """Every record's prediction, in record order. Under several processes (`state`: an Accelerator or
-    PartialState) each predicts its shard and every process receives all predictions (gather_object)."""
+    PartialState) each predicts its batches and every process receives all predictions (gather_object); the
+    batches being those of one process, so are the predictions."""
     rank, world = processes(state)
     mine = predict(model, tokenizer, dataset, preset, batch_size, progress, rank=rank, world_size=world)
     if world == 1:
         return mine
     from accelerate.utils import gather_object
 
-    return interleave(gather_object([mine]))
+    held = [shard_records(dataset, batch_size, r, world) for r in range(world)]
+    return merge(gather_object([mine]), held)
 
 
 def score(task: str, predictions: list[dict], metrics: list[str] | None = None,

@@ -215,9 +215,9 @@ def source_lengths(dataset: TaskDataset, indices: list[int]) -> list[int]:
     return [len(ids) for ids in enc["input_ids"]]
 
 
-def eval_order(dataset: TaskDataset, rank: int = 0, world_size: int = 1, by_length: bool = True) -> list[int]:
+def eval_order(dataset: TaskDataset, rank: int = 0, world_size: int = 1, by_length: bool = False) -> list[int]:
     """This rank's records (r, r+W, ...), longest encoder text first when by_length, so that a batch pads
-    little; stable, so equal lengths keep record order. Predictions are put back in record order."""
+    little (stable: equal lengths keep record order); `inference.predict` puts predictions back in record order."""
     if not 0 <= rank < world_size:
         raise VlpetError(f"rank {rank} is outside world size {world_size}.")
     indices = list(range(rank, len(dataset), world_size))
@@ -227,6 +227,15 @@ def eval_order(dataset: TaskDataset, rank: int = 0, world_size: int = 1, by_leng
     if len(set(lengths)) == 1:
         return indices
     return [i for _, i in sorted(zip(lengths, indices), key=lambda pair: -pair[0])]
+
+
+def shard_batches(order: list[int], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """Rank r's batches: the batches of `order` one process would form, r, r+W, ... (no padding duplicates)."""
+    if batch_size < 1:
+        raise VlpetError(f"batch size must be >= 1, not {batch_size}.")
+    if not 0 <= rank < world_size:
+        raise VlpetError(f"rank {rank} is outside world size {world_size}.")
+    return _chunks(list(order), batch_size)[rank::world_size]
 
 
 def eval_batches(dataset: TaskDataset, batch_size: int, rank: int = 0, world_size: int = 1,
