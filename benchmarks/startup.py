@@ -51,7 +51,8 @@ def measure(name: str, work: Path) -> dict:
         session = setup(preset, Path(runs) / "run")
         loaded = time.perf_counter() - STARTED
         _, batch = next(iter(session.loader.epoch(0)))
-        loss = session.model(batch)
+        device = session.accelerator.device
+        loss = session.model({k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})
         session.accelerator.backward(loss)
         session.optimizer.step()
         seconds = time.perf_counter() - STARTED
