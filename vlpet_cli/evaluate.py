@@ -13,7 +13,7 @@ from vlpet_cli.atomic import write_json, write_text
 from vlpet_cli.config import Preset
 from vlpet_cli.data.tasks import TASKS, VideoTask, resolve_task, task_class
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.inference import decoding_settings, predict, score
+from vlpet_cli.inference import decoding_settings, predict_all, score
 from vlpet_cli.progress import Progress
 
 
@@ -178,7 +178,13 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     model, tokenizer, loaded, _ = load_for_eval(adapter_dir, backbone)
     preset = eval_preset(loaded.model_dump(mode="json"), tasks, data_root, overrides, limit, split)
     out_dir = out_dir or (adapter_dir.parent / "eval" if adapter_dir.name == "adapter" else adapter_dir / "eval")
-    results = evaluate_model(model, tokenizer, preset, split, metrics, batch_size, progress)
+    state = process_state()
+    results = evaluate_model(model, tokenizer, preset, split, metrics, batch_size, progress, state=state)
+    if state is not None and not state.is_main_process:  # the main process writes the files
+        for record in results.values():
+            record.pop("predictions")
+            record.update(trained=record["task"] in trained, out_dir=str(out_dir))
+        return results
     out_dir.mkdir(parents=True, exist_ok=True)
     for task, record in results.items():
         preds = record.pop("predictions")
@@ -200,34 +206,54 @@ def submission_name(task: str, split: str, suffix: str) -> str:
     return f"{task}-{split}.submission.{suffix}"
 
 
+def process_state():
+    """accelerate's PartialState when started by `accelerate launch`/torchrun with several processes, else None."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def evaluate_model(model, tokenizer, preset: Preset, split: str = "test", metrics: list[str] | dict | None = None,
-                   batch_size: int | None = None, progress: bool = True) -> dict:
+                   batch_size: int | None = None, progress: bool = True, state=None) -> dict:
     """{task: {metrics, settings, predictions, n, limit, seconds, ...}} for the preset's tasks and data root.
-    `metrics` is one list for every task, or {task: list}."""
+    `metrics` is one list for every task, or {task: list}. With `state` (several processes) each process predicts
+    its shard, the predictions are gathered in record order and the main process scores; every process returns
+    the same metrics."""
     import torch
 
     from vlpet_cli.data.loading import load_task_data, resolve_data_root
 
     root = resolve_data_root(preset.data.data_root)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = state.device if state is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    main = state is None or state.is_main_process
     model.to(device)
     data = load_task_data(preset, root, tokenizer, splits=(split,))
     datasets = data.train if split == "train" else data.val
     size = batch_size if batch_size is not None else preset.eval.batch_size
     results = {}
-    with Progress(sum(len(d) for d in datasets.values()), enabled=progress, label="eval", unit="samples",
-                  stderr=True) as bar:
+    world = 1 if state is None else state.num_processes
+    with Progress(sum(len(d) for d in datasets.values()), enabled=progress and main, label="eval",
+                  unit="samples", stderr=True) as bar:
         for task, ds in datasets.items():
             started = time.time()
-            preds = predict(model, tokenizer, ds, preset, size,
-                            progress=lambda n, task=task: bar.advance(n, task))
+            preds = predict_all(model, tokenizer, ds, preset, size,
+                                progress=lambda n, task=task: bar.advance(n * world, task), state=state)
             seconds = time.time() - started
             settings = decoding_settings(model, tokenizer, preset, task)
             wanted = metrics.get(task) if isinstance(metrics, dict) else metrics
-            results[task] = {"task": task, "split": split,
-                             "metrics": score(task, preds, wanted, preset.eval.vqa_variant,
-                                              preset.eval.caption_references),
-                             "n": len(preds), "limit": preset.eval.limit, "seconds": seconds,
+            scored = [score(task, preds, wanted, preset.eval.vqa_variant, preset.eval.caption_references)
+                      if main else None]
+            if state is not None:
+                from accelerate.utils import broadcast_object_list
+
+                broadcast_object_list(scored)
+            results[task] = {"task": task, "split": split, "metrics": scored[0],
+                             "n": len(preds), "limit": preset.eval.limit, "seconds": seconds, "processes": world,
                              "samples_per_s": len(preds) / max(seconds, 1e-9), "settings": settings,
                              "predictions": preds}
     return results

@@ -21,12 +21,18 @@ def decoding_settings(model, tokenizer, preset: Preset, task: str) -> dict:
     return generation_kwargs(spec, model.family, tokenizer)
 
 
-def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress=None) -> list[dict]:
-    """One prediction per record: generated text, or the best-scored choice for tasks that score choices."""
+def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress=None, rank: int = 0,
+            world_size: int = 1, by_length: bool = False) -> list[dict]:
+    """One prediction per record of this rank's shard, in record order: generated text, or the best-scored choice
+    for tasks that score choices. The batches are those one process forms; rank r of world_size predicts
+    batches r, r+W, ... (`shard_records` names its records), so every batch, and so every prediction, is the
+    same under any number of processes. by_length forms the batches longest text first (less padding). It is off:
+    the padded rows are masked, but other batch shapes round differently and can flip a prediction (the quick
+    start's GQA score moved by 0.8)."""
     import torch
     from transformers import GenerationConfig
 
-    from vlpet_cli.data.multitask import eval_batches
+    from vlpet_cli.data.multitask import eval_batches, eval_order, shard_batches
 
     task = dataset.task
     model.eval()
@@ -38,8 +44,10 @@ def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress
         gen_config = GenerationConfig(decoder_start_token_id=model.config.decoder_start_token_id, **kwargs)
     else:
         choice_ids = [tokenizer(c)["input_ids"] for c in choices]
+    mine = [i for b in shard_batches(eval_order(dataset, by_length=by_length), batch_size, rank, world_size)
+            for i in b]
     with torch.no_grad():
-        for batch in eval_batches(dataset, batch_size, num_workers=preset.data.num_workers):
+        for batch in eval_batches(dataset, batch_size, num_workers=preset.data.num_workers, order=mine):
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
             if choices is not None:
                 logits = model.score_choices(batch, choice_ids)
@@ -50,7 +58,43 @@ def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress
             out.extend({**meta, "prediction": text} for meta, text in zip(batch["meta"], texts))
             if progress is not None:
                 progress(len(texts))
+    return [pred for _, pred in sorted(zip(mine, out), key=lambda pair: pair[0])]
+
+
+def shard_records(dataset, batch_size: int, rank: int, world_size: int, by_length: bool = False) -> list[int]:
+    """The records rank r predicts, in record order (what `predict` returns predictions for)."""
+    from vlpet_cli.data.multitask import eval_order, shard_batches
+
+    return sorted(i for b in shard_batches(eval_order(dataset, by_length=by_length), batch_size, rank, world_size)
+                  for i in b)
+
+
+def merge(per_rank: list[list[dict]], records: list[list[int]]) -> list[dict]:
+    """Record order from the ranks' predictions and the records each rank held; every record once."""
+    out: list[dict] = [None] * sum(len(p) for p in per_rank)  # type: ignore[list-item]
+    for preds, indices in zip(per_rank, records):
+        for i, pred in zip(indices, preds):
+            out[i] = pred
     return out
+
+
+def processes(state) -> tuple[int, int]:
+    """(rank, world size) of an Accelerator/PartialState, (0, 1) without one."""
+    return (0, 1) if state is None else (state.process_index, state.num_processes)
+
+
+def predict_all(model, tokenizer, dataset, preset: Preset, batch_size: int, progress=None, state=None) -> list[dict]:
+    """Every record's prediction, in record order. Under several processes (`state`: an Accelerator or
+    PartialState) each predicts its batches and every process receives all predictions (gather_object); the
+    batches being those of one process, so are the predictions."""
+    rank, world = processes(state)
+    mine = predict(model, tokenizer, dataset, preset, batch_size, progress, rank=rank, world_size=world)
+    if world == 1:
+        return mine
+    from accelerate.utils import gather_object
+
+    held = [shard_records(dataset, batch_size, r, world) for r in range(world)]
+    return merge(gather_object([mine]), held)
 
 
 def score(task: str, predictions: list[dict], metrics: list[str] | None = None,
@@ -63,11 +107,14 @@ def score(task: str, predictions: list[dict], metrics: list[str] | None = None,
     return scorer.score(predictions, metrics, vqa_variant)
 
 
-def validate(model, tokenizer, preset: Preset, datasets: dict, progress: bool = False) -> dict:
-    """Each task's validation metrics (its `validation_metrics`, e.g. CIDEr only for captions, spec §8)."""
+def validate(model, tokenizer, preset: Preset, datasets: dict, progress: bool = False, state=None) -> dict:
+    """Each task's validation metrics (its `validation_metrics`, e.g. CIDEr only for captions, spec §8). Under
+    several processes every process predicts its shard and the main process scores ({} on the others)."""
     result = {}
     for task, ds in datasets.items():
-        preds = predict(model, tokenizer, ds, preset, preset.eval.batch_size)
+        preds = predict_all(model, tokenizer, ds, preset, preset.eval.batch_size, state=state)
+        if state is not None and not state.is_main_process:
+            continue
         wanted = task_class(task).validation_metrics
         result[task] = {k: v for k, v in score(task, preds, None if wanted is None else list(wanted),
                                                preset.eval.vqa_variant, preset.eval.caption_references).items()

@@ -283,6 +283,8 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
 
     set_seed(preset.train.seed)
     model, tokenizer = build_model(preset, weights=True)
+    if preset.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     data = load_task_data(preset, root, tokenizer, splits=splits)
     sizes = task_batch_sizes(preset.train.batch_size, list(data.train), preset.train.task_ratios)
     accelerator.wait_for_everyone()  # every process has checked the run directory before it is replaced
@@ -292,8 +294,10 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     accelerator.wait_for_everyone()
     loader = MultitaskLoader(data.train, sizes, data_seed=preset.train.data_seed,
                              rank=accelerator.process_index, world_size=accelerator.num_processes,
-                             num_workers=preset.data.num_workers)
-    optimizer = torch.optim.AdamW(param_groups(model, preset), lr=preset.train.lr, eps=preset.train.adam_eps)
+                             num_workers=preset.data.num_workers, pin_memory=accelerator.device.type == "cuda")
+    fused = {"fused": True} if accelerator.device.type == "cuda" else {}  # one kernel for all tensors
+    optimizer = torch.optim.AdamW(param_groups(model, preset), lr=preset.train.lr, eps=preset.train.adam_eps,
+                                  **fused)
     session = Session(preset, run_dir, accelerator, model, model, tokenizer, optimizer, None, loader, data, sizes,
                       {}, checkpointer)
     if last is not None:
@@ -402,7 +406,9 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
     accum, steps_per_epoch = preset.train.grad_accum, session.steps_per_epoch
     trainable = [p for p in model.parameters() if p.requires_grad]
     device = accelerator.device
-    window: dict[str, list[float]] = {}  # losses since the last log line, per task
+    # losses since the last log line, per task, as (epoch, step, loss on the device): read (one host sync) and
+    # checked for non-finite values at log points only, so a step never waits for the device
+    window: dict[str, list[tuple[int, int, torch.Tensor]]] = {}
     recent: dict[str, float] = {}  # the last loss per task, for the progress bar
     started = time.time()
     samples, last_log = 0, time.time()
@@ -422,18 +428,13 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
         session.epoch_rng = generator.get_state()
         for step, (task, batch) in enumerate(session.loader.epoch(epoch, state.step_in_epoch),
                                              start=state.step_in_epoch):
-            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
             with accelerator.autocast():
                 loss = model(batch)
-            if not torch.isfinite(loss):
-                fix = ("lower train.lr" if preset.train.precision == "fp32" else
-                       "lower train.lr or use train.precision=fp32")
-                raise VlpetError(f"the {task} loss became {loss.item()} at epoch {epoch} step {step}; {fix} "
-                                 f"(last good checkpoint: {session.checkpointer.latest() or 'none'})")
             accelerator.backward(loss / accum)
             done_batches += 1
             samples += batch["input_ids"].shape[0] * accelerator.num_processes
-            window.setdefault(task, []).append(loss.item())
+            window.setdefault(task, []).append((epoch, step, loss.detach()))
             last_in_epoch = step + 1 == steps_per_epoch
             updated = done_batches % accum == 0 or last_in_epoch
             if updated:
@@ -446,21 +447,25 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
             state.epoch, state.step_in_epoch = epoch, step + 1
             lr = scheduler.get_last_lr()[0]
             rate = samples / max(time.time() - started, 1e-9)
-            recent.update({t: v[-1] for t, v in window.items() if v})
-            losses = " ".join(f"{t} {v:.3f}" for t, v in recent.items())
-            progress.update(done_batches, f"epoch {epoch + 1}/{preset.train.epochs} | {losses} | lr {lr:.1e} | "
-                                          f"{rate:.0f} samples/s")
+            progress.update(done_batches)
             every = preset.train.checkpoint_every
             finished = state.global_step >= session.total_updates
             paused = pause_at is not None and state.global_step >= pause_at and not finished
-            asked = updated and interrupts.requested(accelerator)
+            # under several processes the ranks agree through an all-reduce (a host sync): every 20 updates only
+            asked = updated and (accelerator.num_processes == 1 or finished or paused or last_in_epoch
+                                 or state.global_step % 20 == 0) and interrupts.requested(accelerator)
             due = bool(every) and done_batches % (every * accum) == 0
             saving = not last_in_epoch and (finished or paused or asked or due)
             # the losses since the last line are logged before every checkpoint, so a resumed run neither loses
             # nor repeats any (runs.rewind_events drops what came after the checkpoint it resumes from)
-            if session.main and (time.time() - last_log > 5 or last_in_epoch or saving):
-                for t, values in window.items():
-                    if values:
+            if time.time() - last_log > 5 or last_in_epoch or saving or asked:
+                losses = read_losses(window, preset.train.precision, session.checkpointer)
+                recent.update({t: v[-1] for t, v in losses.items() if v})
+                shown = " ".join(f"{t} {v:.3f}" for t, v in recent.items())
+                progress.update(done_batches, f"epoch {epoch + 1}/{preset.train.epochs} | {shown} | lr {lr:.1e} | "
+                                              f"{rate:.0f} samples/s")
+                for t, values in losses.items():
+                    if values and session.main:
                         append_event(session.run_dir, {"event": "train", "epoch": epoch, "step": done_batches,
                                                        "update": state.global_step, "task": t,
                                                        "loss": sum(values) / len(values), "lr": lr,
@@ -492,12 +497,32 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
     return FitResult(paused, last_val, time.time() - started)
 
 
+def read_losses(window: dict[str, list[tuple[int, int, torch.Tensor]]], precision: str,
+                checkpointer: Checkpointer) -> dict[str, list[float]]:
+    """The logged losses as floats (one host sync for all of them); the first non-finite one stops training with
+    its task, epoch and step (the steps after it have not been checkpointed)."""
+    flat = [(task, epoch, step, loss) for task, values in window.items() for epoch, step, loss in values]
+    if not flat:
+        return {}
+    values = torch.stack([loss.float() for *_, loss in flat]).tolist()
+    for (task, epoch, step, _), value in zip(flat, values):
+        if not math.isfinite(value):
+            fix = "lower train.lr" if precision == "fp32" else "lower train.lr or use train.precision=fp32"
+            raise VlpetError(f"the {task} loss became {value} at epoch {epoch} step {step}; {fix} "
+                             f"(last good checkpoint: {checkpointer.latest() or 'none'})")
+    out: dict[str, list[float]] = {}
+    for (task, *_), value in zip(flat, values):
+        out.setdefault(task, []).append(value)
+    return out
+
+
 def validate_epoch(session: Session, epoch: int, progress: Progress) -> dict:
-    """Score every task's validation split (main process), log it, and keep the best adapter."""
-    result: dict = {}
+    """Predict every task's validation split (sharded over the processes), score it and log it (main process),
+    and keep the best adapter."""
+    preset, state = session.preset, session.state
+    result = validate(session.unwrapped, session.tokenizer, preset, session.data.val, progress=False,
+                      state=session.accelerator)
     if session.main:
-        preset, state = session.preset, session.state
-        result = validate(session.unwrapped, session.tokenizer, preset, session.data.val, progress=False)
         score = best_score(result, preset.eval.best_metric)
         append_event(session.run_dir, {"event": "val", "epoch": epoch, "step": state.global_step,
                                        "metrics": result, "score": score})

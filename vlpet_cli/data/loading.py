@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlpet_cli.config import Preset
+from vlpet_cli.data.cache import load_records
 from vlpet_cli.data.features import locate_features, open_features
 from vlpet_cli.data.tasks import get_task, task_class
 from vlpet_cli.data.tasks.base import Task, TaskDataset, check_features, open_task_features
@@ -107,20 +108,35 @@ def _dim_message(task: str, split: str, path: Path, found: int, want: int) -> st
             f"model.feat_dim={found} if every task's features are {found}-dimensional")
 
 
-def load_task_data(preset: Preset, root: Path, tokenizer, splits=("train", "val")) -> TaskData:
-    """Records, feature stores and datasets per task; stops early on missing features or bad files."""
+def check_record_features(task, records, stores) -> None:
+    """check_features, on the Arrow columns for cached records; the full check (and its message) when any id is
+    missing."""
+    if getattr(records, "flat", False):
+        from vlpet_cli.data.features import missing_ids
+
+        by_source = records.images_by_source()
+        if all(s in stores and not missing_ids(stores[s], ids) for s, ids in by_source.items()):
+            return
+        records = list(records)
+    check_features(task, records, stores)
+
+
+def load_task_data(preset: Preset, root: Path, tokenizer, splits=("train", "val"), cache: bool = True) -> TaskData:
+    """Records, feature stores and datasets per task; stops early on missing features or bad files. With `cache`,
+    the records come from the memory-mapped record cache when it is current (data/cache.py)."""
     data = TaskData()
     for name in preset.data.tasks:
         task = get_task(name, preset.data.prompts, preset.data.use_prompts, preset.data.video)
         store_name = preset.data.video.feature_name if task.feature_kind == "video" else preset.data.feature_name
         for split in splits:
             limit = preset.data.limit if split == "train" else preset.eval.limit
-            records = task.load(root, split)[:limit] if limit else task.load(root, split)
+            records = load_records(task, root, split, tokenizer) if cache else task.load(root, split)
+            records = records[:limit] if limit else records
             stores = open_task_features(records, root, store_name, task.feature_kind)
             for store in stores.values():
                 if store.dim is not None and store.dim != preset.model.feat_dim:
                     raise VlpetError(_dim_message(name, split, store.path, store.dim, preset.model.feat_dim))
-            check_features(task, records, stores)
+            check_record_features(task, records, stores)
             kind = "train" if split == "train" else "eval"
             ds = TaskDataset(task, records, stores, tokenizer, split_kind=kind, seed=preset.train.seed)
             (data.train if split == "train" else data.val)[task.name] = ds

@@ -202,9 +202,46 @@ class MultitaskLoader:
         return ((batch["task"], batch) for batch in self._data_loader())
 
 
+def source_lengths(dataset: TaskDataset, indices: list[int]) -> list[int]:
+    """Encoder text length in tokens of each record (one batched tokenizer call, as `item` truncates)."""
+    if getattr(dataset.records, "flat", False):  # cached records know their token ids (data/cache.py)
+        return dataset.records.token_lengths(indices)
+    task, tokenizer = dataset.task, dataset.tokenizer
+    texts = [task.source_text(dataset.records[i]) for i in indices]
+    if not texts:
+        return []
+    limit = task.input_max_length
+    enc = tokenizer(texts, max_length=limit, truncation=True) if limit is not None else tokenizer(texts)
+    return [len(ids) for ids in enc["input_ids"]]
+
+
+def eval_order(dataset: TaskDataset, rank: int = 0, world_size: int = 1, by_length: bool = False) -> list[int]:
+    """This rank's records (r, r+W, ...), longest encoder text first when by_length, so that a batch pads
+    little (stable: equal lengths keep record order); `inference.predict` puts predictions back in record order."""
+    if not 0 <= rank < world_size:
+        raise VlpetError(f"rank {rank} is outside world size {world_size}.")
+    indices = list(range(rank, len(dataset), world_size))
+    if not by_length or len(indices) < 2:
+        return indices
+    lengths = source_lengths(dataset, indices)
+    if len(set(lengths)) == 1:
+        return indices
+    return [i for _, i in sorted(zip(lengths, indices), key=lambda pair: -pair[0])]
+
+
+def shard_batches(order: list[int], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """Rank r's batches: the batches of `order` one process would form, r, r+W, ... (no padding duplicates)."""
+    if batch_size < 1:
+        raise VlpetError(f"batch size must be >= 1, not {batch_size}.")
+    if not 0 <= rank < world_size:
+        raise VlpetError(f"rank {rank} is outside world size {world_size}.")
+    return _chunks(list(order), batch_size)[rank::world_size]
+
+
 def eval_batches(dataset: TaskDataset, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0) -> Iterator[dict]:
-    """Collated batches of a dataset in order; rank r takes records r, r+W, ... (no padding duplicates)."""
+                 num_workers: int = 0, order: list[int] | None = None) -> Iterator[dict]:
+    """Collated batches of a dataset; rank r takes records r, r+W, ... (no padding duplicates) in record order,
+    or the records of `order` in that order (see eval_order)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -212,7 +249,8 @@ def eval_batches(dataset: TaskDataset, batch_size: int, rank: int = 0, world_siz
         raise VlpetError(f"batch size must be >= 1, not {batch_size}.")
     if not 0 <= rank < world_size:
         raise VlpetError(f"rank {rank} is outside world size {world_size}.")
-    batches = _chunks(list(range(rank, len(dataset), world_size)), batch_size)
+    indices = list(range(rank, len(dataset), world_size)) if order is None else list(order)
+    batches = _chunks(indices, batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=partial(collate, pad_id=dataset.pad_id),
                         num_workers=num_workers, generator=torch.Generator())
     return iter(loader)

@@ -57,7 +57,9 @@ class Gate(nn.Module):
         return g.mean(dim=1, keepdim=True)
 
     def forward(self, x: torch.Tensor, h1: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.scale * self.gate(x, h1, mask) * h1
+        g = self.gate(x, h1, mask)
+        # s = 1 (BART's presets): 1 · G is G bit for bit, so skip the product and the [B, L, d] copy backward keeps
+        return (g if self.scale == 1 else self.scale * g) * h1
 
     def output_layers(self) -> list[nn.Module]:
         """Layers zeroed by `zero_init_up` (so that G = σ(0) = 0.5, or 1 for middleY)."""

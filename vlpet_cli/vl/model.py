@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -113,6 +114,28 @@ class VLModel(nn.Module):
     @property
     def config(self):
         return self.backbone.config
+
+    # ---- gradient checkpointing (train.gradient_checkpointing) ------------------------------------------------
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each backbone layer in backward instead of keeping its activations. Non-reentrant, so that
+        gradients reach the PET modules and projector although the layers' inputs and weights are frozen; the
+        recompute runs with the per-forward state (text span, PET task and mask) the layer first ran with."""
+        self.backbone.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": self._recompute_contexts})
+
+    def _recompute_contexts(self):
+        """(forward context, recompute context): the recompute sees the state of the forward it repeats."""
+        saved = (self._span, self._full_len, self.pet.task, self.pet.encoder_mask)
+        return contextlib.nullcontext(), self._state_as(saved)
+
+    @contextlib.contextmanager
+    def _state_as(self, saved: tuple):
+        current = (self._span, self._full_len, self.pet.task, self.pet.encoder_mask)
+        self._span, self._full_len, self.pet.task, self.pet.encoder_mask = saved
+        try:
+            yield
+        finally:
+            self._span, self._full_len, self.pet.task, self.pet.encoder_mask = current
 
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(inputs_embeds, attention_mask, text length) of the joint encoder sequence; the mask (text pad mask,

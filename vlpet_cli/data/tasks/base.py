@@ -138,6 +138,10 @@ class Task:
         """Read one split file into records."""
         raise NotImplementedError
 
+    def support_files(self, data_root: Path) -> list[Path]:
+        """Files outside the task's folder that its records depend on (the video tasks' subtitles)."""
+        return []
+
     def missing_file_fix(self) -> str:
         """The fix to print when a split file is missing."""
         return (f"check --data-root: it must contain {self.folder}/ with the split files "
@@ -239,7 +243,8 @@ def open_task_features(records: Sequence[Record], data_root: Path, name: str = D
                        kind: str = "image") -> dict[str, Any]:
     """Open one feature store per source used by the records (lazy HDF5 / npz; picklable); `kind` 'video' opens
     video stores (<root>/video/vis_features/<source>/<name>)."""
-    sources = sorted({r.source for r in records})
+    by_source = getattr(records, "images_by_source", None)  # cached records name their sources without rows
+    sources = sorted(by_source()) if by_source else sorted({r.source for r in records})
     if kind == "video":
         from vlpet_cli.data.video_features import locate_video_features, open_video_features
 
@@ -304,7 +309,7 @@ class TaskDataset:
         if seed < 0:
             raise VlpetError(f"the data seed must be >= 0, not {seed}.")
         self.task = task
-        self.records = list(records)
+        self.records = records if getattr(records, "flat", False) else list(records)  # data/cache.py: mapped
         self.features = features
         self.tokenizer = tokenizer
         self.split_kind = split_kind
@@ -388,7 +393,8 @@ class TaskDataset:
             target_ids = _tokenize(self.tokenizer, text, task.target_max_length)
         out = {
             "task": task.name,
-            "input_ids": task.source_ids(record, self.tokenizer),
+            "input_ids": (self.records.token_ids(i) if getattr(self.records, "flat", False) else
+                          task.source_ids(record, self.tokenizer)),
             "vis_feats": self.image_features(record),
             "target": None if target is None else target[0],
             "target_ids": target_ids,

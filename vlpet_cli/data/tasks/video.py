@@ -141,6 +141,10 @@ class VideoTask(Task):
         """The whole encoder text before truncation."""
         return self.compose(record, (record.extra or {}).get("subs", ""))
 
+    def support_files(self, data_root: Path) -> list[Path]:
+        """The subtitles file of the task's source."""
+        return [subtitles_path(data_root, self.source)]
+
     def source_ids(self, record: Record, tokenizer: Any) -> list[int]:
         """Token ids within data.video.max_length: cut at the end (reference, may lose question, choices and
         prompt) or, with data.video.truncate 'subtitles', shorten the subtitles so the rest survives."""
