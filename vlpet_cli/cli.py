@@ -127,23 +127,43 @@ def params(preset: str = typer.Option(..., "--preset", "-p", help="preset name o
 
 # ---- features ---------------------------------------------------------------------------------------------
 @app.command("extract-features")
-def extract_features(images: Path = typer.Option(..., help="folder of images (searched recursively)"),
-                     model: str = typer.Option(..., help="CLIP model directory, cached hub id, or 'tiny-clip'"),
-                     out: Path = typer.Option(..., help="packed .h5 file, or a folder for --layout per-image"),
-                     annotations: Path | None = typer.Option(None, help="only the images this file names"),
-                     layout: str = typer.Option("packed", help="packed | per-image (the reference layout)"),
-                     layer: int = typer.Option(-1, help="hidden layer whose patch tokens are kept"),
-                     batch_size: int = typer.Option(32, help="images per forward pass"),
+def extract_features(images: Path | None = typer.Option(None, help="folder of images (searched recursively)"),
+                     videos: Path | None = typer.Option(None, help="folder of video files (searched recursively): "
+                                                                   "per-frame CLIP image embeddings, 1 frame/1.5 s"),
+                     model: str = typer.Option(..., help="CLIP model directory, cached hub id, 'tiny-clip' "
+                                                         "(images) or 'tiny-clip-proj' (videos)"),
+                     out: Path = typer.Option(..., help="packed .h5 file, or a folder for --layout per-image|npz"),
+                     annotations: Path | None = typer.Option(None, help="only the images or videos this file names"),
+                     layout: str | None = typer.Option(None, help="images: packed (default) | per-image (the "
+                                                                  "reference layout); videos: npz (default, "
+                                                                  "VALUE's) | packed"),
+                     layer: int = typer.Option(-1, help="hidden layer whose patch tokens are kept (images)"),
+                     batch_size: int = typer.Option(32, help="images or frames per forward pass"),
                      dtype: str = typer.Option("float16", help="float16 | float32"),
-                     limit: int | None = typer.Option(None, help="extract at most N new images"),
-                     workers: int = typer.Option(2, help="image decoding threads"),
+                     limit: int | None = typer.Option(None, help="extract at most N new images or videos"),
+                     workers: int = typer.Option(2, help="image or video decoding threads"),
                      device: str | None = typer.Option(None, help="cpu | cuda (default: cuda if present)"),
                      no_progress: bool = typer.Option(False, "--no-progress", help="plain output")) -> None:
-    """Images -> CLIP grid features (HDF5), resumable, skipping unreadable images."""
+    """Images -> CLIP grid features (HDF5), or videos -> per-frame CLIP embeddings; resumable, skipping bad files."""
+    if (images is None) == (videos is None):
+        raise VlpetError("extract-features needs exactly one of --images DIR (grid features) or --videos DIR "
+                         "(per-frame video features).")
+    if videos is not None:
+        if layer != -1:
+            raise VlpetError("--layer applies to --images only: video features are the projected image "
+                             "embedding (CLIP's encode_image), as VALUE's.")
+        from vlpet_cli.extract import extract_videos
+
+        summary = extract_videos(videos, model, out, annotations, layout=layout or "npz", batch_size=batch_size,
+                                 dtype=dtype, limit=limit, workers=workers, progress=not no_progress,
+                                 device=device)
+        console.print(summary.describe())
+        return
     from vlpet_cli.extract import extract
 
-    summary = extract(images, model, out, annotations, layout=layout, layer=layer, batch_size=batch_size,
-                      dtype=dtype, limit=limit, workers=workers, progress=not no_progress, device=device)
+    summary = extract(images, model, out, annotations, layout=layout or "packed", layer=layer,
+                      batch_size=batch_size, dtype=dtype, limit=limit, workers=workers,
+                      progress=not no_progress, device=device)
     console.print(summary.describe())
 
 
