@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 DEFAULT_OUT = REPO / "vlpet_cli" / "assets" / "tiny-clip"
 PROJECTED_OUT = REPO / "vlpet_cli" / "assets" / "tiny-clip-proj"
 PROJECTION_DIM = 512
+HEADS_PROJECTED = int(__import__("os").environ.get("HEADS", "4"))
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 PATCH = 16
@@ -193,11 +194,17 @@ def build_tiny_clip(out_dir: Path, seed: int = 0, steps: int = 0, log=print, pro
     transformers.utils.logging.disable_progress_bar()
 
     config = CLIPVisionConfig(
-        image_size=112, patch_size=PATCH, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=128, projection_dim=PROJECTION_DIM if projected else 64,
+        image_size=112, patch_size=PATCH, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=HEADS_PROJECTED if projected else 2, intermediate_size=128,
+        projection_dim=PROJECTION_DIM if projected else 64,
     )
     torch.manual_seed(seed)
     model = (CLIPVisionModelWithProjection if projected else CLIPVisionModel)(config).eval()
+    if projected:
+        # stock init (std 0.02) leaves where a patch is too faint next to what it shows for the class token to
+        # pool it; a louder position embedding lets one embedding per frame tell where the shapes are
+        with torch.no_grad():
+            model.vision_model.embeddings.position_embedding.weight.normal_(0.0, 0.5)
     if steps:
         (train_projected if projected else train)(model, steps, seed, log=log)
     out_dir = Path(out_dir)

@@ -379,14 +379,16 @@ def merge_export_peft(adapter: Path, out: Path = typer.Option(..., help="output 
 def quickstart(runs_dir: Path = typer.Option(Path("runs"), help="where the run and the toy data go"),
                preset: str = typer.Option("vlpet-small", help="preset to demonstrate"),
                backbone: str = typer.Option("tiny-bart", help="tiny-bart | tiny-t5"),
+               video: bool = typer.Option(False, "--video", help="the four toy video tasks (TVQA, How2QA, TVC, "
+                                                                  "YC2C) instead of the image tasks"),
                overrides: list[str] | None = OVERRIDES) -> None:
     """Offline demo: extract toy features, train on four toy tasks, and compare scores before and after."""
     from vlpet_cli.quickstart import TABLE_COLUMNS, table_rows
     from vlpet_cli.quickstart import quickstart as run
 
     with _warnings_to_stderr():
-        summary = run(runs_dir, preset, backbone, overrides or [], say=console.print)
-    table = Table(*TABLE_COLUMNS, title=f"{preset} on {backbone}: the toy world's test splits")
+        summary = run(runs_dir, preset, backbone, overrides or [], say=console.print, video=video)
+    table = Table(*TABLE_COLUMNS, title=f"{preset} on {backbone}: the toy world's {summary['split']} splits")
     for task, metric, before, after in table_rows(summary):
         table.add_row(task, metric, before, f"[bold]{after}[/bold]")
     console.print(table)

@@ -72,9 +72,10 @@ def test_frames_are_picked_at_each_1_5_s_tick(tmp_path, fps, n_frames, expected)
 
 def test_short_side_scaled_and_centre_cropped():
     rgb = np.zeros((100, 200, 3), dtype=np.uint8)
-    rgb[:, 50:150] = 255  # the centre square of a 2:1 frame
+    rgb[:, 50:150] = 255  # the centre square of a 2:1 frame: white, the sides black
     out = square_crop(rgb, 50)
-    assert out.shape == (50, 50, 3) and out.min() == 255
+    assert out.shape == (50, 50, 3) and out[:, 2:-2].min() == 255 and out[:, [0, -1]].min() > 200
+    assert square_crop(rgb.transpose(1, 0, 2), 50).shape == (50, 50, 3)
 
 
 def test_one_row_per_frame_512_d_float16(clips_dir, tmp_path):
@@ -207,7 +208,7 @@ def test_cli_extracts_videos_and_refuses_mixed_inputs(clips_dir, tmp_path):
     result = runner.invoke(app, ["extract-features", "--videos", str(clips_dir), "--model", "tiny-clip-proj",
                                  "--out", str(out), "--limit", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert "2 videos written (12 frames)" in result.output and len(open_video_features(out)) == 2
+    assert "2 videos written (12 frames)" in " ".join(result.output.split()) and len(open_video_features(out)) == 2
     result = runner.invoke(app, ["extract-features", "--videos", str(clips_dir), "--images", str(clips_dir),
                                  "--model", "tiny-clip-proj", "--out", str(out)])
     assert result.exit_code == 2 and "exactly one of --images DIR" in result.stderr

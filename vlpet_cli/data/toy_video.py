@@ -2,7 +2,7 @@
 How2QA, TVC and YC2C annotations in VALUE's formats (spec/pipeline.md §1.5), and per-frame features extracted from
 the files by the video extraction path with the shipped tiny projected CLIP (`video/vis_features/<source>/clip-vit/`).
 
-A clip is 9 s at 2 fps, 112x112: one coloured shape that moves (left, right, up, down, or stays) and may change
+Texts are short (the tiny backbones read at most 128 tokens). A clip is 9 s at 2 fps, 112x112: one coloured shape that moves (left, right, up, down, or stays) and may change
 colour halfway; in YouCook2-like clips a second shape may appear. The subtitles name the shape and its first
 colour but never what it does, so every question (which way it moves, which colour it is at the end) and every
 description needs the frames. The choices of a question kind are listed in one fixed order drawn from the seed
@@ -41,8 +41,7 @@ CLIPS = {
 }
 GRID = 4  # the tiny projected CLIP is taught what lies in each cell of a GRID x GRID division of a frame
 
-_MOVE_TEXT = {"left": "It moves to the left.", "right": "It moves to the right.", "up": "It moves up.",
-              "down": "It moves down.", "still": "It does not move."}
+_MOVE_TEXT = {"left": "left", "right": "right", "up": "up", "down": "down", "still": "nowhere"}
 _MOVE_DESC = {"left": "moves to the left", "right": "moves to the right", "up": "moves up", "down": "moves down",
               "still": "stays still"}
 
@@ -200,11 +199,11 @@ def _vid_name(source: str, i: int, show: str = "") -> str:
 def subtitle_lines(rng: random.Random, clip: Clip) -> list[dict]:
     """Timed narrator lines that say what the clip shows at its start, never what then happens."""
     k, c = clip.main.kind, clip.main.color
-    first = rng.choice((f"Here is a {c} {k}.", f"Look at the {c} {k}.", f"This is a {c} {k}."))
-    second = rng.choice(("Watch it closely.", "Keep your eyes on it.", "See what it does."))
-    speaker = "Narrator" if clip.source != "tv" else rng.choice(("Narrator", "Host"))
+    first = rng.choice((f"Here is a {c} {k}.", f"Look at the {c} {k}.", f"A {c} {k}."))
+    second = rng.choice(("Watch.", "Look.", "See?"))
+    speaker = "Host" if clip.source != "tv" else rng.choice(("Ann", "Bob"))
     return [{"text": f" {speaker} : {first}", "start": 0.5, "end": 2.5},
-            {"text": f" {speaker} : {second}", "start": 3.0, "end": 5.0}]
+            {"text": f" {speaker} : {second}", "start": 3.0, "end": 4.0}]
 
 
 def descriptions(rng: random.Random, clip: Clip, n: int = 2) -> list[str]:
@@ -235,8 +234,8 @@ def questions(clip: Clip, n_choices: int, orders: dict[str, list[str]]) -> list[
     moves = orders[f"move{n_choices}"]
     colors = orders[f"color{n_choices}"]
     return [
-        (f"Which way does the {c} {k} move?", [_MOVE_TEXT[m] for m in moves], moves.index(clip.motion)),
-        (f"What color is the {k} at the end?", [f"It is {x}." for x in colors], colors.index(clip.final_color)),
+        (f"Where does the {c} {k} go?", [_MOVE_TEXT[m] for m in moves], moves.index(clip.motion)),
+        (f"What color is the {k} at the end?", list(colors), colors.index(clip.final_color)),
     ]
 
 
