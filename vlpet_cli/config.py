@@ -131,7 +131,8 @@ class TrainConfig(Strict):
     lr: float = 1e-3
     epochs: int = Field(20, gt=0)
     batch_size: int = Field(500, gt=0, description="VQA batch; other tasks follow task_ratios")
-    task_ratios: dict[str, float] = {"vqa": 1.0, "gqa": 100 / 60, "nlvr": 20 / 60, "coco": 50 / 60}
+    task_ratios: dict[str, float] = {"vqa": 1.0, "gqa": 100 / 60, "nlvr": 20 / 60, "coco": 50 / 60,
+                                     "tvqa": 1.0, "how2qa": 1.0, "tvc": 1.0, "yc2c": 1.0}
     warmup_ratio: float = 0.1
     clip_grad_norm: float = 5.0
     grad_accum: int = Field(1, gt=0)
@@ -169,6 +170,10 @@ class EvalConfig(Strict):
         "vqa": GenerationSpec(num_beams=1, max_length=20),
         "gqa": GenerationSpec(num_beams=1, max_length=20),
         "coco": GenerationSpec(num_beams=5, max_length=20),
+        "tvqa": GenerationSpec(num_beams=4, max_length=20),
+        "how2qa": GenerationSpec(num_beams=4, max_length=20),
+        "tvc": GenerationSpec(num_beams=5, max_length=20),
+        "yc2c": GenerationSpec(num_beams=5, max_length=20),
     }
 
 

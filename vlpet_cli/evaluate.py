@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vlpet_cli.atomic import write_json, write_text
 from vlpet_cli.config import Preset
-from vlpet_cli.data.tasks import TASKS, resolve_task, task_class
+from vlpet_cli.data.tasks import TASKS, VideoTask, resolve_task, task_class
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.inference import decoding_settings, predict, score
 from vlpet_cli.progress import Progress
@@ -187,8 +187,17 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
         write_json(out_dir / f"{task}-{split}.json", record)
         write_json(out_dir / f"{task}-{split}.predictions.json", preds)
         suffix, content = task_class(task)().submission(preds)
-        write_text(out_dir / f"{task}-{split}.submission.{suffix}", content)
+        write_text(out_dir / submission_name(task, split, suffix), content)
     return results
+
+
+def submission_name(task: str, split: str, suffix: str) -> str:
+    """The submission file's name: VALUE's own for a video task's test split (e.g. tvqa_test_predictions.json),
+    else <task>-<split>.submission.<suffix>."""
+    cls = task_class(task)
+    if issubclass(cls, VideoTask) and split in ("test", cls.splits["test"]):
+        return cls.submission_file
+    return f"{task}-{split}.submission.{suffix}"
 
 
 def evaluate_model(model, tokenizer, preset: Preset, split: str = "test", metrics: list[str] | dict | None = None,
@@ -215,8 +224,9 @@ def evaluate_model(model, tokenizer, preset: Preset, split: str = "test", metric
             seconds = time.time() - started
             settings = decoding_settings(model, tokenizer, preset, task)
             wanted = metrics.get(task) if isinstance(metrics, dict) else metrics
-            results[task] = {"task": task, "split": split, "metrics": score(task, preds, wanted,
-                                                                            preset.eval.vqa_variant),
+            results[task] = {"task": task, "split": split,
+                             "metrics": score(task, preds, wanted, preset.eval.vqa_variant,
+                                              preset.eval.caption_references),
                              "n": len(preds), "limit": preset.eval.limit, "seconds": seconds,
                              "samples_per_s": len(preds) / max(seconds, 1e-9), "settings": settings,
                              "predictions": preds}

@@ -7,17 +7,19 @@ declarations (vlpet_cli/data/tasks/); this module runs the model and asks the ta
 from __future__ import annotations
 
 from vlpet_cli.config import GenerationSpec, Preset
-from vlpet_cli.data.tasks import ScoreChoices, primary_metrics, task_class
+from vlpet_cli.data.tasks import ScoreChoices, VideoCaptionTask, primary_metrics, task_class
+from vlpet_cli.data.tasks.video import family_generation
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.vl.decoding import generation_kwargs
 
 
 def decoding_settings(model, tokenizer, preset: Preset, task: str) -> dict:
     """The decoding settings of a task as recorded with its results: generation kwargs, or the choices scored."""
-    decoding = task_class(task).decoding
-    if isinstance(decoding, ScoreChoices):
-        return {"decoding": decoding.describe()}
-    return generation_kwargs(preset.eval.generation.get(task, GenerationSpec()), model.family, tokenizer)
+    cls = task_class(task)
+    if isinstance(cls.decoding, ScoreChoices):
+        return {"decoding": cls.decoding.describe()}
+    spec = family_generation(cls, preset.eval.generation.get(task, GenerationSpec()), model.family)
+    return generation_kwargs(spec, model.family, tokenizer)
 
 
 def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress=None) -> list[dict]:
@@ -53,9 +55,13 @@ def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress
 
 
 def score(task: str, predictions: list[dict], metrics: list[str] | None = None,
-          vqa_variant: str = "reference") -> dict:
-    """Metrics (x100, lower-case keys) of a task's predictions against the references in their metadata."""
-    return task_class(task)().score(predictions, metrics, vqa_variant)
+          vqa_variant: str = "reference", caption_references: str = "row") -> dict:
+    """Metrics (x100, lower-case keys) of a task's predictions against the references in their metadata;
+    caption_references is eval.caption_references (TVC/YC2C: one reference per row, or per clip)."""
+    scorer = task_class(task)()
+    if isinstance(scorer, VideoCaptionTask):
+        scorer.caption_references = caption_references
+    return scorer.score(predictions, metrics, vqa_variant)
 
 
 def validate(model, tokenizer, preset: Preset, datasets: dict, progress: bool = False) -> dict:
@@ -65,7 +71,7 @@ def validate(model, tokenizer, preset: Preset, datasets: dict, progress: bool = 
         preds = predict(model, tokenizer, ds, preset, preset.eval.batch_size)
         wanted = task_class(task).validation_metrics
         result[task] = {k: v for k, v in score(task, preds, None if wanted is None else list(wanted),
-                                               preset.eval.vqa_variant).items()
+                                               preset.eval.vqa_variant, preset.eval.caption_references).items()
                         if not isinstance(v, dict)}
     return result
 

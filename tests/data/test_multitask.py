@@ -114,8 +114,8 @@ def test_task_batch_sizes_reference_ratios():
     assert task_batch_sizes(60, tasks, as_floats) == task_batch_sizes(60, tasks)
     assert task_batch_sizes(2, tasks) == {"vqa": 2, "gqa": 3, "nlvr": 1, "coco": 1}  # at least 1
     assert task_batch_sizes(10, ["gqa"], {"gqa": "3/2"}) == {"gqa": 15}
-    with pytest.raises(VlpetError, match="no batch-size ratio for task 'tvqa'"):
-        task_batch_sizes(10, ["tvqa"])
+    with pytest.raises(VlpetError, match="no batch-size ratio for task 'imagenet'"):
+        task_batch_sizes(10, ["imagenet"])
 
 
 @pytest.mark.parametrize("n, world, seed, epoch", [(23, 1, 0, 0), (23, 2, 0, 3), (10, 3, 5, 1), (2, 4, 0, 2)])

@@ -300,7 +300,8 @@ def test_coco_default_metrics_without_java_drop_meteor(tmp_path, karpathy, monke
 
 
 def test_metric_names_per_task():
-    assert PRIMARY_METRIC == {"vqa": "vqa", "gqa": "acc", "nlvr": "acc", "coco": "cider"}
+    assert PRIMARY_METRIC == {"vqa": "vqa", "gqa": "acc", "nlvr": "acc", "coco": "cider",
+                              "tvqa": "acc", "how2qa": "acc", "tvc": "cider", "yc2c": "cider"}
     assert resolve_metrics("coco") == list(DEFAULT_METRICS["coco"])
     assert "spice" not in resolve_metrics("coco")
     assert resolve_metrics("nlvr") == ["acc", "consistency"]
@@ -322,5 +323,5 @@ def test_inapplicable_metric_lists_valid_names(tmp_path, vqa_files):
         score_predictions_file("vqa", preds, ann, metrics=["cider"])
     with pytest.raises(VlpetError, match="valid: acc, consistency"):
         resolve_metrics("nlvr", ["vqa"])
-    with pytest.raises(VlpetError, match="valid tasks: vqa, gqa, nlvr, coco"):
-        score_predictions_file("tvqa", preds, ann)
+    with pytest.raises(VlpetError, match="valid tasks: vqa, gqa, nlvr, coco, tvqa, how2qa, tvc, yc2c"):
+        score_predictions_file("imagenet", preds, ann)

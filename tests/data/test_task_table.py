@@ -33,10 +33,15 @@ from vlpet_cli.inference import score
 from vlpet_cli.quickstart import LABELS, PRIMARY_ONLY
 from vlpet_cli.quickstart import TASKS as QUICKSTART_TASKS
 
+IMAGE_TASKS = ["vqa", "gqa", "nlvr", "coco"]
+VIDEO_TASKS = ["tvqa", "how2qa", "tvc", "yc2c"]
 
-def test_table_lists_the_four_tasks_with_their_aliases():
-    assert list(TASKS) == ["vqa", "gqa", "nlvr", "coco"]
-    assert ALIASES == {"nlvr2": "nlvr", "caption": "coco", "captions": "coco", "coco_caption": "coco"}
+
+def test_table_lists_the_eight_tasks_with_their_aliases():
+    assert list(TASKS) == IMAGE_TASKS + VIDEO_TASKS
+    assert ALIASES == {"nlvr2": "nlvr", "caption": "coco", "captions": "coco", "coco_caption": "coco",
+                       "how2": "how2qa", "yc2": "yc2c", "youcook2": "yc2c"}
+    assert [n for n, c in TASKS.items() if c.feature_kind == "video"] == VIDEO_TASKS
     for name, cls in TASKS.items():
         assert issubclass(cls, Task) and cls.name == name
         assert not set(cls.aliases) & set(TASKS)
@@ -55,20 +60,26 @@ def test_every_task_declares_metrics_decoding_ratio_and_label(name):
 
 
 def test_declared_values_are_the_references():
-    assert primary_metrics() == {"vqa": "vqa", "gqa": "acc", "nlvr": "acc", "coco": "cider"}
+    assert primary_metrics() == {"vqa": "vqa", "gqa": "acc", "nlvr": "acc", "coco": "cider",
+                                 "tvqa": "acc", "how2qa": "acc", "tvc": "cider", "yc2c": "cider"}
     assert {n: c.batch_ratio for n, c in TASKS.items()} == {
-        "vqa": Fraction(1), "gqa": Fraction(100, 60), "nlvr": Fraction(20, 60), "coco": Fraction(50, 60)}
+        "vqa": Fraction(1), "gqa": Fraction(100, 60), "nlvr": Fraction(20, 60), "coco": Fraction(50, 60),
+        **{t: Fraction(1) for t in VIDEO_TASKS}}  # video tasks all use the batch size (spec §4)
+    assert TASKS["tvqa"].decoding == TASKS["how2qa"].decoding == Generate(num_beams=4, max_length=20)
+    assert TASKS["tvc"].decoding == TASKS["yc2c"].decoding == Generate(num_beams=5, max_length=20)
+    assert TASKS["tvc"].validation_metrics == TASKS["yc2c"].validation_metrics == ("cider",)
     assert TASKS["nlvr"].decoding == ScoreChoices(("true", "false"))
     assert TASKS["coco"].decoding == Generate(num_beams=5, max_length=20)
     assert TASKS["vqa"].decoding == TASKS["gqa"].decoding == Generate(num_beams=1, max_length=20)
     assert TASKS["coco"].validation_metrics == ("cider",)
     assert [n for n, c in TASKS.items() if c.split_option] == ["coco"]
     assert {n: c.image_fields for n, c in TASKS.items()} == {
-        "vqa": ("img_id",), "gqa": ("img_id",), "nlvr": ("img0", "img1"), "coco": ()}
+        "vqa": ("img_id",), "gqa": ("img_id",), "nlvr": ("img0", "img1"), "coco": (),
+        **{t: ("vid_name",) for t in VIDEO_TASKS}}
 
 
 def test_config_defaults_equal_the_table():
-    assert DataConfig().tasks == list(TASKS)
+    assert DataConfig().tasks == IMAGE_TASKS == [n for n, c in TASKS.items() if c.feature_kind == "image"]
     assert TrainConfig().task_ratios == {n: float(c.batch_ratio) for n, c in TASKS.items()}
     assert EvalConfig().generation == {
         n: GenerationSpec(num_beams=c.decoding.num_beams, max_length=c.decoding.max_length)
@@ -77,8 +88,9 @@ def test_config_defaults_equal_the_table():
 
 
 def test_quickstart_reads_the_table():
-    assert QUICKSTART_TASKS == list(TASKS)
-    assert LABELS == {"vqa": "VQA accuracy", "gqa": "GQA accuracy", "nlvr": "NLVR2 accuracy", "coco": "COCO CIDEr"}
+    assert QUICKSTART_TASKS == IMAGE_TASKS
+    assert LABELS == {"vqa": "VQA accuracy", "gqa": "GQA accuracy", "nlvr": "NLVR2 accuracy", "coco": "COCO CIDEr",
+                      "tvqa": "TVQA accuracy", "how2qa": "How2QA accuracy", "tvc": "TVC CIDEr", "yc2c": "YC2C CIDEr"}
     assert PRIMARY_ONLY["coco"] == ["cider"]
 
 
@@ -108,13 +120,13 @@ def test_an_alias_scores_like_its_task(tmp_path):
 
 
 def test_unknown_task_is_one_message_for_every_command(tmp_path):
-    for call in (lambda: get_task("tvqa"), lambda: resolve_task("tvqa"), lambda: score("tvqa", []),
-                 lambda: score_predictions_file("tvqa", tmp_path / "p", tmp_path / "a")):
+    for call in (lambda: get_task("vqa3"), lambda: resolve_task("vqa3"), lambda: score("vqa3", []),
+                 lambda: score_predictions_file("vqa3", tmp_path / "p", tmp_path / "a")):
         with pytest.raises(VlpetError) as err:
             call()
         msg = str(err.value)
-        assert "unknown task 'tvqa'" in msg and "Did you mean 'vqa'" in msg
-        assert "valid tasks: vqa, gqa, nlvr, coco" in msg and "nlvr2 (nlvr)" in msg
+        assert "unknown task 'vqa3'" in msg and "Did you mean 'vqa'" in msg
+        assert "valid tasks: vqa, gqa, nlvr, coco, tvqa, how2qa, tvc, yc2c." in msg and "nlvr2 (nlvr)" in msg
 
 
 def test_submissions_are_the_official_formats():
@@ -140,7 +152,8 @@ def test_feature_ids_come_from_the_tasks_declarations(tmp_path):
 
 
 def test_batch_sizes_use_the_tasks_ratios():
-    assert task_batch_sizes(60, list(TASKS)) == {"vqa": 60, "gqa": 100, "nlvr": 20, "coco": 50}
+    assert task_batch_sizes(60, list(TASKS)) == {"vqa": 60, "gqa": 100, "nlvr": 20, "coco": 50,
+                                                 **{t: 60 for t in VIDEO_TASKS}}
 
 
 @pytest.mark.parametrize("task, record, problem", [

@@ -95,7 +95,7 @@ def t5():
 
 # ---- registry -----------------------------------------------------------------------------------------------
 def test_registry_and_did_you_mean():
-    assert set(TASKS) == {"vqa", "gqa", "nlvr", "coco"}
+    assert set(TASKS) == {"vqa", "gqa", "nlvr", "coco", "tvqa", "how2qa", "tvc", "yc2c"}
     assert isinstance(get_task("vqa"), VqaTask)
     assert isinstance(get_task("nlvr2"), NlvrTask) and isinstance(get_task("caption"), CocoTask)
     with pytest.raises(VlpetError, match="Did you mean 'vqa'"):
@@ -105,7 +105,8 @@ def test_registry_and_did_you_mean():
 
 
 def test_prompts_default_override_disabled():
-    assert [get_task(t).prompt for t in TASKS] == ["vqa: ", "gpa: ", "nlvr: ", "caption: "]
+    assert [get_task(t).prompt for t in TASKS] == ["vqa: ", "gpa: ", "nlvr: ", "caption: ",
+                                                   "tvqa: ", "how2qa: ", "tvc: ", "yc2c: "]
     assert get_task("gqa", prompts={"gqa": "gqa: "}).prompt == "gqa: "
     assert get_task("vqa", prompts={"gqa": "gqa: "}).prompt == "vqa: "
     assert get_task("coco", use_prompts=False).prompt == ""
@@ -113,7 +114,7 @@ def test_prompts_default_override_disabled():
 
 
 def test_task_facts():
-    vqa, gqa, nlvr, coco = (get_task(t) for t in TASKS)
+    vqa, gqa, nlvr, coco = (get_task(t) for t in ("vqa", "gqa", "nlvr", "coco"))
     assert (vqa.input_max_length, vqa.target_max_length, vqa.loss_reduction) == (20, 10, "example")
     assert (gqa.input_max_length, gqa.target_max_length, gqa.loss_reduction) == (20, None, "example")
     assert (nlvr.input_max_length, nlvr.target_max_length, nlvr.n_images) == (None, None, 2)

@@ -5,7 +5,7 @@ Both follow the reference evaluators (spec/pipeline.md §5.2); results are x100.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
 from vlpet_cli.errors import VlpetError
@@ -103,3 +103,21 @@ def nlvr_scores(predictions: Mapping[str, Any], labels: Mapping[str, Any]) -> di
         "consistency": 100.0 * sum(group_ok.values()) / len(group_ok),
         "n": len(labels),
     }
+
+
+def typed_accuracy(rows: Iterable[tuple[Any, Any, str]]) -> dict[str, Any]:
+    """Exact-match accuracy x100 of (prediction, answer, type) rows, overall and per type.
+
+    TVQA/How2QA's evaluator (spec/pipeline.md §5.4): a prediction is right when it equals "a{answer_idx}";
+    the type is the show (TVQA) or "how2qa"; {"acc", "per_type": {type: acc}, "n"}.
+    """
+    right: dict[str, int] = {}
+    count: dict[str, int] = {}
+    for prediction, answer, kind in rows:
+        count[kind] = count.get(kind, 0) + 1
+        right[kind] = right.get(kind, 0) + int(prediction == answer)
+    total = sum(count.values())
+    if not total:
+        raise VlpetError("no video QA predictions with answers to score")
+    return {"acc": 100.0 * sum(right.values()) / total,
+            "per_type": {k: 100.0 * right[k] / count[k] for k in sorted(count)}, "n": total}

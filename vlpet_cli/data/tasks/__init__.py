@@ -1,4 +1,5 @@
-"""The table of tasks (VQA, GQA, NLVR2, COCO captions) and their aliases, used by every command.
+"""The table of tasks (VQA, GQA, NLVR2, COCO captions; TVQA, How2QA, TVC, YC2C) and their aliases, used by
+every command.
 
 Adding a task is one new module holding its `Task` subclass plus its line in `TASKS`; every command (train,
 eval, eval --predictions, extract-features, quickstart, report) reads the task's declarations from here.
@@ -27,8 +28,13 @@ from vlpet_cli.data.tasks.base import (
 )
 from vlpet_cli.data.tasks.coco import CocoTask
 from vlpet_cli.data.tasks.gqa import GqaTask
+from vlpet_cli.data.tasks.how2qa import How2qaTask
 from vlpet_cli.data.tasks.nlvr import NlvrTask
+from vlpet_cli.data.tasks.tvc import TvcTask
+from vlpet_cli.data.tasks.tvqa import TvqaTask
+from vlpet_cli.data.tasks.video import VideoCaptionTask, VideoQaTask, VideoTask
 from vlpet_cli.data.tasks.vqa import VqaTask
+from vlpet_cli.data.tasks.yc2c import Yc2cTask
 from vlpet_cli.errors import DataError, VlpetError
 
 TASKS: dict[str, type[Task]] = {
@@ -36,6 +42,10 @@ TASKS: dict[str, type[Task]] = {
     "gqa": GqaTask,
     "nlvr": NlvrTask,
     "coco": CocoTask,
+    "tvqa": TvqaTask,
+    "how2qa": How2qaTask,
+    "tvc": TvcTask,
+    "yc2c": Yc2cTask,
 }
 ALIASES: dict[str, str] = {alias: name for name, cls in TASKS.items() for alias in cls.aliases}
 
@@ -138,12 +148,19 @@ __all__ = [
     "CocoTask",
     "Generate",
     "GqaTask",
+    "How2qaTask",
     "NlvrTask",
     "Record",
     "ScoreChoices",
     "Task",
     "TaskDataset",
+    "TvcTask",
+    "TvqaTask",
+    "VideoCaptionTask",
+    "VideoQaTask",
+    "VideoTask",
     "VqaTask",
+    "Yc2cTask",
     "check_features",
     "collate",
     "get_task",

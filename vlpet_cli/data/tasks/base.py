@@ -148,6 +148,10 @@ class Task:
         """The encoder text: prompt followed by the record's text."""
         return self.prompt + record.text
 
+    def source_ids(self, record: Record, tokenizer: Any) -> list[int]:
+        """The encoder token ids of a record: its source_text tokenised, cut at input_max_length."""
+        return _tokenize(tokenizer, self.source_text(record), self.input_max_length)
+
     def target(self, record: Record, rng: Any, train: bool) -> tuple[str, float] | None:
         """(target text, loss weight) for a record, or None when it has no target."""
         raise NotImplementedError
@@ -350,7 +354,7 @@ class TaskDataset:
             target_ids = _tokenize(self.tokenizer, text, task.target_max_length)
         return {
             "task": task.name,
-            "input_ids": _tokenize(self.tokenizer, task.source_text(record), task.input_max_length),
+            "input_ids": task.source_ids(record, self.tokenizer),
             "vis_feats": self.image_features(record),
             "target": None if target is None else target[0],
             "target_ids": target_ids,

@@ -42,16 +42,29 @@ def id_text(raw: Any, key: str) -> str:
 class RecordRef:
     """Points at a raw record in a file so that validation errors can name it (id text built on error)."""
 
-    __slots__ = ("id_key", "index", "path", "raw")
+    __slots__ = ("id_key", "index", "path", "raw", "unit")
 
-    def __init__(self, path: Path, index: int, raw: Any = None, id_key: str = "") -> None:
-        self.path, self.index, self.raw, self.id_key = path, index, raw, id_key
+    def __init__(self, path: Path, index: int, raw: Any = None, id_key: str = "", unit: str = "record") -> None:
+        self.path, self.index, self.raw, self.id_key, self.unit = path, index, raw, id_key, unit
 
     def error(self, problem: str, fix: str = "correct the record or regenerate the file") -> DataError:
-        """A DataError naming the file, the record index and id, the problem and the fix."""
+        """A DataError naming the file, the record index (or line of a .jsonl file) and id, problem and fix."""
         rid = id_text(self.raw, self.id_key) if self.id_key else ""
-        who = f"record {self.index}" + (f" ({rid})" if rid else "")
+        who = f"{self.unit} {self.index}" + (f" ({rid})" if rid else "")
         return DataError(f"{self.path}: {who}: {problem}. Fix: {fix}.")
+
+
+def _field_path(loc: tuple) -> tuple[str, int]:
+    """A field's name for messages, nested fields of list items included ('descs[0].desc'), and how many
+    parts of the location it used (the rest names union members, e.g. 'int')."""
+    text, used = str(loc[0]), 1
+    while used < len(loc) and isinstance(loc[used], int):
+        text += f"[{loc[used]}]"
+        used += 1
+        if used < len(loc) and isinstance(loc[used], str):
+            text += f".{loc[used]}"
+            used += 1
+    return text, used
 
 
 def problem_text(exc: ValidationError, raw: Any) -> str:
@@ -60,13 +73,13 @@ def problem_text(exc: ValidationError, raw: Any) -> str:
     first = errors[0]
     if not first["loc"]:
         return f"expected an object, found {type(raw).__name__}"
-    field = first["loc"][0]
+    field, used = _field_path(first["loc"])
     if first["type"] == "value_error":
         return str(first["msg"]).removeprefix("Value error, ")
     value = first.get("input")
     if first["type"] == "missing" or value is None:
         return f"field '{field}' is missing"
-    wants = [_TYPE_WORDS.get(e["type"], e["type"]) for e in errors if e["loc"][:1] == (field,)]
+    wants = [_TYPE_WORDS.get(e["type"], e["type"]) for e in errors if e["loc"][:used] == first["loc"][:used]]
     return f"field '{field}' should be {' or '.join(dict.fromkeys(wants))}, found {type(value).__name__} {value!r:.60}"
 
 
@@ -122,6 +135,25 @@ def read_json(path: Path, what: str, fix: str) -> Any:
                         f"Fix: repair or re-download the file.") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot be read ({e}). Fix: check the file and its permissions.") from None
+
+
+def read_jsonl(path: Path, what: str, fix: str) -> list[tuple[int, Any]]:
+    """(line number, parsed object) of each non-blank line of a JSON-lines file (VALUE's format); a missing
+    file or a malformed line is a DataError naming the file and line."""
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}. Fix: {fix}.")
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    out.append((lineno, json.loads(line)))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {lineno}: not valid JSON (column {e.colno}: {e.msg}). "
+                        f"Fix: repair the line or re-download the file.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read ({e}). Fix: check the file and its permissions.") from None
+    return out
 
 
 def read_record_list(path: Path, what: str, fix: str) -> list:
