@@ -81,11 +81,29 @@ def presets_ls() -> None:
     console.print(table)
 
 
+def _with_tasks(task: str | None, overrides: list[str] | None) -> list[str]:
+    """The overrides with `data.tasks` set from a --task option (so that a video task's settings apply)."""
+    tasks = _tasks_option(task)
+    if task is not None and not tasks:
+        raise VlpetError(f"--task {task!r} names no task; give one or a comma list, e.g. coco or tvqa,tvc")
+    return [*([f"data.tasks=[{','.join(tasks)}]"] if tasks else []), *(overrides or [])]
+
+
+def _task_kind(name: str) -> str:
+    """'image' or 'video' for a task name (unknown names are refused with the list of tasks)."""
+    from vlpet_cli.data.tasks import task_class
+
+    return task_class(name).feature_kind
+
+
+TASK_FOR_PRESET = typer.Option(None, "--task", "-t", help="resolve for these tasks (video tasks: the video section)")
+
+
 @presets_app.command("show")
 def presets_show(name: str, backbone: str | None = typer.Option(None, help="resolve for this backbone"),
-                 overrides: list[str] | None = OVERRIDES) -> None:
-    """Print the resolved preset as YAML."""
-    print(to_yaml(resolve(name, overrides, backbone)), end="")
+                 task: str | None = TASK_FOR_PRESET, overrides: list[str] | None = OVERRIDES) -> None:
+    """Print the resolved preset as YAML (with --task tvqa, ...: the values a video run uses)."""
+    print(to_yaml(resolve(name, _with_tasks(task, overrides), backbone, task_kind=_task_kind)), end="")
 
 
 @presets_app.command("cp")
@@ -102,19 +120,25 @@ def presets_cp(name: str, file: Path, force: bool = typer.Option(False, help="ov
 @app.command()
 def params(preset: str = typer.Option(..., "--preset", "-p", help="preset name or YAML file"),
            backbone: str | None = typer.Option(None, help="bart-base | t5-base | tiny-bart | tiny-t5 | HF id | dir"),
+           task: str | None = typer.Option(None, "--task", "-t",
+                                           help="count the model these tasks use (video tasks: 512-d projector)"),
            as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
            overrides: list[str] | None = OVERRIDES) -> None:
     """Trainable-parameter budget per module group, built on the meta device (no weights needed)."""
     from vlpet_cli.pet.budget import budget
     from vlpet_cli.vl.model import build_model
 
-    resolved = resolve(preset, overrides, backbone)
+    resolved = resolve(preset, _with_tasks(task, overrides), backbone, task_kind=_task_kind)
     model, _ = build_model(resolved, weights=False)
-    result = {"preset": resolved.name, "backbone": resolved.model.backbone, **budget(model)}
+    result = {"preset": resolved.name, "backbone": resolved.model.backbone, "tasks": resolved.data.tasks,
+              "feat_dim": resolved.model.feat_dim, **budget(model)}
     if as_json:
         print(json.dumps(result))
         return
-    table = Table("group", "trainable", "total", title=f"{resolved.name} on {resolved.model.backbone}")
+    title = f"{resolved.name} on {resolved.model.backbone}"
+    if task:
+        title += f" for {', '.join(resolved.data.tasks)} ({resolved.model.feat_dim}-d features)"
+    table = Table("group", "trainable", "total", title=title)
     for row in result["groups"]:
         table.add_row(row["group"], f"{row['trainable']:,}", f"{row['total']:,}")
     table.add_section()
@@ -170,7 +194,7 @@ def extract_features(images: Path | None = typer.Option(None, help="folder of im
 @features_app.command("inspect")
 def features_inspect(path: Path, annotations: Path | None = typer.Option(None, help="report ids it lacks"),
                      as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
-    """Count, shape, dtype, recorded attributes, and annotation ids without features."""
+    """Count, shape (video: dim and frames per video), dtype, attributes, and annotation ids without features."""
     info = inspect_features(path, annotation_images(annotations) if annotations else None, annotations)
     print(json.dumps(info) if as_json else describe_features(info))
 

@@ -6,6 +6,7 @@ import copy
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from vlpet_cli.backbones import family_of
-from vlpet_cli.config import Preset
+from vlpet_cli.config import DataConfig, Preset
 from vlpet_cli.errors import VlpetError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -89,17 +90,36 @@ def _unwrap(annotation: Any) -> Any:
 
 
 T5_PREFIX = "t5."  # `t5.<key>` overrides apply on T5 backbones only (the preset's T5 section)
+VIDEO_PREFIX = "video."  # `video.<key>` overrides apply when every task is a video task (the video section)
+
+# The reference's video-text settings (src/multitask_video.py and the video-text scripts, spec modules §3-4,
+# pipeline §2.3, §4, §5): 512-d CLIP ViT frame embeddings, 64 visual tokens (64 frames; the 8x8 -> 8x8 "pool" is
+# the identity), lr 7e-4, 20 epochs, batch 50 for every video task (BART), beams 4 for video QA (bart-base's
+# config defaults) and 5 for captions. Applied when every task of a run is a video task, merged with the preset's
+# own `video:` section; its `t5:` part applies on T5 backbones after the preset's T5 section (no T5 video scripts
+# exist: the T5 section's modules and lr stand, with the reference's T5 video batch 30 and greedy QA decoding).
+VIDEO_DEFAULTS: dict = {
+    "model": {"feat_dim": 512, "n_boxes": 64},
+    "train": {"lr": 7.0e-4, "epochs": 20, "batch_size": 50},
+    "eval": {"generation": {"tvqa": {"num_beams": 4, "max_length": 20},
+                            "how2qa": {"num_beams": 4, "max_length": 20},
+                            "tvc": {"num_beams": 5, "max_length": 20},
+                            "yc2c": {"num_beams": 5, "max_length": 20}}},
+    "t5": {"train": {"batch_size": 30},
+           "eval": {"generation": {"tvqa": {"num_beams": 1}, "how2qa": {"num_beams": 1}}}},
+}
 
 
 def check_key(dotted: str) -> None:
-    """Raise a VlpetError with a did-you-mean if `dotted` names no field of a preset (`t5.<key>` is checked as
-    `<key>`, since the T5 section holds the same fields)."""
-    if dotted.startswith(T5_PREFIX):
-        try:
-            check_key(dotted[len(T5_PREFIX):])
-        except VlpetError as exc:
-            raise VlpetError(str(exc).replace("unknown key '", f"unknown key '{T5_PREFIX}", 1)) from None
-        return
+    """Raise a VlpetError with a did-you-mean if `dotted` names no field of a preset (`t5.<key>` and
+    `video.<key>` are checked as `<key>`, since those sections hold the same fields)."""
+    for prefix in (T5_PREFIX, VIDEO_PREFIX):
+        if dotted.startswith(prefix):
+            try:
+                check_key(dotted[len(prefix):])
+            except VlpetError as exc:
+                raise VlpetError(str(exc).replace("unknown key '", f"unknown key '{prefix}", 1)) from None
+            return
     model: Any = Preset
     parts = dotted.split(".")
     for i, part in enumerate(parts):
@@ -163,11 +183,30 @@ def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _run_tasks(raw: dict, pairs: list[tuple[str, Any]]) -> list[str]:
+    """The task names a run will have: the last `data.tasks` given, else the preset's, else the default."""
+    given = next((v for k, v in reversed(pairs) if k == "data.tasks"), None)
+    if given is None:
+        given = (raw.get("data") or {}).get("tasks")
+    if given is None:
+        given = DataConfig().tasks
+    if isinstance(given, str):
+        given = given.split(",")
+    return [str(t).strip() for t in given or [] if str(t).strip()]
+
+
+def is_video_run(tasks: list[str], task_kind: Callable[[str], str] | None) -> bool:
+    """True when there are tasks and every one is a video task (`task_kind(name) == "video"`)."""
+    return bool(task_kind and tasks) and all(task_kind(t) == "video" for t in tasks)
+
+
 def resolve(name: str, overrides: list[str] | None = None, backbone: str | None = None,
-            defaults: list[str] | None = None) -> Preset:
-    """Load a preset, apply its T5 section when the backbone is a T5, then `defaults` (e.g. the toy world's),
-    then the user's overrides, and validate. `t5.<key>=v` overrides act as `<key>=v` (after the others) on a T5
-    backbone and are kept in the T5 section otherwise."""
+            defaults: list[str] | None = None, task_kind: Callable[[str], str] | None = None) -> Preset:
+    """Load a preset and apply, in order: the video section (VIDEO_DEFAULTS merged with the preset's `video:`)
+    when every task is a video task (`task_kind`, e.g. the task table's feature_kind, tells), its T5 section on
+    a T5 backbone, the video section's `t5:` part when both hold, then `defaults` (e.g. the toy world's), then the
+    user's overrides, and validate. Overrides follow the same order: plain keys, then `video.<key>` (video runs),
+    `t5.<key>` (T5 backbones), `video.t5.<key>`; a prefixed key that does not apply stays in its section."""
     raw = load_raw(name)
     pairs = parse_overrides(overrides or [])
     for key, _ in pairs:
@@ -180,14 +219,29 @@ def resolve(name: str, overrides: list[str] | None = None, backbone: str | None 
     families = raw.get("families", ["bart", "t5"])
     if family not in families:
         raise VlpetError(f"preset '{name}' is for {', '.join(families)} backbones, not {family} ('{chosen}')")
+    pairs = parse_overrides(defaults or []) + pairs
+    video = is_video_run(_run_tasks(raw, pairs), task_kind)
+    video_t5 = None
+    if video:
+        section = deep_merge(VIDEO_DEFAULTS, raw.get("video") or {})
+        video_t5 = section.pop("t5", None)
+        raw = deep_merge(raw, section)
+        raw["video"] = None
     if family == "t5" and raw.get("t5"):
         raw = deep_merge(raw, raw["t5"])
         raw["t5"] = None
-    pairs = parse_overrides(defaults or []) + pairs
-    if family == "t5":  # the T5-only values win over the general ones, as the preset's T5 section does
-        pairs = [p for p in pairs if not p[0].startswith(T5_PREFIX)] + [
-            (k[len(T5_PREFIX):], v) for k, v in pairs if k.startswith(T5_PREFIX)]
-    for key, value in pairs:
+    if family == "t5" and video_t5:
+        raw = deep_merge(raw, video_t5)
+
+    def rank(pair: tuple[str, Any]) -> tuple[int, str, Any]:
+        key, level = pair[0], 0
+        if video and key.startswith(VIDEO_PREFIX):
+            key, level = key[len(VIDEO_PREFIX):], 1
+        if family == "t5" and key.startswith(T5_PREFIX):
+            key, level = key[len(T5_PREFIX):], level + 2
+        return level, key, pair[1]
+
+    for _, key, value in sorted((rank(p) for p in pairs), key=lambda r: r[0]):
         set_dotted(raw, key, value)
     return validate(raw, f"preset '{name}'")
 

@@ -26,14 +26,21 @@ from vlpet_cli import backbones
 from vlpet_cli.artifacts import save_adapter
 from vlpet_cli.atomic import WriteError
 from vlpet_cli.config import Preset
-from vlpet_cli.data.loading import TaskData, check_feature_dims, load_task_data, resolve_data_root, toy_feature_dim
+from vlpet_cli.data.loading import (
+    TaskData,
+    check_feature_dims,
+    feature_kind,
+    load_task_data,
+    resolve_data_root,
+    toy_feature_dim,
+)
 from vlpet_cli.data.multitask import MultitaskLoader, task_batch_sizes
 from vlpet_cli.data.tasks import get_task
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.inference import best_score, validate
 from vlpet_cli.pet.budget import budget
 from vlpet_cli.plots import plot_run
-from vlpet_cli.presets import T5_PREFIX, check_key, parse_overrides, resolve, set_dotted
+from vlpet_cli.presets import T5_PREFIX, VIDEO_PREFIX, check_key, parse_overrides, resolve, set_dotted
 from vlpet_cli.presets import validate as validate_preset
 from vlpet_cli.progress import Progress
 from vlpet_cli.runs import (
@@ -66,8 +73,12 @@ def resolve_train_preset(name: str, tasks: list[str] | None = None, data_root: s
     extra = [f"data.tasks=[{','.join(tasks)}]"] if tasks else []
     if data_root:
         extra.append(f"data.data_root={data_root}")
-    defaults = [*TOY_DEFAULTS, f"model.feat_dim={toy_feature_dim()}"] if data_root == "toy" else []
-    preset = resolve(name, [*extra, *(overrides or [])], backbone, defaults=defaults)
+    overrides = [*extra, *(overrides or [])]
+    defaults = []
+    if data_root == "toy":  # the toy features' size depends on the tasks (image or video) the run ends up with
+        chosen = resolve(name, overrides, backbone, defaults=TOY_DEFAULTS, task_kind=feature_kind).data.tasks
+        defaults = [*TOY_DEFAULTS, f"model.feat_dim={toy_feature_dim(chosen)}"]
+    preset = resolve(name, overrides, backbone, defaults=defaults, task_kind=feature_kind)
     for task in preset.data.tasks:
         get_task(task)
     return preset
@@ -109,9 +120,10 @@ def resume_preset(run_dir: Path, preset: str | None = None, tasks: list[str] | N
     pairs = parse_overrides(overrides or [])
     for key, value in pairs:
         check_key(key)
-        if key.startswith(T5_PREFIX):
-            raise VlpetError(f"{key}: t5.* overrides are for new runs; when resuming, give the key without "
-                             f"'{T5_PREFIX}'")
+        for prefix in (T5_PREFIX, VIDEO_PREFIX):
+            if key.startswith(prefix):
+                raise VlpetError(f"{key}: {prefix}* overrides are for new runs; when resuming, give the key "
+                                 f"without '{prefix}'")
         set_dotted(raw, key, value)
     updated = validate_preset(raw, f"--resume overrides for {run_dir}")
     before, after = _leaves(saved.model_dump(mode="json")), _leaves(updated.model_dump(mode="json"))

@@ -4,7 +4,8 @@ Per-image (reference, VL-Adapter) layout: a directory with one `<img_id>.h5` per
 `<img_id>/features` of shape (n_tokens, dim), float16. Packed layout: one HDF5 file per source with dataset
 `features` (N, n_tokens, dim) and dataset `ids` (N,) of utf-8 strings; row i of `features` belongs to `ids[i]`.
 A packed file's valid rows are the first len(ids): features are flushed before their id is written, so an
-interrupted writer never leaves an id without its features.
+interrupted writer never leaves an id without its features. Video stores live in `video_features.py`;
+`inspect_features` reports on both kinds.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlpet_cli.data.h5attrs import DTYPES
+from vlpet_cli.data.h5attrs import read_attrs as _read_attrs
 from vlpet_cli.errors import DataError
 
 if TYPE_CHECKING:
@@ -23,7 +26,6 @@ if TYPE_CHECKING:
 PACKED = "packed"
 PER_IMAGE = "per-image"
 LAYOUTS = (PACKED, PER_IMAGE)
-DTYPES = ("float16", "float32")
 DEFAULT_FEATURE_NAME = "data_clip_RN101_att"
 _TMP_SUFFIX = ".tmp"
 
@@ -51,20 +53,6 @@ def open_features(path: Path) -> FeatureStore:
     if path.is_file():
         return FeatureStore(path, PACKED)
     raise DataError(f"{path}: feature file or directory not found; check the path or run `vlpet extract-features`.")
-
-
-def _plain(value: Any) -> Any:
-    """HDF5 attribute value -> JSON-friendly python value."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    return value
-
-
-def _read_attrs(attrs: Any) -> dict:
-    """HDF5 attribute manager -> plain dict."""
-    return {key: _plain(attrs[key]) for key in attrs}
 
 
 class FeatureStore:
@@ -443,7 +431,12 @@ def convert_features(src: Path, dst: Path, layout: str, batch_size: int = 256) -
 
 def inspect_features(path: Path, wanted: Iterable[str] | None = None, annotations: Path | None = None) -> dict:
     """Summary of a store: layout, count, shape, dtype, attributes; with the ids an annotation file names
-    (`data.tasks.annotation_images`), the ids without features."""
+    (`data.tasks.annotation_images`), the ids without features. Video stores (VALUE .npz folders, packed video
+    files) report their dim and frame-count range instead of one shape."""
+    from vlpet_cli.data.video_features import inspect_video_features, is_video_store
+
+    if is_video_store(Path(path)):
+        return inspect_video_features(Path(path), wanted, annotations)
     store = open_features(Path(path))
     try:
         count = len(store)
@@ -465,6 +458,10 @@ def inspect_features(path: Path, wanted: Iterable[str] | None = None, annotation
 
 def describe_features(info: dict, show_missing: int = 10) -> str:
     """Human-readable lines for an inspect_features() result."""
+    if info.get("kind") == "video":
+        from vlpet_cli.data.video_features import describe_video_features
+
+        return describe_video_features(info, show_missing)
     lines = [
         f"{info['path']}  ({info['layout']})",
         f"  images:     {info['count']}",
@@ -480,3 +477,4 @@ def describe_features(info: dict, show_missing: int = 10) -> str:
         if info["missing_count"] > show_missing:
             lines.append(f"    ... and {info['missing_count'] - show_missing} more")
     return "\n".join(lines)
+

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from vlpet_cli.config import Preset
 from vlpet_cli.data.features import locate_features, open_features
-from vlpet_cli.data.tasks import get_task
-from vlpet_cli.data.tasks.base import TaskDataset, check_features, open_task_features
+from vlpet_cli.data.tasks import get_task, task_class
+from vlpet_cli.data.tasks.base import Task, TaskDataset, check_features, open_task_features
 from vlpet_cli.data.toy import toy_root
+from vlpet_cli.data.video_features import locate_video_features, open_video_features
 from vlpet_cli.errors import VlpetError
 
 
@@ -26,9 +27,23 @@ def resolve_data_root(data_root: str | None) -> Path:
     return root
 
 
-def toy_feature_dim() -> int:
-    """Feature size of the built-in toy world (building it on first use)."""
-    return open_features(locate_features(resolve_data_root("toy"), "COCO")).dim
+def feature_kind(task: str) -> str:
+    """'image' or 'video': the kind of features a task (name or alias) reads (presets.resolve's task_kind)."""
+    return task_class(task).feature_kind
+
+
+def toy_feature_dim(tasks: list[str] | None = None) -> int:
+    """Feature size of the built-in toy world (building it on first use): its video features' when every task
+    is a video task, else its image features'."""
+    root = resolve_data_root("toy")
+    if tasks and all(feature_kind(t) == "video" for t in tasks):
+        task = get_task(tasks[0])
+        path = _locate(root, task, task.split_names("train")[0], "", task.video.feature_name)
+        dim = open_video_features(path).dim
+        if dim is None:
+            raise VlpetError(f"{path}: the toy world's video features are empty; rebuild the toy world")
+        return dim
+    return open_features(locate_features(root, "COCO")).dim
 
 
 @dataclass
@@ -39,22 +54,51 @@ class TaskData:
     val: dict = field(default_factory=dict)
 
 
+def _locate(root: Path, task: Task, split_name: str, image_name: str, video_name: str) -> Path:
+    """The feature store a task's split reads (image: data.feature_name; video: data.video.feature_name)."""
+    if task.feature_kind == "video":
+        return locate_video_features(root, task.feature_source(split_name), video_name)
+    return locate_features(root, task.feature_source(split_name), image_name)
+
+
+def _store_dim(task: Task, path: Path) -> int | None:
+    """A store's feature size from its header (None for an empty video folder: check_features reports it)."""
+    if task.feature_kind == "video":
+        return open_video_features(path).dim
+    return open_features(path).dim
+
+
 def check_feature_dims(root: Path, preset: Preset, splits=("train", "val")) -> None:
     """Every task's feature stores, for every split used, hold model.feat_dim-sized features (cheap: headers only),
-    so a wrong file stops the run before the model is built or anything is written."""
+    so a wrong file stops the run before the model is built or anything is written. Image and video tasks in one
+    run are refused with one message unless their feature sizes agree."""
     want = preset.model.feat_dim
     seen: set[Path] = set()
+    found: list[tuple[str, str, str, Path, int]] = []  # (kind, task, split, path, dim)
     for name in preset.data.tasks:
-        task = get_task(name)
+        task = get_task(name, video=preset.data.video)
         for split in splits:
             for split_name in task.split_names(split):
-                path = locate_features(root, task.feature_source(split_name), preset.data.feature_name)
+                path = _locate(root, task, split_name, preset.data.feature_name, preset.data.video.feature_name)
                 if path in seen:
                     continue
                 seen.add(path)
-                found = open_features(path).dim
-                if found != want:
-                    raise VlpetError(_dim_message(name, split_name, path, found, want))
+                dim = _store_dim(task, path)
+                if dim is not None:
+                    found.append((task.feature_kind, name, split_name, path, dim))
+    first = {}
+    for entry in found:
+        first.setdefault(entry[0], entry)
+    if len(first) > 1 and len({entry[4] for entry in found}) > 1:
+        image, video = first["image"], first["video"]
+        raise VlpetError(
+            f"image tasks ({image[1]}) and video tasks ({video[1]}) in one run need features of one size, but "
+            f"{image[3]} is {image[4]}-dimensional and {video[3]} is {video[4]}-dimensional; train image and "
+            f"video tasks in separate runs, or extract both with the same CLIP model and set model.feat_dim to "
+            f"their size")
+    for _, name, split_name, path, dim in found:
+        if dim != want:
+            raise VlpetError(_dim_message(name, split_name, path, dim, want))
 
 
 def _dim_message(task: str, split: str, path: Path, found: int, want: int) -> str:
@@ -68,12 +112,13 @@ def load_task_data(preset: Preset, root: Path, tokenizer, splits=("train", "val"
     data = TaskData()
     for name in preset.data.tasks:
         task = get_task(name, preset.data.prompts, preset.data.use_prompts, preset.data.video)
+        store_name = preset.data.video.feature_name if task.feature_kind == "video" else preset.data.feature_name
         for split in splits:
             limit = preset.data.limit if split == "train" else preset.eval.limit
             records = task.load(root, split)[:limit] if limit else task.load(root, split)
-            stores = open_task_features(records, root, preset.data.feature_name)
+            stores = open_task_features(records, root, store_name, task.feature_kind)
             for store in stores.values():
-                if store.dim != preset.model.feat_dim:
+                if store.dim is not None and store.dim != preset.model.feat_dim:
                     raise VlpetError(_dim_message(name, split, store.path, store.dim, preset.model.feat_dim))
             check_features(task, records, stores)
             kind = "train" if split == "train" else "eval"

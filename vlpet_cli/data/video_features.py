@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlpet_cli.data.features import DTYPES, _read_attrs
+from vlpet_cli.data.h5attrs import DTYPES, read_attrs
 from vlpet_cli.errors import DataError
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ class VideoFeatureStore:
                 spans = f["spans"][: len(ids)]
                 feats = f["features"]
                 n_rows, self._dim, self._dtype = feats.shape[0], int(feats.shape[1]), str(feats.dtype)
-                self._attrs = _read_attrs(f.attrs)
+                self._attrs = read_attrs(f.attrs)
         except OSError as exc:
             raise DataError(f"{self.path}: cannot read HDF5 file ({exc}); re-extract it or check the path.") from exc
         self._spans = {}
@@ -293,6 +293,67 @@ def missing_videos(store: VideoFeatureStore, ids: Iterable[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Inspect
+# ------------------------------------------------------------------------------------------------------------
+
+def is_video_store(path: Path) -> bool:
+    """True for a video feature store: a folder of <vid>.npz files, or a packed file with per-video spans."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / ATTRS_FILE).is_file() or any(e.name.endswith(".npz") for e in os.scandir(path))
+    if not path.is_file():
+        return False
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return "spans" in f
+    except OSError:
+        return False  # open_features reports the unreadable file
+
+
+def inspect_video_features(path: Path, wanted: Iterable[str] | None, annotations: Path | None) -> dict:
+    """`vlpet features inspect` of a video store: count, dim, dtype, frame-count range, attributes, missing videos."""
+    store = open_video_features(path)
+    try:
+        counts = [store.frame_count(vid) for vid in store.ids()]
+        info: dict[str, Any] = {"path": str(store.path), "layout": store.layout, "kind": "video",
+                                "count": len(counts), "dim": store.dim, "dtype": store.dtype or None,
+                                "frames": ({"min": min(counts), "max": max(counts),
+                                            "mean": round(sum(counts) / len(counts), 2)} if counts else None),
+                                "attributes": store.attrs}
+        if wanted is not None:
+            wanted = list(wanted)
+            missing = missing_videos(store, wanted)
+            info.update(annotations=str(annotations), annotation_ids=len(wanted),
+                        missing_count=len(missing), missing_ids=missing)
+        return info
+    finally:
+        store.close()
+
+
+def describe_video_features(info: dict, show_missing: int = 10) -> str:
+    """Human-readable lines for a video store's inspect_features() result."""
+    frames = info["frames"]
+    lines = [
+        f"{info['path']}  ({info['layout']}, video)",
+        f"  videos:     {info['count']}",
+        f"  dim:        {info['dim']}  dtype: {info['dtype']}",
+        "  frames:     " + (f"{frames['min']}-{frames['max']} per video (mean {frames['mean']})" if frames else "-"),
+    ]
+    for key, value in sorted((info.get("attributes") or {}).items()):
+        lines.append(f"  {key + ':':<11} {value}")
+    if "annotation_ids" in info:
+        lines.append(f"  annotations: {info['annotations']} names {info['annotation_ids']} videos, "
+                     f"{info['missing_count']} without features")
+        for vid in info["missing_ids"][:show_missing]:
+            lines.append(f"    missing: {vid}")
+        if info["missing_count"] > show_missing:
+            lines.append(f"    ... and {info['missing_count'] - show_missing} more")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Writers
 # ------------------------------------------------------------------------------------------------------------
 
@@ -409,7 +470,7 @@ class PackedVideoWriter:
                 raise DataError(f"{self.path}: exists but is not a vlpet packed video feature file; choose another "
                                 f"--out.")
             feats, spans, ids = self._f["features"], self._f["spans"], self._f["ids"]
-            found = dict(_read_attrs(self._f.attrs), dim=int(feats.shape[1]), dtype=str(feats.dtype))
+            found = dict(read_attrs(self._f.attrs), dim=int(feats.shape[1]), dtype=str(feats.dtype))
             _check_settings(self.path, found, dict(wanted, dim=self.dim))
         except DataError:
             self._f.close()

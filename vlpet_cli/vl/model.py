@@ -93,17 +93,21 @@ class VLModel(nn.Module):
         return self.backbone.config
 
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(inputs_embeds, attention_mask, text length) of the joint encoder sequence."""
+        """(inputs_embeds, attention_mask, text length) of the joint encoder sequence; the mask (text pad mask,
+        then the visual mask) is also the decoder's cross-attention mask in forward, generate and score_choices."""
         input_ids, text_mask = batch["input_ids"], batch["attention_mask"]
         encoder = self.backbone.get_encoder()
         text = encoder.embed_tokens(input_ids)
-        feats = pool_grid(batch["vis_feats"].to(text.dtype), self.n_boxes)
+        feats = batch["vis_feats"].to(text.dtype)
+        if batch.get("vis_kind") != "video":  # video frames are already resized to data.video.frames
+            feats = pool_grid(feats, self.n_boxes)
         b, n_img, per_image, dim = feats.shape
         img_ids, obj_ids = visual_ids(n_img, per_image, feats.device)
         words = anatomy.word_embedding(self.backbone).weight
         vis = self.projector(feats.reshape(b, n_img * per_image, dim), img_ids, obj_ids, words)
         parts = [text, vis.to(text.dtype)]
-        masks = [text_mask, text_mask.new_ones(b, vis.shape[1])]
+        vis_mask = batch.get("vis_mask")  # zero for padded video frames (data.video.mask_padding); else all ones
+        masks = [text_mask, text_mask.new_ones(b, vis.shape[1]) if vis_mask is None else vis_mask.to(text_mask)]
         prompts = self.pet.prompts(b)
         if prompts is not None:
             # The reference's order: [prompts ; text ; visual] (the prompts sit in the text part).

@@ -235,17 +235,22 @@ def _store_place(store: Any, source: str) -> str:
     return str(path) if path is not None else f"the '{source}' feature store"
 
 
-def open_task_features(records: Sequence[Record], data_root: Path,
-                       name: str = DEFAULT_FEATURE_NAME) -> dict[str, Any]:
-    """Open one feature store per source used by the records (lazy HDF5; picklable)."""
+def open_task_features(records: Sequence[Record], data_root: Path, name: str = DEFAULT_FEATURE_NAME,
+                       kind: str = "image") -> dict[str, Any]:
+    """Open one feature store per source used by the records (lazy HDF5 / npz; picklable); `kind` 'video' opens
+    video stores (<root>/video/vis_features/<source>/<name>)."""
+    sources = sorted({r.source for r in records})
+    if kind == "video":
+        from vlpet_cli.data.video_features import locate_video_features, open_video_features
+
+        return {s: open_video_features(locate_video_features(Path(data_root), s, name)) for s in sources}
     from vlpet_cli.data.features import locate_features, open_features
 
-    sources = sorted({r.source for r in records})
     return {s: open_features(locate_features(Path(data_root), s, name)) for s in sources}
 
 
 def check_features(task: Task, records: Sequence[Record], stores: Any) -> None:
-    """Raise one DataError if any record's image features are missing (count, first ids, where looked)."""
+    """Raise one DataError if any record's image (or video) features are missing (count, first ids, where)."""
     from vlpet_cli.data.features import missing_ids
 
     by_source: dict[str, list[str]] = {}
@@ -268,6 +273,12 @@ def check_features(task: Task, records: Sequence[Record], stores: Any) -> None:
         return
     bad = [r for r in records if any(i in missing for i in r.image_ids)]
     first = list(dict.fromkeys(i for r in bad for i in r.image_ids if i in missing))[:5]
+    if task.feature_kind == "video":
+        raise DataError(
+            f"{task.name}: {len(bad)} of {len(records)} records have no video features "
+            f"(first missing videos: {', '.join(first)}); looked in {'; '.join(places)}. "
+            f"Fix: extract features for these videos (vlpet extract-features --videos DIR --out FOLDER) or point "
+            f"--data-root at the folder holding video/vis_features/<source>/.")
     raise DataError(
         f"{task.name}: {len(bad)} of {len(records)} records have no image features "
         f"(first missing ids: {', '.join(first)}); looked in {'; '.join(places)}. "
@@ -323,24 +334,47 @@ class TaskDataset:
         return np.random.default_rng((self.seed, epoch, i))
 
     def image_features(self, record: Record) -> Any:
-        """(n_img, n_tokens, dim) float32 features of a record's images."""
+        """(n_img, n_tokens, dim) float32 features of a record's images; for a video task (1, frames, dim), the
+        video's frames resized as the reference does (zero rows appended, or max-pooled over time)."""
         import numpy as np
 
         store = _store_for(self.features, record.source)
         if store is None:
+            folder = (f"video/vis_features/{record.source}/" if self.task.feature_kind == "video"
+                      else f"{record.source}/clip_features/")
             raise DataError(f"{record.where()}: no feature store for source '{record.source}'. "
-                            f"Fix: open the features of {record.source}/clip_features/.")
+                            f"Fix: open the features of {folder}.")
+        if self.task.feature_kind == "video":
+            from vlpet_cli.data.video_features import resize_frames
+
+            return np.stack([resize_frames(self._stored(store, record, vid), self.task.video.frames)[0]
+                             for vid in record.image_ids])
         feats = []
         for img_id in record.image_ids:
-            try:
-                feats.append(np.asarray(store.get(img_id), dtype=np.float32))
-            except DataError as e:
-                raise DataError(f"{record.where()}: {e}") from None
-            except KeyError:
-                raise DataError(f"{record.where()}: no image features for id {img_id!r} in "
-                                f"{_store_place(store, record.source)}. Fix: extract features for this "
-                                f"image (vlpet extract-features) or check --data-root.") from None
+            feats.append(np.asarray(self._stored(store, record, img_id), dtype=np.float32))
         return np.stack(feats)
+
+    def _stored(self, store: Any, record: Record, item_id: str) -> Any:
+        """One image's (or video's) features as stored; errors name the record."""
+        try:
+            return store.get(item_id)
+        except DataError as e:
+            raise DataError(f"{record.where()}: {e}") from None
+        except KeyError:
+            raise DataError(f"{record.where()}: no image features for id {item_id!r} in "
+                            f"{_store_place(store, record.source)}. Fix: extract features for this "
+                            f"image (vlpet extract-features) or check --data-root.") from None
+
+    def frame_mask(self, record: Record) -> Any:
+        """(n_videos * frames,) int64: 1 for a real frame, 0 for a zero row appended by the resize (from the
+        stored frame counts, without reading the features)."""
+        import numpy as np
+
+        store = _store_for(self.features, record.source)
+        frames = self.task.video.frames
+        counts = [store.frame_count(vid) if hasattr(store, "frame_count") else len(self._stored(store, record, vid))
+                  for vid in record.image_ids]
+        return np.concatenate([(np.arange(frames) < min(c, frames)).astype(np.int64) for c in counts])
 
     def item(self, i: int, epoch: int) -> dict:
         """The model item of record i at an epoch: token ids, features, target ids, weight, eval info."""
@@ -352,7 +386,7 @@ class TaskDataset:
         if target is not None:
             text, weight = target
             target_ids = _tokenize(self.tokenizer, text, task.target_max_length)
-        return {
+        out = {
             "task": task.name,
             "input_ids": task.source_ids(record, self.tokenizer),
             "vis_feats": self.image_features(record),
@@ -362,6 +396,11 @@ class TaskDataset:
             "loss_reduction": task.loss_reduction,
             "meta": task.eval_info(record),
         }
+        if task.feature_kind == "video":
+            out["vis_kind"] = "video"
+            if task.video.mask_padding:
+                out["vis_mask"] = self.frame_mask(record)
+        return out
 
 
 def collate(items: Sequence[dict], pad_id: int) -> dict:
@@ -390,6 +429,14 @@ def collate(items: Sequence[dict], pad_id: int) -> dict:
                             f"({shape} vs {it['vis_feats'].shape}, record {it['meta']}). "
                             f"Fix: extract all features with the same backbone and layer.")
     vis_feats = torch.from_numpy(np.stack([it["vis_feats"] for it in items]).astype(np.float32, copy=False))
+    extra: dict = {}
+    if "vis_kind" in items[0]:
+        extra["vis_kind"] = items[0]["vis_kind"]
+    if any("vis_mask" in it for it in items):  # video with data.video.mask_padding: 0 marks a padded frame
+        n_vis = shape[0] * shape[1]
+        extra["vis_mask"] = torch.from_numpy(np.stack(
+            [np.asarray(it["vis_mask"], dtype=np.int64) if "vis_mask" in it else np.ones(n_vis, dtype=np.int64)
+             for it in items]))
 
     labels = None
     if any(it["target_ids"] is not None for it in items):
@@ -408,4 +455,5 @@ def collate(items: Sequence[dict], pad_id: int) -> dict:
         "loss_weights": torch.tensor([it["weight"] for it in items], dtype=torch.float),
         "loss_reduction": items[0]["loss_reduction"],
         "meta": [it["meta"] for it in items],
+        **extra,
     }
