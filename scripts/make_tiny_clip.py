@@ -146,10 +146,10 @@ def train_projected(model, steps: int, seed: int, batch: int = 48, lr: float = 3
     import torch
     from torch import nn
 
-    from vlpet_cli.data import toy, toy_video
+    from vlpet_cli.data import toy_video
 
-    slot = [len(toy.COLORS) + 1, len(toy.SHAPES) + 1, toy_video.GRID + 1, toy_video.GRID + 1]
-    classes = [len(toy.BACKGROUNDS)] + slot * 2
+    slot = [len(toy_video.COLORS) + 1, len(toy_video.SHAPES) + 1, toy_video.GRID + 1, toy_video.GRID + 1]
+    classes = [len(toy_video.BACKGROUNDS)] + slot * 2
     heads = nn.ModuleList(nn.Linear(model.config.projection_dim, k) for k in classes)
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)

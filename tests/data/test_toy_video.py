@@ -101,7 +101,7 @@ def _centre_and_colour(rgb: np.ndarray) -> tuple[np.ndarray, str]:
     mask = np.abs(rgb.astype(int) - background).sum(-1) > 60
     ys, xs = np.nonzero(mask)
     colour = rgb[mask].mean(0)
-    name = min(toy.COLORS, key=lambda c: np.abs(np.array(toy.COLORS[c]) - colour).sum())
+    name = min(toy_video.COLORS, key=lambda c: np.abs(np.array(toy_video.COLORS[c]) - colour).sum())
     return np.array([xs.mean(), ys.mean()]), name
 
 
@@ -159,3 +159,7 @@ def test_world_is_deterministic_and_small():
     assert len(a.clips) == sum(sum(s.values()) for s in toy_video.CLIPS.values()) < 500
     corpus = toy_video.video_corpus(toy.SEED)
     assert corpus == sorted(set(corpus)) and "Where does the red circle go?" in corpus
+
+
+def test_palette_is_the_image_worlds():
+    assert (toy_video.COLORS, toy_video.SHAPES, toy_video.BACKGROUNDS) == (toy.COLORS, toy.SHAPES, toy.BACKGROUNDS)

@@ -2,11 +2,11 @@
 How2QA, TVC and YC2C annotations in VALUE's formats (spec/pipeline.md §1.5), and per-frame features extracted from
 the files by the video extraction path with the shipped tiny projected CLIP (`video/vis_features/<source>/clip-vit/`).
 
-Texts are short (the tiny backbones read at most 128 tokens). A clip is 9 s at 2 fps, 112x112: one coloured shape that moves (left, right, up, down, or stays) and may change
+A clip is 9 s at 2 fps, 112x112: one coloured shape that moves (left, right, up, down, or stays) and may change
 colour halfway; in YouCook2-like clips a second shape may appear. The subtitles name the shape and its first
 colour but never what it does, so every question (which way it moves, which colour it is at the end) and every
 description needs the frames. The choices of a question kind are listed in one fixed order drawn from the seed
-(balanced answer letters, which the frames alone decide).
+(balanced answer letters, which the frames alone decide). Texts are short: the tiny backbones read 128 tokens.
 """
 
 from __future__ import annotations
@@ -22,10 +22,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlpet_cli.atomic import write_text
-from vlpet_cli.data.toy import BACKGROUNDS, COLORS, SHAPES
 from vlpet_cli.data.video_extraction import TINY_CLIP_PROJ, extract_video_features
 from vlpet_cli.errors import VlpetError
 
+# the image world's palette and shapes (data/toy.py), restated so the two worlds import nothing of each other
+SHAPES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
+          "purple": (140, 60, 170)}
+BACKGROUNDS = {"white": (250, 250, 250), "gray": (200, 200, 200), "cream": (245, 235, 205)}
 FRAME_SIZE = 112
 FPS = 2
 DURATION_S = 9.0
