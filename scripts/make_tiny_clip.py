@@ -32,7 +32,6 @@ sys.path.insert(0, str(REPO))
 DEFAULT_OUT = REPO / "vlpet_cli" / "assets" / "tiny-clip"
 PROJECTED_OUT = REPO / "vlpet_cli" / "assets" / "tiny-clip-proj"
 PROJECTION_DIM = 512
-HEADS_PROJECTED = int(__import__("os").environ.get("HEADS", "4"))
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 PATCH = 16
@@ -184,6 +183,23 @@ def train_projected(model, steps: int, seed: int, batch: int = 48, lr: float = 3
         "row {:.3f}; second shape colour {:.3f}, shape {:.3f}, column {:.3f}, row {:.3f}".format(*hits))
 
 
+def sincos_positions(config):
+    """(1 + grid*grid, hidden) 2-D sine-cosine position embeddings: half the channels encode the column, half the
+    row, at geometrically spaced frequencies; the class token's row is zero."""
+    import torch
+
+    grid = config.image_size // config.patch_size
+    quarter = config.hidden_size // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                indexing="ij")
+    parts = []
+    for coord in (cols.flatten(), rows.flatten()):
+        angles = coord[:, None] * freqs[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat([torch.zeros(1, config.hidden_size), torch.cat(parts, 1)], 0)
+
+
 def build_tiny_clip(out_dir: Path, seed: int = 0, steps: int = 0, log=print, projected: bool = False) -> Path:
     """Write config.json, model.safetensors and preprocessor_config.json of the tiny model to out_dir,
     trained for `steps` steps of patch tagging, or of frame tagging when `projected` (0: random weights)."""
@@ -194,17 +210,16 @@ def build_tiny_clip(out_dir: Path, seed: int = 0, steps: int = 0, log=print, pro
     transformers.utils.logging.disable_progress_bar()
 
     config = CLIPVisionConfig(
-        image_size=112, patch_size=PATCH, hidden_size=64, num_hidden_layers=2,
-        num_attention_heads=HEADS_PROJECTED if projected else 2, intermediate_size=128,
-        projection_dim=PROJECTION_DIM if projected else 64,
+        image_size=112, patch_size=PATCH, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=128, projection_dim=PROJECTION_DIM if projected else 64,
     )
     torch.manual_seed(seed)
     model = (CLIPVisionModelWithProjection if projected else CLIPVisionModel)(config).eval()
     if projected:
-        # stock init (std 0.02) leaves where a patch is too faint next to what it shows for the class token to
-        # pool it; a louder position embedding lets one embedding per frame tell where the shapes are
+        # stock init (random, std 0.02) leaves where a patch is too faint for the class token to pool it into one
+        # embedding; 2-D sine-cosine position embeddings (as in MAE) make a patch's place linear to read off
         with torch.no_grad():
-            model.vision_model.embeddings.position_embedding.weight.normal_(0.0, 0.5)
+            model.vision_model.embeddings.position_embedding.weight.copy_(sincos_positions(config))
     if steps:
         (train_projected if projected else train)(model, steps, seed, log=log)
     out_dir = Path(out_dir)
@@ -233,15 +248,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", nargs="?", type=Path, default=None,
                         help=f"default: {DEFAULT_OUT.name}, or {PROJECTED_OUT.name} with --projected")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="tagging training steps (default 1500, or 3000 with --projected)")
+    parser.add_argument("--steps", type=int, default=1500, help="tagging training steps")
     parser.add_argument("--untrained", action="store_true", help="keep the random weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--projected", action="store_true",
                         help="build tiny-clip-proj (with a 512-d projection) for the toy videos")
     args = parser.parse_args()
     out = args.out or (PROJECTED_OUT if args.projected else DEFAULT_OUT)
-    steps = args.steps or (3000 if args.projected else 1500)
-    target = build_tiny_clip(out, args.seed, 0 if args.untrained else steps, projected=args.projected)
+    target = build_tiny_clip(out, args.seed, 0 if args.untrained else args.steps, projected=args.projected)
     size = sum(p.stat().st_size for p in target.iterdir())
     print(f"wrote {target} ({size / 1024:.0f} KiB)")
