@@ -43,6 +43,7 @@ CLIPS = {
     "how2": {"train": 90, "val": 20, "test_public": 10},
     "yc2": {"train": 90, "val": 20, "test": 10},
 }
+DESCS = {"train": 1, "val": 2}  # descriptions per caption clip: val scores against two references per clip
 GRID = 4  # the tiny projected CLIP is taught what lies in each cell of a GRID x GRID division of a frame
 
 _MOVE_TEXT = {"left": "left", "right": "right", "up": "up", "down": "down", "still": "nowhere"}
@@ -226,10 +227,11 @@ def descriptions(rng: random.Random, clip: Clip, n: int = 2) -> list[str]:
 
 
 def _orders(seed: int) -> dict[str, list[str]]:
-    """The fixed choice order of every question kind and choice count, drawn once from the seed."""
+    """The fixed choice order of each question kind, drawn once from the seed; How2QA's four choices are TVQA's
+    first four (its clips never stay still or turn purple), so a letter means the same in both tasks."""
     rng = random.Random(f"{seed}:video-choices")
-    return {"move5": rng.sample(MOTIONS, 5), "move4": rng.sample(MOTIONS[:4], 4),
-            "color5": rng.sample(tuple(COLORS), 5), "color4": rng.sample(tuple(COLORS)[:4], 4)}
+    moves, colors = rng.sample(MOTIONS[:4], 4), rng.sample(tuple(COLORS)[:4], 4)
+    return {"move5": [*moves, MOTIONS[4]], "move4": moves, "color5": [*colors, tuple(COLORS)[4]], "color4": colors}
 
 
 def questions(clip: Clip, n_choices: int, orders: dict[str, list[str]]) -> list[tuple[str, list[str], int]]:
@@ -314,7 +316,7 @@ def _caption_files(world: VideoWorld, rng: random.Random) -> None:
         clip_id[clip.source] += 1
         if split != "test":
             rec["descs"] = []
-            for text in descriptions(rng, clip):
+            for text in descriptions(rng, clip, DESCS[split]):
                 rec["descs"].append({"desc": text, "desc_id": desc_id, "type": "v"})
                 desc_id += 1
         world.files[f"{task}/{task}_{split}_release.jsonl"].append(rec)
