@@ -38,6 +38,5 @@ def test_quickstart_video_learns_every_task(tmp_path):
         assert rows[task]["after"] > floor + 15, (task, rows[task], floor)
     for task in ("tvc", "yc2c"):
         assert rows[task]["after"] >= max(3 * rows[task]["before"], 20), rows[task]
-    assert summary["total_seconds"] < 180, summary["total_seconds"]
     run = Path(summary["run"])
     assert (run / "adapter").is_dir() and (run / "eval" / "tvqa-val.json").exists()
