@@ -1,11 +1,12 @@
-"""Build and pretrain the shipped tiny backbones `tiny-bart` and `tiny-t5` on the toy world's text.
+"""Build and pretrain the shipped tiny backbones `tiny-bart`, `tiny-t5` and `tiny-bart-video` on the toy world's text.
 
-Each gets a byte-level BPE tokenizer trained on the toy corpus, images and videos (plus generated generic English),
-a tiny encoder-decoder built from a config, and about 13 minutes of CPU pretraining: half denoising (BART: text
+Each gets a byte-level BPE tokenizer trained on the toy corpus (plus generated generic English), a tiny
+encoder-decoder built from a config, and about 13 minutes of CPU pretraining: half denoising (BART: text
 infilling, T5: span corruption), so that it knows the toy vocabulary and grammar, and half reading tasks (the toy
-question templates answered from a written scene description; for the video tasks, VALUE's encoder strings answered
-from a clip written out frame by frame, with the letter of the right choice or a description of what happens), so
-that, frozen, it can already reason in language.
+question templates answered from a written scene description), so that, frozen, it can already reason in language.
+`tiny-bart-video` (family `bart-video`, used by `vlpet quickstart --video`) also reads the toy videos' text, and its
+reading tasks add the video tasks: VALUE's encoder strings answered from a clip written out frame by frame, with the
+letter of the right choice or a description of what happens.
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/pretrain_tiny_backbones.py [--steps 3000] [--seed 0]
 """
@@ -572,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reading", type=int, default=20000, help="reading-task examples (drawn once)")
     ap.add_argument("--video-reading", type=int, default=8000, help="video reading-task examples (drawn once)")
-    ap.add_argument("--families", default="bart,t5", help="comma-separated: bart, t5")
+    ap.add_argument("--families", default="bart,t5,bart-video", help="comma-separated: bart, t5, bart-video")
     ap.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 on a busy machine)"
     )
@@ -585,12 +586,16 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     corpus = toy_corpus()
     generic = generic_english(random.Random(args.seed))
-    texts = pretraining_texts(corpus) + video_texts()
-    reading = reading_examples(random.Random(f"reading:{args.seed}"), args.reading)
-    reading += video_reading_examples(random.Random(f"video-reading:{args.seed}"), args.video_reading)
-    print(f"toy corpus: {len(corpus)} texts; pretraining lines: {len(texts)}; generic lines: {len(generic)}")
-    for family in args.families.split(","):
-        out = args.out_dir / f"tiny-{family}"
+    image_texts = pretraining_texts(corpus)
+    image_reading = reading_examples(random.Random(f"reading:{args.seed}"), args.reading)
+    print(f"toy corpus: {len(corpus)} texts; pretraining lines: {len(image_texts)}; generic lines: {len(generic)}")
+    for name in args.families.split(","):
+        family, video = name.removesuffix("-video"), name.endswith("-video")
+        texts = image_texts + video_texts() if video else image_texts
+        reading = image_reading
+        if video:
+            reading = reading + video_reading_examples(random.Random(f"video-reading:{args.seed}"), args.video_reading)
+        out = args.out_dir / f"tiny-{name}"
         random.seed(args.seed)
         torch.manual_seed(args.seed)
         tok = train_tokenizer(family, tokenizer_lines(texts, generic))
@@ -606,7 +611,7 @@ def main(argv: list[str] | None = None) -> None:
         for f in out.iterdir():
             f.chmod(0o644)
         record.update(
-            family=family,
+            family=name,
             objective=("text infilling (30%, mean span 3)" if family == "bart"
                        else "span corruption (15%, mean span 3)") + " mixed half and half with reading tasks",
             reading_examples=len(reading),
