@@ -99,7 +99,7 @@ def test_locate_prefers_packed_then_folder(tmp_path):
 @pytest.mark.parametrize("layout", ["npz", "packed"])
 def test_resume_and_refuse_other_settings(tmp_path, layout):
     path = tmp_path / ("v" if layout == "npz" else "v.h5")
-    with open_video_writer(path, layout, D, attrs=ATTRS) as writer:
+    with open_video_writer(path, layout, D, attrs=dict(ATTRS, device=None)) as writer:
         writer.add("a", frames(4))
     with open_video_writer(path, layout, D, attrs=ATTRS) as writer:
         assert writer.existing() == {"a"}

@@ -15,8 +15,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlpet_cli.data.h5attrs import DTYPES
-from vlpet_cli.data.h5attrs import read_attrs as _read_attrs
 from vlpet_cli.errors import DataError
 
 if TYPE_CHECKING:
@@ -26,6 +24,7 @@ if TYPE_CHECKING:
 PACKED = "packed"
 PER_IMAGE = "per-image"
 LAYOUTS = (PACKED, PER_IMAGE)
+DTYPES = ("float16", "float32")
 DEFAULT_FEATURE_NAME = "data_clip_RN101_att"
 _TMP_SUFFIX = ".tmp"
 
@@ -53,6 +52,20 @@ def open_features(path: Path) -> FeatureStore:
     if path.is_file():
         return FeatureStore(path, PACKED)
     raise DataError(f"{path}: feature file or directory not found; check the path or run `vlpet extract-features`.")
+
+
+def _plain(value: Any) -> Any:
+    """HDF5 attribute value -> JSON-friendly python value."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return value
+
+
+def _read_attrs(attrs: Any) -> dict:
+    """HDF5 attribute manager -> plain dict."""
+    return {key: _plain(attrs[key]) for key in attrs}
 
 
 class FeatureStore:

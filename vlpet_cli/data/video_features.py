@@ -6,7 +6,8 @@ with `features` (total_frames, dim), all videos' frames concatenated, `spans` (N
 and `ids` (N,) utf-8. Video i is `features[spans[i,0] : spans[i,0] + spans[i,1]]`; a writer flushes the frames,
 then the span, then the id, so the valid videos are the first len(ids) with a non-empty id and a kill loses at
 most the video being written. `resize_frames` is the reference's `resize` (zero rows at the end, or adaptive max
-pooling over time) with a mask of the real frames.
+pooling over time) with a mask of the real frames. The module depends on nothing else of vlpet's data package
+(features.py imports it for `vlpet features inspect`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlpet_cli.data.h5attrs import DTYPES, read_attrs
 from vlpet_cli.errors import DataError
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ DEFAULT_VIDEO_FEATURE_NAME = "clip-vit"
 ATTRS_FILE = "vlpet_attrs.json"
 _TMP_SUFFIX = ".tmp"
 _CHUNK_ROWS = 128
+DTYPES = ("float16", "float32")  # as the image stores (features.py, which imports this module for inspect)
 
 
 def video_feature_paths(data_root: Path, source: str, name: str = DEFAULT_VIDEO_FEATURE_NAME) -> tuple[Path, Path]:
@@ -64,9 +65,20 @@ def open_video_features(path: Path) -> VideoFeatureStore:
                     f"`vlpet extract-features --videos DIR --out {path}`.")
 
 
+def read_attrs(attrs: Any) -> dict:
+    """HDF5 attributes -> a dict of JSON-friendly values (arrays as lists, bytes as str)."""
+    out = {}
+    for key in attrs:
+        value = attrs[key]
+        value = value.tolist() if hasattr(value, "tolist") else value
+        out[key] = value.decode("utf-8") if isinstance(value, bytes) else value
+    return out
+
+
 def _json_attrs(attrs: dict) -> dict:
-    """Attributes as they read back (tuples -> lists), so a resumed writer compares like with like."""
-    return json.loads(json.dumps(attrs))
+    """Attributes as they read back (tuples -> lists; None left out, HDF5 cannot hold it), so a resumed writer
+    compares like with like."""
+    return json.loads(json.dumps({key: value for key, value in attrs.items() if value is not None}))
 
 
 def _npz_header(path: Path) -> tuple[tuple[int, ...], str]:
