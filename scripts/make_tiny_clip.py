@@ -8,7 +8,13 @@ lies under the patch (colour, shape and size of the shape covering it, or none) 
 content, as real CLIP features carry a photo's, and the quick start can learn the visual tasks from them. The
 linear tagging heads are thrown away.
 
-Usage: python scripts/make_tiny_clip.py [OUT_DIR] [--steps 1500] [--untrained]
+With --projected it builds `tiny-clip-proj` instead, the toy videos' extractor: the same tower with CLIP's visual
+projection to 512 (the size of ViT-B/32's image embedding, so toy video features are shaped like VALUE's), trained
+on freshly drawn toy video frames to tag its projected image embedding with the frame's background and, for up
+to two shapes (left-most first), the colour, the kind and the cell of a 4x4 grid it is centred in. One embedding
+per frame so carries where the shapes are and what colour they have, which the toy video tasks ask about.
+
+Usage: python scripts/make_tiny_clip.py [OUT_DIR] [--steps 1500] [--untrained] [--projected]
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 DEFAULT_OUT = REPO / "vlpet_cli" / "assets" / "tiny-clip"
+PROJECTED_OUT = REPO / "vlpet_cli" / "assets" / "tiny-clip-proj"
+PROJECTION_DIM = 512
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 PATCH = 16
@@ -116,23 +124,104 @@ def train(model, steps: int, seed: int, batch: int = 48, lr: float = 2e-3, log=p
     log(f"held-out tagging accuracy: under the patch {sum(hits[:3]) / 3:.3f}, whole scene {sum(hits[3:]) / 10:.3f}")
 
 
-def build_tiny_clip(out_dir: Path, seed: int = 0, steps: int = 0, log=print) -> Path:
+def frame_batch(rng: random.Random, n: int):
+    """(pixel_values (n, 3, 112, 112), targets (n, 9)) for n fresh random toy video frames."""
+    import numpy as np
+    import torch
+
+    from vlpet_cli.data import toy_video
+    from vlpet_cli.data.extraction import normalize
+
+    pixels, targets = [], []
+    for _ in range(n):
+        rgb, tags = toy_video.random_frame(rng)
+        pixels.append(normalize(rgb, CLIP_MEAN, CLIP_STD))
+        targets.append(tags)
+    return torch.from_numpy(np.stack(pixels)), torch.tensor(targets)
+
+
+def train_projected(model, steps: int, seed: int, batch: int = 48, lr: float = 3e-3, log=print) -> None:
+    """Train `model` (with projection) to tag its image embedding; logs the accuracy on 256 held-out frames."""
+    import torch
+    from torch import nn
+
+    from vlpet_cli.data import toy_video
+
+    slot = [len(toy_video.COLORS) + 1, len(toy_video.SHAPES) + 1, toy_video.GRID + 1, toy_video.GRID + 1]
+    classes = [len(toy_video.BACKGROUNDS)] + slot * 2
+    heads = nn.ModuleList(nn.Linear(model.config.projection_dim, k) for k in classes)
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    rng = random.Random(f"tiny-clip-proj:{seed}")
+    held_out = frame_batch(random.Random(f"tiny-clip-proj-eval:{seed}"), 256)
+
+    def logits(pixels):
+        embeds = model(pixel_values=pixels).image_embeds
+        return [h(embeds) for h in heads]
+
+    start = time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        pixels, targets = frame_batch(rng, batch)
+        # where a shape is (column, row) is the hardest to pool into one token and what motion questions need
+        loss = sum(nn.functional.cross_entropy(out, targets[:, k]) * (2 if k and (k - 1) % 4 >= 2 else 1)
+                   for k, out in enumerate(logits(pixels)))
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps:
+            log(f"step {step}/{steps}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f} s")
+    model.eval()
+    with torch.no_grad():
+        pixels, targets = held_out
+        outs = logits(pixels)
+        hits = [out.argmax(-1).eq(targets[:, k]).float().mean().item() for k, out in enumerate(outs)]
+    log("held-out tagging accuracy: background {:.3f}; first shape colour {:.3f}, shape {:.3f}, column {:.3f}, "
+        "row {:.3f}; second shape colour {:.3f}, shape {:.3f}, column {:.3f}, row {:.3f}".format(*hits))
+
+
+def sincos_positions(config):
+    """(1 + grid*grid, hidden) 2-D sine-cosine position embeddings: half the channels encode the column, half the
+    row, at geometrically spaced frequencies; the class token's row is zero."""
+    import torch
+
+    grid = config.image_size // config.patch_size
+    quarter = config.hidden_size // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                indexing="ij")
+    parts = []
+    for coord in (cols.flatten(), rows.flatten()):
+        angles = coord[:, None] * freqs[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat([torch.zeros(1, config.hidden_size), torch.cat(parts, 1)], 0)
+
+
+def build_tiny_clip(out_dir: Path, seed: int = 0, steps: int = 0, log=print, projected: bool = False) -> Path:
     """Write config.json, model.safetensors and preprocessor_config.json of the tiny model to out_dir,
-    trained for `steps` steps of patch tagging (0: random weights)."""
+    trained for `steps` steps of patch tagging, or of frame tagging when `projected` (0: random weights)."""
     import torch
     import transformers
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
     transformers.utils.logging.disable_progress_bar()
 
     config = CLIPVisionConfig(
         image_size=112, patch_size=PATCH, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=128, projection_dim=64,
+        intermediate_size=128, projection_dim=PROJECTION_DIM if projected else 64,
     )
     torch.manual_seed(seed)
-    model = CLIPVisionModel(config).eval()
+    model = (CLIPVisionModelWithProjection if projected else CLIPVisionModel)(config).eval()
+    if projected:
+        # stock init (random, std 0.02) leaves where a patch is too faint for the class token to pool it into one
+        # embedding; 2-D sine-cosine position embeddings (as in MAE) make a patch's place linear to read off
+        with torch.no_grad():
+            model.vision_model.embeddings.position_embedding.weight.copy_(sincos_positions(config))
     if steps:
-        train(model, steps, seed, log=log)
+        (train_projected if projected else train)(model, steps, seed, log=log)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -157,11 +246,15 @@ def build_tiny_clip(out_dir: Path, seed: int = 0, steps: int = 0, log=print) -> 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", nargs="?", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=1500, help="patch-tagging training steps")
+    parser.add_argument("out", nargs="?", type=Path, default=None,
+                        help=f"default: {DEFAULT_OUT.name}, or {PROJECTED_OUT.name} with --projected")
+    parser.add_argument("--steps", type=int, default=1500, help="tagging training steps")
     parser.add_argument("--untrained", action="store_true", help="keep the random weights")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--projected", action="store_true",
+                        help="build tiny-clip-proj (with a 512-d projection) for the toy videos")
     args = parser.parse_args()
-    target = build_tiny_clip(args.out, args.seed, 0 if args.untrained else args.steps)
+    out = args.out or (PROJECTED_OUT if args.projected else DEFAULT_OUT)
+    target = build_tiny_clip(out, args.seed, 0 if args.untrained else args.steps, projected=args.projected)
     size = sum(p.stat().st_size for p in target.iterdir())
     print(f"wrote {target} ({size / 1024:.0f} KiB)")

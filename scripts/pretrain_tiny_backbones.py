@@ -1,9 +1,12 @@
-"""Build and pretrain the shipped tiny backbones `tiny-bart` and `tiny-t5` on the toy world's text.
+"""Build and pretrain the shipped tiny backbones `tiny-bart`, `tiny-t5` and `tiny-bart-video` on the toy world's text.
 
 Each gets a byte-level BPE tokenizer trained on the toy corpus (plus generated generic English), a tiny
 encoder-decoder built from a config, and about 13 minutes of CPU pretraining: half denoising (BART: text
 infilling, T5: span corruption), so that it knows the toy vocabulary and grammar, and half reading tasks (the toy
 question templates answered from a written scene description), so that, frozen, it can already reason in language.
+`tiny-bart-video` (family `bart-video`, used by `vlpet quickstart --video`) also reads the toy videos' text, and its
+reading tasks add the video tasks: VALUE's encoder strings answered from a clip written out frame by frame, with the
+letter of the right choice or a description of what happens.
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/pretrain_tiny_backbones.py [--steps 3000] [--seed 0]
 """
@@ -21,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vlpet_cli.data import toy
+from vlpet_cli.data import toy, toy_video
 from vlpet_cli.data.toy import toy_corpus
 
 VOCAB_SIZE = 1000
@@ -200,6 +203,77 @@ def reading_examples(rng: random.Random, n: int) -> list[tuple[str, str, str]]:
             out.append((PROMPTS["nlvr"] + statement, images, "true" if want else "false"))
         else:
             out.append(("caption: ", image, rng.choice(toy.captions(rng, scene))))
+    return out
+
+
+def _subs(clip_subs: list[dict]) -> str:
+    return " ".join(line["text"].strip() for line in clip_subs)
+
+
+def video_source(task: str, subs: str, clip: toy_video.Clip, q: str = "", choices: list[str] | None = None) -> str:
+    """A video task's encoder string as spec/pipeline.md §3.1 writes it (prompt after the text)."""
+    if task in ("tvqa", "how2qa"):
+        listed = " ".join(f"a{i}: {c.strip('. ')}." for i, c in enumerate(choices or []))
+        return f"[Subs] {subs} [Q] {q} [TS] (0.00-{toy_video.DURATION_S:.2f}) [Choices] {listed} {task}: "
+    if task == "tvc":
+        return f"[Subs] {subs} [TS] ([0.0, {toy_video.DURATION_S}]) tvc: "
+    return f"[Subs] {subs} yc2c: "
+
+
+def video_texts(seed: int = toy.SEED, n_sources: int = 300) -> list[str]:
+    """The toy video world's texts (subtitle lines, questions, choices, descriptions), the answer letters, and
+    `n_sources` of its encoder strings as the video tasks feed them."""
+    world = toy_video.make_video_world(seed)
+    subs = {line["vid_name"]: _subs(line["sub"]) for lines in world.subtitles.values() for line in lines}
+    clips = {c.vid_name: c for c in world.clips}
+    sources = []
+    for name, records in world.files.items():
+        task = name.split("/")[0]
+        for r in records:
+            choices = [r[f"a{i}"] for i in range(5) if f"a{i}" in r]
+            sources.append(video_source(task, subs[r["vid_name"]], clips[r["vid_name"]], r.get("q", ""), choices))
+    sources = list(dict.fromkeys(sources))
+    picked = random.Random(f"video-texts:{seed}").sample(sources, min(n_sources, len(sources)))
+    return [f"a{i}" for i in range(5)] + toy_video.video_corpus(seed) + picked
+
+
+def _where(cx: float, cy: float) -> str:
+    """'top left' ... 'bottom right', 'middle' for the centre: a third of the frame each way."""
+    third = toy_video.FRAME_SIZE / 3
+    row = ("top", "middle", "bottom")[min(2, int(cy / third))]
+    col = ("left", "middle", "right")[min(2, int(cx / third))]
+    return "middle" if row == col == "middle" else " ".join(w for w in (row, col) if w != "middle")
+
+
+def frame_account(clip: toy_video.Clip) -> str:
+    """A clip written out frame by frame, one phrase per 1.5 s tick (as the frame features will come), e.g.
+    'video: red square top left; red square top; red square top right; ...'."""
+    frames = []
+    for k in range(int(toy_video.DURATION_S / 1.5)):
+        shapes = toy_video.frame_shapes(clip, 1.5 * k)
+        frames.append(" and ".join(f"{color} {kind} {_where(cx, cy)}" for kind, color, cx, cy in shapes))
+    return "video: " + "; ".join(frames) + "."
+
+
+def video_reading_examples(rng: random.Random, n: int) -> list[tuple[str, str, str]]:
+    """n (task text, clip account, answer) triples over freshly drawn clips (never the toy world's own), the
+    account written frame by frame: the QA tasks with their choices in a random order, answered with the letter
+    of the right choice, and the caption tasks answered with a description of what happens."""
+    out: list[tuple[str, str, str]] = []
+    tasks = ("tvqa", "how2qa", "tvc", "yc2c")
+    while len(out) < n:
+        task = tasks[len(out) % 4]
+        source = {"tvqa": "tv", "how2qa": "how2", "tvc": "tv", "yc2c": "yc2"}[task]
+        clip = toy_video._clip(rng, "", source, "train", "")
+        subs = _subs(toy_video.subtitle_lines(rng, clip))
+        account = frame_account(clip)
+        if task in ("tvqa", "how2qa"):
+            n_choices = 5 if task == "tvqa" else 4
+            orders = {key: rng.sample(order, len(order)) for key, order in toy_video._orders(0).items()}
+            q, choices, answer = rng.choice(toy_video.questions(clip, n_choices, orders))
+            out.append((video_source(task, subs, clip, q, choices), account, f"a{answer}"))
+        else:
+            out.append((video_source(task, subs, clip), account, toy_video.descriptions(rng, clip, 1)[0]))
     return out
 
 
@@ -498,7 +572,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3000, help="optimisation steps per backbone")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reading", type=int, default=20000, help="reading-task examples (drawn once)")
-    ap.add_argument("--families", default="bart,t5", help="comma-separated: bart, t5")
+    ap.add_argument("--video-reading", type=int, default=8000, help="video reading-task examples (drawn once)")
+    ap.add_argument("--families", default="bart,t5,bart-video", help="comma-separated: bart, t5, bart-video")
     ap.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 on a busy machine)"
     )
@@ -511,11 +586,16 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     corpus = toy_corpus()
     generic = generic_english(random.Random(args.seed))
-    texts = pretraining_texts(corpus)
-    reading = reading_examples(random.Random(f"reading:{args.seed}"), args.reading)
-    print(f"toy corpus: {len(corpus)} texts; pretraining lines: {len(texts)}; generic lines: {len(generic)}")
-    for family in args.families.split(","):
-        out = args.out_dir / f"tiny-{family}"
+    image_texts = pretraining_texts(corpus)
+    image_reading = reading_examples(random.Random(f"reading:{args.seed}"), args.reading)
+    print(f"toy corpus: {len(corpus)} texts; pretraining lines: {len(image_texts)}; generic lines: {len(generic)}")
+    for name in args.families.split(","):
+        family, video = name.removesuffix("-video"), name.endswith("-video")
+        texts = image_texts + video_texts() if video else image_texts
+        reading = image_reading
+        if video:
+            reading = reading + video_reading_examples(random.Random(f"video-reading:{args.seed}"), args.video_reading)
+        out = args.out_dir / f"tiny-{name}"
         random.seed(args.seed)
         torch.manual_seed(args.seed)
         tok = train_tokenizer(family, tokenizer_lines(texts, generic))
@@ -531,7 +611,7 @@ def main(argv: list[str] | None = None) -> None:
         for f in out.iterdir():
             f.chmod(0o644)
         record.update(
-            family=family,
+            family=name,
             objective=("text infilling (30%, mean span 3)" if family == "bart"
                        else "span corruption (15%, mean span 3)") + " mixed half and half with reading tasks",
             reading_examples=len(reading),

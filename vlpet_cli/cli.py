@@ -151,27 +151,49 @@ def params(preset: str = typer.Option(..., "--preset", "-p", help="preset name o
 
 # ---- features ---------------------------------------------------------------------------------------------
 @app.command("extract-features")
-def extract_features(images: Path = typer.Option(..., help="folder of images (searched recursively)"),
-                     model: str = typer.Option(..., help="CLIP model directory, cached hub id, 'tiny-clip', or a "
-                                                         "CLIP ResNet checkpoint (.safetensors file or its folder)"),
-                     out: Path = typer.Option(..., help="packed .h5 file, or a folder for --layout per-image"),
-                     annotations: Path | None = typer.Option(None, help="only the images this file names"),
-                     layout: str = typer.Option("packed", help="packed | per-image (the reference layout)"),
-                     layer: int = typer.Option(-1, help="hidden layer whose patch tokens are kept"),
-                     batch_size: int = typer.Option(32, help="images per forward pass"),
+def extract_features(images: Path | None = typer.Option(None, help="folder of images (searched recursively)"),
+                     videos: Path | None = typer.Option(None, help="folder of video files (searched recursively): "
+                                                                   "per-frame CLIP image embeddings, 1 frame/1.5 s"),
+                     model: str = typer.Option(..., help="CLIP model directory, cached hub id, 'tiny-clip' (images), "
+                                                         "'tiny-clip-proj' (videos), or a CLIP ResNet checkpoint "
+                                                         "(.safetensors file or its folder; images)"),
+                     out: Path = typer.Option(..., help="packed .h5 file, or a folder for --layout per-image|npz"),
+                     annotations: Path | None = typer.Option(None, help="only the images or videos this file names"),
+                     layout: str | None = typer.Option(None, help="images: packed (default) | per-image (the "
+                                                                  "reference layout); videos: npz (default, "
+                                                                  "VALUE's) | packed"),
+                     layer: int = typer.Option(-1, help="hidden layer whose patch tokens are kept (images)"),
+                     batch_size: int = typer.Option(32, help="images or frames per forward pass"),
                      dtype: str = typer.Option("float16", help="float16 | float32"),
-                     limit: int | None = typer.Option(None, help="extract at most N new images"),
-                     workers: int = typer.Option(2, help="image decoding threads"),
+                     limit: int | None = typer.Option(None, help="extract at most N new images or videos"),
+                     workers: int = typer.Option(2, help="image or video decoding threads"),
                      device: str | None = typer.Option(None, help="cpu | cuda (default: cuda if present)"),
                      torchscript: bool = typer.Option(False, "--torchscript",
                                                       help="--model is OpenAI's TorchScript archive (RN101.pt)"),
                      no_progress: bool = typer.Option(False, "--no-progress", help="plain output")) -> None:
-    """Images -> CLIP grid features (HDF5), resumable, skipping unreadable images."""
+    """Images -> CLIP grid features (HDF5), or videos -> per-frame CLIP embeddings; resumable, skipping bad files."""
+    if (images is None) == (videos is None):
+        raise VlpetError("extract-features needs exactly one of --images DIR (grid features) or --videos DIR "
+                         "(per-frame video features).")
+    if videos is not None:
+        if torchscript:
+            raise VlpetError("--torchscript applies to --images only: video features need a CLIP ViT with its "
+                             "projection (e.g. clip-vit-base-patch32).")
+        if layer != -1:
+            raise VlpetError("--layer applies to --images only: video features are the projected image "
+                             "embedding (CLIP's encode_image), as VALUE's.")
+        from vlpet_cli.extract import extract_videos
+
+        summary = extract_videos(videos, model, out, annotations, layout=layout or "npz", batch_size=batch_size,
+                                 dtype=dtype, limit=limit, workers=workers, progress=not no_progress,
+                                 device=device)
+        console.print(summary.describe())
+        return
     from vlpet_cli.extract import extract
 
-    summary = extract(images, model, out, annotations, layout=layout, layer=layer, batch_size=batch_size,
-                      dtype=dtype, limit=limit, workers=workers, progress=not no_progress, device=device,
-                      torchscript=torchscript)
+    summary = extract(images, model, out, annotations, layout=layout or "packed", layer=layer,
+                      batch_size=batch_size, dtype=dtype, limit=limit, workers=workers,
+                      progress=not no_progress, device=device, torchscript=torchscript)
     console.print(summary.describe())
 
 
@@ -422,14 +444,16 @@ def merge_export_peft(adapter: Path, out: Path = typer.Option(..., help="output 
 def quickstart(runs_dir: Path = typer.Option(Path("runs"), help="where the run and the toy data go"),
                preset: str = typer.Option("vlpet-small", help="preset to demonstrate"),
                backbone: str = typer.Option("tiny-bart", help="tiny-bart | tiny-t5"),
+               video: bool = typer.Option(False, "--video", help="the four toy video tasks (TVQA, How2QA, TVC, "
+                                                                  "YC2C) instead of the image tasks"),
                overrides: list[str] | None = OVERRIDES) -> None:
     """Offline demo: extract toy features, train on four toy tasks, and compare scores before and after."""
     from vlpet_cli.quickstart import TABLE_COLUMNS, table_rows
     from vlpet_cli.quickstart import quickstart as run
 
     with _warnings_to_stderr():
-        summary = run(runs_dir, preset, backbone, overrides or [], say=console.print)
-    table = Table(*TABLE_COLUMNS, title=f"{preset} on {backbone}: the toy world's test splits")
+        summary = run(runs_dir, preset, backbone, overrides or [], say=console.print, video=video)
+    table = Table(*TABLE_COLUMNS, title=f"{preset} on {backbone}: the toy world's {summary['split']} splits")
     for task, metric, before, after in table_rows(summary):
         table.add_row(task, metric, before, f"[bold]{after}[/bold]")
     console.print(table)

@@ -1,6 +1,6 @@
 """The built-in toy world: synthetic shape pictures with VQA, GQA, NLVR2 and COCO annotations in the
-reference on-disk formats (spec/pipeline.md §1), plus packed tiny-CLIP features, built once into the
-cache."""
+reference on-disk formats (spec/pipeline.md §1), plus packed tiny-CLIP features, and short videos with TVQA,
+How2QA, TVC and YC2C annotations (`toy_video.py`), built once into the cache."""
 
 from __future__ import annotations
 
@@ -576,8 +576,15 @@ def _fingerprint(model_dir: Path) -> str:
 
 
 def _generator_hash() -> str:
-    """A short hash of this module's source: a world built by other code is rebuilt, not reused."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    """A short hash of this module's and the video world's source: a world built by other code is rebuilt."""
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update((Path(__file__).parent / "toy_video.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _tiny_clip_proj() -> Path:
+    """The shipped tiny projected CLIP used to extract the toy video features."""
+    return Path(__file__).resolve().parent.parent / "assets" / "tiny-clip-proj"
 
 
 def write_world(world: ToyWorld, dest: Path) -> dict[str, dict[str, Path]]:
@@ -633,6 +640,11 @@ def build_toy(dest: Path, seed: int = SEED, features: bool = True, model: Path |
                 _, path, reason = summary.failed[0]
                 raise VlpetError(f"toy world: feature extraction failed for {path} ({reason})")
         manifest["features"] = {"model": model.name, "fingerprint": _fingerprint(model), "file": FEATURE_FILE}
+    from vlpet_cli.data.toy_video import build_video  # imports this module's constants
+
+    manifest["video"] = build_video(dest, seed, features=features)
+    if features:
+        manifest["video"]["features"]["fingerprint"] = _fingerprint(_tiny_clip_proj())
     manifest["build_seconds"] = round(time.perf_counter() - start, 2)
     _write_json(dest / "toy.json", manifest)
     return dest
@@ -651,12 +663,14 @@ def _is_current(root: Path) -> bool:
     except (OSError, ValueError):
         return False
     feats = manifest.get("features") or {}
-    model = _tiny_clip()
+    video_feats = (manifest.get("video") or {}).get("features") or {}
+    model, video_model = _tiny_clip(), _tiny_clip_proj()
     return (
         manifest.get("version") == TOY_VERSION
         and manifest.get("generator") == _generator_hash()
         and manifest.get("seed") == SEED
         and (not model.is_dir() or feats.get("fingerprint") == _fingerprint(model))
+        and (not video_model.is_dir() or video_feats.get("fingerprint") == _fingerprint(video_model))
     )
 
 
