@@ -39,18 +39,20 @@ def majority_rate(data: Path, task: str) -> float:
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def readme_quickstart_table() -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the first markdown table in README.md's "Quick start" section."""
+def readme_quickstart_table(nth: int = 0) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the nth markdown table in README.md's "Quick start" section (0: the image quick start's,
+    1: the video quick start's)."""
     text = README.read_text(encoding="utf-8")
     section = text.split("\n## Quick start", 1)[1].split("\n## ", 1)[0]
-    lines = [line.strip() for line in section.splitlines()]
-    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
-    table = []
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        table.append([cell.strip() for cell in line.strip("|").split("|")])
-    header, rule, *rows = table
+    tables: list[list[list[str]]] = []
+    previous = False
+    for line in (line.strip() for line in section.splitlines()):
+        if line.startswith("|"):
+            if not previous:
+                tables.append([])
+            tables[-1].append([cell.strip() for cell in line.strip("|").split("|")])
+        previous = line.startswith("|")
+    header, rule, *rows = tables[nth]
     assert all(set(cell) <= set("-: ") for cell in rule), rule
     return header, rows
 
@@ -59,6 +61,9 @@ def test_readme_quickstart_table_is_a_table():
     header, rows = readme_quickstart_table()
     assert tuple(header) == TABLE_COLUMNS  # the columns `vlpet quickstart` prints, no others
     assert [r[0] for r in rows] == ["vqa", "gqa", "nlvr", "coco"]
+    header, rows = readme_quickstart_table(1)
+    assert tuple(header) == TABLE_COLUMNS
+    assert [r[0] for r in rows] == ["tvqa", "how2qa", "tvc", "yc2c"]
 
 
 def test_quickstart_learns_every_task(tmp_path):
