@@ -318,15 +318,16 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
 
 
 def feature_attrs(data: TaskData) -> dict[str, dict]:
-    """What made the features the run reads, per source (vision model, layer, grid, dtype, shape): the adapter
-    records it so that `vlpet predict` extracts new images' features the same way."""
+    """What made the features the run reads, per source (vision model, layer, grid, dtype, shape: (tokens, dim) of
+    an image, (None, dim) of a video's frames): the adapter records it so that `vlpet predict` extracts new
+    inputs' features the same way."""
     found: dict[str, dict] = {}
     for datasets in (data.train, data.val):
         for ds in datasets.values():
             stores = getattr(ds, "features", None)
             for source, store in (stores.items() if isinstance(stores, dict) else ()):
                 if source not in found and hasattr(store, "attrs"):
-                    found[source] = {**store.attrs, "dtype": store.dtype, "shape": list(store.shape)}
+                    found[source] = {**store.attrs, "dtype": store.dtype, "shape": list(getattr(store, "shape", (None, store.dim)))}
     return found
 
 
