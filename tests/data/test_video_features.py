@@ -11,11 +11,11 @@ import h5py
 import numpy as np
 import pytest
 
+from vlpet_cli.data.store_base import missing_ids
 from vlpet_cli.data.video_features import (
     ATTRS_FILE,
     VideoFeatureStore,
     locate_video_features,
-    missing_videos,
     open_video_features,
     open_video_writer,
     resize_frames,
@@ -62,7 +62,7 @@ def test_roundtrip_both_layouts(tmp_path, layout):
     with pytest.raises(DataError) as err:
         store.get("missing_vid")
     assert "missing_vid" in str(err.value) and str(path) in str(err.value) and "--videos" in str(err.value)
-    assert missing_videos(store, ["yc2_abc_3", "x", "y", "x"]) == ["x", "y"]
+    assert missing_ids(store, ["yc2_abc_3", "x", "y", "x"]) == ["x", "y"]
     store.close()
 
 

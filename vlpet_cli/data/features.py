@@ -15,11 +15,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlpet_cli.data.store_base import H5Handle, check_same, missing_ids, read_attrs
 from vlpet_cli.errors import DataError
 
 if TYPE_CHECKING:
     import numpy as np
-    from typing_extensions import Self
 
 PACKED = "packed"
 PER_IMAGE = "per-image"
@@ -54,28 +54,12 @@ def open_features(path: Path) -> FeatureStore:
     raise DataError(f"{path}: feature file or directory not found; check the path or run `vlpet extract-features`.")
 
 
-def _plain(value: Any) -> Any:
-    """HDF5 attribute value -> JSON-friendly python value."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    return value
-
-
-def _read_attrs(attrs: Any) -> dict:
-    """HDF5 attribute manager -> plain dict."""
-    return {key: _plain(attrs[key]) for key in attrs}
-
-
-class FeatureStore:
+class FeatureStore(H5Handle):
     """Read-only view of one feature store; picklable (paths and index only, HDF5 handles opened per process)."""
 
     def __init__(self, path: Path, layout: str):
         self.path = Path(path)
         self.layout = layout
-        self._h5: Any = None
-        self._pid: int | None = None
         self._index: dict[str, int] | None = None
         self._ids: list[str] | None = None
         self._shape: tuple[int, ...] | None = None
@@ -102,21 +86,12 @@ class FeatureStore:
                 feats = f["features"]
                 self._shape = tuple(feats.shape[1:])
                 self._dtype = str(feats.dtype)
-                self._attrs = _read_attrs(f.attrs)
+                self._attrs = read_attrs(f.attrs)
         except OSError as exc:
             raise DataError(f"{self.path}: cannot read HDF5 file ({exc}); re-extract it or check the path.") from exc
         # An id written without its value (interrupted writer) reads back as ""; such rows are not valid.
         self._ids = [i for i in ids if i]
         self._index = {img_id: row for row, img_id in enumerate(ids) if img_id}
-
-    def _file(self) -> Any:
-        """The packed file's handle for this process, opened on first use and re-opened after a fork."""
-        if self._h5 is None or self._pid != os.getpid():
-            import h5py
-
-            self._h5 = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._h5
 
     # -- per-image ------------------------------------------------------------------------------------------
     def _item_path(self, img_id: str) -> Path:
@@ -143,7 +118,7 @@ class FeatureStore:
             with h5py.File(item, "r") as f:
                 ds = f[f"{ids[0]}/features"]
                 self._shape, self._dtype = tuple(ds.shape), str(ds.dtype)
-                self._attrs = _read_attrs(f.attrs)
+                self._attrs = read_attrs(f.attrs)
         except (OSError, KeyError) as exc:
             raise DataError(
                 f"{item}: cannot read dataset '{ids[0]}/features' ({exc}); delete the file and re-run extraction."
@@ -225,37 +200,8 @@ class FeatureStore:
             self._probe()
         return dict(self._attrs or {})
 
-    def close(self) -> None:
-        """Close this process's HDF5 handle, if any."""
-        if self._h5 is not None and self._pid == os.getpid():
-            self._h5.close()
-        self._h5, self._pid = None, None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_h5"], state["_pid"] = None, None
-        return state
-
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, layout={self.layout!r})"
-
-
-def missing_ids(store: FeatureStore, ids: Iterable[str]) -> list[str]:
-    """The ids (first occurrence order, no repeats) that have no features in the store."""
-    seen: set[str] = set()
-    out = []
-    for img_id in ids:
-        if img_id not in seen:
-            seen.add(img_id)
-            if img_id not in store:
-                out.append(img_id)
-    return out
 
 
 def check_compatible(store: FeatureStore, feat_dim: int) -> None:
@@ -276,20 +222,6 @@ def _check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
         raise DataError(f"unsupported feature dtype '{dtype}'; use one of {', '.join(DTYPES)}.")
     return dtype
-
-
-def _check_same(path: Path, found: dict, wanted: dict) -> None:
-    """DataError when an existing store was written with different settings than this run."""
-    diffs = [
-        f"{key}={found[key]!r} (this run: {wanted[key]!r})"
-        for key in wanted
-        if key in found and found[key] != wanted[key]
-    ]
-    if diffs:
-        raise DataError(
-            f"{path}: existing features were written with different settings: {'; '.join(diffs)}. "
-            f"Use a new --out, or repeat the run with the same settings to resume it."
-        )
 
 
 class PackedWriter:
@@ -315,10 +247,10 @@ class PackedWriter:
                 self._f.close()
                 raise DataError(f"{self.path}: exists but is not a vlpet packed feature file; choose another --out.")
             feats, ids = self._f["features"], self._f["ids"]
-            found = _read_attrs(self._f.attrs)
+            found = read_attrs(self._f.attrs)
             found.update(shape=list(feats.shape[1:]), dtype=str(feats.dtype))
             try:
-                _check_same(self.path, found, dict(attrs, shape=[n_tokens, dim]))
+                check_same(self.path, found, dict(attrs, shape=[n_tokens, dim]))
             except DataError:
                 self._f.close()
                 raise
@@ -390,7 +322,7 @@ class PerImageWriter:
         self._existing = set(store.ids())
         if self._existing:
             found = dict(store.attrs, shape=list(store.shape), dtype=store.dtype)
-            _check_same(self.path, found, dict(self.attrs, shape=[n_tokens, dim]))
+            check_same(self.path, found, dict(self.attrs, shape=[n_tokens, dim]))
 
     def existing(self) -> set[str]:
         """Ids already in the directory (skipped by a resumed run)."""

@@ -112,7 +112,7 @@ def check_record_features(task, records, stores) -> None:
     """check_features, on the Arrow columns for cached records; the full check (and its message) when any id is
     missing."""
     if getattr(records, "flat", False):
-        from vlpet_cli.data.features import missing_ids
+        from vlpet_cli.data.store_base import missing_ids
 
         by_source = records.images_by_source()
         if all(s in stores and not missing_ids(stores[s], ids) for s, ids in by_source.items()):

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vlpet_cli.data.store_base import H5Handle, check_same, missing_ids, read_attrs
 from vlpet_cli.errors import DataError
 
 if TYPE_CHECKING:
@@ -65,16 +66,6 @@ def open_video_features(path: Path) -> VideoFeatureStore:
                     f"`vlpet extract-features --videos DIR --out {path}`.")
 
 
-def read_attrs(attrs: Any) -> dict:
-    """HDF5 attributes -> a dict of JSON-friendly values (arrays as lists, bytes as str)."""
-    out = {}
-    for key in attrs:
-        value = attrs[key]
-        value = value.tolist() if hasattr(value, "tolist") else value
-        out[key] = value.decode("utf-8") if isinstance(value, bytes) else value
-    return out
-
-
 def _json_attrs(attrs: dict) -> dict:
     """Attributes as they read back (tuples -> lists; None left out, HDF5 cannot hold it), so a resumed writer
     compares like with like."""
@@ -96,14 +87,12 @@ def _npz_header(path: Path) -> tuple[tuple[int, ...], str]:
     return tuple(shape), str(dtype)
 
 
-class VideoFeatureStore:
+class VideoFeatureStore(H5Handle):
     """Read-only view of one video feature store; picklable (paths and index only, handles opened per process)."""
 
     def __init__(self, path: Path, layout: str):
         self.path = Path(path)
         self.layout = layout
-        self._h5: Any = None
-        self._pid: int | None = None
         self._ids: list[str] | None = None
         self._spans: dict[str, tuple[int, int]] | None = None
         self._dim: int | None = None
@@ -138,15 +127,6 @@ class VideoFeatureStore:
             if vid and start + count <= n_rows:  # "" = id never written (interrupted writer)
                 self._spans[vid] = (int(start), int(count))
         self._ids = list(self._spans)
-
-    def _file(self) -> Any:
-        """The packed file's handle for this process, opened on first use and re-opened after a fork."""
-        if self._h5 is None or self._pid != os.getpid():
-            import h5py
-
-            self._h5 = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._h5
 
     # -- npz ------------------------------------------------------------------------------------------------
     def _item_path(self, vid: str) -> Path:
@@ -271,37 +251,8 @@ class VideoFeatureStore:
             self._probe()
         return dict(self._attrs or {})
 
-    def close(self) -> None:
-        """Close this process's HDF5 handle, if any."""
-        if self._h5 is not None and self._pid == os.getpid():
-            self._h5.close()
-        self._h5, self._pid = None, None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_h5"], state["_pid"] = None, None
-        return state
-
     def __repr__(self) -> str:
         return f"VideoFeatureStore({str(self.path)!r}, layout={self.layout!r})"
-
-
-def missing_videos(store: VideoFeatureStore, ids: Iterable[str]) -> list[str]:
-    """The video ids (first occurrence order, no repeats) that have no features in the store."""
-    seen: set[str] = set()
-    out = []
-    for vid in ids:
-        if vid not in seen:
-            seen.add(vid)
-            if vid not in store:
-                out.append(vid)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -336,7 +287,7 @@ def inspect_video_features(path: Path, wanted: Iterable[str] | None, annotations
                                 "attributes": store.attrs}
         if wanted is not None:
             wanted = list(wanted)
-            missing = missing_videos(store, wanted)
+            missing = missing_ids(store, wanted)
             info.update(annotations=str(annotations), annotation_ids=len(wanted),
                         missing_count=len(missing), missing_ids=missing)
         return info
@@ -369,15 +320,6 @@ def describe_video_features(info: dict, show_missing: int = 10) -> str:
 # Writers
 # ------------------------------------------------------------------------------------------------------------
 
-def _check_settings(path: Path, found: dict, wanted: dict) -> None:
-    """DataError when an existing store was written with other settings than this run."""
-    diffs = [f"{key}={found[key]!r} (this run: {wanted[key]!r})"
-             for key in wanted if key in found and found[key] != wanted[key]]
-    if diffs:
-        raise DataError(f"{path}: existing video features were written with different settings: {'; '.join(diffs)}. "
-                        f"Use a new --out, or repeat the run with the same settings to resume it.")
-
-
 def _check_feats(path: Path, vid: str, feats: np.ndarray, dim: int) -> None:
     if feats.ndim != 2 or feats.shape[1] != dim:
         raise DataError(f"{path}: features of video '{vid}' have shape {tuple(feats.shape)}, expected "
@@ -404,7 +346,7 @@ class NpzVideoWriter:
         found = store.attrs
         if self._existing:
             found = dict(found, dim=store.dim, dtype=store.dtype)
-        _check_settings(self.path, found, wanted)
+        check_same(self.path, found, wanted)
         if found != dict(found, **wanted) or not (self.path / ATTRS_FILE).is_file():
             from vlpet_cli.atomic import write_text
 
@@ -483,7 +425,7 @@ class PackedVideoWriter:
                                 f"--out.")
             feats, spans, ids = self._f["features"], self._f["spans"], self._f["ids"]
             found = dict(read_attrs(self._f.attrs), dim=int(feats.shape[1]), dtype=str(feats.dtype))
-            _check_settings(self.path, found, dict(wanted, dim=self.dim))
+            check_same(self.path, found, dict(wanted, dim=self.dim))
         except DataError:
             self._f.close()
             raise

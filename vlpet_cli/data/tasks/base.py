@@ -256,7 +256,7 @@ def open_task_features(records: Sequence[Record], data_root: Path, name: str = D
 
 def check_features(task: Task, records: Sequence[Record], stores: Any) -> None:
     """Raise one DataError if any record's image (or video) features are missing (count, first ids, where)."""
-    from vlpet_cli.data.features import missing_ids
+    from vlpet_cli.data.store_base import missing_ids
 
     by_source: dict[str, list[str]] = {}
     for r in records:
