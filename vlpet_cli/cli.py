@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -293,6 +294,8 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
         results = evaluate(path, _tasks_option(task) or None, split or "test", metric or None, batch_size,
                            data_root, backbone, out, [*(overrides or []), f"eval.vqa_variant={vqa_variant}"],
                            progress=not as_json, limit=limit)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch the main process reports
+        return
     if as_json:
         print(json.dumps({t: _flat(r["metrics"]) for t, r in results.items()}))
         return
