@@ -136,6 +136,7 @@ def test_predict_video_answers_what_eval_predicts(video_run):
     subs = {r["vid_name"]: " ".join(x["text"].strip() for x in r["sub"])
             for r in _lines(root / "video" / "ann" / "tv_subtitles.jsonl")}
     tvqa = json.loads((out / "tvqa-test.predictions.json").read_text())
+    assert len(tvqa) == 4
     raw = {r["qid"]: r for r in _lines(root / "video" / "ann" / "tvqa" / "tvqa_test_public.jsonl")}
     items = [PredictInput([], raw[p["question_id"]]["q"], video=_video(p["vid_name"], "tv"),
                           choices=[raw[p["question_id"]][f"a{i}"] for i in range(5)], subtitles=subs[p["vid_name"]],
@@ -144,6 +145,7 @@ def test_predict_video_answers_what_eval_predicts(video_run):
     assert [g["answer"] for g in got] == [p["prediction"] for p in tvqa]
     assert all(g["score"] <= 0 and g["video"].endswith(".mp4") and "choice" in g for g in got)
     tvc = json.loads((out / "tvc-test.predictions.json").read_text())
+    assert len(tvc) == 4 and all(p["prediction"] for p in tvc)
     clips = {r["clip_id"]: r for r in _lines(root / "video" / "ann" / "tvc" / "tvc_test_release.jsonl")}
     items = [PredictInput([], video=_video(p["vid_name"], "tv"), subtitles=subs[p["vid_name"]],
                           ts=",".join(map(str, clips[p["clip_id"]]["ts"]))) for p in tvc]
