@@ -445,7 +445,7 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
                 if item.choices:
                     from vlpet_cli.data.tasks.video import choice_index
 
-                    k = choice_index(answer)
+                    k = choice_index(answer)  # VALUE reads int(answer[1]), 0 when it cannot
                     row.update(choice_index=k, choice=item.choices[k] if k < len(item.choices) else None)
                 results.append(row)
             bar.advance(len(chunk))
