@@ -310,13 +310,21 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
 # ---- predict ----------------------------------------------------------------------------------------------
 @app.command()
 def predict(path: Path = typer.Argument(..., help="run directory, adapter, bundle or folded model"),
-            task: str = typer.Option(..., "--task", "-t", help="vqa | gqa | nlvr | coco"),
+            task: str = typer.Option(..., "--task", "-t", help="vqa | gqa | nlvr | coco | tvqa | how2qa | tvc | yc2c"),
             image: list[Path] | None = typer.Option(None, "--image", "-i",
                                                     help="an image file (twice for nlvr: left, right)"),
-            question: str | None = typer.Option(None, help="the question (vqa, gqa)"),
+            video: Path | None = typer.Option(None, "--video", help="a video file (tvqa, how2qa, tvc, yc2c)"),
+            question: str | None = typer.Option(None, help="the question (vqa, gqa, tvqa, how2qa)"),
             statement: str | None = typer.Option(None, help="the statement about both images (nlvr)"),
+            choices: list[str] | None = typer.Option(None, "--choices",
+                                                     help="an answer choice, once per choice (tvqa: 5, how2qa: 4)"),
+            subtitles: str | None = typer.Option(None, help="the video's subtitles text (default: none)"),
+            ts: str | None = typer.Option(None, "--ts", help="the moment, START-END or START,END seconds (tvqa, "
+                                                             "how2qa, tvc; default: the whole video)"),
             inputs: Path | None = typer.Option(None, help="a folder of images, or a JSON-lines file of "
-                                                          "{\"image(s)\": ..., \"question\"/\"statement\": ...}"),
+                                                          "{\"image(s)\": ..., \"question\"/\"statement\": ...} "
+                                                          "or {\"video\": ..., \"question\", \"choices\", "
+                                                          "\"subtitles\", \"ts\"}"),
             vision_model: str | None = typer.Option(None, help="the vision model, for runs that record none"),
             layer: int | None = typer.Option(None, help="the feature layer (default: the recorded one)"),
             torchscript: bool = typer.Option(False, "--torchscript",
@@ -324,22 +332,24 @@ def predict(path: Path = typer.Argument(..., help="run directory, adapter, bundl
             batch_size: int = typer.Option(16, help="inputs per batch"),
             backbone: str | None = typer.Option(None, help="the backbone directory, if it moved"),
             as_json: bool = typer.Option(False, "--json", help="one JSON object per input, with its score")) -> None:
-    """Answer a question, caption or judge a statement about your own images with a trained model."""
+    """Answer a question, caption or judge a statement about your own images or videos with a trained model."""
     from vlpet_cli.predict import gather_inputs
     from vlpet_cli.predict import predict as run_predict
 
     if question and statement:
-        raise VlpetError("give --question (vqa, gqa) or --statement (nlvr), not both")
-    items = gather_inputs(task, list(image or []), question or statement, inputs)
+        raise VlpetError("give --question (vqa, gqa, tvqa, how2qa) or --statement (nlvr), not both")
+    items = gather_inputs(task, list(image or []), question or statement, inputs, video, list(choices or []),
+                          subtitles, ts)
     with _warnings_to_stderr():
         results = run_predict(path, task, items, vision_model, layer, torchscript, batch_size, backbone,
                               progress=not as_json)
     for r in results:
         if as_json:
             print(json.dumps(r))
-        else:
-            shown = " ".join(Path(p).name for p in r["images"])
-            console.print(f"{shown}: {r['answer']}  ({r['score_kind']} {r['score']:.3f})", highlight=False)
+            continue
+        shown = Path(r["video"]).name if "video" in r else " ".join(Path(p).name for p in r["images"])
+        answer = f"{r['answer']} ({r['choice']})" if r.get("choice") else r["answer"]
+        console.print(f"{shown}: {answer}  ({r['score_kind']} {r['score']:.3f})", highlight=False)
 
 
 def _flat(metrics: dict) -> dict:

@@ -6,6 +6,12 @@ layer other than the recorded one is refused. Records are built as the task buil
 with the task's settings (generation kwargs or scored choices, as `vlpet eval` decodes), so an image and question
 from a dataset get the answer `vlpet eval` gives for that record.
 
+Videos (TVQA, How2QA, TVC, YC2C): frames decoded as VALUE's extractor decodes them (one per 1.5 s), embedded by the
+projected CLIP recorded with the run's video features (`image_embeds`), rounded to the store dtype and resized to
+the run's `data.video.frames`. The record is the one the task's reader builds from an annotation line: subtitles
+(`--subtitles`, default none), question, moment (`--ts`, default the whole video) and choices formatted as VALUE's
+files give them, so the encoder string is the task's own.
+
 Scores: for generated answers the sequence score, the mean log-probability per generated token (beam search's
 length-normalised score with length_penalty 1.0; the same quantity for greedy decoding); for tasks that score fixed
 choices (NLVR2) the chosen answer's probability, a softmax over the choices' logits.
@@ -28,11 +34,16 @@ SCORE_KINDS = {"generate": "mean token log-probability", "choices": "choice prob
 
 @dataclass
 class PredictInput:
-    """One thing to predict: its images and its text (question or statement; none for captions)."""
+    """One thing to predict: its images (or its video) and its text (question or statement; none for captions);
+    for video tasks also the choices (TVQA, How2QA), the subtitles text and the moment `ts` ("s-e" or "s,e")."""
 
     images: list[Path]
     text: str = ""
     where: str = "command line"
+    video: Path | None = None
+    choices: list[str] = field(default_factory=list)
+    subtitles: str = ""
+    ts: str | None = None
 
 
 @dataclass
@@ -54,13 +65,63 @@ def _text_field(task: str) -> str | None:
     return "statement" if task == "nlvr" else "question"
 
 
+def parse_ts(value: str, where: str = "--ts") -> tuple[float, float]:
+    """A moment "20.1-25.3" or "20.1,25.3" -> (start, end) seconds, start <= end."""
+    text = str(value).strip().strip("[]()")
+    parts = text.split(",") if "," in text else text.split("-")
+    try:
+        start, end = (float(x) for x in parts)
+    except ValueError:
+        raise VlpetError(f"{where}: moment {value!r} is not 'START-END' or 'START,END' in seconds (e.g. "
+                         f"--ts 20.1-25.3)") from None
+    if not 0 <= start <= end:
+        raise VlpetError(f"{where}: moment {value!r} must have 0 <= start <= end")
+    return start, end
+
+
+def check_video_inputs(task: str, inputs: list[PredictInput]) -> None:
+    """Every input of a video task has one existing video, no images, the question and choices a QA task needs
+    (its own number of choices), and a moment only where the task has one."""
+    cls = task_class(task)
+    qa = hasattr(cls, "n_choices")
+    for item in inputs:
+        if item.images:
+            raise VlpetError(f"{item.where}: task {task} takes a video (--video FILE), not images")
+        if item.video is None:
+            raise VlpetError(f"{item.where}: task {task} needs a video: give --video FILE")
+        if not Path(item.video).is_file():
+            raise VlpetError(f"{item.where}: video {item.video} not found")
+        if qa:
+            if not item.text.strip():
+                raise VlpetError(f"{item.where}: task {task} needs a question (--question \"...\")")
+            if len(item.choices) != cls.n_choices:
+                raise VlpetError(f"{item.where}: task {task} takes {cls.n_choices} choices, got "
+                                 f"{len(item.choices)}; give --choices {cls.n_choices} times")
+        else:
+            if item.text.strip():
+                raise VlpetError(f"{item.where}: task {task} captions videos and takes no question")
+            if item.choices:
+                raise VlpetError(f"{item.where}: task {task} captions videos and takes no --choices")
+        if item.ts is not None:
+            if not (qa or getattr(cls, "uses_ts", False)):
+                raise VlpetError(f"{item.where}: task {task} takes no moment; drop --ts")
+            parse_ts(item.ts, item.where)
+
+
 def check_inputs(task: str, inputs: list[PredictInput]) -> None:
     """Every input has the task's number of images, each an existing file, and the text the task needs."""
     cls = task_class(task)
     needs = _text_field(task)
     if not inputs:
-        raise VlpetError("nothing to predict: give --image FILE (and --question/--statement), or --inputs")
+        raise VlpetError("nothing to predict: give --image FILE (and --question/--statement), --video FILE, "
+                         "or --inputs")
+    if cls.feature_kind == "video":
+        check_video_inputs(task, inputs)
+        return
     for item in inputs:
+        if item.video is not None or item.choices or item.subtitles or item.ts is not None:
+            raise VlpetError(f"{item.where}: task {task} takes images; --video, --choices, --subtitles and --ts "
+                             f"are for the video tasks (tvqa, how2qa, tvc, yc2c)")
         if len(item.images) != cls.n_images:
             raise VlpetError(f"{item.where}: task {task} takes {cls.n_images} image(s) per input, got "
                              f"{len(item.images)}; " + ("give --image twice (left, right)" if cls.n_images == 2
@@ -96,22 +157,41 @@ def _jsonl_inputs(path: Path, task: str) -> list[PredictInput]:
             raise VlpetError(f"{where}: not valid JSON ({exc.msg}); one object per line") from None
         if not isinstance(obj, dict):
             raise VlpetError(f"{where}: not a JSON object; write {{\"image\": \"a.jpg\", \"question\": \"...\"}}")
+        text = obj.get("question", obj.get("statement", obj.get("sent", "")))
+        if "video" in obj:
+            if "image" in obj or "images" in obj:
+                raise VlpetError(f"{where}: give \"video\" or \"image(s)\", not both")
+            choices = obj.get("choices", [])
+            if not isinstance(obj["video"], str) or not isinstance(choices, list):
+                raise VlpetError(f"{where}: needs \"video\": FILE (and \"choices\": [...] for QA)")
+            ts = obj.get("ts")
+            ts = None if ts is None else (",".join(str(x) for x in ts) if isinstance(ts, list) else str(ts))
+            inputs.append(PredictInput([], str(text or ""), where, base / obj["video"], [str(c) for c in choices],
+                                       str(obj.get("subtitles") or ""), ts))
+            continue
         images = obj.get("images", [obj["image"]] if "image" in obj else None)
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise VlpetError(f"{where}: needs \"image\": FILE or \"images\": [FILE, ...]")
-        text = obj.get("question", obj.get("statement", obj.get("sent", "")))
+            raise VlpetError(f"{where}: needs \"image\": FILE, \"images\": [FILE, ...] or \"video\": FILE")
         inputs.append(PredictInput([base / i for i in images], str(text or ""), where))
     if not inputs:
         raise VlpetError(f"{path}: no inputs (one JSON object per line)")
     return inputs
 
 
-def gather_inputs(task: str, images: list[Path], text: str | None, inputs: Path | None) -> list[PredictInput]:
-    """The inputs of one invocation: --image (+ text), a folder of images, or a JSON-lines file."""
-    if inputs is not None and images:
-        raise VlpetError("give --image or --inputs, not both")
+def gather_inputs(task: str, images: list[Path], text: str | None, inputs: Path | None, video: Path | None = None,
+                  choices: list[str] | None = None, subtitles: str | None = None,
+                  ts: str | None = None) -> list[PredictInput]:
+    """The inputs of one invocation: --image (+ text), --video (+ question, choices, subtitles, ts), a folder of
+    images, or a JSON-lines file."""
+    if images and video is not None:
+        raise VlpetError("give --image (image tasks) or --video (video tasks), not both")
+    if inputs is not None and (images or video is not None):
+        raise VlpetError(f"give --{'video' if video is not None else 'image'} or --inputs, not both")
+    if inputs is not None and (choices or subtitles or ts):
+        raise VlpetError("--choices, --subtitles and --ts go with --video; a JSON-lines file carries each input's own")
     if inputs is None:
-        return [PredictInput(list(images), text or "")]
+        return [PredictInput(list(images), text or "", video=video, choices=list(choices or []),
+                             subtitles=subtitles or "", ts=ts)]
     if inputs.is_dir():
         return _folder_inputs(inputs, text or "")
     if inputs.is_file():
@@ -180,6 +260,59 @@ def extract(vm: Any, settings: VisionSettings, paths: list[Path], batch_size: in
     return out
 
 
+def extract_videos(vm: Any, settings: VisionSettings, paths: list[Path], batch_size: int = 64) -> dict[str, Any]:
+    """Per-frame projected embeddings (n_frames, dim) of every distinct video, decoded and cropped as VALUE's
+    extractor does, rounded to the store dtype the run was trained on."""
+    import numpy as np
+    import torch
+
+    from vlpet_cli.data.video_extraction import image_embeds, preprocess_video
+
+    out: dict[str, Any] = {}
+    for p in dict.fromkeys(str(p) for p in paths):
+        try:
+            pixels = torch.from_numpy(preprocess_video(Path(p), vm.image_size, vm.mean, vm.std))
+        except Exception as exc:  # noqa: BLE001 - PyAV raises its own errors for unreadable files
+            raise VlpetError(f"cannot decode video {p} ({type(exc).__name__}: {exc}); check the file") from None
+        feats = torch.cat([image_embeds(vm, pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
+        out[p] = feats.numpy().astype(settings.dtype).astype(np.float32)
+    return out
+
+
+def video_duration(path: Path) -> float:
+    """A video's duration in seconds (the container's, else its stream's)."""
+    import av
+
+    with av.open(str(path)) as container:
+        if container.duration:
+            return float(container.duration) / 1_000_000
+        stream = container.streams.video[0]
+        return float(stream.duration * stream.time_base) if stream.duration else 0.0
+
+
+def video_record(spec: Any, item: PredictInput, index: int) -> Any:
+    """The Record the task's reader builds from an annotation line with this video, question, moment, choices
+    and subtitles: QA '[Q] q [TS] (s-e) [Choices] a0: ... .', TVC '[TS] ([s, e])', YC2C no text."""
+    from vlpet_cli.data.tasks.base import Record
+
+    vid = str(item.video)
+    if item.ts is None:
+        start, end = 0.0, round(video_duration(Path(vid)), 2)
+        raw_ts = f"{start:.2f}-{end:.2f}"
+    else:
+        start, end = parse_ts(item.ts, item.where)
+        raw_ts = item.ts.strip() if "-" in item.ts and "," not in item.ts else f"{start:.2f}-{end:.2f}"
+    if hasattr(spec, "n_choices"):
+        choices = [f"a{i}: {c.strip('. ')}." for i, c in enumerate(item.choices)]
+        text = " ".join([f"[Q] {item.text.strip()}", f"[TS] ({raw_ts})", "[Choices] " + " ".join(choices)])
+        extra = {"subs": item.subtitles, "type": spec.qa_type}
+        return Record(item.where, index, index, text, (vid,), spec.source, None, extra)
+    ts = [start, end] if getattr(spec, "uses_ts", False) else None
+    text = f"[TS] ({ts})" if ts is not None else ""
+    extra = {"subs": item.subtitles, "clip_id": index, "ts": ts, "duration": None, "references": []}
+    return Record(item.where, index, index, text, (vid,), spec.source, None, extra)
+
+
 # ---- the command ------------------------------------------------------------------------------------------
 def _scores_generated(model: Any, out: Any, eos: int | None) -> list[float]:
     """Mean log-probability per generated token, up to and including the first EOS."""
@@ -246,7 +379,8 @@ def _locate(path: Path) -> Path:
 def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str | None = None,
             layer: int | None = None, torchscript: bool = False, batch_size: int = 16, backbone: str | None = None,
             progress: bool = True) -> list[dict]:
-    """One answer per input: {"task", "images", "text", "answer", "score", "score_kind"}. Everything the user
+    """One answer per input: {"task", "images", "text", "answer", "score", "score_kind"} (video tasks: "video"
+    instead of "images", and for QA "choice_index" and "choice", the chosen choice's text). Everything the user
     gave is checked before a model is loaded."""
     import torch
 
@@ -256,8 +390,6 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
 
     task = resolve_task(task)
     cls = task_class(task)
-    if cls.feature_kind != "image":
-        raise VlpetError(f"vlpet predict handles the image tasks for now; {task} takes videos")
     if batch_size < 1:
         raise VlpetError(f"--batch-size {batch_size}: must be at least 1")
     check_inputs(task, inputs)
@@ -270,28 +402,51 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
     settings = vision_settings(recorded, source, vision_model, layer, torchscript, directory)
     model, tokenizer, preset = load_any(directory, backbone=backbone)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    vm = load_vision_model(settings.model, device, settings.torchscript)
-    if vm.hidden_size != preset.model.feat_dim:
-        raise VlpetError(f"{settings.model} gives {vm.hidden_size}-dimensional features, but {directory} was "
+    video = cls.feature_kind == "video"
+    if video:
+        from vlpet_cli.data.video_extraction import load_projected_model
+
+        vm = load_projected_model(settings.model, device)
+        dim = vm.dim
+    else:
+        vm = load_vision_model(settings.model, device, settings.torchscript)
+        dim = vm.hidden_size
+    if dim != preset.model.feat_dim:
+        raise VlpetError(f"{settings.model} gives {dim}-dimensional features, but {directory} was "
                          f"trained on model.feat_dim={preset.model.feat_dim}; pass the vision model it was trained "
                          f"with (--vision-model)")
     model.to(device).eval()
     spec = get_task(task, preset.data.prompts, preset.data.use_prompts, preset.data.video)
-    records = [Record(item.where, i, i, item.text, tuple(str(p) for p in item.images), source)
-               for i, item in enumerate(inputs)]
+    if video:
+        records = [video_record(spec, item, i) for i, item in enumerate(inputs)]
+    else:
+        records = [Record(item.where, i, i, item.text, tuple(str(p) for p in item.images), source)
+                   for i, item in enumerate(inputs)]
     results: list[dict] = []
     with Progress(len(inputs), enabled=progress and len(inputs) > 1, label="predict", unit="inputs",
                   stderr=True) as bar, torch.no_grad():
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
-            feats = extract(vm, settings, [Path(p) for r in chunk for p in r.image_ids], batch_size)
+            paths = [Path(p) for r in chunk for p in r.image_ids]
+            feats = extract_videos(vm, settings, paths) if video else extract(vm, settings, paths, batch_size)
             dataset = TaskDataset(spec, chunk, _Features(feats), tokenizer, split_kind="eval")
             batch = collate([dataset[i] for i in range(len(chunk))], dataset.pad_id)
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
             answers, scores = _decode(model, tokenizer, preset, spec, batch)
             kind = SCORE_KINDS["choices" if isinstance(spec.decoding, ScoreChoices) else "generate"]
             for record, answer, value in zip(chunk, answers, scores):
-                results.append({"task": task, "images": list(record.image_ids), "text": record.text,
-                                "answer": answer, "score": value, "score_kind": kind})
+                item = inputs[record.index]
+                if not video:
+                    results.append({"task": task, "images": list(record.image_ids), "text": record.text,
+                                    "answer": answer, "score": value, "score_kind": kind})
+                    continue
+                row = {"task": task, "video": record.image_ids[0], "text": item.text, "answer": answer,
+                       "score": value, "score_kind": kind}
+                if item.choices:
+                    from vlpet_cli.data.tasks.video import choice_index
+
+                    k = choice_index(answer)  # VALUE reads int(answer[1]), 0 when it cannot
+                    row.update(choice_index=k, choice=item.choices[k] if k < len(item.choices) else None)
+                results.append(row)
             bar.advance(len(chunk))
     return results
