@@ -32,7 +32,7 @@ CONFIGS = ("first", "second")
 DIM = 64
 
 
-def measure(name: str, work: Path) -> dict:
+def measure(name: str, work: Path, task: str = "vqa", backbone: str = "tiny-bart") -> dict:
     """Seconds from process start to the first step's end; peak RSS above the imports."""
     import resource
 
@@ -45,7 +45,7 @@ def measure(name: str, work: Path) -> dict:
     from vlpet_cli.train import resolve_train_preset, setup
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    preset = resolve_train_preset("vlpet-large", ["vqa"], str(work / "root"), "tiny-bart",
+    preset = resolve_train_preset("vlpet-large", [task], str(work / "root"), backbone,
                                   ["train.batch_size=8", "train.epochs=1", "eval.every=0", f"model.feat_dim={DIM}"])
     with tempfile.TemporaryDirectory() as runs:
         session = setup(preset, Path(runs) / "run")
@@ -56,10 +56,10 @@ def measure(name: str, work: Path) -> dict:
         session.accelerator.backward(loss)
         session.optimizer.step()
         seconds = time.perf_counter() - STARTED
-    records = len(session.data.train["vqa"])
+    records = len(session.data.train[task])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline
     return {"seconds": seconds, "setup_seconds": loaded, "peak_mb": peak, "records": records,
-            "cached": type(session.data.train["vqa"].records).__name__ == "CachedRecords",
+            "cached": type(session.data.train[task].records).__name__ == "CachedRecords",
             "loss_finite": bool(torch.isfinite(loss))}
 
 
