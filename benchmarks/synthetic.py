@@ -131,7 +131,7 @@ def tvqa_line(rng: random.Random, qid: int, vid: str, show: str, answer: bool) -
 
 
 def make_tvqa_root(dest: Path, n_train: int, n_videos: int, n_eval: int = 64, dim: int = 64,
-                   frames: int = 8, words: tuple[int, int] = (420, 720)) -> Path:
+                   frames: int = 8, words: tuple[int, int] = (220, 420)) -> Path:
     """A TVQA-with-subtitles data root under `dest` (reused when it exists with the same sizes): VALUE's
     video/ann/tvqa/tvqa_{train,val,test_public,test_release}.jsonl over `n_videos` clips, their subtitles in
     video/ann/tv_subtitles.jsonl (`words` subtitle words a clip, so that most encoder texts reach the 600-token

@@ -111,17 +111,48 @@ def _backend(tokenizer: Any, max_length: int | None) -> Any:
     return own
 
 
+def _video_truncation(task: Task) -> tuple[str, int] | None:
+    """(data.video.truncate, data.video.max_length) of a video task tokenising as VideoTask.source_ids does
+    (a subclass with its own source_ids gives None: it is asked record by record)."""
+    from vlpet_cli.data.tasks.video import VideoTask
+
+    if isinstance(task, VideoTask) and type(task).source_ids is VideoTask.source_ids:
+        return task.video.truncate, task.video.max_length
+    return None
+
+
+def _batch_ids(backend: Any, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+
+
 def source_ids(task: Task, records: Sequence[Record], tokenizer: Any):
-    """(flat token ids, offsets) of every record's encoder text, as TaskDataset.item tokenises it (one batched
-    call of the Rust tokenizer; tests/test_perf_cache.py checks the ids against item's)."""
+    """(flat token ids, offsets) of every record's encoder text, as TaskDataset.item tokenises it (batched
+    calls of the Rust tokenizer; tests/test_perf_cache.py checks the ids against item's and, for the video
+    tasks, against Task.source_ids in both truncation modes).
+
+    A video task truncating at the end ('tail') is one batch truncated at data.video.max_length. Truncating the
+    subtitles, the texts are encoded whole in one batch; those within the limit are done, the others (too
+    long: their subtitles are shortened) go through the task's own source_ids."""
+    import itertools
+
     import numpy as np
 
-    backend = _backend(tokenizer, task.input_max_length)
-    if type(task).source_ids is not Task.source_ids:  # the task tokenises in its own way (video truncation)
+    video = _video_truncation(task)
+    custom = type(task).source_ids is not Task.source_ids  # the task tokenises in its own way
+    fast = getattr(tokenizer, "backend_tokenizer", None) is not None and \
+        getattr(tokenizer, "truncation_side", "right") == "right"
+    if custom and (video is None or not fast):
         ids = [task.source_ids(r, tokenizer) for r in records]
-    elif backend is not None:
-        ids = [e.ids for e in backend.encode_batch_fast([task.source_text(r) for r in records],
-                                                        add_special_tokens=True)]
+    elif video is not None:
+        mode, limit = video
+        texts = [task.source_text(r) for r in records]
+        if mode == "tail":
+            ids = _batch_ids(_backend(tokenizer, limit), texts)
+        else:
+            ids = _batch_ids(_backend(tokenizer, None), texts)
+            ids = [x if len(x) <= limit else task.source_ids(r, tokenizer) for x, r in zip(ids, records)]
+    elif fast:
+        ids = _batch_ids(_backend(tokenizer, task.input_max_length), [task.source_text(r) for r in records])
     else:
         texts, limit = [task.source_text(r) for r in records], task.input_max_length
         enc = tokenizer(texts, max_length=limit, truncation=True) if limit is not None else tokenizer(texts)
@@ -129,7 +160,7 @@ def source_ids(task: Task, records: Sequence[Record], tokenizer: Any):
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
     offsets = np.zeros(len(ids) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(offsets[-1]))
     return flat, offsets
 
 
