@@ -327,7 +327,8 @@ def feature_attrs(data: TaskData) -> dict[str, dict]:
             stores = getattr(ds, "features", None)
             for source, store in (stores.items() if isinstance(stores, dict) else ()):
                 if source not in found and hasattr(store, "attrs"):
-                    found[source] = {**store.attrs, "dtype": store.dtype, "shape": list(getattr(store, "shape", (None, store.dim)))}
+                    shape = list(getattr(store, "shape", (None, store.dim)))
+                    found[source] = {**store.attrs, "dtype": store.dtype, "shape": shape}
     return found
 
 
