@@ -125,9 +125,11 @@ def tvqa_root(tmp_path_factory):
 
 @pytest.mark.parametrize("truncate", ["tail", "subtitles"])
 @pytest.mark.parametrize("limit", [600, 200])
-def test_video_ids_batched_equal_the_tasks_own(tvqa_root, tok, truncate, limit):
+def test_video_ids_batched_equal_the_tasks_own(tvqa_root, tok, truncate, limit, monkeypatch):
     """The cache's batched ids of a video task are Task.source_ids's, record by record, in both truncation
-    modes (texts below, at and above the limit; in 'subtitles' mode some shortened, some whole)."""
+    modes (texts below, at and above the limit; in 'subtitles' mode some shortened, some whole), over batches
+    that do not divide the split."""
+    monkeypatch.setattr(cache, "CHUNK", 7)
     from vlpet_cli.config import VideoData
     from vlpet_cli.data.tasks.tvqa import TvqaTask
 

@@ -121,46 +121,69 @@ def _video_truncation(task: Task) -> tuple[str, int] | None:
     return None
 
 
+CHUNK = 2048
+"""Texts tokenised per batch: the Rust encodings of a batch (ids, masks, the overflow truncation cut off) and
+their Python lists live only until the batch's ids are in numpy, so a first start-up's memory does not grow
+with the split's tokens."""
+
+
 def _batch_ids(backend: Any, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
 
 
+def _chunk_ids(task: Task, records: Sequence[Record], tokenizer: Any, video: tuple[str, int] | None,
+               backends: dict) -> list[list[int]]:
+    """The encoder ids of a few records (see source_ids)."""
+    custom = type(task).source_ids is not Task.source_ids  # the task tokenises in its own way
+    fast = getattr(tokenizer, "backend_tokenizer", None) is not None and \
+        getattr(tokenizer, "truncation_side", "right") == "right"
+
+    def backend(limit: int | None) -> Any:
+        if limit not in backends:
+            backends[limit] = _backend(tokenizer, limit)
+        return backends[limit]
+
+    if custom and (video is None or not fast):
+        return [task.source_ids(r, tokenizer) for r in records]
+    texts = [task.source_text(r) for r in records]
+    if video is not None:
+        mode, limit = video
+        if mode == "tail":
+            return _batch_ids(backend(limit), texts)
+        ids = _batch_ids(backend(None), texts)
+        return [x if len(x) <= limit else task.source_ids(r, tokenizer) for x, r in zip(ids, records)]
+    if fast:
+        return _batch_ids(backend(task.input_max_length), texts)
+    limit = task.input_max_length
+    enc = tokenizer(texts, max_length=limit, truncation=True) if limit is not None else tokenizer(texts)
+    return enc["input_ids"]
+
+
 def source_ids(task: Task, records: Sequence[Record], tokenizer: Any):
     """(flat token ids, offsets) of every record's encoder text, as TaskDataset.item tokenises it (batched
-    calls of the Rust tokenizer; tests/test_perf_cache.py checks the ids against item's and, for the video
-    tasks, against Task.source_ids in both truncation modes).
+    calls of the Rust tokenizer, `CHUNK` texts a call; tests/test_perf_cache.py checks the ids against item's
+    and, for the video tasks, against Task.source_ids in both truncation modes).
 
-    A video task truncating at the end ('tail') is one batch truncated at data.video.max_length. Truncating the
-    subtitles, the texts are encoded whole in one batch; those within the limit are done, the others (too
-    long: their subtitles are shortened) go through the task's own source_ids."""
+    A video task truncating at the end ('tail') is batched truncated at data.video.max_length (the ids of
+    `tokenizer(text, max_length=..., truncation=True)`). Truncating the subtitles, the texts are encoded whole;
+    those within the limit are done, the others (their subtitles are shortened) go through the task's own
+    source_ids."""
     import itertools
 
     import numpy as np
 
-    video = _video_truncation(task)
-    custom = type(task).source_ids is not Task.source_ids  # the task tokenises in its own way
-    fast = getattr(tokenizer, "backend_tokenizer", None) is not None and \
-        getattr(tokenizer, "truncation_side", "right") == "right"
-    if custom and (video is None or not fast):
-        ids = [task.source_ids(r, tokenizer) for r in records]
-    elif video is not None:
-        mode, limit = video
-        texts = [task.source_text(r) for r in records]
-        if mode == "tail":
-            ids = _batch_ids(_backend(tokenizer, limit), texts)
-        else:
-            ids = _batch_ids(_backend(tokenizer, None), texts)
-            ids = [x if len(x) <= limit else task.source_ids(r, tokenizer) for x, r in zip(ids, records)]
-    elif fast:
-        ids = _batch_ids(_backend(tokenizer, task.input_max_length), [task.source_text(r) for r in records])
-    else:
-        texts, limit = [task.source_text(r) for r in records], task.input_max_length
-        enc = tokenizer(texts, max_length=limit, truncation=True) if limit is not None else tokenizer(texts)
-        ids = enc["input_ids"]
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
-    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(offsets[-1]))
+    video, backends = _video_truncation(task), {}
+    flats, lengths = [], []
+    for start in range(0, len(records), CHUNK):
+        ids = _chunk_ids(task, records[start:start + CHUNK], tokenizer, video, backends)
+        size = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+        flats.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(size.sum())))
+        lengths.append(size)
+        del ids
+    lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+    offsets = np.zeros(len(lengths_all) + 1, dtype=np.int32)
+    np.cumsum(lengths_all, out=offsets[1:])
+    flat = np.concatenate(flats) if flats else np.zeros(0, np.int32)
     return flat, offsets
 
 
