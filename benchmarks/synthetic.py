@@ -115,3 +115,92 @@ def make_backbone(dest: Path) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
+
+
+TV_SHOWS = ("friends", "castle", "house", "met", "grey", "bbt")
+
+
+def tvqa_line(rng: random.Random, qid: int, vid: str, show: str, answer: bool) -> dict:
+    """One TVQA line in VALUE's format (5 choices, a moment, the show; no answer_idx in test)."""
+    rec: dict = {f"a{j}": question(rng, rng.randint(3, 8)).rstrip("?") + "." for j in range(5)}
+    if answer:
+        rec["answer_idx"] = rng.randrange(5)
+    rec.update({"q": question(rng, rng.randint(6, 14)), "qid": qid, "show_name": show,
+                "ts": f"{rng.uniform(0, 30):.2f}-{rng.uniform(30, 60):.2f}", "vid_name": vid})
+    return rec
+
+
+def make_tvqa_root(dest: Path, n_train: int, n_videos: int, n_eval: int = 64, dim: int = 64,
+                   frames: int = 8, words: tuple[int, int] = (220, 420)) -> Path:
+    """A TVQA-with-subtitles data root under `dest` (reused when it exists with the same sizes): VALUE's
+    video/ann/tvqa/tvqa_{train,val,test_public,test_release}.jsonl over `n_videos` clips, their subtitles in
+    video/ann/tv_subtitles.jsonl (`words` subtitle words a clip, so that most encoder texts reach the 600-token
+    limit, as TVQA's do with subtitles) and packed CLIP-ViT frame features in video/vis_features/tv/clip-vit.h5."""
+    import numpy as np
+
+    from vlpet_cli.data.video_features import PACKED, open_video_writer
+
+    dest = Path(dest)
+    stamp = dest / "synthetic.json"
+    want = {"kind": "tvqa", "n_train": n_train, "n_videos": n_videos, "n_eval": n_eval, "dim": dim,
+            "frames": frames, "words": list(words), "format": 1}
+    if stamp.is_file() and json.loads(stamp.read_text()) == want:
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
+    ann = dest / "video" / "ann"
+    (ann / "tvqa").mkdir(parents=True)
+    rng = random.Random(5)
+    vids = [(f"{TV_SHOWS[i % len(TV_SHOWS)]}_s01e{i // 10 + 1:02d}_seg02_clip_{i % 10:02d}",
+             TV_SHOWS[i % len(TV_SHOWS)]) for i in range(n_videos)]
+    with open(ann / "tv_subtitles.jsonl", "w") as f:
+        for vid, _ in vids:
+            total, lines = rng.randint(*words), []
+            while total > 0:
+                n = min(total, rng.randint(6, 16))
+                lines.append({"text": f" {rng.choice(('Ann', 'Bob'))} : {question(rng, n)}", "start": 0.0,
+                              "end": 1.0})
+                total -= n
+            f.write(json.dumps({"vid_name": vid, "sub": lines}) + "\n")
+    qid = 0
+    for split, n in (("train", n_train), ("val", n_eval), ("test_public", n_eval), ("test_release", n_eval)):
+        with open(ann / "tvqa" / f"tvqa_{split}.jsonl", "w") as f:
+            for i in range(n):
+                vid, show = vids[i % n_videos]
+                f.write(json.dumps(tvqa_line(rng, qid, vid, show, not split.startswith("test"))) + "\n")
+                qid += 1
+    frng = np.random.default_rng(0)
+    writer = open_video_writer(dest / "video" / "vis_features" / "tv" / "clip-vit.h5", PACKED, dim,
+                               attrs={"model": "synthetic"})
+    try:
+        for vid, _ in vids:
+            writer.add(vid, frng.standard_normal((frames, dim), dtype=np.float32))
+    finally:
+        writer.close()
+    stamp.write_text(json.dumps(want))
+    return dest
+
+
+def make_long_tiny_backbone(dest: Path, positions: int = 1024) -> Path:
+    """tiny-bart's shape, tokenizer and config with `positions` position embeddings (tiny-bart has 128; video
+    encoder texts reach 600 tokens), random weights; reused if present."""
+    dest = Path(dest)
+    if (dest / "model.safetensors").is_file():
+        return dest
+    import torch
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from vlpet_cli import backbones
+
+    tiny = backbones.resolve("tiny-bart").directory
+    spec = json.loads((tiny / "config.json").read_text())
+    spec["max_position_embeddings"] = positions
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(BartConfig.from_dict(spec))
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(tiny / name, tmp / name)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest

@@ -107,3 +107,52 @@ def test_load_warnings_are_said_again_from_the_cache(cache_dir, tok, tmp_path):
             cache.load_records(task, root, "train", tok)
     with pytest.warns(UserWarning):
         assert isinstance(cache.load_records(task, root, "train", tok), cache.CachedRecords)
+
+
+@pytest.fixture(scope="module")
+def tvqa_root(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import synthetic
+    finally:
+        sys.path.pop(0)
+    return synthetic.make_tvqa_root(tmp_path_factory.mktemp("tvqa") / "root", 40, 12, n_eval=4, dim=8, frames=2,
+                                    words=(5, 400))
+
+
+@pytest.mark.parametrize("truncate", ["tail", "subtitles"])
+@pytest.mark.parametrize("limit", [600, 200])
+def test_video_ids_batched_equal_the_tasks_own(tvqa_root, tok, truncate, limit, monkeypatch):
+    """The cache's batched ids of a video task are Task.source_ids's, record by record, in both truncation
+    modes (texts below, at and above the limit; in 'subtitles' mode some shortened, some whole), over batches
+    that do not divide the split."""
+    monkeypatch.setattr(cache, "CHUNK", 7)
+    from vlpet_cli.config import VideoData
+    from vlpet_cli.data.tasks.tvqa import TvqaTask
+
+    task = TvqaTask(video=VideoData(max_length=limit, truncate=truncate))
+    records = task.load(tvqa_root, "train")
+    flat, offsets = cache.source_ids(task, records, tok)
+    got = [flat[offsets[i]:offsets[i + 1]].tolist() for i in range(len(records))]
+    want = [task.source_ids(r, tok) for r in records]
+    assert got == want
+    whole = [len(_tokenize(tok, task.source_text(r), None)) for r in records]
+    assert min(whole) < limit < max(whole)  # both sides of the limit are exercised
+    if truncate == "tail":
+        assert got == [_tokenize(tok, task.source_text(r), limit) for r in records]
+
+
+def test_tvqa_records_cached_and_memory_mapped(tvqa_root, tok, cache_dir):
+    """A video task's split comes back from the cache as memory-mapped rows equal to a fresh parse."""
+    from vlpet_cli.data.tasks.tvqa import TvqaTask
+
+    task = TvqaTask()
+    fresh = task.load(tvqa_root, "train")
+    cache.load_records(task, tvqa_root, "train", tok)
+    again = cache.load_records(task, tvqa_root, "train", tok)
+    assert isinstance(again, cache.CachedRecords)
+    assert list(again) == fresh
+    assert [again.token_ids(i) for i in range(len(fresh))] == [task.source_ids(r, tok) for r in fresh]

@@ -111,25 +111,79 @@ def _backend(tokenizer: Any, max_length: int | None) -> Any:
     return own
 
 
+def _video_truncation(task: Task) -> tuple[str, int] | None:
+    """(data.video.truncate, data.video.max_length) of a video task tokenising as VideoTask.source_ids does
+    (a subclass with its own source_ids gives None: it is asked record by record)."""
+    from vlpet_cli.data.tasks.video import VideoTask
+
+    if isinstance(task, VideoTask) and type(task).source_ids is VideoTask.source_ids:
+        return task.video.truncate, task.video.max_length
+    return None
+
+
+CHUNK = 2048
+"""Texts tokenised per batch: the Rust encodings of a batch (ids, masks, the overflow truncation cut off) and
+their Python lists live only until the batch's ids are in numpy, so a first start-up's memory does not grow
+with the split's tokens."""
+
+
+def _batch_ids(backend: Any, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+
+
+def _chunk_ids(task: Task, records: Sequence[Record], tokenizer: Any, video: tuple[str, int] | None,
+               backends: dict) -> list[list[int]]:
+    """The encoder ids of a few records (see source_ids)."""
+    custom = type(task).source_ids is not Task.source_ids  # the task tokenises in its own way
+    fast = getattr(tokenizer, "backend_tokenizer", None) is not None and \
+        getattr(tokenizer, "truncation_side", "right") == "right"
+
+    def backend(limit: int | None) -> Any:
+        if limit not in backends:
+            backends[limit] = _backend(tokenizer, limit)
+        return backends[limit]
+
+    if custom and (video is None or not fast):
+        return [task.source_ids(r, tokenizer) for r in records]
+    texts = [task.source_text(r) for r in records]
+    if video is not None:
+        mode, limit = video
+        if mode == "tail":
+            return _batch_ids(backend(limit), texts)
+        ids = _batch_ids(backend(None), texts)
+        return [x if len(x) <= limit else task.source_ids(r, tokenizer) for x, r in zip(ids, records)]
+    if fast:
+        return _batch_ids(backend(task.input_max_length), texts)
+    limit = task.input_max_length
+    enc = tokenizer(texts, max_length=limit, truncation=True) if limit is not None else tokenizer(texts)
+    return enc["input_ids"]
+
+
 def source_ids(task: Task, records: Sequence[Record], tokenizer: Any):
-    """(flat token ids, offsets) of every record's encoder text, as TaskDataset.item tokenises it (one batched
-    call of the Rust tokenizer; tests/test_perf_cache.py checks the ids against item's)."""
+    """(flat token ids, offsets) of every record's encoder text, as TaskDataset.item tokenises it (batched
+    calls of the Rust tokenizer, `CHUNK` texts a call; tests/test_perf_cache.py checks the ids against item's
+    and, for the video tasks, against Task.source_ids in both truncation modes).
+
+    A video task truncating at the end ('tail') is batched truncated at data.video.max_length (the ids of
+    `tokenizer(text, max_length=..., truncation=True)`). Truncating the subtitles, the texts are encoded whole;
+    those within the limit are done, the others (their subtitles are shortened) go through the task's own
+    source_ids."""
+    import itertools
+
     import numpy as np
 
-    backend = _backend(tokenizer, task.input_max_length)
-    if type(task).source_ids is not Task.source_ids:  # the task tokenises in its own way (video truncation)
-        ids = [task.source_ids(r, tokenizer) for r in records]
-    elif backend is not None:
-        ids = [e.ids for e in backend.encode_batch_fast([task.source_text(r) for r in records],
-                                                        add_special_tokens=True)]
-    else:
-        texts, limit = [task.source_text(r) for r in records], task.input_max_length
-        enc = tokenizer(texts, max_length=limit, truncation=True) if limit is not None else tokenizer(texts)
-        ids = enc["input_ids"]
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
-    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(offsets[-1]))
+    video, backends = _video_truncation(task), {}
+    flats, lengths = [], []
+    for start in range(0, len(records), CHUNK):
+        ids = _chunk_ids(task, records[start:start + CHUNK], tokenizer, video, backends)
+        size = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+        flats.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(size.sum())))
+        lengths.append(size)
+        del ids
+    lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, np.int32)
+    offsets = np.zeros(len(lengths_all) + 1, dtype=np.int32)
+    np.cumsum(lengths_all, out=offsets[1:])
+    flat = np.concatenate(flats) if flats else np.zeros(0, np.int32)
     return flat, offsets
 
 
