@@ -179,22 +179,34 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     preset = eval_preset(loaded.model_dump(mode="json"), tasks, data_root, overrides, limit, split)
     out_dir = out_dir or (adapter_dir.parent / "eval" if adapter_dir.name == "adapter" else adapter_dir / "eval")
     state = process_state()
-    results = evaluate_model(model, tokenizer, preset, split, metrics, batch_size, progress, state=state)
-    if state is not None and not state.is_main_process:  # the main process writes the files
-        for record in results.values():
-            record.pop("predictions")
-            record.update(trained=record["task"] in trained, out_dir=str(out_dir))
-        return results
+    try:
+        results = evaluate_model(model, tokenizer, preset, split, metrics, batch_size, progress, state=state)
+        if state is None or state.is_main_process:  # the main process writes the files
+            write_results(results, out_dir, split, trained, str(path))
+        else:
+            for record in results.values():
+                record.pop("predictions")
+                record.update(trained=record["task"] in trained, out_dir=str(out_dir))
+    finally:
+        if state is not None:  # every process waits for the files, then leaves the group cleanly (gloo aborts
+            import torch.distributed as dist  # a process that exits while a peer still holds the group)
+
+            state.wait_for_everyone()
+            dist.destroy_process_group()
+    return results
+
+
+def write_results(results: dict, out_dir: Path, split: str, trained: list[str], source: str) -> None:
+    """Each task's eval record, predictions and submission file under out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for task, record in results.items():
         preds = record.pop("predictions")
-        record.update(trained=task in trained, trained_tasks=trained, source=str(path), versions=versions(),
+        record.update(trained=task in trained, trained_tasks=trained, source=source, versions=versions(),
                       out_dir=str(out_dir))
         write_json(out_dir / f"{task}-{split}.json", record)
         write_json(out_dir / f"{task}-{split}.predictions.json", preds)
         suffix, content = task_class(task)().submission(preds)
         write_text(out_dir / submission_name(task, split, suffix), content)
-    return results
 
 
 def submission_name(task: str, split: str, suffix: str) -> str:
