@@ -84,6 +84,28 @@ def toy_batch(rng: random.Random, n: int):
     return torch.from_numpy(np.stack(pixels)), torch.tensor(targets)
 
 
+def fit(model, heads, steps: int, lr: float, draw, loss_of, log) -> None:
+    """The tagging loop both tiny CLIPs train with: AdamW, one-cycle lr, clipping 1; `draw()` gives a batch."""
+    import torch
+    from torch import nn
+
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    start = time.perf_counter()
+    model.train()
+    for step in range(1, steps + 1):
+        loss = loss_of(*draw())
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps:
+            log(f"step {step}/{steps}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f} s")
+    model.eval()
+
+
 def train(model, steps: int, seed: int, batch: int = 48, lr: float = 2e-3, log=print) -> None:
     """Train `model` to tag its patch tokens; logs the tagging accuracy on 256 held-out scenes."""
     import torch
@@ -94,9 +116,6 @@ def train(model, steps: int, seed: int, batch: int = 48, lr: float = 2e-3, log=p
     tag = [len(toy.COLORS) + 1, len(toy.SHAPES) + 1, len(toy.SIZES) + 1]
     classes = tag + [len(toy.BACKGROUNDS)] + tag * len(toy.POSITIONS)
     heads = nn.ModuleList(nn.Linear(model.config.hidden_size, k) for k in classes)
-    params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(f"tiny-clip:{seed}")
     held_out = toy_batch(random.Random(f"tiny-clip-eval:{seed}"), 256)
 
@@ -104,20 +123,11 @@ def train(model, steps: int, seed: int, batch: int = 48, lr: float = 2e-3, log=p
         tokens = model(pixel_values=pixels).last_hidden_state[:, 1:]
         return [h(tokens) for h in heads]
 
-    start = time.perf_counter()
-    model.train()
-    for step in range(1, steps + 1):
-        pixels, targets = toy_batch(rng, batch)
-        loss = sum(nn.functional.cross_entropy(out.flatten(0, 1), targets[..., k].flatten())
+    def loss_of(pixels, targets):
+        return sum(nn.functional.cross_entropy(out.flatten(0, 1), targets[..., k].flatten())
                    for k, out in enumerate(logits(pixels)))
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps:
-            log(f"step {step}/{steps}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f} s")
-    model.eval()
+
+    fit(model, heads, steps, lr, lambda: toy_batch(rng, batch), loss_of, log)
     with torch.no_grad():
         pixels, targets = held_out
         hits = [out.argmax(-1).eq(targets[..., k]).float().mean().item() for k, out in enumerate(logits(pixels))]
@@ -150,9 +160,6 @@ def train_projected(model, steps: int, seed: int, batch: int = 48, lr: float = 3
     slot = [len(toy_video.COLORS) + 1, len(toy_video.SHAPES) + 1, toy_video.GRID + 1, toy_video.GRID + 1]
     classes = [len(toy_video.BACKGROUNDS)] + slot * 2
     heads = nn.ModuleList(nn.Linear(model.config.projection_dim, k) for k in classes)
-    params = list(model.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(f"tiny-clip-proj:{seed}")
     held_out = frame_batch(random.Random(f"tiny-clip-proj-eval:{seed}"), 256)
 
@@ -160,21 +167,12 @@ def train_projected(model, steps: int, seed: int, batch: int = 48, lr: float = 3
         embeds = model(pixel_values=pixels).image_embeds
         return [h(embeds) for h in heads]
 
-    start = time.perf_counter()
-    model.train()
-    for step in range(1, steps + 1):
-        pixels, targets = frame_batch(rng, batch)
+    def loss_of(pixels, targets):
         # where a shape is (column, row) is the hardest to pool into one token and what motion questions need
-        loss = sum(nn.functional.cross_entropy(out, targets[:, k]) * (2 if k and (k - 1) % 4 >= 2 else 1)
+        return sum(nn.functional.cross_entropy(out, targets[:, k]) * (2 if k and (k - 1) % 4 >= 2 else 1)
                    for k, out in enumerate(logits(pixels)))
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps:
-            log(f"step {step}/{steps}  loss {loss.item():.3f}  {time.perf_counter() - start:.0f} s")
-    model.eval()
+
+    fit(model, heads, steps, lr, lambda: frame_batch(rng, batch), loss_of, log)
     with torch.no_grad():
         pixels, targets = held_out
         outs = logits(pixels)
