@@ -63,7 +63,7 @@ def build_rn101(folder: Path, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from vlpet_cli.data.clip_resnet import ModifiedResNet, ResNetSpec
+    from vlpet_cli.features.clip_resnet import ModifiedResNet, ResNetSpec
 
     torch.manual_seed(seed)
     tower = ModifiedResNet(ResNetSpec(RN101_LAYERS, RN101_WIDTH, RN101_WIDTH * 32 // 64, RN101_OUTPUT, 224))
@@ -75,7 +75,7 @@ def build_rn101(folder: Path, seed: int = 0) -> Path:
 
 def decode_rate(images: dict[str, Path]) -> float:
     """images/s of decoding + preprocessing alone, in one thread."""
-    from vlpet_cli.data.extraction import CLIP_MEAN, CLIP_STD, preprocess
+    from vlpet_cli.features.extract.images import CLIP_MEAN, CLIP_STD, preprocess
 
     start = time.perf_counter()
     for path in images.values():
@@ -85,7 +85,7 @@ def decode_rate(images: dict[str, Path]) -> float:
 
 def bare_forward(model_dir: Path, images: dict[str, Path], batch_size: int, device: str | None) -> float:
     """images/s of the model forward alone on batches preprocessed beforehand (one warm-up batch)."""
-    from vlpet_cli.data.extraction import grid_features, load_vision_model, preprocess, to_pixels
+    from vlpet_cli.features.extract.images import grid_features, load_vision_model, preprocess, to_pixels
 
     vm = load_vision_model(model_dir, device)
     arrays = [preprocess(p, vm.image_size, vm.mean, vm.std) for p in images.values()]
@@ -113,7 +113,7 @@ def main() -> None:
 
     import torch
 
-    from vlpet_cli.data.extraction import extract_features
+    from vlpet_cli.features.extract.images import extract_features
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)

@@ -33,8 +33,8 @@ def measure(name: str, work: Path, records: int, batch_size: int) -> dict:
 
     from vlpet_cli.data.loading import load_task_data
     from vlpet_cli.data.multitask import eval_batches, eval_order
-    from vlpet_cli.data.tasks import task_class
     from vlpet_cli.inference import decoding_settings, predict
+    from vlpet_cli.tasks import task_class
     from vlpet_cli.train import resolve_train_preset
     from vlpet_cli.vl.model import build_model
 

@@ -61,7 +61,7 @@ def write_features(path: Path, n_images: int, tokens: int = 49, dim: int = 2048,
     """A packed feature file (vlpet's layout) with one random float16 grid per image."""
     import numpy as np
 
-    from vlpet_cli.data.features import PackedWriter
+    from vlpet_cli.features.images import PackedWriter
 
     rng = np.random.default_rng(seed)
     writer = PackedWriter(path, tokens, dim, "float16", {"model": "synthetic"})
@@ -138,7 +138,7 @@ def make_tvqa_root(dest: Path, n_train: int, n_videos: int, n_eval: int = 64, di
     limit, as TVQA's do with subtitles) and packed CLIP-ViT frame features in video/vis_features/tv/clip-vit.h5."""
     import numpy as np
 
-    from vlpet_cli.data.video_features import PACKED, open_video_writer
+    from vlpet_cli.features.videos import PACKED, open_video_writer
 
     dest = Path(dest)
     stamp = dest / "synthetic.json"

@@ -34,7 +34,7 @@ def check_dir(directory: Path) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from vlpet_cli.data.clip_resnet import build_resnet
+    from vlpet_cli.features.clip_resnet import build_resnet
 
     directory = Path(directory)
     result: dict = {"golden": directory.name, "grid": None, "pooled": None, "ok": False}

@@ -35,7 +35,7 @@ def _max_diff(a, b) -> float:
 
 def _batch(task: str, inputs: dict) -> dict:
     """A vlpet batch from a golden task's inputs (vlpet task name, loss reduction and weights as in training)."""
-    from vlpet_cli.data.tasks import get_task
+    from vlpet_cli.tasks import get_task
 
     spec = get_task(task)
     return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],

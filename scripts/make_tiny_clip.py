@@ -44,7 +44,7 @@ def patch_targets(scene) -> list[list[int]]:
     shape and size there (0 = empty)."""
     import numpy as np
 
-    from vlpet_cli.data import toy
+    from vlpet_cli.toy import images as toy
 
     mask = np.asarray(toy.render_scene(scene, mask=True))
     grid = toy.IMAGE_SIZE // PATCH
@@ -73,8 +73,8 @@ def toy_batch(rng: random.Random, n: int):
     import numpy as np
     import torch
 
-    from vlpet_cli.data import toy
-    from vlpet_cli.data.extraction import normalize
+    from vlpet_cli.features.extract.images import normalize
+    from vlpet_cli.toy import images as toy
 
     pixels, targets = [], []
     for _ in range(n):
@@ -111,7 +111,7 @@ def train(model, steps: int, seed: int, batch: int = 48, lr: float = 2e-3, log=p
     import torch
     from torch import nn
 
-    from vlpet_cli.data import toy
+    from vlpet_cli.toy import images as toy
 
     tag = [len(toy.COLORS) + 1, len(toy.SHAPES) + 1, len(toy.SIZES) + 1]
     classes = tag + [len(toy.BACKGROUNDS)] + tag * len(toy.POSITIONS)
@@ -139,8 +139,8 @@ def frame_batch(rng: random.Random, n: int):
     import numpy as np
     import torch
 
-    from vlpet_cli.data import toy_video
-    from vlpet_cli.data.extraction import normalize
+    from vlpet_cli.features.extract.images import normalize
+    from vlpet_cli.toy import videos as toy_video
 
     pixels, targets = [], []
     for _ in range(n):
@@ -155,7 +155,7 @@ def train_projected(model, steps: int, seed: int, batch: int = 48, lr: float = 3
     import torch
     from torch import nn
 
-    from vlpet_cli.data import toy_video
+    from vlpet_cli.toy import videos as toy_video
 
     slot = [len(toy_video.COLORS) + 1, len(toy_video.SHAPES) + 1, toy_video.GRID + 1, toy_video.GRID + 1]
     classes = [len(toy_video.BACKGROUNDS)] + slot * 2

@@ -24,8 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vlpet_cli.data import toy, toy_video
-from vlpet_cli.data.toy import toy_corpus
+from vlpet_cli.toy import images as toy
+from vlpet_cli.toy import videos as toy_video
+from vlpet_cli.toy.images import toy_corpus
 
 VOCAB_SIZE = 1000
 MAX_LEN = 48

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from vlpet_cli.cli import app
 from vlpet_cli.data.loading import feature_kind
-from vlpet_cli.data.tasks import TASKS, CocoTask
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.pet.budget import budget
 from vlpet_cli.presets import VIDEO_DEFAULTS, list_presets, load_raw, resolve
+from vlpet_cli.tasks import TASKS, CocoTask
 from vlpet_cli.vl.model import build_model
 
 VIDEO = ["tvqa", "how2qa", "tvc", "yc2c"]

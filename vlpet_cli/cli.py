@@ -16,10 +16,10 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from vlpet_cli.atomic import write_text
-from vlpet_cli.data.features import convert_features, describe_features, inspect_features
-from vlpet_cli.data.tasks import annotation_images
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.features.images import convert_features, describe_features, inspect_features
 from vlpet_cli.presets import list_presets, load_raw, preset_path, resolve, to_yaml
+from vlpet_cli.tasks import annotation_images
 
 # Commands (and anything that imports torch or transformers) are imported inside the command functions, so that
 # `vlpet --help` answers at once.
@@ -92,7 +92,7 @@ def _with_tasks(task: str | None, overrides: list[str] | None) -> list[str]:
 
 def _task_kind(name: str) -> str:
     """'image' or 'video' for a task name (unknown names are refused with the list of tasks)."""
-    from vlpet_cli.data.tasks import task_class
+    from vlpet_cli.tasks import task_class
 
     return task_class(name).feature_kind
 

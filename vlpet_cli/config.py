@@ -113,7 +113,7 @@ class ModelConfig(Strict):
 
 # The task defaults below (DataConfig.tasks, TrainConfig.task_ratios, EvalConfig.generation) are literals because
 # config sits below data/ in the layering (pet imports config); tests/test_task_table.py checks that they equal
-# the task table's declarations (vlpet_cli/data/tasks/__init__.py).
+# the task table's declarations (vlpet_cli/tasks/__init__.py).
 class VideoData(Strict):
     """Video-text tasks (TVQA, How2QA, TVC, YC2C): text length, subtitle truncation, frames (spec §2.3, §3.1, §8)."""
 

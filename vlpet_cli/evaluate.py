@@ -11,10 +11,10 @@ from pathlib import Path
 
 from vlpet_cli.atomic import write_json, write_text
 from vlpet_cli.config import Preset
-from vlpet_cli.data.tasks import TASKS, VideoTask, resolve_task, task_class
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.inference import decoding_settings, predict_all, score
 from vlpet_cli.progress import Progress
+from vlpet_cli.tasks import TASKS, VideoTask, resolve_task, task_class
 
 
 def score_predictions_file(
@@ -166,7 +166,7 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     trained = [resolve_task(t) for t in (stored.get("data") or {}).get("tasks") or []]
     settings = eval_preset(stored, tasks, data_root, overrides, limit, split)
     check_eval_arguments(settings, split, metrics, batch_size)
-    from vlpet_cli.data.loading import resolve_data_root
+    from vlpet_cli.toy.root import resolve_data_root
 
     resolve_data_root(settings.data.data_root)  # a missing --data-root is refused before the model is built
     untrained = [t for t in settings.data.tasks if t not in trained]
@@ -238,7 +238,8 @@ def evaluate_model(model, tokenizer, preset: Preset, split: str = "test", metric
     the same metrics."""
     import torch
 
-    from vlpet_cli.data.loading import load_task_data, resolve_data_root
+    from vlpet_cli.data.loading import load_task_data
+    from vlpet_cli.toy.root import resolve_data_root
 
     root = resolve_data_root(preset.data.data_root)
     device = state.device if state is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

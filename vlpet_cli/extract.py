@@ -1,5 +1,5 @@
 """`vlpet extract-features`: which images or videos to extract, handed to the extraction libraries
-(`data/extraction.py` for images, `data/video_extraction.py` for videos)."""
+(`features/extract/images.py` for images, `features/extract/videos.py` for videos)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import os
 from pathlib import Path
 
-from vlpet_cli.data.extraction import ExtractSummary, extract_features
-from vlpet_cli.data.tasks import annotation_images
-from vlpet_cli.data.video_extraction import VideoExtractSummary, extract_video_features
 from vlpet_cli.errors import DataError
+from vlpet_cli.features.extract.images import ExtractSummary, extract_features
+from vlpet_cli.features.extract.videos import VideoExtractSummary, extract_video_features
+from vlpet_cli.tasks import annotation_images
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ts"}

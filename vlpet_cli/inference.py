@@ -1,14 +1,14 @@
 """Prediction and scoring on datasets: what `vlpet eval` and validation during training share.
 
 How a task decodes (generate, or score fixed choices) and how its predictions are scored are the task's own
-declarations (vlpet_cli/data/tasks/); this module runs the model and asks the task.
+declarations (vlpet_cli/tasks/); this module runs the model and asks the task.
 """
 
 from __future__ import annotations
 
 from vlpet_cli.config import GenerationSpec, Preset
-from vlpet_cli.data.tasks import ScoreChoices, VideoCaptionTask, primary_metrics, task_class
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.tasks import ScoreChoices, VideoCaptionTask, primary_metrics, task_class
 from vlpet_cli.vl.decoding import generation_kwargs
 
 

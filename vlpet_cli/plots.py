@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from vlpet_cli.atomic import atomic_file
-from vlpet_cli.data.tasks import TASKS, primary_metrics
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.tasks import TASKS, primary_metrics
 
 PRIMARY_METRIC = primary_metrics()
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlpet_cli.data.tasks import ScoreChoices, get_task, resolve_task, task_class
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.progress import Progress
+from vlpet_cli.tasks import ScoreChoices, get_task, resolve_task, task_class
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SCORE_KINDS = {"generate": "mean token log-probability", "choices": "choice probability"}
@@ -244,7 +244,7 @@ def extract(vm: Any, settings: VisionSettings, paths: list[Path], batch_size: in
     """Features of every distinct image, rounded to the store dtype the run was trained on."""
     import numpy as np
 
-    from vlpet_cli.data.extraction import grid_features, preprocess, to_pixels
+    from vlpet_cli.features.extract.images import grid_features, preprocess, to_pixels
 
     unique = list(dict.fromkeys(str(p) for p in paths))
     out: dict[str, Any] = {}
@@ -266,7 +266,7 @@ def extract_videos(vm: Any, settings: VisionSettings, paths: list[Path], batch_s
     import numpy as np
     import torch
 
-    from vlpet_cli.data.video_extraction import image_embeds, preprocess_video
+    from vlpet_cli.features.extract.videos import image_embeds, preprocess_video
 
     out: dict[str, Any] = {}
     for p in dict.fromkeys(str(p) for p in paths):
@@ -293,7 +293,7 @@ def video_duration(path: Path) -> float:
 def video_record(spec: Any, item: PredictInput, index: int) -> Any:
     """The Record the task's reader builds from an annotation line with this video, question, moment, choices
     and subtitles: QA '[Q] q [TS] (s-e) [Choices] a0: ... .', TVC '[TS] ([s, e])', YC2C no text."""
-    from vlpet_cli.data.tasks.base import Record
+    from vlpet_cli.tasks.base import Record
 
     vid = str(item.video)
     if item.ts is None:
@@ -385,8 +385,8 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
     import torch
 
     from vlpet_cli.artifacts import load_any
-    from vlpet_cli.data.extraction import load_vision_model
-    from vlpet_cli.data.tasks.base import Record, TaskDataset, collate
+    from vlpet_cli.features.extract.images import load_vision_model
+    from vlpet_cli.tasks.base import Record, TaskDataset, collate
 
     task = resolve_task(task)
     cls = task_class(task)
@@ -404,7 +404,7 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
     device = "cuda" if torch.cuda.is_available() else "cpu"
     video = cls.feature_kind == "video"
     if video:
-        from vlpet_cli.data.video_extraction import load_projected_model
+        from vlpet_cli.features.extract.videos import load_projected_model
 
         vm = load_projected_model(settings.model, device)
         dim = vm.dim
@@ -443,7 +443,7 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
                 row = {"task": task, "video": record.image_ids[0], "text": item.text, "answer": answer,
                        "score": value, "score_kind": kind}
                 if item.choices:
-                    from vlpet_cli.data.tasks.video import choice_index
+                    from vlpet_cli.tasks.video.base import choice_index
 
                     k = choice_index(answer)  # VALUE reads int(answer[1]), 0 when it cannot
                     row.update(choice_index=k, choice=item.choices[k] if k < len(item.choices) else None)

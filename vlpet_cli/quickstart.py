@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
-from vlpet_cli.data.extraction import TINY_CLIP, extract_features
-from vlpet_cli.data.features import locate_features, open_features
-from vlpet_cli.data.tasks import TASKS as TASK_TABLE
-from vlpet_cli.data.tasks import primary_metrics
-from vlpet_cli.data.toy import SOURCES, build_toy
-from vlpet_cli.data.toy_video import VIDEO_SOURCES, video_feature_dir
-from vlpet_cli.data.video_extraction import TINY_CLIP_PROJ, extract_video_features
-from vlpet_cli.data.video_features import locate_video_features, open_video_features
 from vlpet_cli.evaluate import evaluate, evaluate_model
+from vlpet_cli.features.extract.images import TINY_CLIP, extract_features
+from vlpet_cli.features.extract.videos import TINY_CLIP_PROJ, extract_video_features
+from vlpet_cli.features.images import locate_features, open_features
+from vlpet_cli.features.videos import locate_video_features, open_video_features
+from vlpet_cli.tasks import TASKS as TASK_TABLE
+from vlpet_cli.tasks import primary_metrics
+from vlpet_cli.toy.images import SOURCES, build_toy
+from vlpet_cli.toy.videos import VIDEO_SOURCES, video_feature_dir
 from vlpet_cli.train import TOY_DEFAULTS, resolve_train_preset, train
 from vlpet_cli.vl.model import build_model
 

@@ -260,7 +260,7 @@ def task_embedding_rows(mapped: Mapped, preset: Preset, pth: Path) -> dict:
     """HyperFormer's task embeddings as one [tasks, dim] tensor in the preset's task order (caption = coco)."""
     import torch
 
-    from vlpet_cli.data.tasks import ALIASES
+    from vlpet_cli.tasks import ALIASES
 
     if not mapped.task_embeddings:
         return {}

@@ -21,7 +21,6 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from vlpet_cli.data.tasks import primary_metrics
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.plots import (
     is_number,
@@ -33,6 +32,7 @@ from vlpet_cli.plots import (
     task_order,
     val_events,
 )
+from vlpet_cli.tasks import primary_metrics
 
 SPLITS: tuple[str, ...] = ("test", "val")
 

@@ -31,11 +31,8 @@ from vlpet_cli.data.loading import (
     check_feature_dims,
     feature_kind,
     load_task_data,
-    resolve_data_root,
-    toy_feature_dim,
 )
 from vlpet_cli.data.multitask import MultitaskLoader, task_batch_sizes
-from vlpet_cli.data.tasks import get_task
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.inference import best_score, validate
 from vlpet_cli.pet.budget import budget
@@ -53,6 +50,8 @@ from vlpet_cli.runs import (
     rewind_events,
     write_config,
 )
+from vlpet_cli.tasks import get_task
+from vlpet_cli.toy.root import resolve_data_root, toy_feature_dim
 from vlpet_cli.vl.model import build_model
 
 __all__ = ["RESUMABLE", "TOY_DEFAULTS", "TrainResult", "TrainingInterrupted", "load_run_preset", "param_groups",

@@ -22,8 +22,8 @@ from vlpet_cli.data.multitask import (
     task_batch_sizes,
     task_order,
 )
-from vlpet_cli.data.tasks import TaskDataset, get_task, open_task_features
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.tasks import TaskDataset, get_task, open_task_features
 
 D = 4
 SIZES = {"vqa": 23, "gqa": 31, "nlvr": 9, "coco": 6}  # coco: 6 images x 2 captions = 12 rows

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vlpet_cli.cli import app
-from vlpet_cli.data.loading import resolve_data_root
+from vlpet_cli.toy.root import resolve_data_root
 from vlpet_cli.train import resolve_train_preset, train
 
 

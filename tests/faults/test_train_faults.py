@@ -185,8 +185,8 @@ def shrink_features(path: Path, dim: int = 32) -> None:
                                                    ("coco,gqa", "VG", "gqa train")])
 def test_wrong_sized_features_of_a_later_task_stop_before_anything_is_written(monkeypatch, capsys, tmp_path,
                                                                               tasks, source, needle):
-    from vlpet_cli.data.loading import toy_feature_dim
-    from vlpet_cli.data.toy import toy_root
+    from vlpet_cli.toy.images import toy_root
+    from vlpet_cli.toy.root import toy_feature_dim
 
     root = tmp_path / "root"
     shutil.copytree(toy_root(), root, ignore=shutil.ignore_patterns("images"))
@@ -360,7 +360,7 @@ def test_merge_average_of_an_unfinished_run_says_so(paused, monkeypatch, capsys,
 
 
 def test_a_killed_toy_build_leaves_nothing_behind():
-    from vlpet_cli.data.toy import TOY_VERSION, toy_root
+    from vlpet_cli.toy.images import TOY_VERSION, toy_root
 
     root = toy_root()
     stale = root.parent / f".{TOY_VERSION}.building-killed"
@@ -374,8 +374,8 @@ def test_a_killed_toy_build_leaves_nothing_behind():
 def test_the_nan_message_does_not_suggest_what_is_already_set(monkeypatch, capsys, tmp_path):
     import h5py
 
-    from vlpet_cli.data.loading import toy_feature_dim
-    from vlpet_cli.data.toy import toy_root
+    from vlpet_cli.toy.images import toy_root
+    from vlpet_cli.toy.root import toy_feature_dim
 
     root = tmp_path / "root"
     shutil.copytree(toy_root(), root, ignore=shutil.ignore_patterns("images"))

@@ -15,12 +15,12 @@ import pytest
 from pycocoevalcap.cider.cider import Cider
 
 from vlpet_cli.config import Preset
-from vlpet_cli.data.tasks import task_class
-from vlpet_cli.data.tasks.video import choice_index
 from vlpet_cli.errors import DataError
 from vlpet_cli.evaluate import score_predictions_file, submission_name
 from vlpet_cli.inference import best_score, score
 from vlpet_cli.metrics.caption import resolve_tokenizer, tokenize_ptb, tokenize_python
+from vlpet_cli.tasks import task_class
+from vlpet_cli.tasks.video.base import choice_index
 
 SHOWS = {1: "House", 2: "House", 3: "House", 4: "Friends", 5: "Friends"}
 ANSWERS = {1: 0, 2: 1, 3: 1, 4: 4, 5: 2}

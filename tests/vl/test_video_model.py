@@ -12,10 +12,10 @@ import torch
 
 from vlpet_cli.config import VideoData
 from vlpet_cli.data.loading import check_feature_dims, feature_kind, load_task_data
-from vlpet_cli.data.tasks import TASKS, CocoTask, TaskDataset, check_features, collate, open_task_features
-from vlpet_cli.data.video_features import open_video_features, open_video_writer, resize_frames
 from vlpet_cli.errors import DataError, VlpetError
+from vlpet_cli.features.videos import open_video_features, open_video_writer, resize_frames
 from vlpet_cli.presets import resolve
+from vlpet_cli.tasks import TASKS, CocoTask, TaskDataset, check_features, collate, open_task_features
 from vlpet_cli.vl.model import build_model
 
 DIM = 8
@@ -182,7 +182,7 @@ def test_unmasked_video_batch_is_all_ones(tmp_path, fake_task):
 
 
 def test_mixed_image_and_video_run_is_refused_unless_sizes_agree(tmp_path, fake_task, monkeypatch):
-    from vlpet_cli.data.features import PackedWriter
+    from vlpet_cli.features.images import PackedWriter
 
     root = video_root(tmp_path)
     (root / "COCO" / "clip_features").mkdir(parents=True)
@@ -237,12 +237,12 @@ def test_training_a_video_task_end_to_end(tmp_path, fake_task, capsys):
 
 
 def test_toy_video_runs_take_the_toy_video_feature_size(tmp_path, fake_task, monkeypatch):
-    from vlpet_cli.data import loading
+    from vlpet_cli.toy import root as toy_root
     from vlpet_cli.train import TOY_DEFAULTS, resolve_train_preset
 
     root = video_root(tmp_path)
-    monkeypatch.setattr(loading, "toy_root", lambda: root)
-    assert loading.toy_feature_dim(["fakevid"]) == DIM
+    monkeypatch.setattr(toy_root, "toy_root", lambda: root)
+    assert toy_root.toy_feature_dim(["fakevid"]) == DIM
     preset = resolve_train_preset("vlpet-small", ["fakevid"], "toy", "tiny-bart")
     assert preset.model.feat_dim == DIM and preset.model.n_boxes == 64  # the video section, toy feature size
     assert f"train.batch_size={preset.train.batch_size}" in TOY_DEFAULTS  # the toy world's defaults still win

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vlpet_cli.atomic import atomic_file
-from vlpet_cli.data.tasks.base import Record, Task
+from vlpet_cli.tasks.base import Record, Task
 
 FORMAT = 3
 COLUMNS = ("file", "index", "fields", "text", "image_ids", "source", "input_ids")
@@ -114,7 +114,7 @@ def _backend(tokenizer: Any, max_length: int | None) -> Any:
 def _video_truncation(task: Task) -> tuple[str, int] | None:
     """(data.video.truncate, data.video.max_length) of a video task tokenising as VideoTask.source_ids does
     (a subclass with its own source_ids gives None: it is asked record by record)."""
-    from vlpet_cli.data.tasks.video import VideoTask
+    from vlpet_cli.tasks.video.base import VideoTask
 
     if isinstance(task, VideoTask) and type(task).source_ids is VideoTask.source_ids:
         return task.video.truncate, task.video.max_length

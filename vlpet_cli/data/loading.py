@@ -7,44 +7,16 @@ from pathlib import Path
 
 from vlpet_cli.config import Preset
 from vlpet_cli.data.cache import load_records
-from vlpet_cli.data.features import locate_features, open_features
-from vlpet_cli.data.tasks import get_task, task_class
-from vlpet_cli.data.tasks.base import Task, TaskDataset, check_features, open_task_features
-from vlpet_cli.data.toy import toy_root
-from vlpet_cli.data.video_features import locate_video_features, open_video_features
 from vlpet_cli.errors import VlpetError
-
-
-def resolve_data_root(data_root: str | None) -> Path:
-    """'toy' is the built-in toy world (built on first use); anything else must be an existing directory."""
-    if data_root is None:
-        raise VlpetError("no data root: pass --data-root DIR (the folder holding vqa/, GQA/, nlvr/, COCO/) "
-                         "or --data-root toy for the built-in toy world")
-    if data_root == "toy":
-        return toy_root()
-    root = Path(data_root).expanduser()
-    if not root.is_dir():
-        raise VlpetError(f"--data-root {root} is not a directory")
-    return root
+from vlpet_cli.features.images import locate_features, open_features
+from vlpet_cli.features.videos import locate_video_features, open_video_features
+from vlpet_cli.tasks import get_task, task_class
+from vlpet_cli.tasks.base import Task, TaskDataset, check_features, open_task_features
 
 
 def feature_kind(task: str) -> str:
     """'image' or 'video': the kind of features a task (name or alias) reads (presets.resolve's task_kind)."""
     return task_class(task).feature_kind
-
-
-def toy_feature_dim(tasks: list[str] | None = None) -> int:
-    """Feature size of the built-in toy world (building it on first use): its video features' when every task
-    is a video task, else its image features'."""
-    root = resolve_data_root("toy")
-    if tasks and all(feature_kind(t) == "video" for t in tasks):
-        task = get_task(tasks[0])
-        path = _locate(root, task, task.split_names("train")[0], "", task.video.feature_name)
-        dim = open_video_features(path).dim
-        if dim is None:
-            raise VlpetError(f"{path}: the toy world's video features are empty; rebuild the toy world")
-        return dim
-    return open_features(locate_features(root, "COCO")).dim
 
 
 @dataclass
@@ -55,7 +27,7 @@ class TaskData:
     val: dict = field(default_factory=dict)
 
 
-def _locate(root: Path, task: Task, split_name: str, image_name: str, video_name: str) -> Path:
+def locate_store(root: Path, task: Task, split_name: str, image_name: str, video_name: str) -> Path:
     """The feature store a task's split reads (image: data.feature_name; video: data.video.feature_name)."""
     if task.feature_kind == "video":
         return locate_video_features(root, task.feature_source(split_name), video_name)
@@ -80,7 +52,7 @@ def check_feature_dims(root: Path, preset: Preset, splits=("train", "val")) -> N
         task = get_task(name, video=preset.data.video)
         for split in splits:
             for split_name in task.split_names(split):
-                path = _locate(root, task, split_name, preset.data.feature_name, preset.data.video.feature_name)
+                path = locate_store(root, task, split_name, preset.data.feature_name, preset.data.video.feature_name)
                 if path in seen:
                     continue
                 seen.add(path)
@@ -112,7 +84,7 @@ def check_record_features(task, records, stores) -> None:
     """check_features, on the Arrow columns for cached records; the full check (and its message) when any id is
     missing."""
     if getattr(records, "flat", False):
-        from vlpet_cli.data.store_base import missing_ids
+        from vlpet_cli.features.hdf5 import missing_ids
 
         by_source = records.images_by_source()
         if all(s in stores and not missing_ids(stores[s], ids) for s, ids in by_source.items()):

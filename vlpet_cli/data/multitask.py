@@ -17,8 +17,8 @@ from fractions import Fraction
 from functools import partial
 from typing import Any
 
-from vlpet_cli.data.tasks import TASKS, TaskDataset, collate
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.tasks import TASKS, TaskDataset, collate
 
 DEFAULT_RATIOS: dict[str, Fraction] = {name: cls.batch_ratio for name, cls in TASKS.items()}
 

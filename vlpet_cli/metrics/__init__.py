@@ -1,6 +1,6 @@
 """Pure scorers the field reports: VQA accuracy (vqa.py), GQA/NLVR2 accuracy (accuracy.py), captions (caption.py).
 
-Which metrics a task has, and how its predictions and files are read, belong to the task (vlpet_cli/data/tasks/).
+Which metrics a task has, and how its predictions and files are read, belong to the task (vlpet_cli/tasks/).
 This module stays light (no heavy imports) so the CLI can import it instantly.
 """
 

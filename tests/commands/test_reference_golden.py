@@ -1,0 +1,136 @@
+"""vlpet against the reference VL-PET code: golden cases computed by the official code on the shipped tiny backbones
+(tests/golden/README.md, issue 11). Encoder output, logits and loss within 2e-5, generated ids identical."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlpet_cli.errors import VlpetError
+from vlpet_cli.reference import import_reference_checkpoint, load_state_dict, map_keys
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "tests" / "golden"
+CASES = sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
+# float32 rounding: in this one case the reference's own caption logits are 1.8e-5 off their exact value, vlpet's
+# float32 ones 4.7e-5, both at one ill-conditioned token (notes in the CHANGELOG); so vlpet is compared in float64
+# there, which leaves only the reference's rounding, at the checker's tolerance. Every other case: float32.
+FLOAT64 = {"tiny-t5-vl-adapter"}
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("check_reference", ROOT / "scripts" / "check_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def checker():
+    return _script()
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory, checker):
+    """Full golden directories rebuilt from the small copies (frozen backbone restored from tiny-bart / tiny-t5)."""
+    root = tmp_path_factory.mktemp("golden")
+    return {name: checker.expand_test_copy(GOLDEN / name, root / name) for name in CASES}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_case_matches_the_reference(case, golden, checker, tmp_path):
+    result = checker.check_case(golden[case], tmp_path, float64=case in FLOAT64)
+    for what in ("encoder", "logits", "loss"):
+        assert result[what] <= checker.TOLERANCE, (case, result)
+    assert result["generated"] in (None, "identical"), result
+    readme = json.loads((golden[case] / "README.json").read_text())
+    if "generation" in readme:
+        assert result["generated"] == "identical"
+
+
+def test_checker_prints_one_line_per_case_and_fails_on_a_mismatch(golden, checker, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in golden["tiny-bart-lora"].iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    outputs = torch.load(broken / "outputs.pt", weights_only=True)
+    outputs["vqa"]["logits"] = outputs["vqa"]["logits"] + 1e-3
+    torch.save(outputs, broken / "outputs.pt")
+    assert checker.main([str(golden["tiny-bart-lora"]), str(broken)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    first, second = json.loads(lines[0]), json.loads(lines[1])
+    assert first["golden"] == "tiny-bart-lora" and first["ok"] and first["generated"] is None
+    assert not second["ok"] and second["logits"] > 5e-4
+    assert lines[-1] == "1/2 golden cases match"
+
+
+def test_stripped_copy_restores_the_exact_checkpoint(golden, checker):
+    state, _ = load_state_dict(golden["tiny-bart-vlpet-large-ownrows"] / "LAST.pth")
+    kept, tails = checker.strip_checkpoint({f"module.{k}": v for k, v in state.items()}, "tiny-bart")
+    assert tails, "the ownrows case's added vocabulary rows are the reference's own"
+    full = checker.restore_checkpoint(kept, tails, [f"module.{k}" for k in state], "tiny-bart")
+    assert all(torch.equal(full[f"module.{k}"], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("case,preset", [("tiny-bart-compacter", "compacter"), ("tiny-bart-hyperformer", "hyperformer"),
+                                         ("tiny-bart-lora", "lora"), ("tiny-bart-prompt-tuning", "prompt-tuning"),
+                                         ("tiny-t5-vl-adapter", "vl-adapter"),
+                                         ("tiny-t5-vlpet-large", "vlpet-large")])
+def test_preset_is_picked_from_the_checkpoint(case, preset, golden, tmp_path):
+    readme = json.loads((golden[case] / "README.json").read_text())
+    report = import_reference_checkpoint(golden[case] / "LAST.pth", None, tmp_path / "a", readme["backbone"],
+                                         readme["vlpet_overrides"])
+    assert report["preset"] == preset
+
+
+def test_mismatched_preset_names_what_the_checkpoint_holds(golden, tmp_path):
+    with pytest.raises(VlpetError, match="holds modules: lora.*--preset lora"):
+        import_reference_checkpoint(golden["tiny-bart-lora"] / "LAST.pth", "vl-adapter", tmp_path / "a", "tiny-bart")
+
+
+def test_all_added_vocabulary_rows_are_carried(golden, tmp_path):
+    from vlpet_cli.artifacts import load_adapter
+
+    pth = golden["tiny-bart-vlpet-large-ownrows"] / "LAST.pth"
+    readme = json.loads((pth.parent / "README.json").read_text())
+    report = import_reference_checkpoint(pth, "vlpet-large", tmp_path / "a", "tiny-bart", readme["vlpet_overrides"])
+    assert report["carried_vocab_rows"] == 200 and not report["warnings"]
+    model, _, _ = load_adapter(tmp_path / "a")
+    state, _ = load_state_dict(pth)
+    assert torch.equal(model.backbone.get_input_embeddings().weight[1000:], state["model.shared.weight"][1000:])
+
+
+def test_reference_key_names_map_for_every_t5_decoder_sublayer():
+    names = [f"decoder.block.0.layer.{sub}.{word}_adapter.adapters.vqa.up_sampler.weight"
+             for sub, word in (("0", "attn"), ("1", "enc_attn"), ("2", "ff"))]
+    mapped = map_keys({n: torch.zeros(1) for n in names}, "t5", set())
+    assert sorted(mapped.values) == ["pet.decoder_modules.decoder_0_cross.up.weight",
+                                     "pet.decoder_modules.decoder_0_ffn.up.weight",
+                                     "pet.decoder_modules.decoder_0_self.up.weight"]
+    wrong = map_keys({"decoder.block.0.layer.2.attn_adapter.adapters.vqa.up_sampler.weight": torch.zeros(1)}, "t5",
+                     set())
+    assert wrong.unexpected
+
+
+# ---- vl/projector.py -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case,override,hint", [
+    ("tiny-bart-compacter", "pet.encoder.r=32", "set pet.encoder.r=16"),
+    ("tiny-bart-lora", "pet.lora.r=4", "set pet.lora.r=8"),
+    ("tiny-bart-prompt-tuning", "pet.prompt.mid_dim=32", "set pet.prompt.mid_dim=64"),
+    ("tiny-bart-hyperformer", "pet.hyperformer.r=8", "set pet.hyperformer.r=16"),
+    ("tiny-t5-vl-adapter", "pet.decoder.r=8", "set pet.decoder.r=16"),
+    ("tiny-t5-vl-adapter", "pet.encoder.r=192", "set pet.encoder.r=16 "),
+])
+def test_wrong_size_names_the_override(case, override, hint, golden, tmp_path):
+    readme = json.loads((golden[case] / "README.json").read_text())
+    overrides = [o for o in readme["vlpet_overrides"] if o.split("=")[0] != override.split("=")[0]] + [override]
+    with pytest.raises(VlpetError, match=hint.replace(".", r"\.")):
+        import_reference_checkpoint(golden[case] / "LAST.pth", readme["vlpet_preset"], tmp_path / "a",
+                                    readme["backbone"], overrides)
+
+
+def test_every_size_override_is_named_at_once(golden, tmp_path):
+    with pytest.raises(VlpetError, match=r"set pet\.decoder\.r=16 pet\.encoder\.r=16 \(the overrides to pass\)"):
+        import_reference_checkpoint(golden["tiny-t5-vl-adapter"] / "LAST.pth", None, tmp_path / "a", "tiny-t5")

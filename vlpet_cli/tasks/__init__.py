@@ -1,0 +1,169 @@
+"""The table of tasks (VQA, GQA, NLVR2, COCO captions; TVQA, How2QA, TVC, YC2C) and their aliases, used by
+every command.
+
+Adding a task is one new module holding its `Task` subclass plus its line in `TASKS`; every command (train,
+eval, eval --predictions, extract-features, quickstart, report) reads the task's declarations from here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vlpet_cli.config import VideoData
+from vlpet_cli.errors import DataError, VlpetError
+from vlpet_cli.tasks import files
+from vlpet_cli.tasks.base import (
+    DEFAULT_FEATURE_NAME,
+    Generate,
+    Record,
+    ScoreChoices,
+    Task,
+    TaskDataset,
+    check_features,
+    collate,
+    open_task_features,
+)
+from vlpet_cli.tasks.coco import CocoTask
+from vlpet_cli.tasks.gqa import GqaTask
+from vlpet_cli.tasks.nlvr import NlvrTask
+from vlpet_cli.tasks.video.base import VideoCaptionTask, VideoQaTask, VideoTask
+from vlpet_cli.tasks.video.caption import TvcTask, Yc2cTask
+from vlpet_cli.tasks.video.qa import How2qaTask, TvqaTask
+from vlpet_cli.tasks.vqa import VqaTask
+
+TASKS: dict[str, type[Task]] = {
+    "vqa": VqaTask,
+    "gqa": GqaTask,
+    "nlvr": NlvrTask,
+    "coco": CocoTask,
+    "tvqa": TvqaTask,
+    "how2qa": How2qaTask,
+    "tvc": TvcTask,
+    "yc2c": Yc2cTask,
+}
+ALIASES: dict[str, str] = {alias: name for name, cls in TASKS.items() for alias in cls.aliases}
+
+
+def resolve_task(name: str) -> str:
+    """The canonical task name for a name or alias (case and spaces ignored); unknown names list the tasks."""
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key in TASKS:
+        return key
+    close = difflib.get_close_matches(key, [*TASKS, *ALIASES], n=1)
+    hint = f" Did you mean '{ALIASES.get(close[0], close[0])}'?" if close else ""
+    aliases = ", ".join(f"{a} ({t})" for a, t in ALIASES.items())
+    raise VlpetError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(TASKS)}; aliases: {aliases}. "
+                     f"Fix: pass one of the valid tasks: {', '.join(TASKS)}.")
+
+
+def task_class(name: str) -> type[Task]:
+    """The Task class of a task name or alias (its declarations, without building a task)."""
+    return TASKS[resolve_task(name)]
+
+
+def get_task(name: str, prompts: Mapping[str, str] | None = None, use_prompts: bool = True,
+             video: VideoData | None = None) -> Task:
+    """The task called `name`; prompts overrides the default prompt per task; use_prompts=False gives '';
+    video holds the video tasks' settings (data.video)."""
+    cls = task_class(name)
+    prompt = None
+    if not use_prompts:
+        prompt = ""
+    elif prompts is not None:
+        prompt = prompts.get(cls.name, prompts.get(name))
+    return cls(prompt, video)
+
+
+def primary_metrics() -> dict[str, str]:
+    """{task: its primary metric} for every task in the table."""
+    return {name: cls.primary_metric for name, cls in TASKS.items()}
+
+
+def _load_json(path: Path) -> Any:
+    """Parse a .json file (or .jsonl, one record a line) with errors that name the file and line."""
+    if not path.is_file():
+        raise DataError(f"{path}: annotation file not found; check the path.")
+    text = files.read_text(path)
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove the line.") from exc
+        return records
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix the file.") from exc
+
+
+def annotation_images(annotations: Path) -> dict[str, str | None]:
+    """Image ids named by an annotation file -> relative image path when the file gives one (Karpathy).
+
+    The formats are the tasks' own (vlpet_cli/tasks/): a task's file format (Karpathy `dataset_coco.json`,
+    {"images": [{"filepath", "filename"}]}), or a list of records naming images in a task's `image_fields`
+    (VQA/GQA `img_id`, NLVR2 `img0`, `img1`).
+    """
+    path = Path(annotations)
+    data = _load_json(path)
+    for cls in TASKS.values():
+        found = cls.file_images(data, path)
+        if found is not None:
+            return found
+    fields: dict[tuple[str, ...], list[str]] = {}
+    for name, cls in TASKS.items():
+        if cls.image_fields:
+            fields.setdefault(cls.image_fields, []).append(name)
+    keys = list(dict.fromkeys(k for group in fields for k in group))
+    named = " or ".join(f"{'/'.join(repr(k) for k in group)} ({', '.join(names)})" for group, names in fields.items())
+    if isinstance(data, list):
+        out: dict[str, str | None] = {}
+        for n, record in enumerate(data):
+            present = [k for k in keys if isinstance(record, dict) and record.get(k)]
+            if not present:
+                raise DataError(f"{path}: record {n} has no {named}; fix the record or pass the right "
+                                f"annotation file.")
+            for key in present:
+                out.setdefault(str(record[key]), None)
+        return out
+    own = [name for name, cls in TASKS.items() if cls.file_images.__func__ is not Task.file_images.__func__]
+    raise DataError(f"{path}: unrecognised annotation format; expected a {' or '.join(own)} annotation file "
+                    f"(e.g. Karpathy's dataset_coco.json), or a list of records with {named}.")
+
+
+__all__ = [
+    "ALIASES",
+    "annotation_images",
+    "DEFAULT_FEATURE_NAME",
+    "TASKS",
+    "CocoTask",
+    "Generate",
+    "GqaTask",
+    "How2qaTask",
+    "NlvrTask",
+    "Record",
+    "ScoreChoices",
+    "Task",
+    "TaskDataset",
+    "TvcTask",
+    "TvqaTask",
+    "VideoCaptionTask",
+    "VideoQaTask",
+    "VideoTask",
+    "VqaTask",
+    "Yc2cTask",
+    "check_features",
+    "collate",
+    "get_task",
+    "open_task_features",
+    "primary_metrics",
+    "resolve_task",
+    "task_class",
+]

@@ -1,0 +1,465 @@
+"""What every image-text task shares: records, the Task base (its declarations), TaskDataset and collate.
+
+A `Task` owns everything about one task: its files, splits, feature sources and records, prompt, truncation,
+targets and loss reduction, its metrics (valid, default, primary, validation), how it decodes (generate or score
+choices), how its predictions are scored, its submission format, how predictions and annotation files are read
+for `vlpet eval --predictions`, the image ids it needs features for and its default batch ratio. A
+`TaskDataset` turns a task's records into model items; `collate` builds the batch contract that `vl/model.py`
+relies on (spec/pipeline.md §3). numpy and torch are imported inside functions so that importing the task
+table stays cheap for the CLI.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, ClassVar
+
+from vlpet_cli.config import VideoData
+from vlpet_cli.errors import DataError, VlpetError
+from vlpet_cli.features.images import DEFAULT_FEATURE_NAME
+
+_METRIC_ALIASES = {"rouge": "rougel", "accuracy": "acc", "vqaacc": "vqa"}
+
+
+@dataclass(slots=True)
+class Record:
+    """One example as read from an annotation file; `extra` holds task-specific evaluation fields."""
+
+    file: str
+    index: int
+    id: Any
+    text: str
+    image_ids: tuple[str, ...]
+    source: str
+    label: Any = None
+    extra: dict | None = None
+
+    def where(self) -> str:
+        """'<file>: record <index> (<id>)', the prefix of every message about this record."""
+        return f"{self.file}: record {self.index} ({self.id})"
+
+
+@dataclass(frozen=True)
+class Generate:
+    """Decode by generation; these are the task's default `eval.generation` settings."""
+
+    num_beams: int = 1
+    max_length: int = 20
+
+
+@dataclass(frozen=True)
+class ScoreChoices:
+    """Decode by comparing the model's scores of fixed answers (NLVR2: 'true' vs 'false'); no generation."""
+
+    choices: tuple[str, ...]
+
+    def describe(self) -> str:
+        """How predictions are made, for the eval record's settings."""
+        return "logits of " + " vs ".join(repr(c) for c in self.choices)
+
+
+Decoding = Generate | ScoreChoices
+
+
+class Task:
+    """One task: files, splits, records, prompt, targets, loss, metrics, decoding, scoring and file formats."""
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    folder: ClassVar[str]
+    default_prompt: ClassVar[str]
+    splits: ClassVar[dict[str, str]]
+    input_max_length: ClassVar[int | None]
+    target_max_length: ClassVar[int | None]
+    loss_reduction: ClassVar[str] = "example"
+    n_images: ClassVar[int] = 1
+    batch_ratio: ClassVar[Fraction]
+    """Batch size relative to train.batch_size (the reference's per-task ratios)."""
+    decoding: ClassVar[Decoding]
+    valid_metrics: ClassVar[tuple[str, ...]]
+    """Metric names a user may ask for ('bleu' is shorthand for bleu1..bleu4)."""
+    default_metrics: ClassVar[tuple[str, ...]]
+    """What is computed when the user names no metric."""
+    primary_metric: ClassVar[str]
+    """The metric that stands for the task (best-checkpoint 'avg', quick start, report, plots)."""
+    validation_metrics: ClassVar[tuple[str, ...] | None] = None
+    """What validation during training computes (None: the defaults)."""
+    label: ClassVar[str]
+    """The primary metric's name for people, e.g. 'VQA accuracy' (the quick start's table)."""
+    image_fields: ClassVar[tuple[str, ...]] = ()
+    """Fields of a split-file record that name its images (for `vlpet extract-features --annotations`)."""
+    split_option: ClassVar[bool] = False
+    """Whether `vlpet eval --predictions` may take a --split for this task's annotation files."""
+    feature_kind: ClassVar[str] = "image"
+    """'image' (per-image grid features) or 'video' (per-video frame features, data.video)."""
+
+    def __init__(self, prompt: str | None = None, video: VideoData | None = None) -> None:
+        self.prompt = self.default_prompt if prompt is None else prompt
+        self.video = video if video is not None else VideoData()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(prompt={self.prompt!r})"
+
+    # ---- files and splits -------------------------------------------------------------------------------
+    def split_names(self, split: str) -> list[str]:
+        """File-level split names for a kind ('train'/'val'/'test') or a comma-separated list of names."""
+        split = self.splits.get(split, split)
+        names = [s.strip() for s in split.split(",") if s.strip()]
+        if not names:
+            raise VlpetError(f"{self.name}: empty split name. Fix: use one of {', '.join(self.splits)}.")
+        return names
+
+    def split_path(self, data_root: Path, name: str) -> Path:
+        """The annotation file of one split."""
+        return Path(data_root) / self.folder / f"{name}.json"
+
+    def feature_source(self, split_name: str) -> str:
+        """The feature-store source (a folder under the data root) for images of a split."""
+        raise NotImplementedError
+
+    def is_train_split(self, split: str) -> bool:
+        """True when `split` names the task's training split."""
+        return self.split_names(split) == self.split_names("train")
+
+    def load(self, data_root: Path, split: str, *, for_eval: bool | None = None) -> list[Record]:
+        """Read and validate the records of a split (kind or names); for_eval defaults to 'not train'."""
+        if for_eval is None:
+            for_eval = not self.is_train_split(split)
+        records: list[Record] = []
+        for name in self.split_names(split):
+            records.extend(self.read_split(Path(data_root), name, for_eval))
+        return records
+
+    def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
+        """Read one split file into records."""
+        raise NotImplementedError
+
+    def support_files(self, data_root: Path) -> list[Path]:
+        """Files outside the task's folder that its records depend on (the video tasks' subtitles)."""
+        return []
+
+    def missing_file_fix(self) -> str:
+        """The fix to print when a split file is missing."""
+        return (f"check --data-root: it must contain {self.folder}/ with the split files "
+                f"(spec/pipeline.md §1)")
+
+    # ---- model input and targets ------------------------------------------------------------------------
+    def source_text(self, record: Record) -> str:
+        """The encoder text: prompt followed by the record's text."""
+        return self.prompt + record.text
+
+    def source_ids(self, record: Record, tokenizer: Any) -> list[int]:
+        """The encoder token ids of a record: its source_text tokenised, cut at input_max_length."""
+        return _tokenize(tokenizer, self.source_text(record), self.input_max_length)
+
+    def target(self, record: Record, rng: Any, train: bool) -> tuple[str, float] | None:
+        """(target text, loss weight) for a record, or None when it has no target."""
+        raise NotImplementedError
+
+    def eval_info(self, record: Record) -> dict:
+        """What evaluation needs about a record (ids, answers, references, ...)."""
+        raise NotImplementedError
+
+    # ---- metrics, scoring and files -----------------------------------------------------------------------
+    @classmethod
+    def resolve_metrics(cls, metrics: Iterable[str] | None = None) -> list[str]:
+        """Expand and check metric names ("bleu" -> bleu1..bleu4, "ROUGE_L" -> rougel); None gives the defaults."""
+        if metrics is None:
+            return list(cls.default_metrics)
+        chosen: list[str] = []
+        for raw in metrics:
+            name = re.sub(r"[\s_\-]", "", str(raw).lower())
+            name = _METRIC_ALIASES.get(name, name)
+            if name not in cls.valid_metrics:
+                raise VlpetError(f"metric {raw!r} does not apply to task {cls.name!r}; "
+                                 f"valid: {', '.join(cls.valid_metrics)}")
+            for expanded in [f"bleu{i}" for i in range(1, 5)] if name == "bleu" else [name]:
+                if expanded not in chosen:
+                    chosen.append(expanded)
+        if not chosen:
+            raise VlpetError(f"no metric given for task {cls.name!r}; valid: {', '.join(cls.valid_metrics)}")
+        return chosen
+
+    def score(self, predictions: list[dict], metrics: list[str] | None = None,
+              vqa_variant: str = "reference") -> dict:
+        """Metrics (x100, lower-case keys) of predictions carrying their record's eval_info."""
+        raise NotImplementedError
+
+    def submission(self, predictions: list[dict]) -> tuple[str, str]:
+        """(file name suffix, content) in the task's official submission format."""
+        raise NotImplementedError
+
+    def score_files(self, predictions: Path, annotations: Path, *, split: str | None, metrics: list[str],
+                    explicit: bool, vqa_variant: str, allow_missing: bool | None, tokenizer: str) -> dict:
+        """Score a predictions file against an annotation file (`vlpet eval --predictions`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def file_images(cls, data: Any, path: Path) -> dict[str, str | None] | None:
+        """Image ids -> relative image path for an annotation file in a format of this task's own (not a
+        plain list of records with `image_fields`), or None when `data` is not in such a format."""
+        return None
+
+
+def sample_answer(label: dict[str, float] | None, rng: Any, train: bool) -> tuple[str, float] | None:
+    """LXMERT answer choice: sample ∝ score when training, highest score when not; ('', 0) if no score."""
+    if label is None:
+        return None
+    total = sum(label.values())
+    if total <= 0:
+        return "", 0.0
+    if len(label) == 1:
+        return next(iter(label.items()))
+    if not train:
+        return max(label.items(), key=lambda kv: kv[1])
+    u = rng.random() * total
+    acc = 0.0
+    for answer, score in label.items():
+        acc += score
+        if u < acc:
+            return answer, score
+    return [kv for kv in label.items() if kv[1] > 0][-1]  # float rounding left u just above the sum
+
+
+# ---- features ---------------------------------------------------------------------------------------------
+def _store_for(stores: Any, source: str) -> Any:
+    """The store for a source from a dict of stores, or the single store given."""
+    if isinstance(stores, Mapping):
+        return stores.get(source)
+    return stores
+
+
+def _store_place(store: Any, source: str) -> str:
+    """Where a store reads from, for messages."""
+    path = getattr(store, "path", None)
+    return str(path) if path is not None else f"the '{source}' feature store"
+
+
+def open_task_features(records: Sequence[Record], data_root: Path, name: str = DEFAULT_FEATURE_NAME,
+                       kind: str = "image") -> dict[str, Any]:
+    """Open one feature store per source used by the records (lazy HDF5 / npz; picklable); `kind` 'video' opens
+    video stores (<root>/video/vis_features/<source>/<name>)."""
+    by_source = getattr(records, "images_by_source", None)  # cached records name their sources without rows
+    sources = sorted(by_source()) if by_source else sorted({r.source for r in records})
+    if kind == "video":
+        from vlpet_cli.features.videos import locate_video_features, open_video_features
+
+        return {s: open_video_features(locate_video_features(Path(data_root), s, name)) for s in sources}
+    from vlpet_cli.features.images import locate_features, open_features
+
+    return {s: open_features(locate_features(Path(data_root), s, name)) for s in sources}
+
+
+def check_features(task: Task, records: Sequence[Record], stores: Any) -> None:
+    """Raise one DataError if any record's image (or video) features are missing (count, first ids, where)."""
+    from vlpet_cli.features.hdf5 import missing_ids
+
+    by_source: dict[str, list[str]] = {}
+    for r in records:
+        by_source.setdefault(r.source, []).extend(r.image_ids)
+    missing: set[str] = set()
+    places: list[str] = []
+    for source, ids in by_source.items():
+        store = _store_for(stores, source)
+        unique = list(dict.fromkeys(ids))
+        if store is None:
+            lost = unique
+            places.append(f"no store for source '{source}'")
+        else:
+            lost = missing_ids(store, unique)
+            if lost:
+                places.append(_store_place(store, source))
+        missing.update(lost)
+    if not missing:
+        return
+    bad = [r for r in records if any(i in missing for i in r.image_ids)]
+    first = list(dict.fromkeys(i for r in bad for i in r.image_ids if i in missing))[:5]
+    if task.feature_kind == "video":
+        raise DataError(
+            f"{task.name}: {len(bad)} of {len(records)} records have no video features "
+            f"(first missing videos: {', '.join(first)}); looked in {'; '.join(places)}. "
+            f"Fix: extract features for these videos (vlpet extract-features --videos DIR --out FOLDER) or point "
+            f"--data-root at the folder holding video/vis_features/<source>/.")
+    raise DataError(
+        f"{task.name}: {len(bad)} of {len(records)} records have no image features "
+        f"(first missing ids: {', '.join(first)}); looked in {'; '.join(places)}. "
+        f"Fix: extract features for these images (vlpet extract-features) or point --data-root at the "
+        f"folder holding <source>/clip_features/.")
+
+
+# ---- dataset and collation --------------------------------------------------------------------------------
+def _tokenize(tokenizer: Any, text: str, max_length: int | None) -> list[int]:
+    """Token ids with the tokenizer's own special tokens; truncated to max_length when given."""
+    if max_length is None:
+        return list(tokenizer(text)["input_ids"])
+    return list(tokenizer(text, max_length=max_length, truncation=True)["input_ids"])
+
+
+class TaskDataset:
+    """Map-style dataset of one task split; item i at epoch e is deterministic given the seed."""
+
+    def __init__(self, task: Task, records: Sequence[Record], features: Any, tokenizer: Any,
+                 split_kind: str = "train", seed: int = 0) -> None:
+        if split_kind not in ("train", "eval"):
+            raise VlpetError(f"split_kind must be 'train' or 'eval', not {split_kind!r}.")
+        if seed < 0:
+            raise VlpetError(f"the data seed must be >= 0, not {seed}.")
+        self.task = task
+        self.records = records if getattr(records, "flat", False) else list(records)  # data/cache.py: mapped
+        self.features = features
+        self.tokenizer = tokenizer
+        self.split_kind = split_kind
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose answer draws __getitem__ returns."""
+        self.epoch = epoch
+
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's pad id (0 when it has none)."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return 0 if pad is None else int(pad)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.item(i, self.epoch)
+
+    def rng(self, i: int, epoch: int) -> Any:
+        """The random generator of item i at an epoch: seeded from (seed, epoch, i)."""
+        import numpy as np
+
+        return np.random.default_rng((self.seed, epoch, i))
+
+    def image_features(self, record: Record) -> Any:
+        """(n_img, n_tokens, dim) float32 features of a record's images; for a video task (1, frames, dim), the
+        video's frames resized as the reference does (zero rows appended, or max-pooled over time)."""
+        import numpy as np
+
+        store = _store_for(self.features, record.source)
+        if store is None:
+            folder = (f"video/vis_features/{record.source}/" if self.task.feature_kind == "video"
+                      else f"{record.source}/clip_features/")
+            raise DataError(f"{record.where()}: no feature store for source '{record.source}'. "
+                            f"Fix: open the features of {folder}.")
+        if self.task.feature_kind == "video":
+            from vlpet_cli.features.videos import resize_frames
+
+            return np.stack([resize_frames(self._stored(store, record, vid), self.task.video.frames)[0]
+                             for vid in record.image_ids])
+        feats = []
+        for img_id in record.image_ids:
+            feats.append(np.asarray(self._stored(store, record, img_id), dtype=np.float32))
+        return np.stack(feats)
+
+    def _stored(self, store: Any, record: Record, item_id: str) -> Any:
+        """One image's (or video's) features as stored; errors name the record."""
+        try:
+            return store.get(item_id)
+        except DataError as e:
+            raise DataError(f"{record.where()}: {e}") from None
+        except KeyError:
+            raise DataError(f"{record.where()}: no image features for id {item_id!r} in "
+                            f"{_store_place(store, record.source)}. Fix: extract features for this "
+                            f"image (vlpet extract-features) or check --data-root.") from None
+
+    def frame_mask(self, record: Record) -> Any:
+        """(n_videos * frames,) int64: 1 for a real frame, 0 for a zero row appended by the resize (from the
+        stored frame counts, without reading the features)."""
+        import numpy as np
+
+        store = _store_for(self.features, record.source)
+        frames = self.task.video.frames
+        counts = [store.frame_count(vid) if hasattr(store, "frame_count") else len(self._stored(store, record, vid))
+                  for vid in record.image_ids]
+        return np.concatenate([(np.arange(frames) < min(c, frames)).astype(np.int64) for c in counts])
+
+    def item(self, i: int, epoch: int) -> dict:
+        """The model item of record i at an epoch: token ids, features, target ids, weight, eval info."""
+        record = self.records[i]
+        task = self.task
+        target = task.target(record, self.rng(i, epoch), self.split_kind == "train")
+        target_ids = None
+        weight = 0.0
+        if target is not None:
+            text, weight = target
+            target_ids = _tokenize(self.tokenizer, text, task.target_max_length)
+        out = {
+            "task": task.name,
+            "input_ids": (self.records.token_ids(i) if getattr(self.records, "flat", False) else
+                          task.source_ids(record, self.tokenizer)),
+            "vis_feats": self.image_features(record),
+            "target": None if target is None else target[0],
+            "target_ids": target_ids,
+            "weight": float(weight),
+            "loss_reduction": task.loss_reduction,
+            "meta": task.eval_info(record),
+        }
+        if task.feature_kind == "video":
+            out["vis_kind"] = "video"
+            if task.video.mask_padding:
+                out["vis_mask"] = self.frame_mask(record)
+        return out
+
+
+def collate(items: Sequence[dict], pad_id: int) -> dict:
+    """Batch items of one task into the model's batch contract (spec: input_ids, vis_feats, labels, ...)."""
+    import numpy as np
+    import torch
+
+    if not items:
+        raise VlpetError("cannot collate an empty batch.")
+    tasks = {it["task"] for it in items}
+    if len(tasks) != 1:
+        raise VlpetError(f"a batch must hold one task, found {sorted(tasks)}.")
+    n = len(items)
+    t_len = max(len(it["input_ids"]) for it in items)
+    input_ids = torch.full((n, t_len), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, t_len), dtype=torch.long)
+    for b, it in enumerate(items):
+        ids = it["input_ids"]
+        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[b, : len(ids)] = 1
+
+    shape = items[0]["vis_feats"].shape
+    for it in items:
+        if it["vis_feats"].shape != shape:
+            raise DataError(f"{items[0]['task']}: image features of different shapes in one batch "
+                            f"({shape} vs {it['vis_feats'].shape}, record {it['meta']}). "
+                            f"Fix: extract all features with the same backbone and layer.")
+    vis_feats = torch.from_numpy(np.stack([it["vis_feats"] for it in items]).astype(np.float32, copy=False))
+    extra: dict = {}
+    if "vis_kind" in items[0]:
+        extra["vis_kind"] = items[0]["vis_kind"]
+    if any("vis_mask" in it for it in items):  # video with data.video.mask_padding: 0 marks a padded frame
+        n_vis = shape[0] * shape[1]
+        extra["vis_mask"] = torch.from_numpy(np.stack(
+            [np.asarray(it["vis_mask"], dtype=np.int64) if "vis_mask" in it else np.ones(n_vis, dtype=np.int64)
+             for it in items]))
+
+    labels = None
+    if any(it["target_ids"] is not None for it in items):
+        s_len = max(len(it["target_ids"] or ()) for it in items)
+        labels = torch.full((n, s_len), -100, dtype=torch.long)
+        for b, it in enumerate(items):
+            ids = it["target_ids"] or []
+            labels[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+
+    return {
+        "task": items[0]["task"],
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "vis_feats": vis_feats,
+        "labels": labels,
+        "loss_weights": torch.tensor([it["weight"] for it in items], dtype=torch.float),
+        "loss_reduction": items[0]["loss_reduction"],
+        "meta": [it["meta"] for it in items],
+        **extra,
+    }

@@ -1,0 +1,218 @@
+"""VQA v2 on the Karpathy split (spec/pipeline.md §1.1, §3.3, §5.1): records, official answers, sampled
+targets, VQA accuracy, the submission and the predictions/annotation files of `vlpet eval --predictions`."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, ClassVar
+
+from vlpet_cli.errors import DataError
+from vlpet_cli.tasks import files
+from vlpet_cli.tasks.base import Generate, Record, Task, sample_answer
+from vlpet_cli.tasks.records import (
+    Answers,
+    RecordModel,
+    RecordRef,
+    SoftLabel,
+    answer_list,
+    parse_record,
+    read_json,
+    read_record_list,
+    warn_empty,
+)
+
+OFFICIAL_ANNOTATIONS = ("v2_mscoco_train2014_annotations.json", "v2_mscoco_val2014_annotations.json")
+
+
+class VqaRecord(RecordModel):
+    """One record of vqa/karpathy_*.json (VL-T5's format); the question is 'sent' (or 'question')."""
+
+    question_id: int | str
+    img_id: str
+    sent: str | None = None
+    question: str | None = None
+    label: SoftLabel | None = None
+    answers: Any = None
+    answer_type: str | None = None
+    question_type: str | None = None
+    is_topk_optimal: bool | None = None
+
+
+class QuestionId(RecordModel):
+    """The id of an official annotation, read first so that other questions' records are skipped cheaply."""
+
+    question_id: int | str
+
+
+class OfficialAnnotation(RecordModel):
+    """One record of the official v2_mscoco_*_annotations.json: its 10 answers and types."""
+
+    question_id: int | str
+    answers: Answers
+    answer_type: str | None = None
+    question_type: str | None = None
+
+
+def load_official_answers(vqa_dir: Path, question_ids: set) -> dict[Any, dict]:
+    """question_id -> {answers, answer_type, question_type} from the official annotation files present."""
+    found: dict[Any, dict] = {}
+    for name in OFFICIAL_ANNOTATIONS:
+        path = vqa_dir / name
+        if not path.is_file():
+            continue
+        data = read_json(path, "VQA annotation file", "re-download the official VQA v2 annotations")
+        anns = data.get("annotations") if isinstance(data, dict) else None
+        if not isinstance(anns, list):
+            raise DataError(f"{path}: expected an object with an 'annotations' list. "
+                            f"Fix: re-download the official VQA v2 annotations.")
+        for i, ann in enumerate(anns):
+            ref = RecordRef(path, i, ann, "question_id")
+            if parse_record(QuestionId, ann, ref).question_id not in question_ids:
+                continue
+            rec = parse_record(OfficialAnnotation, ann, ref)
+            found[rec.question_id] = {"answers": rec.answers, "answer_type": rec.answer_type,
+                                      "question_type": rec.question_type}
+    return found
+
+
+def load_annotations(path: Path) -> tuple[dict[str, dict[str, Any]], bool]:
+    """Official VQA v2 annotations (or a list of records with "answers") -> ({str(qid): record}, is_pool).
+
+    The official file covers a whole COCO split (a pool: a Karpathy test subset is scored against it).
+    """
+    path = Path(path)
+    data = files.read_json(path)
+    pooled = isinstance(data, dict)
+    if pooled:
+        if "annotations" not in data:
+            raise DataError(
+                f"{path}: not a VQA annotation file: no 'annotations' field; use the official VQA v2 "
+                "v2_mscoco_*_annotations.json"
+            )
+        data = data["annotations"]
+    out: dict[str, dict[str, Any]] = {}
+    for i, rec in enumerate(files.records(data, path, "annotation")):
+        key = str(files.field(rec, ("question_id",), path, i))
+        answers = files.field(rec, ("answers",), path, i)
+        if not isinstance(answers, list) or not answers:
+            raise DataError(f"{path}: record {i} (question {key}): 'answers' must be a non-empty list")
+        files.put(out, key, rec, path)
+    return out, pooled
+
+
+class VqaTask(Task):
+    """VQA v2: 'vqa: ' + question -> answer sampled ∝ score, loss weighted by that score."""
+
+    name = "vqa"
+    folder = "vqa"
+    default_prompt = "vqa: "
+    splits: ClassVar[dict[str, str]] = {"train": "karpathy_train", "val": "karpathy_val", "test": "karpathy_test"}
+    input_max_length = 20
+    target_max_length = 10
+    loss_reduction = "example"
+    batch_ratio = Fraction(1)
+    decoding = Generate(num_beams=1, max_length=20)
+    valid_metrics = ("vqa",)
+    default_metrics = ("vqa",)
+    primary_metric = "vqa"
+    label = "VQA accuracy"
+    image_fields = ("img_id",)
+
+    def feature_source(self, split_name: str) -> str:
+        """Every VQA image is a COCO image."""
+        return "COCO"
+
+    def missing_file_fix(self) -> str:
+        return ("check --data-root: it must contain vqa/karpathy_{train,val,test}.json "
+                "(VL-T5's VQA Karpathy split files)")
+
+    def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
+        """Read vqa/<name>.json; for evaluation, join the 10 official answers by question_id."""
+        path = self.split_path(data_root, name)
+        raw = read_record_list(path, "VQA split file", self.missing_file_fix())
+        source = self.feature_source(name)
+        parsed = []
+        for i, r in enumerate(raw):
+            ref = RecordRef(path, i, r, "question_id")
+            rec = parse_record(VqaRecord, r, ref)
+            sent = rec.sent if rec.sent is not None else rec.question
+            if sent is None:
+                raise ref.error("field 'sent' (the question) is missing")
+            if rec.label is None and not for_eval:
+                raise ref.error("field 'label' is missing")
+            parsed.append((ref, rec, sent))
+        warn_empty(path, "question", [rec.question_id for _, rec, sent in parsed if not sent.strip()], len(parsed))
+
+        official = load_official_answers(path.parent, {p[1].question_id for p in parsed}) if for_eval else {}
+        records = []
+        for ref, rec, sent in parsed:
+            extra = None
+            if for_eval:
+                gt = official.get(rec.question_id)
+                if gt is None and rec.answers is not None:
+                    try:
+                        gt = {"answers": answer_list(rec.answers)}
+                    except ValueError as exc:
+                        raise ref.error(str(exc)) from None
+                if gt is None:
+                    raise ref.error(
+                        "evaluation needs the 10 official answers, but the record has no 'answers' and its "
+                        "question_id is not in vqa/v2_mscoco_{train,val}2014_annotations.json",
+                        "put the official VQA v2 annotation files in vqa/ or add 'answers' to the records")
+                extra = {
+                    "answers": gt["answers"],
+                    "answer_type": gt.get("answer_type") or rec.answer_type,
+                    "question_type": gt.get("question_type") or rec.question_type,
+                    "is_topk_optimal": rec.is_topk_optimal,
+                }
+            records.append(Record(str(path), ref.index, rec.question_id, sent, (rec.img_id,), source,
+                                  rec.label, extra))
+        return records
+
+    def target(self, record: Record, rng: Any, train: bool) -> tuple[str, float] | None:
+        """Answer sampled ∝ score (train) or the best answer (eval); weight = its score."""
+        return sample_answer(record.label, rng, train)
+
+    def eval_info(self, record: Record) -> dict:
+        """question_id, image, question, soft label and (for eval splits) the official answers."""
+        info = {"question_id": record.id, "img_id": record.image_ids[0], "sent": record.text,
+                "label": record.label}
+        info.update(record.extra or {})
+        return info
+
+    # ---- scoring and files ------------------------------------------------------------------------------
+    def score(self, predictions: list[dict], metrics: list[str] | None = None,
+              vqa_variant: str = "reference") -> dict:
+        """VQA accuracy with per answer/question type breakdowns; the top-k score where labels exist."""
+        from vlpet_cli.metrics.vqa import topk_score, vqa_accuracy
+
+        self.resolve_metrics(metrics)
+        preds = {p["question_id"]: p["prediction"] for p in predictions}
+        annotations = {p["question_id"]: p for p in predictions}
+        result = vqa_accuracy(preds, annotations, variant=vqa_variant)
+        out = {"vqa": result["overall"], "per_answer_type": result["per_answer_type"],
+               "per_question_type": result["per_question_type"]}
+        labelled = {p["question_id"]: p for p in predictions if p.get("label")}
+        if labelled:
+            out["topk"] = topk_score({q: preds[q] for q in labelled}, labelled)
+        return out
+
+    def submission(self, predictions: list[dict]) -> tuple[str, str]:
+        """The official VQA results format: [{"question_id", "answer"}]."""
+        return "json", json.dumps([{"question_id": p["question_id"], "answer": p["prediction"]}
+                                   for p in predictions])
+
+    def score_files(self, predictions: Path, annotations: Path, *, split: str | None, metrics: list[str],
+                    explicit: bool, vqa_variant: str, allow_missing: bool | None, tokenizer: str) -> dict:
+        """VQA accuracy x100 of [{"question_id", "answer"}] against the official annotations (a pool)."""
+        from vlpet_cli.metrics.vqa import vqa_accuracy
+
+        preds = files.load_qa_predictions(predictions)
+        records, pooled = load_annotations(annotations)
+        ids = files.check_ids(preds, records, predictions, annotations,
+                              pooled if allow_missing is None else allow_missing)
+        result = vqa_accuracy({i: preds[i] for i in ids}, records, variant=vqa_variant)  # type: ignore[arg-type]
+        return {"vqa": result["overall"], "per_answer_type": result["per_answer_type"],
+                "per_question_type": result["per_question_type"], "n": result["n"]}
