@@ -15,6 +15,7 @@ install: $(BIN)/vlpet
 
 test: install
 	$(BIN)/lint-imports
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 	$(BIN)/python -m pytest
 
 test-fast: install
@@ -30,4 +31,4 @@ bench: install
 	$(BIN)/python benchmarks/train_step.py
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build site *.egg-info

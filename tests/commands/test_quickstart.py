@@ -1,5 +1,5 @@
 """End-to-end learning on the toy world: every task clearly beats the untrained model and the majority answer,
-and README.md's quick-start table is what the quick start prints."""
+and the quick-start tables of README.md and docs/toy-world.md are what the quick start prints."""
 
 import json
 import re
@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_docs import DOCS, quickstart_tables
 
 from vlpet_cli.artifacts import load_adapter
 from vlpet_cli.inference import score
-from vlpet_cli.quickstart import TABLE_COLUMNS, quickstart, table_rows
+from vlpet_cli.quickstart import quickstart, table_rows
 from vlpet_cli.vl.model import build_model
 
 pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` skips them
+TOY_WORLD = DOCS / "toy-world.md"
 
 
 def majority_rate(data: Path, task: str) -> float:
@@ -36,44 +38,15 @@ def majority_rate(data: Path, task: str) -> float:
     return 100 * max(Counter(r["label"] for r in test).values()) / len(test)
 
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-def readme_quickstart_table(nth: int = 0) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the nth markdown table in README.md's "Quick start" section (0: the image quick start's,
-    1: the video quick start's)."""
-    text = README.read_text(encoding="utf-8")
-    section = text.split("\n## Quick start", 1)[1].split("\n## ", 1)[0]
-    tables: list[list[list[str]]] = []
-    previous = False
-    for line in (line.strip() for line in section.splitlines()):
-        if line.startswith("|"):
-            if not previous:
-                tables.append([])
-            tables[-1].append([cell.strip() for cell in line.strip("|").split("|")])
-        previous = line.startswith("|")
-    header, rule, *rows = tables[nth]
-    assert all(set(cell) <= set("-: ") for cell in rule), rule
-    return header, rows
-
-
-def test_readme_quickstart_table_is_a_table():
-    header, rows = readme_quickstart_table()
-    assert tuple(header) == TABLE_COLUMNS  # the columns `vlpet quickstart` prints, no others
-    assert [r[0] for r in rows] == ["vqa", "gqa", "nlvr", "coco"]
-    header, rows = readme_quickstart_table(1)
-    assert tuple(header) == TABLE_COLUMNS
-    assert [r[0] for r in rows] == ["tvqa", "how2qa", "tvc", "yc2c"]
-
-
 def test_quickstart_learns_every_task(tmp_path):
     summary = quickstart(tmp_path, say=lambda *a: None)
-    # README.md shows what the command prints (update its table from `vlpet quickstart` when they differ)
-    header, rows = readme_quickstart_table()
-    assert (tuple(header), [tuple(r) for r in rows]) == (TABLE_COLUMNS, table_rows(summary))
-    after = re.search(r"\(now ([\d.]+), ([\d.]+), ([\d.]+), ([\d.]+)\)", README.read_text(encoding="utf-8"))
-    if after:  # the toy world section quotes the quick start's scores after training
-        assert list(after.groups()) == [row[3] for row in table_rows(summary)]
+    # README.md and docs/toy-world.md show what the command prints (update them from `vlpet quickstart` when they
+    # differ)
+    for page, rows in quickstart_tables(["vqa", "gqa", "nlvr", "coco"]):
+        assert [tuple(r) for r in rows] == table_rows(summary), page
+    # the toy world page quotes the quick start's scores after training
+    after = re.search(r"\(now ([\d.]+), ([\d.]+), ([\d.]+), ([\d.]+)\)", TOY_WORLD.read_text(encoding="utf-8"))
+    assert after and list(after.groups()) == [row[3] for row in table_rows(summary)]
     rows = {r["task"]: r for r in summary["rows"]}
     assert set(rows) == {"vqa", "gqa", "nlvr", "coco"}
     assert rows["coco"]["after"] >= max(3 * rows["coco"]["before"], 30)

@@ -6,9 +6,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_quickstart import readme_quickstart_table
+from test_docs import quickstart_tables
 
-from vlpet_cli.quickstart import TABLE_COLUMNS, VIDEO_TASKS, quickstart, table_rows
+from vlpet_cli.quickstart import VIDEO_TASKS, quickstart, table_rows
 
 pytestmark = pytest.mark.slow  # an end-to-end run: `make test-fast` skips it
 
@@ -31,9 +31,11 @@ def majority_rate(data: Path, task: str) -> float:
 
 def test_quickstart_video_learns_every_task(tmp_path):
     summary = quickstart(tmp_path, say=lambda *a: None, video=True)
-    # README.md shows what the command prints (update its second quick-start table when they differ)
-    header, table = readme_quickstart_table(1)
-    assert (tuple(header), [tuple(r) for r in table]) == (TABLE_COLUMNS, table_rows(summary))
+    # docs/toy-world.md shows what the command prints (update its video quick-start table when they differ)
+    tables = quickstart_tables(VIDEO_TASKS)
+    assert tables
+    for page, table in tables:
+        assert [tuple(r) for r in table] == table_rows(summary), page
     rows = {r["task"]: r for r in summary["rows"]}
     assert list(rows) == VIDEO_TASKS == ["tvqa", "how2qa", "tvc", "yc2c"] and summary["split"] == "val"
     data = tmp_path / "quickstart-data"
