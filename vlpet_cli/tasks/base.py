@@ -1,12 +1,13 @@
 """What every image-text task shares: records, the Task base (its declarations), TaskDataset and collate.
 
-A `Task` owns everything about one task: its files, splits, feature sources and records, prompt, truncation,
-targets and loss reduction, its metrics (valid, default, primary, validation), how it decodes (generate or score
-choices), how its predictions are scored, its submission format, how predictions and annotation files are read
-for `vlpet eval --predictions`, the image ids it needs features for and its default batch ratio. A
-`TaskDataset` turns a task's records into model items; `collate` builds the batch contract that `vl/model.py`
-relies on (spec/pipeline.md §3). numpy and torch are imported inside functions so that importing the task
-table stays cheap for the CLI.
+A `Task` owns everything about one task, declared once: its files, splits, feature sources and records, what one
+input holds (`Inputs`: what `vlpet predict` asks for, and the record it builds from them), prompt, tokenisation and
+truncation, targets and loss reduction, its metrics (valid, default, primary, validation), how it decodes (generate
+or score choices: the default of `eval.generation`), how its predictions are scored, its submission format, how
+predictions and annotation files are read for `vlpet eval --predictions` (`FileScoring`), the image ids it needs
+features for and its batch ratio (the default of `train.task_ratios`). A `TaskDataset` turns a task's records into
+model items; `collate` builds the batch contract that `vl/model.py` relies on (spec/pipeline.md §3). numpy and
+torch are imported inside functions so that importing the task table stays cheap for the CLI.
 """
 
 from __future__ import annotations
@@ -138,8 +139,9 @@ class Task:
     inputs: ClassVar[Inputs] = Inputs()
     """What one input holds: images (or a video), text, choices, moment."""
     batch_ratio: ClassVar[Fraction]
-    """Batch size relative to train.batch_size (the reference's per-task ratios)."""
+    """Batch size relative to train.batch_size (the reference's per-task ratios; train.task_ratios overrides)."""
     decoding: ClassVar[Decoding]
+    """How it predicts: generation (its settings the default of eval.generation) or scoring fixed choices."""
     valid_metrics: ClassVar[tuple[str, ...]]
     """Metric names a user may ask for ('bleu' is shorthand for bleu1..bleu4)."""
     default_metrics: ClassVar[tuple[str, ...]]
@@ -198,11 +200,6 @@ class Task:
     def support_files(self, data_root: Path) -> list[Path]:
         """Files outside the task's folder that its records depend on (the video tasks' subtitles)."""
         return []
-
-    def missing_file_fix(self) -> str:
-        """The fix to print when a split file is missing."""
-        return (f"check --data-root: it must contain {self.folder}/ with the split files "
-                f"(spec/pipeline.md §1)")
 
     # ---- model input and targets ------------------------------------------------------------------------
     def source_text(self, record: Record) -> str:

@@ -28,6 +28,8 @@ KARPATHY_SPLITS = tuple(SPLIT_RENAME)
 _COCO_STEM = re.compile(r"^COCO_[A-Za-z]+\d{4}_0*(\d+)(?:\.jpg)?$")
 
 
+SPLIT_FILES_FIX = "check --data-root: it must contain COCO/dataset_coco.json (Karpathy's split file)"
+
 class KarpathySplit(RecordModel):
     """The split of one image of dataset_coco.json, read first so that other splits' images are skipped."""
 
@@ -102,8 +104,8 @@ def load_references(path: Path, split: str | None = None) -> tuple[dict[str, lis
     if isinstance(data, dict) and "annotations" in data:
         if split is not None:
             raise VlpetError(
-                f"{path} is a COCO captions annotation file, which has no splits; drop the split "
-                "(--split) or pass Karpathy's dataset_coco.json"
+                f"{path}: a COCO captions annotation file, which has no splits. Fix: drop the split "
+                "(--split) or pass Karpathy's dataset_coco.json."
             )
         refs: dict[str, list[str]] = {}
         for ref in record_refs(data["annotations"], path, "caption annotation file"):
@@ -120,8 +122,8 @@ def _karpathy_references(images: list[Any], path: Path, split: str | None) -> di
     """Raw, stripped sentences per cocoid for one Karpathy split (train includes restval, as in the reference)."""
     if split is None or split not in KARPATHY_SPLITS:
         raise VlpetError(
-            f"{path} is Karpathy's dataset_coco.json: choose the split that was predicted "
-            f"({', '.join(KARPATHY_SPLITS)}), e.g. --split test (split='test')"
+            f"{path}: Karpathy's dataset_coco.json holds several splits. Fix: choose the split that was predicted "
+            f"({', '.join(KARPATHY_SPLITS)}), e.g. --split test (split='test')."
         )
     wanted = {"train", "restval"} if split == "train" else {split}
     refs: dict[str, list[str]] = {}
@@ -163,9 +165,6 @@ class CocoTask(Task):
         """Every split comes from the one Karpathy file."""
         return Path(data_root) / self.folder / KARPATHY_FILE
 
-    def missing_file_fix(self) -> str:
-        return "check --data-root: it must contain COCO/dataset_coco.json (Karpathy's split file)"
-
     def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
         """Rows of one Karpathy split: per caption for train, per image for val/test."""
         karpathy = name.removeprefix("karpathy_")
@@ -173,7 +172,7 @@ class CocoTask(Task):
             raise VlpetError(f"coco: unknown split {name!r}. Fix: use karpathy_train, karpathy_val or "
                              f"karpathy_test (or train/val/test).")
         path = self.split_path(data_root, name)
-        data = read_json(path, "COCO Karpathy split file", self.missing_file_fix())
+        data = read_json(path, "COCO Karpathy split file", SPLIT_FILES_FIX)
         images = data.get("images") if isinstance(data, dict) else None
         if not isinstance(images, list):
             raise DataError(f"{path}: expected an object with an 'images' list. "
@@ -215,12 +214,11 @@ class CocoTask(Task):
         if not (isinstance(data, dict) and isinstance(data.get("images"), list)):
             return None
         out: dict[str, str | None] = {}
-        for n, image in enumerate(data["images"]):
-            if not isinstance(image, dict) or not image.get("filename"):
-                raise DataError(f"{path}: images[{n}] has no 'filename'; expected Karpathy records with "
-                                f"'filepath' and 'filename'.")
-            rel = Path(str(image.get("filepath") or "")) / str(image["filename"])
-            out.setdefault(Path(str(image["filename"])).stem, rel.as_posix())
+        for ref in record_refs(data["images"], path, "Karpathy split file"):
+            if not isinstance(ref.raw, dict) or not ref.raw.get("filename"):
+                raise ref.error("no 'filename'", "use Karpathy's records with 'filepath' and 'filename'")
+            rel = Path(str(ref.raw.get("filepath") or "")) / str(ref.raw["filename"])
+            out.setdefault(Path(str(ref.raw["filename"])).stem, rel.as_posix())
         return out
 
     # ---- scoring and files ------------------------------------------------------------------------------

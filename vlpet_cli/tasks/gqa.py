@@ -28,6 +28,8 @@ from vlpet_cli.tasks.records import (
 SPLIT_SOURCES = {"train": "VG", "valid": "VG", "testdev": "GQA", "submit": "GQA"}
 
 
+SPLIT_FILES_FIX = "check --data-root: it must contain GQA/{train,valid,testdev}.json (LXMERT's balanced GQA files)"
+
 class GqaRecord(RecordModel):
     """One record of GQA/<split>.json (LXMERT's balanced GQA format); question ids are strings."""
 
@@ -88,15 +90,12 @@ class GqaTask(Task):
             return SPLIT_SOURCES[split_name]
         return "GQA" if ("testdev" in split_name or "submit" in split_name) else "VG"
 
-    def missing_file_fix(self) -> str:
-        return "check --data-root: it must contain GQA/{train,valid,testdev}.json (LXMERT's balanced GQA files)"
-
     def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
         """Read GQA/<name>.json; question ids are strings."""
         path = self.split_path(data_root, name)
         source = self.feature_source(name)
         records = []
-        for ref in read_records(path, "GQA split file", self.missing_file_fix(), "question_id"):
+        for ref in read_records(path, "GQA split file", SPLIT_FILES_FIX, "question_id"):
             rec = parse_record(GqaRecord, ref.raw, ref)
             if rec.label is None and not for_eval:
                 raise ref.error("field 'label' is missing")

@@ -27,6 +27,8 @@ from vlpet_cli.tasks.records import (
 CHOICES = ("true", "false")
 
 
+SPLIT_FILES_FIX = "check --data-root: it must contain nlvr/{train,valid,test}.json (VL-T5's NLVR2 files)"
+
 class NlvrRecord(RecordModel):
     """One record of nlvr/<split>.json (VL-T5's format): two images, a sentence and a 0/1 label."""
 
@@ -114,15 +116,12 @@ class NlvrTask(Task):
         """All NLVR2 images (train, dev, test-P) live under nlvr/."""
         return "nlvr"
 
-    def missing_file_fix(self) -> str:
-        return "check --data-root: it must contain nlvr/{train,valid,test}.json (VL-T5's NLVR2 files)"
-
     def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
         """Read nlvr/<name>.json; each record names two images (img0, img1) and a 0/1 label."""
         path = self.split_path(data_root, name)
         source = self.feature_source(name)
         records = []
-        for ref in read_records(path, "NLVR2 split file", self.missing_file_fix(), "identifier"):
+        for ref in read_records(path, "NLVR2 split file", SPLIT_FILES_FIX, "identifier"):
             rec = parse_record(NlvrRecord, ref.raw, ref)
             if rec.label is None and not for_eval:
                 raise ref.error("field 'label' is missing")

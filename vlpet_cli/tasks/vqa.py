@@ -28,6 +28,9 @@ from vlpet_cli.tasks.records import (
 OFFICIAL_ANNOTATIONS = ("v2_mscoco_train2014_annotations.json", "v2_mscoco_val2014_annotations.json")
 
 
+SPLIT_FILES_FIX = ("check --data-root: it must contain vqa/karpathy_{train,val,test}.json (VL-T5's VQA Karpathy "
+                   "split files)")
+
 class VqaRecord(RecordModel):
     """One record of vqa/karpathy_*.json (VL-T5's format); the question is 'sent' (or 'question')."""
 
@@ -122,16 +125,12 @@ class VqaTask(Task):
         """Every VQA image is a COCO image."""
         return "COCO"
 
-    def missing_file_fix(self) -> str:
-        return ("check --data-root: it must contain vqa/karpathy_{train,val,test}.json "
-                "(VL-T5's VQA Karpathy split files)")
-
     def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
         """Read vqa/<name>.json; for evaluation, join the 10 official answers by question_id."""
         path = self.split_path(data_root, name)
         source = self.feature_source(name)
         parsed = []
-        for ref in read_records(path, "VQA split file", self.missing_file_fix(), "question_id"):
+        for ref in read_records(path, "VQA split file", SPLIT_FILES_FIX, "question_id"):
             rec = parse_record(VqaRecord, ref.raw, ref)
             sent = rec.sent if rec.sent is not None else rec.question
             if sent is None:

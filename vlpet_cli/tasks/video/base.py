@@ -92,7 +92,8 @@ class VideoTask(Task):
         """Every split of a VALUE task uses one source's video features."""
         return self.source
 
-    def missing_file_fix(self) -> str:
+    def split_files_fix(self) -> str:
+        """The fix to print when a split file is missing."""
         names = ", ".join(f"{self.name}_{n}.jsonl" for v in self.splits.values() for n in v.split(","))
         return f"check --data-root: it must contain {self.folder}/ with VALUE's {names} (spec/pipeline.md §1.5)"
 
@@ -112,7 +113,7 @@ class VideoTask(Task):
 
     def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
         """Read one VALUE .jsonl split file into records (subtitles joined, errors naming file and line)."""
-        lines = self.read_lines(self.split_path(data_root, name), self.missing_file_fix())
+        lines = self.read_lines(self.split_path(data_root, name), self.split_files_fix())
         subs = load_subtitles(subtitles_path(data_root, self.source))
         records: list[Record] = []
         for ref in lines:
@@ -311,13 +312,13 @@ class VideoQaTask(VideoTask):
         data = read_json(path, f"{self.name} predictions file", "check --predictions")
         if not isinstance(data, dict):
             raise DataError(f"{path}: expected VALUE's {self.name} predictions, a JSON object "
-                            f"{{qid: answer index}}, got {type(data).__name__}")
+                            f"{{qid: answer index}}, found {type(data).__name__}. Fix: write VALUE's format.")
         out = {}
         n = self.inputs.choices
         for qid, value in data.items():
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
                 raise DataError(f"{path}: the answer of question {qid!r} is {value!r}; expected an integer "
-                                f"0..{n - 1} (VALUE's format {{qid: index}})")
+                                f"0..{n - 1}. Fix: write VALUE's format {{qid: answer index}}.")
             out[str(qid)] = f"a{value}"
         return out
 
