@@ -19,8 +19,8 @@ from vlpet_cli.tasks.records import (
     RecordRef,
     SoftLabel,
     parse_record,
+    parse_records,
     read_json,
-    read_records,
     record_refs,
     warn_empty,
 )
@@ -95,8 +95,7 @@ class GqaTask(Task):
         path = self.split_path(data_root, name)
         source = self.feature_source(name)
         records = []
-        for ref in read_records(path, "GQA split file", SPLIT_FILES_FIX, "question_id"):
-            rec = parse_record(GqaRecord, ref.raw, ref)
+        for ref, rec in parse_records(path, GqaRecord, "GQA split file", SPLIT_FILES_FIX, "question_id"):
             if rec.label is None and not for_eval:
                 raise ref.error("field 'label' is missing")
             records.append(Record(str(path), ref.index, str(rec.question_id), rec.sent, (str(rec.img_id),), source,

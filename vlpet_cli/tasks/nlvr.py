@@ -16,9 +16,8 @@ from vlpet_cli.tasks import files
 from vlpet_cli.tasks.base import FileScoring, Inputs, Record, ScoreChoices, Task
 from vlpet_cli.tasks.records import (
     RecordModel,
-    parse_record,
+    parse_records,
     read_json,
-    read_records,
     read_text,
     record_refs,
     warn_empty,
@@ -121,8 +120,7 @@ class NlvrTask(Task):
         path = self.split_path(data_root, name)
         source = self.feature_source(name)
         records = []
-        for ref in read_records(path, "NLVR2 split file", SPLIT_FILES_FIX, "identifier"):
-            rec = parse_record(NlvrRecord, ref.raw, ref)
+        for ref, rec in parse_records(path, NlvrRecord, "NLVR2 split file", SPLIT_FILES_FIX, "identifier"):
             if rec.label is None and not for_eval:
                 raise ref.error("field 'label' is missing")
             records.append(Record(str(path), ref.index, rec.identifier, rec.sent, (rec.img0, rec.img1), source,

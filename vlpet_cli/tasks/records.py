@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -189,21 +189,27 @@ def read_json(path: Path, what: str = "file", fix: str = "check the path", lines
     return JsonLines(numbered)
 
 
-def record_refs(data: Any, path: Path, what: str, id_key: str = "") -> list[RecordRef]:
-    """The records of a JSON list (or JSON lines), each as a RecordRef naming its record index (or line); a file
-    that is not a list is a DataError."""
+def record_refs(data: Any, path: Path, what: str, id_key: str = "") -> Iterator[RecordRef]:
+    """The records of a JSON list (or JSON lines), each as a RecordRef naming its record index (or line), made as
+    they are iterated; a file that is not a list is a DataError at once."""
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, found {type(data).__name__}. "
                         f"Fix: use the {what} in its documented format (spec/pipeline.md §1).")
     lines = getattr(data, "lines", None)
     if lines is not None:
-        return [RecordRef(path, n, raw, id_key, unit="line") for n, raw in zip(lines, data)]
-    return [RecordRef(path, i, raw, id_key) for i, raw in enumerate(data)]
+        return (RecordRef(path, n, raw, id_key, unit="line") for n, raw in zip(lines, data))
+    return (RecordRef(path, i, raw, id_key) for i, raw in enumerate(data))
 
 
-def read_records(path: Path, what: str, fix: str, id_key: str = "", lines: bool = False) -> list[RecordRef]:
+def read_records(path: Path, what: str, fix: str, id_key: str = "", lines: bool = False) -> Iterator[RecordRef]:
     """The records of a JSON list or JSON-lines file (`read_json`), each a RecordRef for messages."""
     return record_refs(read_json(path, what, fix, lines), Path(path), what, id_key)
+
+
+def parse_records(path: Path, model: type[M], what: str, fix: str,
+                  id_key: str = "") -> Iterator[tuple[RecordRef, M]]:
+    """Every record of a JSON list or JSON-lines file (`read_records`) validated against its model, one at a time."""
+    return ((ref, parse_record(model, ref.raw, ref)) for ref in read_records(path, what, fix, id_key))
 
 
 def warn_empty(path: Path, what: str, ids: Sequence[Any], total: int, unit: str = "records") -> None:

@@ -19,8 +19,8 @@ from vlpet_cli.tasks.records import (
     SoftLabel,
     answer_list,
     parse_record,
+    parse_records,
     read_json,
-    read_records,
     record_refs,
     warn_empty,
 )
@@ -130,8 +130,7 @@ class VqaTask(Task):
         path = self.split_path(data_root, name)
         source = self.feature_source(name)
         parsed = []
-        for ref in read_records(path, "VQA split file", SPLIT_FILES_FIX, "question_id"):
-            rec = parse_record(VqaRecord, ref.raw, ref)
+        for ref, rec in parse_records(path, VqaRecord, "VQA split file", SPLIT_FILES_FIX, "question_id"):
             sent = rec.sent if rec.sent is not None else rec.question
             if sent is None:
                 raise ref.error("field 'sent' (the question) is missing")
