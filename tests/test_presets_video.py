@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from vlpet_cli.cli import app
 from vlpet_cli.data.loading import feature_kind
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.inference import generation_spec
 from vlpet_cli.pet.budget import budget
 from vlpet_cli.presets import VIDEO_DEFAULTS, list_presets, load_raw, resolve
 from vlpet_cli.tasks import TASKS, CocoTask
@@ -40,7 +41,7 @@ def test_every_preset_gets_the_video_settings_on_bart(name):
     assert (p.model.feat_dim, p.model.n_boxes, p.data.video.frames, p.train.batch_size) == (512, 64, 64, 50)
     lr, epochs = (3e-5, 7) if name == "full-finetune" else (7e-4, 20)
     assert p.train.lr == pytest.approx(lr) and p.train.epochs == epochs
-    assert {t: (g.num_beams, g.max_length) for t, g in p.eval.generation.items()} == {
+    assert {t: (g.num_beams, g.max_length) for t in VIDEO for g in [generation_spec(p, t, "bart")]} == {
         "tvqa": (4, 20), "how2qa": (4, 20), "tvc": (5, 20), "yc2c": (5, 20)}
     assert p.video is None  # applied, like the T5 section
     image = resolve(name, [], "bart-base", task_kind=feature_kind)
@@ -55,7 +56,7 @@ def test_t5_video_runs_keep_the_t5_section_with_the_video_batch(name):
     t5_image = resolve(name, [], "t5-base")
     assert (p.model.feat_dim, p.model.n_boxes, p.train.batch_size) == (512, 64, 30)
     assert p.train.lr == pytest.approx(t5_image.train.lr if name != "full-finetune" else 3e-5)
-    assert p.eval.generation["tvqa"].num_beams == 1 and p.eval.generation["tvc"].num_beams == 5
+    assert generation_spec(p, "tvqa", "t5").num_beams == 1 and generation_spec(p, "tvc", "t5").num_beams == 5
     assert p.pet == t5_image.pet or name == "hyperformer"
 
 

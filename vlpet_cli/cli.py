@@ -19,7 +19,7 @@ from vlpet_cli.atomic import write_text
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.features.images import convert_features, describe_features, inspect_features
 from vlpet_cli.presets import list_presets, load_raw, preset_path, resolve, to_yaml
-from vlpet_cli.tasks import annotation_images
+from vlpet_cli.tasks import TASKS, annotation_images, default_tasks, tasks_of_kind
 
 # Commands (and anything that imports torch or transformers) are imported inside the command functions, so that
 # `vlpet --help` answers at once.
@@ -56,6 +56,11 @@ merge_app = typer.Typer(no_args_is_help=True, help="Combine, fold and export tra
 app.add_typer(presets_app, name="presets")
 app.add_typer(features_app, name="features")
 app.add_typer(merge_app, name="merge")
+
+def _tasks_where(test) -> str:
+    """The names of the tasks (table order) whose class passes `test`, for help texts and messages."""
+    return ", ".join(name for name, cls in TASKS.items() if test(cls))
+
 
 OVERRIDES = typer.Argument(None, help="preset overrides as dotted key=value, e.g. train.lr=5e-4", show_default=False)
 
@@ -220,7 +225,9 @@ def _tasks_option(task: str | None) -> list[str]:
 
 @app.command()
 def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset name or YAML file"),
-          task: str | None = typer.Option(None, "--task", "-t", help="one task or a comma list: vqa,gqa,nlvr,coco"),
+          task: str | None = typer.Option(None, "--task", "-t",
+                                          help=f"one task or a comma list of {', '.join(TASKS)} (default: "
+                                               f"{','.join(default_tasks())})"),
           data_root: str | None = typer.Option(None, help="dataset folder, or 'toy' for the built-in toy world"),
           backbone: str | None = typer.Option(None, help="bart-base | t5-base | tiny-bart | tiny-t5 | HF id | dir"),
           name: str | None = typer.Option(None, help="run name (default: PRESET-TASKS)"),
@@ -235,7 +242,7 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
 
     tasks = _tasks_option(task)
     if task is not None and not tasks:
-        raise VlpetError(f"--task {task!r} names no task; give one or a comma list of vqa, gqa, nlvr, coco")
+        raise VlpetError(f"--task {task!r} names no task; give one or a comma list of {', '.join(TASKS)}")
     changes: list[str] = []
     if resume:
         if not name:
@@ -269,8 +276,9 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
              split: str | None = typer.Option(None, help="test | val | train (default: test); with --predictions, "
                                                           "only for Karpathy's dataset_coco.json"),
              metric: list[str] | None = typer.Option(None, "--metric", "-m",
-                                                        help="cider, bleu, bleu4, meteor, rougel, spice, vqa, acc, "
-                                                             "consistency (default: all of the task's)"),
+                                                        help=", ".join(dict.fromkeys(
+                                                            m for c in TASKS.values() for m in c.valid_metrics))
+                                                        + " (default: the task's own)"),
              batch_size: int | None = typer.Option(None, help="evaluation batch size"),
              data_root: str | None = typer.Option(None, help="dataset folder or 'toy' (default: the run's)"),
              backbone: str | None = typer.Option(None, help="the backbone directory, if it moved"),
@@ -310,17 +318,22 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
 # ---- predict ----------------------------------------------------------------------------------------------
 @app.command()
 def predict(path: Path = typer.Argument(..., help="run directory, adapter, bundle or folded model"),
-            task: str = typer.Option(..., "--task", "-t", help="vqa | gqa | nlvr | coco | tvqa | how2qa | tvc | yc2c"),
-            image: list[Path] | None = typer.Option(None, "--image", "-i",
-                                                    help="an image file (twice for nlvr: left, right)"),
-            video: Path | None = typer.Option(None, "--video", help="a video file (tvqa, how2qa, tvc, yc2c)"),
-            question: str | None = typer.Option(None, help="the question (vqa, gqa, tvqa, how2qa)"),
-            statement: str | None = typer.Option(None, help="the statement about both images (nlvr)"),
-            choices: list[str] | None = typer.Option(None, "--choices",
-                                                     help="an answer choice, once per choice (tvqa: 5, how2qa: 4)"),
+            task: str = typer.Option(..., "--task", "-t", help=" | ".join(TASKS)),
+            image: list[Path] | None = typer.Option(
+                None, "--image", "-i",
+                help=f"an image file (twice for {_tasks_where(lambda c: c.inputs.images == 2)}: left, right)"),
+            video: Path | None = typer.Option(None, "--video",
+                                              help=f"a video file ({', '.join(tasks_of_kind('video'))})"),
+            question: str | None = typer.Option(
+                None, help=f"the question ({_tasks_where(lambda c: c.inputs.text == 'question')})"),
+            statement: str | None = typer.Option(
+                None, help=f"the statement about the images ({_tasks_where(lambda c: c.inputs.text == 'statement')})"),
+            choices: list[str] | None = typer.Option(
+                None, "--choices", help="an answer choice, once per choice ("
+                + ", ".join(f"{n}: {c.inputs.choices}" for n, c in TASKS.items() if c.inputs.choices) + ")"),
             subtitles: str | None = typer.Option(None, help="the video's subtitles text (default: none)"),
-            ts: str | None = typer.Option(None, "--ts", help="the moment, START-END or START,END seconds (tvqa, "
-                                                             "how2qa, tvc; default: the whole video)"),
+            ts: str | None = typer.Option(None, "--ts", help="the moment, START-END or START,END seconds ("
+                                          + _tasks_where(lambda c: c.inputs.moment) + "; default: the whole video)"),
             inputs: Path | None = typer.Option(None, help="a folder of images, or a JSON-lines file of "
                                                           "{\"image(s)\": ..., \"question\"/\"statement\": ...} "
                                                           "or {\"video\": ..., \"question\", \"choices\", "
@@ -337,7 +350,8 @@ def predict(path: Path = typer.Argument(..., help="run directory, adapter, bundl
     from vlpet_cli.predict import predict as run_predict
 
     if question and statement:
-        raise VlpetError("give --question (vqa, gqa, tvqa, how2qa) or --statement (nlvr), not both")
+        raise VlpetError(f"give --question ({_tasks_where(lambda c: c.inputs.text == 'question')}) or --statement "
+                         f"({_tasks_where(lambda c: c.inputs.text == 'statement')}), not both")
     items = gather_inputs(task, list(image or []), question or statement, inputs, video, list(choices or []),
                           subtitles, ts)
     with _warnings_to_stderr():

@@ -61,7 +61,9 @@ class HyperSpec(Strict):
     layer_dim: int = 512
     hidden: int = 128
     projected: int = 8
-    tasks: list[str] = ["vqa", "gqa", "nlvr", "coco"]
+    tasks: list[str] | None = Field(None, description="the tasks whose embeddings the hyper-network holds, in "
+                                                       "order; None: the task table's default tasks (set when the "
+                                                       "preset is resolved)")
 
 
 class LstSpec(Strict):
@@ -111,9 +113,9 @@ class ModelConfig(Strict):
     n_boxes: int = Field(36, gt=0, description="visual tokens per image after adaptive max pooling")
 
 
-# The task defaults below (DataConfig.tasks, TrainConfig.task_ratios, EvalConfig.generation) are literals because
-# config sits below data/ in the layering (pet imports config); tests/test_task_table.py checks that they equal
-# the task table's declarations (vlpet_cli/tasks/__init__.py).
+# Per-task settings (data.tasks, train.task_ratios, eval.generation) default to the tasks' own: a task's batch ratio,
+# decoding and the default task list are declared once, by the task (vlpet_cli/tasks/), and read from the task table
+# where they are used; a preset names only what it changes.
 class VideoData(Strict):
     """Video-text tasks (TVQA, How2QA, TVC, YC2C): text length, subtitle truncation, frames (spec §2.3, §3.1, §8)."""
 
@@ -130,7 +132,8 @@ class VideoData(Strict):
 
 class DataConfig(Strict):
     data_root: str | None = None
-    tasks: list[str] = ["vqa", "gqa", "nlvr", "coco"]
+    tasks: list[str] | None = Field(None, description="the run's tasks; None: the task table's default tasks "
+                                                       "(the image tasks), set when the preset is resolved")
     use_prompts: bool = True
     prompts: dict[str, str] | None = Field(None, description="per-task prompt overrides")
     feature_name: str = "data_clip_RN101_att"
@@ -142,9 +145,9 @@ class DataConfig(Strict):
 class TrainConfig(Strict):
     lr: float = 1e-3
     epochs: int = Field(20, gt=0)
-    batch_size: int = Field(500, gt=0, description="VQA batch; other tasks follow task_ratios")
-    task_ratios: dict[str, float] = {"vqa": 1.0, "gqa": 100 / 60, "nlvr": 20 / 60, "coco": 50 / 60,
-                                     "tvqa": 1.0, "how2qa": 1.0, "tvc": 1.0, "yc2c": 1.0}
+    batch_size: int = Field(500, gt=0, description="the batch of a task with ratio 1; each task's is this x its ratio")
+    task_ratios: dict[str, float] = Field(default_factory=dict, description="batch-size ratio per task; a task not "
+                                                                            "named uses its own (the reference's)")
     warmup_ratio: float = 0.1
     clip_grad_norm: float = 5.0
     grad_accum: int = Field(1, gt=0)
@@ -164,8 +167,10 @@ class TrainConfig(Strict):
 
 
 class GenerationSpec(Strict):
-    num_beams: int = 1
-    max_length: int = 20
+    """How a task's answers are generated; a setting left None is the task's own (its declared decoding)."""
+
+    num_beams: int | None = Field(None, gt=0, description="None: the task's own")
+    max_length: int | None = Field(None, gt=0, description="None: the task's own")
     no_repeat_ngram_size: int | None = Field(None, description="None: BART 3 (its config's default), T5 0")
 
 
@@ -178,15 +183,9 @@ class EvalConfig(Strict):
     caption_references: Literal["row", "clip"] = Field(
         "row", description="TVC/YC2C validation: one reference per row (reference) or every description of the "
                            "clip (VALUE's scoring)")
-    generation: dict[str, GenerationSpec] = {
-        "vqa": GenerationSpec(num_beams=1, max_length=20),
-        "gqa": GenerationSpec(num_beams=1, max_length=20),
-        "coco": GenerationSpec(num_beams=5, max_length=20),
-        "tvqa": GenerationSpec(num_beams=4, max_length=20),
-        "how2qa": GenerationSpec(num_beams=4, max_length=20),
-        "tvc": GenerationSpec(num_beams=5, max_length=20),
-        "yc2c": GenerationSpec(num_beams=5, max_length=20),
-    }
+    generation: dict[str, GenerationSpec] = Field(
+        default_factory=dict, description="decoding per task; a task or setting not given decodes as the task "
+                                          "declares (e.g. COCO 5 beams, VQA greedy)")
 
 
 class Preset(Strict):

@@ -14,7 +14,7 @@ from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.inference import decoding_settings, predict_all, score
 from vlpet_cli.progress import Progress
-from vlpet_cli.tasks import TASKS, VideoTask, resolve_task, task_class
+from vlpet_cli.tasks import TASKS, FileScoring, VideoTask, resolve_task, task_class
 
 
 def score_predictions_file(
@@ -34,14 +34,13 @@ def score_predictions_file(
     whose annotation files hold several splits (Karpathy's dataset_coco.json) take a split.
     """
     cls = task_class(task)
-    chosen = cls.resolve_metrics(metrics)
+    cls.resolve_metrics(metrics)  # an unknown metric is refused before any file is read
     if split is not None and not cls.split_option:
         takes = ", ".join(name for name, c in TASKS.items() if c.split_option)
         raise VlpetError(f"split applies only to {takes} (annotation files holding several splits, such as "
                          f"Karpathy's dataset_coco.json), not to task {resolve_task(task)!r}; drop --split")
-    return cls().score_files(Path(predictions), Path(annotations), split=split, metrics=chosen,
-                             explicit=metrics is not None, vqa_variant=vqa_variant, allow_missing=allow_missing,
-                             tokenizer=tokenizer)
+    return cls().score_files(FileScoring(Path(predictions), Path(annotations), metrics, split, vqa_variant,
+                                         allow_missing, tokenizer))
 
 
 def versions() -> dict:

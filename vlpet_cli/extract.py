@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -94,42 +93,9 @@ def scan_videos(videos_dir: Path) -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-def annotation_videos(path: Path) -> list[str]:
-    """The vid_name of every record of a VALUE annotation file (.jsonl, or a .json list), first-seen order."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: annotation file not found; check --annotations.")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix the file.") from exc
-        if not isinstance(records, list):
-            raise DataError(f"{path}: expected a list of records with 'vid_name'.")
-        numbered = list(enumerate(records, 1))
-    else:
-        numbered = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((n, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: not a JSON object ({exc.msg}); fix or remove the line.") from exc
-    out: dict[str, None] = {}
-    for n, rec in numbered:
-        if not isinstance(rec, dict) or not isinstance(rec.get("vid_name"), str) or not rec["vid_name"]:
-            raise DataError(f"{path}:{n}: record has no 'vid_name'; --annotations needs a VALUE annotation or "
-                            f"subtitle file.")
-        out[rec["vid_name"]] = None
-    if not out:
-        raise DataError(f"{path}: no records; check --annotations.")
-    return list(out)
-
-
 def videos_from(videos_dir: Path, annotations: Path | None = None) -> dict[str, Path]:
-    """vid_name -> video file: every video under videos_dir, or those a VALUE annotation file names.
+    """vid_name -> video file: every video under videos_dir, or those a VALUE annotation (or subtitles) file names,
+    read as the tasks read them (`tasks.annotation_images`).
 
     Named videos without a file keep an expected path, so extraction lists them as failed."""
     found = scan_videos(videos_dir)
@@ -138,7 +104,10 @@ def videos_from(videos_dir: Path, annotations: Path | None = None) -> dict[str, 
             raise DataError(f"{videos_dir}: no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) found; "
                             f"check --videos.")
         return found
-    wanted = annotation_videos(Path(annotations))
+    wanted = list(annotation_images(Path(annotations)))
+    if not wanted:
+        raise DataError(f"{annotations}: names no videos. Fix: pass a VALUE annotation or subtitles file "
+                        f"(--annotations).")
     if not any(vid in found for vid in wanted):
         raise DataError(f"{annotations}: none of its {len(wanted)} videos were found under {videos_dir} "
                         f"(e.g. '{wanted[0]}.mp4'); pass the --videos directory that holds them.")

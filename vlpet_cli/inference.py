@@ -12,13 +12,27 @@ from vlpet_cli.tasks import ScoreChoices, VideoCaptionTask, primary_metrics, tas
 from vlpet_cli.vl.decoding import generation_kwargs
 
 
+def generation_spec(preset: Preset, task: str, family: str) -> GenerationSpec:
+    """How a task generates on a backbone family: eval.generation.<task>, what it leaves open the task's own."""
+    return task_class(task).decoding.spec(family, preset.eval.generation.get(task))
+
+
 def decoding_settings(model, tokenizer, preset: Preset, task: str) -> dict:
-    """The decoding settings of a task as recorded with its results: generation kwargs, or the choices scored."""
-    cls = task_class(task)
-    if isinstance(cls.decoding, ScoreChoices):
-        return {"decoding": cls.decoding.describe()}
-    spec = preset.eval.generation.get(task, GenerationSpec())
-    return generation_kwargs(spec, model.family, tokenizer)
+    """The decoding settings of a task as recorded with its results: generation kwargs (`generation_spec` on the
+    model's family), or the choices scored."""
+    decoding = task_class(task).decoding
+    if isinstance(decoding, ScoreChoices):
+        return {"decoding": decoding.describe()}
+    return generation_kwargs(generation_spec(preset, task, model.family), model.family, tokenizer)
+
+
+def generation_config(model, tokenizer, preset: Preset, task: str, **extra):
+    """The transformers GenerationConfig a task generates with (`decoding_settings`); `extra` adds output options
+    (`vlpet predict` asks for the scores)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(decoder_start_token_id=model.config.decoder_start_token_id,
+                            **decoding_settings(model, tokenizer, preset, task), **extra)
 
 
 def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress=None, rank: int = 0,
@@ -30,7 +44,6 @@ def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress
     the padded rows are masked, but other batch shapes round differently and can flip a prediction (the quick
     start's GQA score moved by 0.8)."""
     import torch
-    from transformers import GenerationConfig
 
     from vlpet_cli.data.multitask import eval_batches, eval_order, shard_batches
 
@@ -40,8 +53,7 @@ def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress
     out: list[dict] = []
     choices = task.decoding.choices if isinstance(task.decoding, ScoreChoices) else None
     if choices is None:
-        kwargs = decoding_settings(model, tokenizer, preset, task.name)
-        gen_config = GenerationConfig(decoder_start_token_id=model.config.decoder_start_token_id, **kwargs)
+        gen_config = generation_config(model, tokenizer, preset, task.name)
     else:
         choice_ids = [tokenizer(c)["input_ids"] for c in choices]
     mine = [i for b in shard_batches(eval_order(dataset, by_length=by_length), batch_size, rank, world_size)

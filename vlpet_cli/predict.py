@@ -8,9 +8,10 @@ from a dataset get the answer `vlpet eval` gives for that record.
 
 Videos (TVQA, How2QA, TVC, YC2C): frames decoded as VALUE's extractor decodes them (one per 1.5 s), embedded by the
 projected CLIP recorded with the run's video features (`image_embeds`), rounded to the store dtype and resized to
-the run's `data.video.frames`. The record is the one the task's reader builds from an annotation line: subtitles
-(`--subtitles`, default none), question, moment (`--ts`, default the whole video) and choices formatted as VALUE's
-files give them, so the encoder string is the task's own.
+the run's `data.video.frames`. What a task takes (images or a video, question or statement, choices, moment) is
+its own declaration (`Task.inputs`), and the task builds the record (`Task.input_record`) as its reader builds one
+from an annotation line: subtitles (`--subtitles`, default none), question, moment (`--ts`, default the whole
+video) and choices, so the encoder string is the task's own.
 
 Scores: for generated answers the sequence score, the mean log-probability per generated token (beam search's
 length-normalised score with length_penalty 1.0; the same quantity for greedy decoding); for tasks that score fixed
@@ -20,30 +21,18 @@ choices (NLVR2) the chosen answer's probability, a softmax over the choices' log
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.progress import Progress
-from vlpet_cli.tasks import ScoreChoices, get_task, resolve_task, task_class
+from vlpet_cli.tasks import PredictInput, ScoreChoices, get_task, resolve_task, task_class, tasks_of_kind
+from vlpet_cli.tasks.records import read_records
+from vlpet_cli.tasks.video.base import parse_ts
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SCORE_KINDS = {"generate": "mean token log-probability", "choices": "choice probability"}
-
-
-@dataclass
-class PredictInput:
-    """One thing to predict: its images (or its video) and its text (question or statement; none for captions);
-    for video tasks also the choices (TVQA, How2QA), the subtitles text and the moment `ts` ("s-e" or "s,e")."""
-
-    images: list[Path]
-    text: str = ""
-    where: str = "command line"
-    video: Path | None = None
-    choices: list[str] = field(default_factory=list)
-    subtitles: str = ""
-    ts: str | None = None
 
 
 @dataclass
@@ -58,32 +47,10 @@ class VisionSettings:
 
 
 # ---- inputs -----------------------------------------------------------------------------------------------
-def _text_field(task: str) -> str | None:
-    """The input text a task needs: 'question', 'statement' (NLVR2) or None (captioning)."""
-    if task == "coco":
-        return None
-    return "statement" if task == "nlvr" else "question"
-
-
-def parse_ts(value: str, where: str = "--ts") -> tuple[float, float]:
-    """A moment "20.1-25.3" or "20.1,25.3" -> (start, end) seconds, start <= end."""
-    text = str(value).strip().strip("[]()")
-    parts = text.split(",") if "," in text else text.split("-")
-    try:
-        start, end = (float(x) for x in parts)
-    except ValueError:
-        raise VlpetError(f"{where}: moment {value!r} is not 'START-END' or 'START,END' in seconds (e.g. "
-                         f"--ts 20.1-25.3)") from None
-    if not 0 <= start <= end:
-        raise VlpetError(f"{where}: moment {value!r} must have 0 <= start <= end")
-    return start, end
-
-
 def check_video_inputs(task: str, inputs: list[PredictInput]) -> None:
-    """Every input of a video task has one existing video, no images, the question and choices a QA task needs
-    (its own number of choices), and a moment only where the task has one."""
-    cls = task_class(task)
-    qa = hasattr(cls, "n_choices")
+    """Every input of a video task has one existing video, no images, the text and choices the task takes (its own
+    number of choices), and a moment only where the task reads one."""
+    takes = task_class(task).inputs
     for item in inputs:
         if item.images:
             raise VlpetError(f"{item.where}: task {task} takes a video (--video FILE), not images")
@@ -91,27 +58,25 @@ def check_video_inputs(task: str, inputs: list[PredictInput]) -> None:
             raise VlpetError(f"{item.where}: task {task} needs a video: give --video FILE")
         if not Path(item.video).is_file():
             raise VlpetError(f"{item.where}: video {item.video} not found")
-        if qa:
-            if not item.text.strip():
-                raise VlpetError(f"{item.where}: task {task} needs a question (--question \"...\")")
-            if len(item.choices) != cls.n_choices:
-                raise VlpetError(f"{item.where}: task {task} takes {cls.n_choices} choices, got "
-                                 f"{len(item.choices)}; give --choices {cls.n_choices} times")
-        else:
-            if item.text.strip():
-                raise VlpetError(f"{item.where}: task {task} captions videos and takes no question")
-            if item.choices:
-                raise VlpetError(f"{item.where}: task {task} captions videos and takes no --choices")
+        if takes.text and not item.text.strip():
+            raise VlpetError(f"{item.where}: task {task} needs a {takes.text} (--{takes.text} \"...\")")
+        if not takes.text and item.text.strip():
+            raise VlpetError(f"{item.where}: task {task} captions videos and takes no question")
+        if takes.choices and len(item.choices) != takes.choices:
+            raise VlpetError(f"{item.where}: task {task} takes {takes.choices} choices, got {len(item.choices)}; "
+                             f"give --choices {takes.choices} times")
+        if not takes.choices and item.choices:
+            raise VlpetError(f"{item.where}: task {task} captions videos and takes no --choices")
         if item.ts is not None:
-            if not (qa or getattr(cls, "uses_ts", False)):
+            if not takes.moment:
                 raise VlpetError(f"{item.where}: task {task} takes no moment; drop --ts")
             parse_ts(item.ts, item.where)
 
 
 def check_inputs(task: str, inputs: list[PredictInput]) -> None:
-    """Every input has the task's number of images, each an existing file, and the text the task needs."""
+    """Every input has the task's number of images, each an existing file, and the text the task takes."""
     cls = task_class(task)
-    needs = _text_field(task)
+    takes = cls.inputs
     if not inputs:
         raise VlpetError("nothing to predict: give --image FILE (and --question/--statement), --video FILE, "
                          "or --inputs")
@@ -121,17 +86,17 @@ def check_inputs(task: str, inputs: list[PredictInput]) -> None:
     for item in inputs:
         if item.video is not None or item.choices or item.subtitles or item.ts is not None:
             raise VlpetError(f"{item.where}: task {task} takes images; --video, --choices, --subtitles and --ts "
-                             f"are for the video tasks (tvqa, how2qa, tvc, yc2c)")
-        if len(item.images) != cls.n_images:
-            raise VlpetError(f"{item.where}: task {task} takes {cls.n_images} image(s) per input, got "
-                             f"{len(item.images)}; " + ("give --image twice (left, right)" if cls.n_images == 2
+                             f"are for the video tasks ({', '.join(tasks_of_kind('video'))})")
+        if len(item.images) != takes.images:
+            raise VlpetError(f"{item.where}: task {task} takes {takes.images} image(s) per input, got "
+                             f"{len(item.images)}; " + ("give --image twice (left, right)" if takes.images == 2
                                                        else "give one --image"))
         for path in item.images:
             if not path.is_file():
                 raise VlpetError(f"{item.where}: image {path} not found")
-        if needs and not item.text.strip():
-            raise VlpetError(f"{item.where}: task {task} needs a {needs} (--{needs} \"...\")")
-        if not needs and item.text.strip():
+        if takes.text and not item.text.strip():
+            raise VlpetError(f"{item.where}: task {task} needs a {takes.text} (--{takes.text} \"...\")")
+        if not takes.text and item.text.strip():
             raise VlpetError(f"{item.where}: task {task} captions images and takes no question or statement")
 
 
@@ -143,27 +108,24 @@ def _folder_inputs(folder: Path, text: str) -> list[PredictInput]:
     return [PredictInput([p], text, str(p)) for p in files]
 
 
-def _jsonl_inputs(path: Path, task: str) -> list[PredictInput]:
-    """Inputs from a JSON-lines file: {"image": ...} or {"images": [...]}, with "question" or "statement"."""
+def _jsonl_inputs(path: Path) -> list[PredictInput]:
+    """Inputs from a JSON-lines file: {"image": ...} or {"images": [...]}, with "question" or "statement"; or
+    {"video": ..., "question", "choices", "subtitles", "ts"}."""
     base = path.parent
     inputs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise VlpetError(f"{where}: not valid JSON ({exc.msg}); one object per line") from None
+    for ref in read_records(path, "inputs file", "check --inputs", lines=True):
+        obj, where = ref.raw, f"{path}: {ref.who()}"
         if not isinstance(obj, dict):
-            raise VlpetError(f"{where}: not a JSON object; write {{\"image\": \"a.jpg\", \"question\": \"...\"}}")
+            raise ref.error("not a JSON object", "write one object a line, e.g. {\"image\": \"a.jpg\", "
+                                                 "\"question\": \"...\"}")
         text = obj.get("question", obj.get("statement", obj.get("sent", "")))
         if "video" in obj:
             if "image" in obj or "images" in obj:
-                raise VlpetError(f"{where}: give \"video\" or \"image(s)\", not both")
+                raise ref.error("it gives \"video\" and \"image(s)\"", "give one of them")
             choices = obj.get("choices", [])
             if not isinstance(obj["video"], str) or not isinstance(choices, list):
-                raise VlpetError(f"{where}: needs \"video\": FILE (and \"choices\": [...] for QA)")
+                raise ref.error("\"video\" is not a file name or \"choices\" not a list",
+                                "give \"video\": FILE (and \"choices\": [...] for QA)")
             ts = obj.get("ts")
             ts = None if ts is None else (",".join(str(x) for x in ts) if isinstance(ts, list) else str(ts))
             inputs.append(PredictInput([], str(text or ""), where, base / obj["video"], [str(c) for c in choices],
@@ -171,10 +133,11 @@ def _jsonl_inputs(path: Path, task: str) -> list[PredictInput]:
             continue
         images = obj.get("images", [obj["image"]] if "image" in obj else None)
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise VlpetError(f"{where}: needs \"image\": FILE, \"images\": [FILE, ...] or \"video\": FILE")
+            raise ref.error("it names no image or video", "give \"image\": FILE, \"images\": [FILE, ...] or "
+                                                          "\"video\": FILE")
         inputs.append(PredictInput([base / i for i in images], str(text or ""), where))
     if not inputs:
-        raise VlpetError(f"{path}: no inputs (one JSON object per line)")
+        raise VlpetError(f"{path}: no inputs. Fix: write one JSON object per line.")
     return inputs
 
 
@@ -198,7 +161,7 @@ def gather_inputs(task: str, images: list[Path], text: str | None, inputs: Path 
         if text:
             raise VlpetError(f"{inputs}: a JSON-lines file carries each input's own question or statement; drop "
                              f"--question/--statement")
-        return _jsonl_inputs(inputs, task)
+        return _jsonl_inputs(inputs)
     raise VlpetError(f"--inputs {inputs}: no such folder or JSON-lines file")
 
 
@@ -290,27 +253,15 @@ def video_duration(path: Path) -> float:
         return float(stream.duration * stream.time_base) if stream.duration else 0.0
 
 
-def video_record(spec: Any, item: PredictInput, index: int) -> Any:
-    """The Record the task's reader builds from an annotation line with this video, question, moment, choices
-    and subtitles: QA '[Q] q [TS] (s-e) [Choices] a0: ... .', TVC '[TS] ([s, e])', YC2C no text."""
-    from vlpet_cli.tasks.base import Record
-
-    vid = str(item.video)
-    if item.ts is None:
-        start, end = 0.0, round(video_duration(Path(vid)), 2)
-        raw_ts = f"{start:.2f}-{end:.2f}"
-    else:
-        start, end = parse_ts(item.ts, item.where)
-        raw_ts = item.ts.strip() if "-" in item.ts and "," not in item.ts else f"{start:.2f}-{end:.2f}"
-    if hasattr(spec, "n_choices"):
-        choices = [f"a{i}: {c.strip('. ')}." for i, c in enumerate(item.choices)]
-        text = " ".join([f"[Q] {item.text.strip()}", f"[TS] ({raw_ts})", "[Choices] " + " ".join(choices)])
-        extra = {"subs": item.subtitles, "type": spec.qa_type}
-        return Record(item.where, index, index, text, (vid,), spec.source, None, extra)
-    ts = [start, end] if getattr(spec, "uses_ts", False) else None
-    text = f"[TS] ({ts})" if ts is not None else ""
-    extra = {"subs": item.subtitles, "clip_id": index, "ts": ts, "duration": None, "references": []}
-    return Record(item.where, index, index, text, (vid,), spec.source, None, extra)
+def task_records(spec: Any, inputs: list[PredictInput]) -> list[Any]:
+    """The records the task builds from the inputs (`Task.input_record`), as its reader builds them from a file; a
+    task that reads a moment gets the whole video when none is given."""
+    records = []
+    for index, item in enumerate(inputs):
+        if spec.inputs.moment and item.ts is None:
+            item = replace(item, ts=f"{0.0:.2f}-{round(video_duration(Path(item.video)), 2):.2f}")
+        records.append(spec.input_record(item, index))
+    return records
 
 
 # ---- the command ------------------------------------------------------------------------------------------
@@ -331,9 +282,8 @@ def _scores_generated(model: Any, out: Any, eos: int | None) -> list[float]:
 def _decode(model: Any, tokenizer: Any, preset: Any, task: Any, batch: dict) -> tuple[list[str], list[float]]:
     """The task's decoding on one batch: (answers, scores)."""
     import torch
-    from transformers import GenerationConfig
 
-    from vlpet_cli.inference import decoding_settings
+    from vlpet_cli.inference import generation_config
 
     if isinstance(task.decoding, ScoreChoices):
         choices = task.decoding.choices
@@ -341,9 +291,7 @@ def _decode(model: Any, tokenizer: Any, preset: Any, task: Any, batch: dict) -> 
         probs = torch.softmax(logits.float(), dim=1)
         best = logits.argmax(1).tolist()
         return [choices[i] for i in best], [float(probs[b, i]) for b, i in enumerate(best)]
-    kwargs = decoding_settings(model, tokenizer, preset, task.name)
-    config = GenerationConfig(decoder_start_token_id=model.config.decoder_start_token_id, return_dict_in_generate=True,
-                              output_scores=True, **kwargs)
+    config = generation_config(model, tokenizer, preset, task.name, return_dict_in_generate=True, output_scores=True)
     out = model.generate(batch, generation_config=config)
     texts = [t.strip() for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
     return texts, _scores_generated(model, out, tokenizer.eos_token_id)
@@ -386,7 +334,7 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
 
     from vlpet_cli.artifacts import load_any
     from vlpet_cli.features.extract.images import load_vision_model
-    from vlpet_cli.tasks.base import Record, TaskDataset, collate
+    from vlpet_cli.tasks.base import TaskDataset, collate
 
     task = resolve_task(task)
     cls = task_class(task)
@@ -417,11 +365,7 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
                          f"with (--vision-model)")
     model.to(device).eval()
     spec = get_task(task, preset.data.prompts, preset.data.use_prompts, preset.data.video)
-    if video:
-        records = [video_record(spec, item, i) for i, item in enumerate(inputs)]
-    else:
-        records = [Record(item.where, i, i, item.text, tuple(str(p) for p in item.images), source)
-                   for i, item in enumerate(inputs)]
+    records = task_records(spec, inputs)
     results: list[dict] = []
     with Progress(len(inputs), enabled=progress and len(inputs) > 1, label="predict", unit="inputs",
                   stderr=True) as bar, torch.no_grad():

@@ -14,8 +14,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from vlpet_cli.backbones import family_of
-from vlpet_cli.config import DataConfig, Preset
+from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.tasks import default_tasks
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -94,19 +95,14 @@ VIDEO_PREFIX = "video."  # `video.<key>` overrides apply when every task is a vi
 
 # The reference's video-text settings (src/multitask_video.py and the video-text scripts, spec modules §3-4,
 # pipeline §2.3, §4, §5): 512-d CLIP ViT frame embeddings, 64 visual tokens (64 frames; the 8x8 -> 8x8 "pool" is
-# the identity), lr 7e-4, 20 epochs, batch 50 for every video task (BART), beams 4 for video QA (bart-base's
-# config defaults) and 5 for captions. Applied when every task of a run is a video task, merged with the preset's
-# own `video:` section; its `t5:` part applies on T5 backbones after the preset's T5 section (no T5 video scripts
-# exist: the T5 section's modules and lr stand, with the reference's T5 video batch 30 and greedy QA decoding).
+# the identity), lr 7e-4, 20 epochs, batch 50 for every video task (BART). Applied when every task of a run is a
+# video task, merged with the preset's own `video:` section; its `t5:` part applies on T5 backbones after the
+# preset's T5 section (no T5 video scripts exist: the T5 section's modules and lr stand, with the reference's T5
+# video batch 30). How each video task decodes (beams, greedy on T5) is the task's own (vlpet_cli/tasks/video/).
 VIDEO_DEFAULTS: dict = {
     "model": {"feat_dim": 512, "n_boxes": 64},
     "train": {"lr": 7.0e-4, "epochs": 20, "batch_size": 50},
-    "eval": {"generation": {"tvqa": {"num_beams": 4, "max_length": 20},
-                            "how2qa": {"num_beams": 4, "max_length": 20},
-                            "tvc": {"num_beams": 5, "max_length": 20},
-                            "yc2c": {"num_beams": 5, "max_length": 20}}},
-    "t5": {"train": {"batch_size": 30},
-           "eval": {"generation": {"tvqa": {"num_beams": 1}, "how2qa": {"num_beams": 1}}}},
+    "t5": {"train": {"batch_size": 30}},
 }
 
 
@@ -189,7 +185,7 @@ def _run_tasks(raw: dict, pairs: list[tuple[str, Any]]) -> list[str]:
     if given is None:
         given = (raw.get("data") or {}).get("tasks")
     if given is None:
-        given = DataConfig().tasks
+        given = default_tasks()
     if isinstance(given, str):
         given = given.split(",")
     return [str(t).strip() for t in given or [] if str(t).strip()]
@@ -243,7 +239,18 @@ def resolve(name: str, overrides: list[str] | None = None, backbone: str | None 
 
     for _, key, value in sorted((rank(p) for p in pairs), key=lambda r: r[0]):
         set_dotted(raw, key, value)
-    return validate(raw, f"preset '{name}'")
+    return with_default_tasks(validate(raw, f"preset '{name}'"))
+
+
+def with_default_tasks(preset: Preset) -> Preset:
+    """The preset with the task lists it leaves open (data.tasks, pet.hyperformer.tasks) set to the task table's
+    default tasks, so that a resolved preset (and the run's config.yaml) names its tasks."""
+    data, pet = preset.data, preset.pet
+    if data.tasks is None:
+        data = data.model_copy(update={"tasks": default_tasks()})
+    if pet.hyperformer is not None and pet.hyperformer.tasks is None:
+        pet = pet.model_copy(update={"hyperformer": pet.hyperformer.model_copy(update={"tasks": default_tasks()})})
+    return preset.model_copy(update={"data": data, "pet": pet})
 
 
 def to_yaml(preset: Preset) -> str:

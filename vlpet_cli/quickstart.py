@@ -17,15 +17,14 @@ from vlpet_cli.features.extract.images import TINY_CLIP, extract_features
 from vlpet_cli.features.extract.videos import TINY_CLIP_PROJ, extract_video_features
 from vlpet_cli.features.images import locate_features, open_features
 from vlpet_cli.features.videos import locate_video_features, open_video_features
-from vlpet_cli.tasks import TASKS as TASK_TABLE
-from vlpet_cli.tasks import primary_metrics
+from vlpet_cli.tasks import task_class, tasks_of_kind
 from vlpet_cli.toy.images import SOURCES, build_toy
 from vlpet_cli.toy.videos import VIDEO_SOURCES, video_feature_dir
 from vlpet_cli.train import TOY_DEFAULTS, resolve_train_preset, train
 from vlpet_cli.vl.model import build_model
 
-TASKS = [t for t, cls in TASK_TABLE.items() if cls.feature_kind == "image"]
-VIDEO_TASKS = [t for t, cls in TASK_TABLE.items() if cls.feature_kind == "video"]
+TASKS = tasks_of_kind("image")
+VIDEO_TASKS = tasks_of_kind("video")
 # VALUE's test labels are hidden (the toy world keeps them hidden too), so the video quick start scores val.
 SPLIT = {False: "test", True: "val"}
 # The toy clips have 6 frames (9 s at one per 1.5 s): 8 visual tokens keep them all at an eighth of the cost of 64.
@@ -33,9 +32,6 @@ SPLIT = {False: "test", True: "val"}
 # image tasks keep tiny-bart, whose quick-start figures README.md quotes.
 VIDEO_BACKBONES = {"tiny-bart": str(Path(__file__).parent / "assets" / "backbones" / "tiny-bart-video")}
 VIDEO_OVERRIDES = ["train.epochs=20", "train.batch_size=16", "eval.every=0", "data.video.frames=8"]
-PRIMARY_METRIC = primary_metrics()
-PRIMARY_ONLY = {t: [m] for t, m in PRIMARY_METRIC.items()}
-LABELS = {t: cls.label for t, cls in TASK_TABLE.items()}
 TABLE_COLUMNS = ("task", "metric", "before", "after")
 
 
@@ -101,13 +97,15 @@ def _quickstart(runs_dir: Path, preset: str, backbone: str, overrides: list[str]
     torch.manual_seed(resolved.train.seed)
     untrained, tokenizer = build_model(resolved)
     say("scoring the untrained model")
-    before = evaluate_model(untrained, tokenizer, resolved, split, PRIMARY_ONLY, progress=False)
+    primary = {t: task_class(t).primary_metric for t in tasks}
+    before = evaluate_model(untrained, tokenizer, resolved, split, {t: [m] for t, m in primary.items()},
+                            progress=False)
     run_dir = Path(runs_dir) / ("quickstart-video" if video else "quickstart")
     result = train(resolved, run_dir, overwrite=True)
     say("scoring the trained adapter")
     after = evaluate(run_dir, split=split, metrics=None, progress=False)
-    rows = [{"task": t, "metric": LABELS[t], "before": before[t]["metrics"][PRIMARY_METRIC[t]],
-             "after": after[t]["metrics"][PRIMARY_METRIC[t]]} for t in tasks]
+    rows = [{"task": t, "metric": task_class(t).label, "before": before[t]["metrics"][primary[t]],
+             "after": after[t]["metrics"][primary[t]]} for t in tasks]
     return {"run": str(run_dir), "trainable": result.summary["trainable"], "total": result.summary["total"],
             "percent": result.summary["percent"], "train_seconds": result.summary["seconds"],
             "total_seconds": time.time() - started, "rows": rows, "split": split}

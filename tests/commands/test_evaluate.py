@@ -28,10 +28,11 @@ def test_generation_settings_are_explicit_per_family():
     assert bart["no_repeat_ngram_size"] == 3 and bart["forced_bos_token_id"] is None
     assert bart["forced_eos_token_id"] == 2
     assert generation_kwargs(GenerationSpec(num_beams=1), "bart", Tok())["forced_eos_token_id"] is None
-    t5 = generation_kwargs(GenerationSpec(), "t5", Tok())
+    t5 = generation_kwargs(GenerationSpec(num_beams=1, max_length=20), "t5", Tok())
     assert t5["no_repeat_ngram_size"] == 0 and t5["forced_bos_token_id"] is None and t5["num_beams"] == 1
     assert t5["forced_eos_token_id"] is None
-    assert generation_kwargs(GenerationSpec(no_repeat_ngram_size=0), "bart", Tok())["no_repeat_ngram_size"] == 0
+    assert generation_kwargs(GenerationSpec(num_beams=1, max_length=20, no_repeat_ngram_size=0), "bart",
+                             Tok())["no_repeat_ngram_size"] == 0
 
 
 def test_caption_score_is_pycocoevalcap_cider_times_100():

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from vlpet_cli.cli import app
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.predict import PredictInput, check_inputs, gather_inputs, parse_ts, video_record
+from vlpet_cli.predict import PredictInput, check_inputs, gather_inputs, parse_ts, task_records
 
 CHOICES5 = ["left", "down", "up", "right", "nowhere"]
 
@@ -99,15 +99,16 @@ def test_records_are_the_readers(tmp_path):
         read = spec.load(root, "test", for_eval=True)[0]
         raw = _lines(root / "video" / "ann" / folder / f"{task}_{split}.jsonl")[0]
         subs = read.extra["subs"]
-        choices = [raw[f"a{i}"] for i in range(getattr(spec, "n_choices", 0))]
+        choices = [raw[f"a{i}"] for i in range(spec.inputs.choices)]
         ts = raw.get("ts")
         ts = ",".join(map(str, ts)) if isinstance(ts, list) else ts
-        made = video_record(spec, PredictInput([], raw.get("q", ""), video=_video(raw["vid_name"], source),
-                                               choices=choices, subtitles=subs, ts=ts), 0)
+        (made,) = task_records(spec, [PredictInput([], raw.get("q", ""), video=_video(raw["vid_name"], source),
+                                                   choices=choices, subtitles=subs, ts=ts)])
         assert spec.source_text(made) == spec.source_text(read), task
         if task in ("tvqa", "tvc"):  # the default moment is the whole video (the toy's moments are)
-            default = video_record(spec, PredictInput([], raw.get("q", ""), video=_video(raw["vid_name"], source),
-                                                      choices=choices, subtitles=subs), 0)
+            (default,) = task_records(spec, [PredictInput([], raw.get("q", ""),
+                                                          video=_video(raw["vid_name"], source),
+                                                          choices=choices, subtitles=subs)])
             assert spec.source_text(default) == spec.source_text(read), task
 
 

@@ -13,11 +13,16 @@ import pytest
 from vlpet_cli.data import cache
 from vlpet_cli.presets import resolve
 from vlpet_cli.tasks import get_task
-from vlpet_cli.tasks.base import TaskDataset, _tokenize, open_task_features
+from vlpet_cli.tasks.base import TaskDataset, open_task_features
 from vlpet_cli.toy.root import resolve_data_root
 from vlpet_cli.vl.model import build_model
 
 SPLITS = {"vqa": ("train", "val"), "gqa": ("train", "val"), "nlvr": ("train", "val"), "coco": ("train", "test")}
+
+
+def _hf_ids(tok, text: str, limit: int | None) -> list[int]:
+    """The tokenizer's own ids of one text (the oracle the batched ids are checked against)."""
+    return tok(text, max_length=limit, truncation=True)["input_ids"] if limit is not None else tok(text)["input_ids"]
 
 
 @pytest.fixture()
@@ -52,7 +57,7 @@ def test_cached_records_and_items_equal_a_fresh_parse(name, cache_dir, tok):
         assert isinstance(second, cache.CachedRecords) and len(list(cache_dir.iterdir())) >= 1
         assert list(first) == fresh and list(second) == fresh
         assert [second.token_ids(i) for i in range(len(fresh))] == [
-            _tokenize(tok, task.source_text(r), task.input_max_length) for r in fresh]
+            _hf_ids(tok, task.source_text(r), task.input_max_length) for r in fresh]
         kind = "train" if split == "train" else "eval"
         stores = open_task_features(fresh, root)
         plain, mapped = (TaskDataset(task, recs, stores, tok, split_kind=kind, seed=3) for recs in (fresh, second))
@@ -137,12 +142,12 @@ def test_video_ids_batched_equal_the_tasks_own(tvqa_root, tok, truncate, limit, 
     records = task.load(tvqa_root, "train")
     flat, offsets = cache.source_ids(task, records, tok)
     got = [flat[offsets[i]:offsets[i + 1]].tolist() for i in range(len(records))]
-    want = [task.source_ids(r, tok) for r in records]
+    want = [task.source_ids([r], tok)[0] for r in records]
     assert got == want
-    whole = [len(_tokenize(tok, task.source_text(r), None)) for r in records]
+    whole = [len(_hf_ids(tok, task.source_text(r), None)) for r in records]
     assert min(whole) < limit < max(whole)  # both sides of the limit are exercised
     if truncate == "tail":
-        assert got == [_tokenize(tok, task.source_text(r), limit) for r in records]
+        assert got == [_hf_ids(tok, task.source_text(r), limit) for r in records]
 
 
 def test_tvqa_records_cached_and_memory_mapped(tvqa_root, tok, cache_dir):
@@ -155,4 +160,4 @@ def test_tvqa_records_cached_and_memory_mapped(tvqa_root, tok, cache_dir):
     again = cache.load_records(task, tvqa_root, "train", tok)
     assert isinstance(again, cache.CachedRecords)
     assert list(again) == fresh
-    assert [again.token_ids(i) for i in range(len(fresh))] == [task.source_ids(r, tok) for r in fresh]
+    assert [again.token_ids(i) for i in range(len(fresh))] == [task.source_ids([r], tok)[0] for r in fresh]

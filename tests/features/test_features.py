@@ -224,10 +224,10 @@ def test_annotation_images_reference_formats(tmp_path):
     assert list(annotation_images(nlvr)) == ["t-1-0-img0", "t-1-0-img1"]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"img_id": "a"}, {"sent": "no image"}]))
-    with pytest.raises(DataError, match="record 1 has no 'img_id'"):
+    with pytest.raises(DataError, match=r"bad.json: record 1: names no image or video \(no 'img_id'"):
         annotation_images(bad)
     bad.write_text("{not json")
-    with pytest.raises(DataError, match="bad.json:1: not valid JSON"):
+    with pytest.raises(DataError, match=r"bad.json: not valid JSON \(line 1"):
         annotation_images(bad)
     bad.write_text(json.dumps({"questions": []}))
     with pytest.raises(DataError, match="unrecognised annotation format"):

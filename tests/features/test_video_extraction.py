@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vlpet_cli.errors import DataError, VlpetError
-from vlpet_cli.extract import annotation_videos, extract_videos, videos_from
+from vlpet_cli.extract import extract_videos, videos_from
 from vlpet_cli.features.extract.images import TINY_CLIP
 from vlpet_cli.features.extract.videos import (
     TINY_CLIP_PROJ,
@@ -21,6 +21,7 @@ from vlpet_cli.features.extract.videos import (
     square_crop,
 )
 from vlpet_cli.features.videos import open_video_features
+from vlpet_cli.tasks import annotation_images
 from vlpet_cli.toy import videos as toy_video
 
 
@@ -163,7 +164,7 @@ def test_annotations_select_the_videos_a_value_file_names(clips_dir, tmp_path):
     lines = [{"vid_name": "clip3", "qid": 1}, {"vid_name": "clip1", "qid": 2}, {"vid_name": "clip3", "qid": 3},
              {"vid_name": "gone", "qid": 4}]
     ann.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert annotation_videos(ann) == ["clip3", "clip1", "gone"]
+    assert list(annotation_images(ann)) == ["clip3", "clip1", "gone"]
     selected = videos_from(clips_dir, ann)
     assert list(selected) == ["clip3", "clip1", "gone"] and selected["clip1"] == clips_dir / "clip1.mp4"
     summary = extract_videos(clips_dir, "tiny-clip-proj", tmp_path / "f", ann, progress=False)
@@ -183,11 +184,11 @@ def test_refusals(clips_dir, tmp_path):
         videos_from(tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"qid": 1}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:1: record has no 'vid_name'"):
+    with pytest.raises(DataError, match=r"bad.jsonl: line 1: names no image or video \(no .*'vid_name'"):
         videos_from(clips_dir, bad)
     bad.write_text('{"vid_name": "a"}\nnot json\n')
-    with pytest.raises(DataError, match=r"bad.jsonl:2: not a JSON object"):
-        annotation_videos(bad)
+    with pytest.raises(DataError, match=r"bad.jsonl: line 2: not valid JSON"):
+        videos_from(clips_dir, bad)
     bad.write_text('{"vid_name": "elsewhere"}\n')
     with pytest.raises(DataError, match="none of its 1 videos were found"):
         videos_from(clips_dir, bad)

@@ -1,5 +1,5 @@
-"""The task table: every task's declarations, aliases resolving alike for every command, and the config
-defaults (literals, because config sits below data/ in the layering) equal to the table."""
+"""The task table: every task's declarations, aliases resolving alike for every command, and the settings a
+preset leaves open (task list, batch ratios, decoding) resolved from the table."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from fractions import Fraction
 
 import pytest
 
-from vlpet_cli.config import DataConfig, EvalConfig, GenerationSpec, TrainConfig
-from vlpet_cli.data.multitask import DEFAULT_RATIOS, task_batch_sizes
+from vlpet_cli.config import GenerationSpec
+from vlpet_cli.data.multitask import task_batch_sizes
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.evaluate import score_predictions_file
 from vlpet_cli.inference import score
-from vlpet_cli.quickstart import LABELS, PRIMARY_ONLY
+from vlpet_cli.presets import resolve
 from vlpet_cli.quickstart import TASKS as QUICKSTART_TASKS
+from vlpet_cli.quickstart import VIDEO_TASKS as QUICKSTART_VIDEO_TASKS
 from vlpet_cli.tasks import (
     ALIASES,
     TASKS,
@@ -27,6 +28,7 @@ from vlpet_cli.tasks import (
     ScoreChoices,
     Task,
     annotation_images,
+    default_tasks,
     get_task,
     primary_metrics,
     resolve_task,
@@ -65,7 +67,8 @@ def test_declared_values_are_the_references():
     assert {n: c.batch_ratio for n, c in TASKS.items()} == {
         "vqa": Fraction(1), "gqa": Fraction(100, 60), "nlvr": Fraction(20, 60), "coco": Fraction(50, 60),
         **{t: Fraction(1) for t in VIDEO_TASKS}}  # video tasks all use the batch size (spec §4)
-    assert TASKS["tvqa"].decoding == TASKS["how2qa"].decoding == Generate(num_beams=4, max_length=20)
+    assert TASKS["tvqa"].decoding == TASKS["how2qa"].decoding == Generate(num_beams=4, max_length=20,
+                                                                          greedy_on=("t5",))
     assert TASKS["tvc"].decoding == TASKS["yc2c"].decoding == Generate(num_beams=5, max_length=20)
     assert TASKS["tvc"].validation_metrics == TASKS["yc2c"].validation_metrics == ("cider",)
     assert TASKS["nlvr"].decoding == ScoreChoices(("true", "false"))
@@ -78,20 +81,27 @@ def test_declared_values_are_the_references():
         **{t: ("vid_name",) for t in VIDEO_TASKS}}
 
 
-def test_config_defaults_equal_the_table():
-    assert DataConfig().tasks == IMAGE_TASKS == [n for n, c in TASKS.items() if c.feature_kind == "image"]
-    assert TrainConfig().task_ratios == {n: float(c.batch_ratio) for n, c in TASKS.items()}
-    assert EvalConfig().generation == {
-        n: GenerationSpec(num_beams=c.decoding.num_beams, max_length=c.decoding.max_length)
-        for n, c in TASKS.items() if isinstance(c.decoding, Generate)}
-    assert DEFAULT_RATIOS == {n: c.batch_ratio for n, c in TASKS.items()}
+def test_presets_leave_the_task_settings_to_the_tasks():
+    p = resolve("vlpet-small", [], "bart-base")
+    assert p.data.tasks == default_tasks() == IMAGE_TASKS  # a resolved preset (and config.yaml) names its tasks
+    assert p.train.task_ratios == {} and p.eval.generation == {}
+    assert resolve("hyperformer", [], "bart-base").pet.hyperformer.tasks == IMAGE_TASKS
+    on_bart = {n: c.decoding.spec("bart") for n, c in TASKS.items() if isinstance(c.decoding, Generate)}
+    assert {n: (g.num_beams, g.max_length) for n, g in on_bart.items()} == {
+        "vqa": (1, 20), "gqa": (1, 20), "coco": (5, 20), "tvqa": (4, 20), "how2qa": (4, 20), "tvc": (5, 20),
+        "yc2c": (5, 20)}
+    assert TASKS["tvqa"].decoding.spec("t5").num_beams == 1 and TASKS["tvc"].decoding.spec("t5").num_beams == 5
+    given = GenerationSpec(max_length=30)  # a setting given replaces only itself
+    assert TASKS["coco"].decoding.spec("bart", given) == GenerationSpec(num_beams=5, max_length=30)
+    assert TASKS["tvqa"].decoding.spec("t5", GenerationSpec(num_beams=3)).num_beams == 3
 
 
 def test_quickstart_reads_the_table():
-    assert QUICKSTART_TASKS == IMAGE_TASKS
-    assert LABELS == {"vqa": "VQA accuracy", "gqa": "GQA accuracy", "nlvr": "NLVR2 accuracy", "coco": "COCO CIDEr",
-                      "tvqa": "TVQA accuracy", "how2qa": "How2QA accuracy", "tvc": "TVC CIDEr", "yc2c": "YC2C CIDEr"}
-    assert PRIMARY_ONLY["coco"] == ["cider"]
+    assert QUICKSTART_TASKS == IMAGE_TASKS and QUICKSTART_VIDEO_TASKS == VIDEO_TASKS
+    assert {n: c.label for n, c in TASKS.items()} == {
+        "vqa": "VQA accuracy", "gqa": "GQA accuracy", "nlvr": "NLVR2 accuracy", "coco": "COCO CIDEr",
+        "tvqa": "TVQA accuracy", "how2qa": "How2QA accuracy", "tvc": "TVC CIDEr", "yc2c": "YC2C CIDEr"}
+    assert TASKS["coco"].primary_metric == "cider"
 
 
 @pytest.mark.parametrize("alias, name", [*ALIASES.items(), ("NLVR2", "nlvr"), (" Caption ", "coco"),
@@ -154,6 +164,9 @@ def test_feature_ids_come_from_the_tasks_declarations(tmp_path):
 def test_batch_sizes_use_the_tasks_ratios():
     assert task_batch_sizes(60, list(TASKS)) == {"vqa": 60, "gqa": 100, "nlvr": 20, "coco": 50,
                                                  **{t: 60 for t in VIDEO_TASKS}}
+    assert task_batch_sizes(500, ["gqa", "nlvr"], resolve("vlpet-small", [], "bart-base").train.task_ratios) == {
+        "gqa": 833, "nlvr": 166}  # the default preset: the tasks' own ratios, as the reference's 100/60, 20/60
+    assert task_batch_sizes(60, ["gqa", "coco"], {"gqa": 0.5}) == {"gqa": 30, "coco": 50}
 
 
 @pytest.mark.parametrize("task, record, problem", [

@@ -117,7 +117,7 @@ def test_task_facts():
     vqa, gqa, nlvr, coco = (get_task(t) for t in ("vqa", "gqa", "nlvr", "coco"))
     assert (vqa.input_max_length, vqa.target_max_length, vqa.loss_reduction) == (20, 10, "example")
     assert (gqa.input_max_length, gqa.target_max_length, gqa.loss_reduction) == (20, None, "example")
-    assert (nlvr.input_max_length, nlvr.target_max_length, nlvr.n_images) == (None, None, 2)
+    assert (nlvr.input_max_length, nlvr.target_max_length, nlvr.inputs.images) == (None, None, 2)
     assert (coco.input_max_length, coco.target_max_length, coco.loss_reduction) == (40, 40, "token")
     assert vqa.split_names("train") == ["karpathy_train"] and vqa.split_names("test") == ["karpathy_test"]
     assert gqa.split_names("train") == ["train", "valid"]

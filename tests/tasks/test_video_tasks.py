@@ -176,19 +176,19 @@ def test_tail_truncation_is_the_references(world, bart):
     text = task.source_text(record)
     full = bart(text)["input_ids"]
     assert len(full) > 600
-    ids = task.source_ids(record, bart)
+    ids = task.source_ids([record], bart)[0]
     assert ids == bart(text, max_length=600, truncation=True)["input_ids"]
     assert len(ids) == 600 and ids[-1] == bart.eos_token_id and ids[0] == bart.bos_token_id
     kept = bart.decode(ids, skip_special_tokens=True)
     assert "[Q]" not in kept and "tvqa:" not in kept  # the reference loses question, choices and prompt
     short = get_task("tvqa", video=VideoData(max_length=40))
-    assert short.source_ids(record, bart) == full[:39] + [bart.eos_token_id]
+    assert short.source_ids([record], bart)[0] == full[:39] + [bart.eos_token_id]
 
 
 def test_subtitle_truncation_keeps_question_choices_and_prompt(world, bart):
     task = get_task("tvqa", video=VideoData(truncate="subtitles"))
     record = task.load(long_tvqa(world), "train")[0]
-    ids = task.source_ids(record, bart)
+    ids = task.source_ids([record], bart)[0]
     assert len(ids) <= 600 and ids[0] == bart.bos_token_id and ids[-1] == bart.eos_token_id
     text = bart.decode(ids, skip_special_tokens=True)
     assert text.startswith("[Subs] Speaker0 : word0 again.")
@@ -202,14 +202,14 @@ def test_subtitle_truncation_keeps_question_choices_and_prompt(world, bart):
     assert len(bart(longer)["input_ids"]) > 600
     # a short text is the same either way
     short = get_task("tvqa", video=VideoData(truncate="subtitles")).load(value_world(world), "train")[0]
-    assert task.source_ids(short, bart) == get_task("tvqa").source_ids(short, bart) == bart(
+    assert task.source_ids([short], bart)[0] == get_task("tvqa").source_ids([short], bart)[0] == bart(
         task.source_text(short))["input_ids"]
 
 
 def test_subtitle_truncation_when_even_the_question_is_too_long(world, bart):
     task = get_task("yc2c", video=VideoData(truncate="subtitles", max_length=8))
     record = task.load(world, "train")[0]
-    ids = task.source_ids(record, bart)
+    ids = task.source_ids([record], bart)[0]
     assert ids == bart(task.compose(record, ""), max_length=8, truncation=True)["input_ids"]
 
 
@@ -218,7 +218,7 @@ def test_dataset_items_use_the_tasks_truncation(world, bart):
     records = task.load(long_tvqa(world), "train")
     ds = TaskDataset(task, records, {"tv": FakeVideoStore(["long"])}, bart)
     item = ds[0]
-    assert item["input_ids"] == task.source_ids(records[0], bart)
+    assert item["input_ids"] == task.source_ids([records[0]], bart)[0]
     assert item["target"] == "a2" and item["target_ids"] == bart("a2", max_length=20, truncation=True)["input_ids"]
     assert item["weight"] == 1.0 and item["loss_reduction"] == "example"
     assert item["meta"] == {"question_id": 9, "vid_name": "long", "type": "House M.D.", "answer": "a2"}

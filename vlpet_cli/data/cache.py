@@ -94,88 +94,21 @@ def cache_key(task: Task, root: Path, split: str, for_eval: bool, tokenizer: Any
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 
-def _backend(tokenizer: Any, max_length: int | None) -> Any:
-    """A private copy of a fast tokenizer's Rust tokenizer truncating as `tokenizer(..., max_length,
-    truncation=True)` does (right side, special tokens kept), or None for a slow tokenizer."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or getattr(tokenizer, "truncation_side", "right") != "right":
-        return None
-    from tokenizers import Tokenizer
-
-    own = Tokenizer.from_str(backend.to_str())
-    own.no_padding()
-    if max_length is None:
-        own.no_truncation()
-    else:
-        own.enable_truncation(max_length)
-    return own
-
-
-def _video_truncation(task: Task) -> tuple[str, int] | None:
-    """(data.video.truncate, data.video.max_length) of a video task tokenising as VideoTask.source_ids does
-    (a subclass with its own source_ids gives None: it is asked record by record)."""
-    from vlpet_cli.tasks.video.base import VideoTask
-
-    if isinstance(task, VideoTask) and type(task).source_ids is VideoTask.source_ids:
-        return task.video.truncate, task.video.max_length
-    return None
-
-
 CHUNK = 2048
-"""Texts tokenised per batch: the Rust encodings of a batch (ids, masks, the overflow truncation cut off) and
-their Python lists live only until the batch's ids are in numpy, so a first start-up's memory does not grow
-with the split's tokens."""
-
-
-def _batch_ids(backend: Any, texts: list[str]) -> list[list[int]]:
-    return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
-
-
-def _chunk_ids(task: Task, records: Sequence[Record], tokenizer: Any, video: tuple[str, int] | None,
-               backends: dict) -> list[list[int]]:
-    """The encoder ids of a few records (see source_ids)."""
-    custom = type(task).source_ids is not Task.source_ids  # the task tokenises in its own way
-    fast = getattr(tokenizer, "backend_tokenizer", None) is not None and \
-        getattr(tokenizer, "truncation_side", "right") == "right"
-
-    def backend(limit: int | None) -> Any:
-        if limit not in backends:
-            backends[limit] = _backend(tokenizer, limit)
-        return backends[limit]
-
-    if custom and (video is None or not fast):
-        return [task.source_ids(r, tokenizer) for r in records]
-    texts = [task.source_text(r) for r in records]
-    if video is not None:
-        mode, limit = video
-        if mode == "tail":
-            return _batch_ids(backend(limit), texts)
-        ids = _batch_ids(backend(None), texts)
-        return [x if len(x) <= limit else task.source_ids(r, tokenizer) for x, r in zip(ids, records)]
-    if fast:
-        return _batch_ids(backend(task.input_max_length), texts)
-    limit = task.input_max_length
-    enc = tokenizer(texts, max_length=limit, truncation=True) if limit is not None else tokenizer(texts)
-    return enc["input_ids"]
+"""Records tokenised per call of the task's batched tokenisation: the ids of a chunk live as Python lists only
+until they are in numpy, so a first start-up's memory does not grow with the split's tokens."""
 
 
 def source_ids(task: Task, records: Sequence[Record], tokenizer: Any):
-    """(flat token ids, offsets) of every record's encoder text, as TaskDataset.item tokenises it (batched
-    calls of the Rust tokenizer, `CHUNK` texts a call; tests/test_perf_cache.py checks the ids against item's
-    and, for the video tasks, against Task.source_ids in both truncation modes).
-
-    A video task truncating at the end ('tail') is batched truncated at data.video.max_length (the ids of
-    `tokenizer(text, max_length=..., truncation=True)`). Truncating the subtitles, the texts are encoded whole;
-    those within the limit are done, the others (their subtitles are shortened) go through the task's own
-    source_ids."""
+    """(flat token ids, offsets) of every record's encoder text: the task's own batched tokenisation
+    (`Task.source_ids`, which TaskDataset.item asks too), `CHUNK` records a call."""
     import itertools
 
     import numpy as np
 
-    video, backends = _video_truncation(task), {}
     flats, lengths = [], []
     for start in range(0, len(records), CHUNK):
-        ids = _chunk_ids(task, records[start:start + CHUNK], tokenizer, video, backends)
+        ids = task.source_ids(records[start:start + CHUNK], tokenizer)
         size = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
         flats.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(size.sum())))
         lengths.append(size)

@@ -20,8 +20,6 @@ from typing import Any
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.tasks import TASKS, TaskDataset, collate
 
-DEFAULT_RATIOS: dict[str, Fraction] = {name: cls.batch_ratio for name, cls in TASKS.items()}
-
 
 def _fraction(value: Any, task: str) -> Fraction:
     """A ratio given as a number, a Fraction or a string such as '100/60'."""
@@ -35,15 +33,16 @@ def _fraction(value: Any, task: str) -> Fraction:
 
 def task_batch_sizes(base: int, tasks: Iterable[str],
                      ratios: Mapping[str, Any] | None = None) -> dict[str, int]:
-    """Per-task batch sizes int(base * ratio) (reference ratios 1, 100/60, 20/60, 50/60), at least 1."""
+    """Per-task batch sizes int(base * ratio), at least 1: the ratio given in `ratios` (train.task_ratios), else
+    the task's own (`Task.batch_ratio`, the reference's)."""
     if base < 1:
         raise VlpetError(f"batch size must be >= 1, not {base}.")
     sizes = {}
     for task in tasks:
         if ratios is not None and task in ratios:
             ratio = _fraction(ratios[task], task)
-        elif task in DEFAULT_RATIOS:
-            ratio = DEFAULT_RATIOS[task]
+        elif task in TASKS:
+            ratio = TASKS[task].batch_ratio
         else:
             raise VlpetError(f"no batch-size ratio for task '{task}'. Fix: give one in the preset's ratios.")
         if ratio <= 0:
@@ -203,16 +202,10 @@ class MultitaskLoader:
 
 
 def source_lengths(dataset: TaskDataset, indices: list[int]) -> list[int]:
-    """Encoder text length in tokens of each record (one batched tokenizer call, as `item` truncates)."""
+    """Encoder length in tokens of each record (the task's batched tokenisation, as `item` tokenises)."""
     if getattr(dataset.records, "flat", False):  # cached records know their token ids (data/cache.py)
         return dataset.records.token_lengths(indices)
-    task, tokenizer = dataset.task, dataset.tokenizer
-    texts = [task.source_text(dataset.records[i]) for i in indices]
-    if not texts:
-        return []
-    limit = task.input_max_length
-    enc = tokenizer(texts, max_length=limit, truncation=True) if limit is not None else tokenizer(texts)
-    return [len(ids) for ids in enc["input_ids"]]
+    return [len(ids) for ids in dataset.task.source_ids([dataset.records[i] for i in indices], dataset.tokenizer)]
 
 
 def eval_order(dataset: TaskDataset, rank: int = 0, world_size: int = 1, by_length: bool = False) -> list[int]:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-CAPTION_METRICS: tuple[str, ...] = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougel", "cider", "spice")
-
-__all__ = ["CAPTION_METRICS", "preview_ids"]
+__all__ = ["preview_ids"]
 
 
 def preview_ids(ids: Iterable[object], limit: int = 5) -> str:

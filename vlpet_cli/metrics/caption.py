@@ -22,6 +22,8 @@ from typing import IO, Any
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.metrics import preview_ids
 
+CAPTION_METRICS: tuple[str, ...] = ("cider", "bleu", "bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougel", "spice")
+"""The caption metrics a captioning task offers ('bleu' is shorthand for bleu1..bleu4)."""
 SCORERS: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider", "spice")
 TOKENIZERS: tuple[str, ...] = ("auto", "ptb", "python")
 _SCORER_ALIASES = {
@@ -339,3 +341,22 @@ def caption_scores(
     out["tokenizer"] = used
     out["n"] = len(predictions)
     return out
+
+
+def computable_metrics(metrics: Sequence[str], explicit: bool) -> list[str]:
+    """The caption metrics to compute: without Java, METEOR is dropped from defaults with one warning (asked for
+    by name, it stays, and the scorer says that it needs Java)."""
+    if "meteor" in metrics and not explicit and not java_available():
+        warnings.warn("Java is not on PATH: METEOR is left out (install Java to get it)", UserWarning,
+                      stacklevel=3)
+        return [m for m in metrics if m != "meteor"]
+    return list(metrics)
+
+
+def scaled_caption_scores(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]],
+                          metrics: Sequence[str], explicit: bool, tokenizer: str = "auto") -> dict[str, Any]:
+    """The caption metrics of a task (bleu1..bleu4, meteor, rougel, cider, spice; `computable_metrics` decides
+    about METEOR) x100, in the order given, with "tokenizer" and "n" as `caption_scores` reports them."""
+    wanted = computable_metrics(metrics, explicit)
+    raw = caption_scores(predictions, references, metrics=wanted, tokenizer=tokenizer)
+    return {**{m: 100.0 * raw[m] for m in wanted}, "tokenizer": raw["tokenizer"], "n": raw["n"]}

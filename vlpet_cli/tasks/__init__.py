@@ -8,17 +8,17 @@ eval, eval --predictions, extract-features, quickstart, report) reads the task's
 from __future__ import annotations
 
 import difflib
-import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from vlpet_cli.config import VideoData
 from vlpet_cli.errors import DataError, VlpetError
-from vlpet_cli.tasks import files
 from vlpet_cli.tasks.base import (
     DEFAULT_FEATURE_NAME,
+    FileScoring,
     Generate,
+    Inputs,
+    PredictInput,
     Record,
     ScoreChoices,
     Task,
@@ -30,6 +30,7 @@ from vlpet_cli.tasks.base import (
 from vlpet_cli.tasks.coco import CocoTask
 from vlpet_cli.tasks.gqa import GqaTask
 from vlpet_cli.tasks.nlvr import NlvrTask
+from vlpet_cli.tasks.records import read_json, record_refs
 from vlpet_cli.tasks.video.base import VideoCaptionTask, VideoQaTask, VideoTask
 from vlpet_cli.tasks.video.caption import TvcTask, Yc2cTask
 from vlpet_cli.tasks.video.qa import How2qaTask, TvqaTask
@@ -84,35 +85,25 @@ def primary_metrics() -> dict[str, str]:
     return {name: cls.primary_metric for name, cls in TASKS.items()}
 
 
-def _load_json(path: Path) -> Any:
-    """Parse a .json file (or .jsonl, one record a line) with errors that name the file and line."""
-    if not path.is_file():
-        raise DataError(f"{path}: annotation file not found; check the path.")
-    text = files.read_text(path)
-    if path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove the line.") from exc
-        return records
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix the file.") from exc
+def tasks_of_kind(kind: str) -> list[str]:
+    """The tasks whose records read features of one kind ('image' or 'video'), in table order."""
+    return [name for name, cls in TASKS.items() if cls.feature_kind == kind]
+
+
+def default_tasks() -> list[str]:
+    """The tasks of a run that names none (data.tasks left open): the image tasks, the reference's multitask."""
+    return tasks_of_kind("image")
 
 
 def annotation_images(annotations: Path) -> dict[str, str | None]:
-    """Image ids named by an annotation file -> relative image path when the file gives one (Karpathy).
+    """Image (or video) ids named by an annotation file -> relative image path when the file gives one (Karpathy).
 
     The formats are the tasks' own (vlpet_cli/tasks/): a task's file format (Karpathy `dataset_coco.json`,
-    {"images": [{"filepath", "filename"}]}), or a list of records naming images in a task's `image_fields`
-    (VQA/GQA `img_id`, NLVR2 `img0`, `img1`).
+    {"images": [{"filepath", "filename"}]}), or a JSON list or JSON lines of records naming images or videos in a
+    task's `image_fields` (VQA/GQA `img_id`, NLVR2 `img0`, `img1`, VALUE `vid_name`).
     """
     path = Path(annotations)
-    data = _load_json(path)
+    data = read_json(path, "annotation file", "check --annotations")
     for cls in TASKS.values():
         found = cls.file_images(data, path)
         if found is not None:
@@ -125,16 +116,16 @@ def annotation_images(annotations: Path) -> dict[str, str | None]:
     named = " or ".join(f"{'/'.join(repr(k) for k in group)} ({', '.join(names)})" for group, names in fields.items())
     if isinstance(data, list):
         out: dict[str, str | None] = {}
-        for n, record in enumerate(data):
-            present = [k for k in keys if isinstance(record, dict) and record.get(k)]
+        for ref in record_refs(data, path, "annotation file"):
+            present = [k for k in keys if isinstance(ref.raw, dict) and ref.raw.get(k)]
             if not present:
-                raise DataError(f"{path}: record {n} has no {named}; fix the record or pass the right "
-                                f"annotation file.")
+                raise ref.error(f"names no image or video (no {named})",
+                                "fix the record or pass the right annotation file")
             for key in present:
-                out.setdefault(str(record[key]), None)
+                out.setdefault(str(ref.raw[key]), None)
         return out
     own = [name for name, cls in TASKS.items() if cls.file_images.__func__ is not Task.file_images.__func__]
-    raise DataError(f"{path}: unrecognised annotation format; expected a {' or '.join(own)} annotation file "
+    raise DataError(f"{path}: unrecognised annotation format. Fix: pass a {' or '.join(own)} annotation file "
                     f"(e.g. Karpathy's dataset_coco.json), or a list of records with {named}.")
 
 
@@ -144,10 +135,13 @@ __all__ = [
     "DEFAULT_FEATURE_NAME",
     "TASKS",
     "CocoTask",
+    "FileScoring",
     "Generate",
     "GqaTask",
     "How2qaTask",
+    "Inputs",
     "NlvrTask",
+    "PredictInput",
     "Record",
     "ScoreChoices",
     "Task",
@@ -161,9 +155,11 @@ __all__ = [
     "Yc2cTask",
     "check_features",
     "collate",
+    "default_tasks",
     "get_task",
     "open_task_features",
     "primary_metrics",
     "resolve_task",
     "task_class",
+    "tasks_of_kind",
 ]

@@ -1,24 +1,25 @@
 """What every image-text task shares: records, the Task base (its declarations), TaskDataset and collate.
 
-A `Task` owns everything about one task: its files, splits, feature sources and records, prompt, truncation,
-targets and loss reduction, its metrics (valid, default, primary, validation), how it decodes (generate or score
-choices), how its predictions are scored, its submission format, how predictions and annotation files are read
-for `vlpet eval --predictions`, the image ids it needs features for and its default batch ratio. A
-`TaskDataset` turns a task's records into model items; `collate` builds the batch contract that `vl/model.py`
-relies on (spec/pipeline.md §3). numpy and torch are imported inside functions so that importing the task
-table stays cheap for the CLI.
+A `Task` owns everything about one task, declared once: its files, splits, feature sources and records, what one
+input holds (`Inputs`: what `vlpet predict` asks for, and the record it builds from them), prompt, tokenisation and
+truncation, targets and loss reduction, its metrics (valid, default, primary, validation), how it decodes (generate
+or score choices: the default of `eval.generation`), how its predictions are scored, its submission format, how
+predictions and annotation files are read for `vlpet eval --predictions` (`FileScoring`), the image ids it needs
+features for and its batch ratio (the default of `train.task_ratios`). A `TaskDataset` turns a task's records into
+model items; `collate` builds the batch contract that `vl/model.py` relies on (spec/pipeline.md §3). numpy and
+torch are imported inside functions so that importing the task table stays cheap for the CLI.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vlpet_cli.config import VideoData
+from vlpet_cli.config import GenerationSpec, VideoData
 from vlpet_cli.errors import DataError, VlpetError
 from vlpet_cli.features.images import DEFAULT_FEATURE_NAME
 
@@ -45,10 +46,19 @@ class Record:
 
 @dataclass(frozen=True)
 class Generate:
-    """Decode by generation; these are the task's default `eval.generation` settings."""
+    """Decode by generation; these are the task's own `eval.generation` settings."""
 
     num_beams: int = 1
     max_length: int = 20
+    greedy_on: tuple[str, ...] = ()
+    """Backbone families on which the task decodes greedily (num_beams 1) instead."""
+
+    def spec(self, family: str, given: GenerationSpec | None = None) -> GenerationSpec:
+        """The generation settings on a backbone family: `given` (eval.generation.<task>), with what it leaves
+        open (None) taken from the task's own."""
+        given = given or GenerationSpec()
+        own = {"num_beams": 1 if family in self.greedy_on else self.num_beams, "max_length": self.max_length}
+        return given.model_copy(update={k: v for k, v in own.items() if getattr(given, k) is None})
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,56 @@ class ScoreChoices:
 Decoding = Generate | ScoreChoices
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What one input of a task holds, as `vlpet predict` asks for it: its images (or video) and texts."""
+
+    images: int = 1
+    """Images per input (a video task: its one video)."""
+    text: str | None = None
+    """The text it takes, by its option's name: 'question', 'statement', or None (captioning)."""
+    choices: int = 0
+    """Answer choices per input (video QA)."""
+    moment: bool = False
+    """Whether it reads a moment of its video (the annotation's `ts`, predict's --ts)."""
+
+
+@dataclass
+class PredictInput:
+    """One input a user gives `vlpet predict`: its images (or its video) and its text (question or statement; none
+    for captions); for video tasks also the choices (TVQA, How2QA), the subtitles text and the moment `ts`
+    ("s-e" or "s,e")."""
+
+    images: list[Path]
+    text: str = ""
+    where: str = "command line"
+    video: Path | None = None
+    choices: list[str] = field(default_factory=list)
+    subtitles: str = ""
+    ts: str | None = None
+
+
+@dataclass(frozen=True)
+class FileScoring:
+    """What `vlpet eval --predictions` scores: a predictions file against an annotation file, and how."""
+
+    predictions: Path
+    annotations: Path
+    metrics: list[str] | None = None
+    """The metrics asked for (None: the task's defaults)."""
+    split: str | None = None
+    """The split predicted, for annotation files that hold several (Karpathy's dataset_coco.json)."""
+    vqa_variant: str = "reference"
+    allow_missing: bool | None = None
+    """Score only the predicted ids; None: allowed for annotation files covering a whole pool."""
+    tokenizer: str = "auto"
+    """Caption tokenizer: 'auto', 'ptb' or 'python'."""
+
+    def allowed_missing(self, pooled: bool) -> bool:
+        """Whether annotated ids may lack a prediction (by default only in a pooled annotation file)."""
+        return pooled if self.allow_missing is None else self.allow_missing
+
+
 class Task:
     """One task: files, splits, records, prompt, targets, loss, metrics, decoding, scoring and file formats."""
 
@@ -76,10 +136,12 @@ class Task:
     input_max_length: ClassVar[int | None]
     target_max_length: ClassVar[int | None]
     loss_reduction: ClassVar[str] = "example"
-    n_images: ClassVar[int] = 1
+    inputs: ClassVar[Inputs] = Inputs()
+    """What one input holds: images (or a video), text, choices, moment."""
     batch_ratio: ClassVar[Fraction]
-    """Batch size relative to train.batch_size (the reference's per-task ratios)."""
+    """Batch size relative to train.batch_size (the reference's per-task ratios; train.task_ratios overrides)."""
     decoding: ClassVar[Decoding]
+    """How it predicts: generation (its settings the default of eval.generation) or scoring fixed choices."""
     valid_metrics: ClassVar[tuple[str, ...]]
     """Metric names a user may ask for ('bleu' is shorthand for bleu1..bleu4)."""
     default_metrics: ClassVar[tuple[str, ...]]
@@ -100,9 +162,6 @@ class Task:
     def __init__(self, prompt: str | None = None, video: VideoData | None = None) -> None:
         self.prompt = self.default_prompt if prompt is None else prompt
         self.video = video if video is not None else VideoData()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(prompt={self.prompt!r})"
 
     # ---- files and splits -------------------------------------------------------------------------------
     def split_names(self, split: str) -> list[str]:
@@ -142,19 +201,20 @@ class Task:
         """Files outside the task's folder that its records depend on (the video tasks' subtitles)."""
         return []
 
-    def missing_file_fix(self) -> str:
-        """The fix to print when a split file is missing."""
-        return (f"check --data-root: it must contain {self.folder}/ with the split files "
-                f"(spec/pipeline.md §1)")
-
     # ---- model input and targets ------------------------------------------------------------------------
     def source_text(self, record: Record) -> str:
         """The encoder text: prompt followed by the record's text."""
         return self.prompt + record.text
 
-    def source_ids(self, record: Record, tokenizer: Any) -> list[int]:
-        """The encoder token ids of a record: its source_text tokenised, cut at input_max_length."""
-        return _tokenize(tokenizer, self.source_text(record), self.input_max_length)
+    def source_ids(self, records: Sequence[Record], tokenizer: Any) -> list[list[int]]:
+        """The encoder token ids of records (one batched call): their source_text tokenised, cut at
+        input_max_length. TaskDataset.item and the record cache both ask this, so there is one rule."""
+        return tokenize_batch(tokenizer, [self.source_text(r) for r in records], self.input_max_length)
+
+    def input_record(self, given: PredictInput, index: int) -> Record:
+        """The record of one `vlpet predict` input, as the task's reader would build it from a file."""
+        source = self.feature_source(self.split_names("test")[0])
+        return Record(given.where, index, index, given.text, tuple(str(p) for p in given.images), source)
 
     def target(self, record: Record, rng: Any, train: bool) -> tuple[str, float] | None:
         """(target text, loss weight) for a record, or None when it has no target."""
@@ -193,8 +253,7 @@ class Task:
         """(file name suffix, content) in the task's official submission format."""
         raise NotImplementedError
 
-    def score_files(self, predictions: Path, annotations: Path, *, split: str | None, metrics: list[str],
-                    explicit: bool, vqa_variant: str, allow_missing: bool | None, tokenizer: str) -> dict:
+    def score_files(self, job: FileScoring) -> dict:
         """Score a predictions file against an annotation file (`vlpet eval --predictions`)."""
         raise NotImplementedError
 
@@ -291,12 +350,44 @@ def check_features(task: Task, records: Sequence[Record], stores: Any) -> None:
         f"folder holding <source>/clip_features/.")
 
 
-# ---- dataset and collation --------------------------------------------------------------------------------
-def _tokenize(tokenizer: Any, text: str, max_length: int | None) -> list[int]:
-    """Token ids with the tokenizer's own special tokens; truncated to max_length when given."""
+# ---- tokenisation, dataset and collation --------------------------------------------------------------------
+_BACKENDS: dict[tuple[int, int, int | None], tuple[Any, Any]] = {}
+
+
+def _backend(tokenizer: Any, max_length: int | None) -> Any:
+    """A private copy of a fast tokenizer's Rust tokenizer that truncates as `tokenizer(..., max_length,
+    truncation=True)` does (right side, special tokens kept), memoised per tokenizer and length; None for a slow
+    tokenizer or one truncating on the left."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "truncation_side", "right") != "right":
+        return None
+    key = (id(tokenizer), len(tokenizer), max_length)
+    memo = _BACKENDS.get(key)
+    if memo is not None and memo[0] is tokenizer:
+        return memo[1]
+    from tokenizers import Tokenizer
+
+    own = Tokenizer.from_str(backend.to_str())
+    own.no_padding()
     if max_length is None:
-        return list(tokenizer(text)["input_ids"])
-    return list(tokenizer(text, max_length=max_length, truncation=True)["input_ids"])
+        own.no_truncation()
+    else:
+        own.enable_truncation(max_length)
+    _BACKENDS[key] = (tokenizer, own)
+    return own
+
+
+def tokenize_batch(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> list[list[int]]:
+    """Token ids of texts with the tokenizer's own special tokens, truncated to max_length when given: the ids of
+    `tokenizer(text, max_length=..., truncation=True)`, in one batched call of the Rust tokenizer when it has one."""
+    if not texts:
+        return []
+    backend = _backend(tokenizer, max_length)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=True)]
+    texts = list(texts)
+    enc = tokenizer(texts, max_length=max_length, truncation=True) if max_length is not None else tokenizer(texts)
+    return [list(ids) for ids in enc["input_ids"]]
 
 
 class TaskDataset:
@@ -390,11 +481,11 @@ class TaskDataset:
         weight = 0.0
         if target is not None:
             text, weight = target
-            target_ids = _tokenize(self.tokenizer, text, task.target_max_length)
+            target_ids = tokenize_batch(self.tokenizer, [text], task.target_max_length)[0]
         out = {
             "task": task.name,
             "input_ids": (self.records.token_ids(i) if getattr(self.records, "flat", False) else
-                          task.source_ids(record, self.tokenizer)),
+                          task.source_ids([record], self.tokenizer)[0]),
             "vis_feats": self.image_features(record),
             "target": None if target is None else target[0],
             "target_ids": target_ids,

@@ -12,20 +12,23 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
 
-from vlpet_cli.errors import DataError
 from vlpet_cli.tasks import files
-from vlpet_cli.tasks.base import Generate, Record, Task, sample_answer
+from vlpet_cli.tasks.base import FileScoring, Generate, Inputs, Record, Task, sample_answer
 from vlpet_cli.tasks.records import (
     RecordModel,
     RecordRef,
     SoftLabel,
     parse_record,
-    read_record_list,
+    parse_records,
+    read_json,
+    record_refs,
     warn_empty,
 )
 
 SPLIT_SOURCES = {"train": "VG", "valid": "VG", "testdev": "GQA", "submit": "GQA"}
 
+
+SPLIT_FILES_FIX = "check --data-root: it must contain GQA/{train,valid,testdev}.json (LXMERT's balanced GQA files)"
 
 class GqaRecord(RecordModel):
     """One record of GQA/<split>.json (LXMERT's balanced GQA format); question ids are strings."""
@@ -36,33 +39,29 @@ class GqaRecord(RecordModel):
     label: SoftLabel | None = None
 
 
+class GqaAnswer(RecordModel):
+    """A question's answer in a GQA annotation file: the reference's soft `label`, or the official `answer`."""
+
+    label: SoftLabel | None = None
+    answer: str | None = None
+
+
 def load_labels(path: Path) -> dict[str, dict[str, float]]:
     """GQA labels: reference records [{"question_id", "label"}] or official {qid: {"answer"}} -> {qid: label}."""
     path = Path(path)
-    data = files.read_json(path)
-    if isinstance(data, dict):
-        items = [(str(k), v) for k, v in data.items()]
-        if not all(isinstance(v, dict) for _, v in items):
-            raise DataError(
-                f"{path}: expected an official GQA questions file {{question_id: {{'answer': ...}}}}"
-            )
+    data = read_json(path, "GQA annotation file", "check --annotations")
+    if isinstance(data, dict):  # the official file: {question_id: {"answer": ...}}
+        refs = [(str(k), RecordRef(path, k, v, unit="question")) for k, v in data.items()]
     else:
-        items = [
-            (str(files.field(r, ("question_id", "questionId"), path, i)), r)
-            for i, r in enumerate(files.records(data, path, "question"))
-        ]
+        refs = [(str(ref.field("question_id", "questionId")), ref)
+                for ref in record_refs(data, path, "GQA annotation file", "question_id")]
     out: dict[str, dict[str, float]] = {}
-    for key, rec in items:
-        if isinstance(rec.get("label"), dict):
-            label = {str(a): float(s) for a, s in rec["label"].items()}
-        elif isinstance(rec.get("answer"), str):
-            label = {rec["answer"]: 1.0}
-        else:
-            raise DataError(
-                f"{path}: question {key!r} has no 'label' dict or 'answer' string; use the reference "
-                "testdev.json records or the official GQA *_balanced_questions.json"
-            )
-        files.put(out, key, label, path)
+    for key, ref in refs:
+        rec = parse_record(GqaAnswer, ref.raw, ref)
+        if rec.label is None and rec.answer is None:
+            raise ref.error("no 'label' object or 'answer' string", "use the reference testdev.json records or "
+                            "the official GQA *_balanced_questions.json")
+        files.put(out, key, rec.label if rec.label is not None else {rec.answer: 1.0}, path)
     return out
 
 
@@ -83,6 +82,7 @@ class GqaTask(Task):
     primary_metric = "acc"
     label = "GQA accuracy"
     image_fields = ("img_id",)
+    inputs = Inputs(text="question")
 
     def feature_source(self, split_name: str) -> str:
         """VG for train/valid (Visual Genome images); GQA for testdev/submit and other test files."""
@@ -90,21 +90,15 @@ class GqaTask(Task):
             return SPLIT_SOURCES[split_name]
         return "GQA" if ("testdev" in split_name or "submit" in split_name) else "VG"
 
-    def missing_file_fix(self) -> str:
-        return "check --data-root: it must contain GQA/{train,valid,testdev}.json (LXMERT's balanced GQA files)"
-
     def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
         """Read GQA/<name>.json; question ids are strings."""
         path = self.split_path(data_root, name)
-        raw = read_record_list(path, "GQA split file", self.missing_file_fix())
         source = self.feature_source(name)
         records = []
-        for i, r in enumerate(raw):
-            ref = RecordRef(path, i, r, "question_id")
-            rec = parse_record(GqaRecord, r, ref)
+        for ref, rec in parse_records(path, GqaRecord, "GQA split file", SPLIT_FILES_FIX, "question_id"):
             if rec.label is None and not for_eval:
                 raise ref.error("field 'label' is missing")
-            records.append(Record(str(path), i, str(rec.question_id), rec.sent, (str(rec.img_id),), source,
+            records.append(Record(str(path), ref.index, str(rec.question_id), rec.sent, (str(rec.img_id),), source,
                                   rec.label))
         warn_empty(path, "question", [r.id for r in records if not r.text.strip()], len(records))
         return records
@@ -134,12 +128,12 @@ class GqaTask(Task):
         return "json", json.dumps([{"questionId": str(p["question_id"]), "prediction": p["prediction"]}
                                    for p in predictions])
 
-    def score_files(self, predictions: Path, annotations: Path, *, split: str | None, metrics: list[str],
-                    explicit: bool, vqa_variant: str, allow_missing: bool | None, tokenizer: str) -> dict:
+    def score_files(self, job: FileScoring) -> dict:
         """GQA exact-match accuracy x100 of [{"questionId", "prediction"}] against the labels."""
         from vlpet_cli.metrics.accuracy import gqa_accuracy
 
-        preds = files.load_qa_predictions(predictions)
-        labels = load_labels(annotations)
-        ids = files.check_ids(preds, labels, predictions, annotations, bool(allow_missing))
+        self.resolve_metrics(job.metrics)
+        preds = files.load_qa_predictions(job.predictions)
+        labels = load_labels(job.annotations)
+        ids = files.check_ids(preds, labels, job.predictions, job.annotations, job.allowed_missing(False))
         return {"acc": gqa_accuracy({i: preds[i] for i in ids}, labels), "n": len(ids)}

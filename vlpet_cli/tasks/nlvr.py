@@ -13,11 +13,20 @@ from pydantic import field_validator
 
 from vlpet_cli.errors import DataError
 from vlpet_cli.tasks import files
-from vlpet_cli.tasks.base import Record, ScoreChoices, Task
-from vlpet_cli.tasks.records import RecordModel, RecordRef, parse_record, read_record_list, warn_empty
+from vlpet_cli.tasks.base import FileScoring, Inputs, Record, ScoreChoices, Task
+from vlpet_cli.tasks.records import (
+    RecordModel,
+    parse_records,
+    read_json,
+    read_text,
+    record_refs,
+    warn_empty,
+)
 
 CHOICES = ("true", "false")
 
+
+SPLIT_FILES_FIX = "check --data-root: it must contain nlvr/{train,valid,test}.json (VL-T5's NLVR2 files)"
 
 class NlvrRecord(RecordModel):
     """One record of nlvr/<split>.json (VL-T5's format): two images, a sentence and a 0/1 label."""
@@ -37,54 +46,49 @@ class NlvrRecord(RecordModel):
         return None if label is None else int(label)
 
 
-def load_predictions(path: Path) -> dict[str, bool]:
-    """NLVR2 predictions: CSV "identifier,True|False" lines (the reference's nlvr_submit.csv) or JSON."""
+def _bools(path: Path, rows: list[tuple[str, Any, str]], what: str) -> dict[str, bool]:
+    """{identifier: bool} of (identifier, value, where) rows; a value that is not a boolean names its row."""
     from vlpet_cli.metrics.accuracy import parse_bool
 
+    out: dict[str, bool] = {}
+    for ident, value, where in rows:
+        try:
+            files.put(out, ident, parse_bool(value), path)
+        except ValueError as exc:
+            raise DataError(f"{path}: {where} (identifier {ident!r}): {what}{exc}. Fix: write True or False (or "
+                            f"1 or 0).") from None
+    return out
+
+
+def load_predictions(path: Path) -> dict[str, bool]:
+    """NLVR2 predictions: CSV "identifier,True|False" lines (the reference's nlvr_submit.csv) or JSON."""
     path = Path(path)
-    rows: list[tuple[str, Any, int | str]] = []
+    rows: list[tuple[str, Any, str]] = []
     if path.suffix.lower() == ".csv":
-        text = files.read_text(path)
+        text = read_text(path, "predictions file", "check --predictions")
         for line_no, row in enumerate(csv.reader(io.StringIO(text, newline="")), start=1):
             if not row or not "".join(row).strip():
                 continue
             if line_no == 1 and row[0].strip().lower() == "identifier":
                 continue  # header line
             if len(row) < 2:
-                raise DataError(
-                    f"{path}: line {line_no} is {','.join(row)!r}; expected identifier,True|False"
-                )
+                raise DataError(f"{path}: line {line_no} is {','.join(row)!r}. Fix: write one "
+                                f"identifier,True|False a line.")
             rows.append((row[0].strip(), row[1], f"line {line_no}"))
-    else:
-        data = files.read_json(path, allow_jsonl=True)
-        if isinstance(data, dict):
-            rows = [(str(k), v, repr(k)) for k, v in data.items()]
-        else:
-            for i, rec in enumerate(files.records(data, path, "prediction")):
-                value = files.field(rec, ("prediction", "answer", "label"), path, i)
-                rows.append((str(files.field(rec, ("identifier",), path, i)), value, i))
-    out: dict[str, bool] = {}
-    for ident, value, where in rows:
-        try:
-            files.put(out, ident, parse_bool(value), path)
-        except ValueError as exc:
-            raise DataError(f"{path}: {where} (identifier {ident!r}): {exc}") from None
-    return out
+        return _bools(path, rows, "")
+    data = read_json(path, "predictions file", "check --predictions")
+    if isinstance(data, dict):
+        return _bools(path, [(str(k), v, f"id {k!r}") for k, v in data.items()], "")
+    for ref in record_refs(data, path, "predictions file"):
+        rows.append((str(ref.field("identifier")), ref.field("prediction", "answer", "label"), ref.who()))
+    return _bools(path, rows, "")
 
 
 def load_labels(path: Path) -> dict[str, bool]:
     """NLVR2 labels: JSON list or JSON lines of {"identifier", "label"} (0/1, bool or "True"/"False")."""
-    from vlpet_cli.metrics.accuracy import parse_bool
-
     path = Path(path)
-    out: dict[str, bool] = {}
-    for i, rec in enumerate(files.records(files.read_json(path, allow_jsonl=True), path, "NLVR2 example")):
-        ident = str(files.field(rec, ("identifier",), path, i))
-        try:
-            files.put(out, ident, parse_bool(files.field(rec, ("label",), path, i)), path)
-        except ValueError as exc:
-            raise DataError(f"{path}: record {i} (identifier {ident!r}): label {exc}") from None
-    return out
+    refs = record_refs(read_json(path, "NLVR2 annotation file", "check --annotations"), path, "NLVR2 annotation file")
+    return _bools(path, [(str(ref.field("identifier")), ref.field("label"), ref.who()) for ref in refs], "label ")
 
 
 class NlvrTask(Task):
@@ -98,7 +102,7 @@ class NlvrTask(Task):
     input_max_length = None
     target_max_length = None
     loss_reduction = "example"
-    n_images = 2
+    inputs = Inputs(images=2, text="statement")
     batch_ratio = Fraction(20, 60)
     decoding = ScoreChoices(CHOICES)
     valid_metrics = ("acc", "consistency")
@@ -111,21 +115,15 @@ class NlvrTask(Task):
         """All NLVR2 images (train, dev, test-P) live under nlvr/."""
         return "nlvr"
 
-    def missing_file_fix(self) -> str:
-        return "check --data-root: it must contain nlvr/{train,valid,test}.json (VL-T5's NLVR2 files)"
-
     def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
         """Read nlvr/<name>.json; each record names two images (img0, img1) and a 0/1 label."""
         path = self.split_path(data_root, name)
-        raw = read_record_list(path, "NLVR2 split file", self.missing_file_fix())
         source = self.feature_source(name)
         records = []
-        for i, r in enumerate(raw):
-            ref = RecordRef(path, i, r, "identifier")
-            rec = parse_record(NlvrRecord, r, ref)
+        for ref, rec in parse_records(path, NlvrRecord, "NLVR2 split file", SPLIT_FILES_FIX, "identifier"):
             if rec.label is None and not for_eval:
                 raise ref.error("field 'label' is missing")
-            records.append(Record(str(path), i, rec.identifier, rec.sent, (rec.img0, rec.img1), source,
+            records.append(Record(str(path), ref.index, rec.identifier, rec.sent, (rec.img0, rec.img1), source,
                                   rec.label, {"uid": rec.uid}))
         warn_empty(path, "sentence", [r.id for r in records if not r.text.strip()], len(records))
         return records
@@ -160,13 +158,13 @@ class NlvrTask(Task):
             writer.writerow([p["identifier"], "True" if p["prediction"] == CHOICES[0] else "False"])
         return "csv", buf.getvalue()
 
-    def score_files(self, predictions: Path, annotations: Path, *, split: str | None, metrics: list[str],
-                    explicit: bool, vqa_variant: str, allow_missing: bool | None, tokenizer: str) -> dict:
+    def score_files(self, job: FileScoring) -> dict:
         """NLVR2 accuracy and consistency x100 (the metrics asked for, and n)."""
         from vlpet_cli.metrics.accuracy import nlvr_scores
 
-        preds = load_predictions(predictions)
-        labels = load_labels(annotations)
-        ids = files.check_ids(preds, labels, predictions, annotations, bool(allow_missing))
+        metrics = self.resolve_metrics(job.metrics)
+        preds = load_predictions(job.predictions)
+        labels = load_labels(job.annotations)
+        ids = files.check_ids(preds, labels, job.predictions, job.annotations, job.allowed_missing(False))
         result = dict(nlvr_scores(preds, {i: labels[i] for i in ids}))
         return {k: v for k, v in result.items() if k in metrics or k == "n"}

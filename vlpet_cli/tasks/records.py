@@ -1,4 +1,5 @@
-"""Annotation records as pydantic models, and the messages that name the file, record, field and fix.
+"""Annotation records as pydantic models, the one reader of JSON and JSON-lines files, and the messages that
+name the file, the record (or line), the field and the fix.
 
 Each task declares the records of its split files as a `RecordModel`; `parse_record` validates one raw record
 and turns the first problem into one DataError such as
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -49,9 +50,23 @@ class RecordRef:
 
     def error(self, problem: str, fix: str = "correct the record or regenerate the file") -> DataError:
         """A DataError naming the file, the record index (or line of a .jsonl file) and id, problem and fix."""
+        return DataError(f"{self.path}: {self.who()}: {problem}. Fix: {fix}.")
+
+    def who(self) -> str:
+        """'record 3 (question_id=5)' or 'line 4': the record, for messages."""
         rid = id_text(self.raw, self.id_key) if self.id_key else ""
-        who = f"{self.unit} {self.index}" + (f" ({rid})" if rid else "")
-        return DataError(f"{self.path}: {who}: {problem}. Fix: {fix}.")
+        return f"{self.unit} {self.index}" + (f" ({rid})" if rid else "")
+
+    def field(self, *names: str) -> Any:
+        """The value of the first of `names` the record has; none of them (or a record that is not an object) is
+        a DataError naming the record and the field."""
+        if not isinstance(self.raw, dict):
+            raise self.error(f"expected an object, found {type(self.raw).__name__}")
+        for name in names:
+            if name in self.raw:
+                return self.raw[name]
+        keys = ", ".join(map(str, self.raw)) or "none"
+        raise self.error(f"field {' or '.join(repr(n) for n in names)} is missing (keys: {keys})")
 
 
 def _field_path(loc: tuple) -> tuple[str, int]:
@@ -123,46 +138,78 @@ def answer_list(value: Any, field: str = "answers") -> list[str]:
 Answers = Annotated[Any, AfterValidator(answer_list)]
 
 
-def read_json(path: Path, what: str, fix: str) -> Any:
-    """Load a JSON file, turning a missing or unparsable file into a DataError."""
+REPAIR = "repair or re-download the file"
+
+
+def read_text(path: Path, what: str = "file", fix: str = "check the path") -> str:
+    """The text of a UTF-8 file (line ends as \\n); a missing, unreadable or non-UTF-8 file is a DataError naming
+    the file and the fix."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} not found: {path}. Fix: {fix}.")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
-                        f"Fix: repair or re-download the file.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot be read ({e}). Fix: check the file and its permissions.") from None
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}). "
+                        f"Fix: save the file as UTF-8 (JSON files are UTF-8).") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}). Fix: check the file and its "
+                        f"permissions.") from None
 
 
-def read_jsonl(path: Path, what: str, fix: str) -> list[tuple[int, Any]]:
-    """(line number, parsed object) of each non-blank line of a JSON-lines file (VALUE's format); a missing
-    file or a malformed line is a DataError naming the file and line."""
-    if not path.is_file():
-        raise DataError(f"{what} not found: {path}. Fix: {fix}.")
-    out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    out.append((lineno, json.loads(line)))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: line {lineno}: not valid JSON (column {e.colno}: {e.msg}). "
-                        f"Fix: repair the line or re-download the file.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot be read ({e}). Fix: check the file and its permissions.") from None
-    return out
+class JsonLines(list):
+    """The values of a JSON-lines file, in order, with the line number of each in `lines` (for messages)."""
+
+    def __init__(self, numbered: list[tuple[int, Any]]) -> None:
+        super().__init__(value for _, value in numbered)
+        self.lines = [n for n, _ in numbered]
 
 
-def read_record_list(path: Path, what: str, fix: str) -> list:
-    """Load a JSON file that must hold a list of records."""
-    data = read_json(path, what, fix)
+def read_json(path: Path, what: str = "file", fix: str = "check the path", lines: bool = False) -> Any:
+    """The one reader of the JSON files vlpet is given: a .json file's document, or the values of a JSON-lines
+    file (.jsonl, `lines`, or a .json file holding one value per line, as NLVR2's own files do) as `JsonLines`.
+    Every problem is one DataError naming the file, the line, and the fix (`fix` for a missing file)."""
+    path = Path(path)
+    text = read_text(path, what, fix)
+    if not lines and path.suffix != ".jsonl":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.msg != "Extra data":  # "Extra data": a first value parsed, then another: JSON lines
+                raise DataError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}). "
+                                f"Fix: {REPAIR}.") from None
+    numbered = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                numbered.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {lineno}: not valid JSON (column {exc.colno}: {exc.msg}). "
+                                f"Fix: repair the line or re-download the file.") from None
+    return JsonLines(numbered)
+
+
+def record_refs(data: Any, path: Path, what: str, id_key: str = "") -> Iterator[RecordRef]:
+    """The records of a JSON list (or JSON lines), each as a RecordRef naming its record index (or line), made as
+    they are iterated; a file that is not a list is a DataError at once."""
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records, found {type(data).__name__}. "
-                        f"Fix: use the {what} in the reference format (spec/pipeline.md §1).")
-    return data
+                        f"Fix: use the {what} in its documented format (spec/pipeline.md §1).")
+    lines = getattr(data, "lines", None)
+    if lines is not None:
+        return (RecordRef(path, n, raw, id_key, unit="line") for n, raw in zip(lines, data))
+    return (RecordRef(path, i, raw, id_key) for i, raw in enumerate(data))
+
+
+def read_records(path: Path, what: str, fix: str, id_key: str = "", lines: bool = False) -> Iterator[RecordRef]:
+    """The records of a JSON list or JSON-lines file (`read_json`), each a RecordRef for messages."""
+    return record_refs(read_json(path, what, fix, lines), Path(path), what, id_key)
+
+
+def parse_records(path: Path, model: type[M], what: str, fix: str,
+                  id_key: str = "") -> Iterator[tuple[RecordRef, M]]:
+    """Every record of a JSON list or JSON-lines file (`read_records`) validated against its model, one at a time."""
+    return ((ref, parse_record(model, ref.raw, ref)) for ref in read_records(path, what, fix, id_key))
 
 
 def warn_empty(path: Path, what: str, ids: Sequence[Any], total: int, unit: str = "records") -> None:

@@ -8,23 +8,28 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
 
+from pydantic import field_validator
+
 from vlpet_cli.errors import DataError
 from vlpet_cli.tasks import files
-from vlpet_cli.tasks.base import Generate, Record, Task, sample_answer
+from vlpet_cli.tasks.base import FileScoring, Generate, Inputs, Record, Task, sample_answer
 from vlpet_cli.tasks.records import (
     Answers,
     RecordModel,
-    RecordRef,
     SoftLabel,
     answer_list,
     parse_record,
+    parse_records,
     read_json,
-    read_record_list,
+    record_refs,
     warn_empty,
 )
 
 OFFICIAL_ANNOTATIONS = ("v2_mscoco_train2014_annotations.json", "v2_mscoco_val2014_annotations.json")
 
+
+SPLIT_FILES_FIX = ("check --data-root: it must contain vqa/karpathy_{train,val,test}.json (VL-T5's VQA Karpathy "
+                   "split files)")
 
 class VqaRecord(RecordModel):
     """One record of vqa/karpathy_*.json (VL-T5's format); the question is 'sent' (or 'question')."""
@@ -54,52 +59,47 @@ class OfficialAnnotation(RecordModel):
     answer_type: str | None = None
     question_type: str | None = None
 
-
-def load_official_answers(vqa_dir: Path, question_ids: set) -> dict[Any, dict]:
-    """question_id -> {answers, answer_type, question_type} from the official annotation files present."""
-    found: dict[Any, dict] = {}
-    for name in OFFICIAL_ANNOTATIONS:
-        path = vqa_dir / name
-        if not path.is_file():
-            continue
-        data = read_json(path, "VQA annotation file", "re-download the official VQA v2 annotations")
-        anns = data.get("annotations") if isinstance(data, dict) else None
-        if not isinstance(anns, list):
-            raise DataError(f"{path}: expected an object with an 'annotations' list. "
-                            f"Fix: re-download the official VQA v2 annotations.")
-        for i, ann in enumerate(anns):
-            ref = RecordRef(path, i, ann, "question_id")
-            if parse_record(QuestionId, ann, ref).question_id not in question_ids:
-                continue
-            rec = parse_record(OfficialAnnotation, ann, ref)
-            found[rec.question_id] = {"answers": rec.answers, "answer_type": rec.answer_type,
-                                      "question_type": rec.question_type}
-    return found
+    @field_validator("answers")
+    @classmethod
+    def _some(cls, answers: list[str]) -> list[str]:
+        if not answers:
+            raise ValueError("field 'answers' is empty; a question needs its answers")
+        return answers
 
 
-def load_annotations(path: Path) -> tuple[dict[str, dict[str, Any]], bool]:
-    """Official VQA v2 annotations (or a list of records with "answers") -> ({str(qid): record}, is_pool).
-
-    The official file covers a whole COCO split (a pool: a Karpathy test subset is scored against it).
-    """
+def load_annotations(path: Path, wanted: set[str] | None = None,
+                     fix: str = "check --annotations") -> tuple[dict[str, dict[str, Any]], bool]:
+    """VQA annotations -> ({str(question_id): {"answers", "answer_type", "question_type"}}, is_pool): the
+    official v2_mscoco_*_annotations.json ({"annotations": [...]}: a pool covering a whole COCO split, which a
+    Karpathy subset is scored against) or a list of records with "answers". `wanted` (str ids) skips the records
+    of other questions cheaply; types are kept only where given."""
     path = Path(path)
-    data = files.read_json(path)
+    data = read_json(path, "VQA annotation file", fix)
     pooled = isinstance(data, dict)
     if pooled:
-        if "annotations" not in data:
-            raise DataError(
-                f"{path}: not a VQA annotation file: no 'annotations' field; use the official VQA v2 "
-                "v2_mscoco_*_annotations.json"
-            )
+        if not isinstance(data.get("annotations"), list):
+            raise DataError(f"{path}: not a VQA annotation file: expected an object with an 'annotations' list. "
+                            f"Fix: use the official VQA v2 v2_mscoco_*_annotations.json.")
         data = data["annotations"]
     out: dict[str, dict[str, Any]] = {}
-    for i, rec in enumerate(files.records(data, path, "annotation")):
-        key = str(files.field(rec, ("question_id",), path, i))
-        answers = files.field(rec, ("answers",), path, i)
-        if not isinstance(answers, list) or not answers:
-            raise DataError(f"{path}: record {i} (question {key}): 'answers' must be a non-empty list")
-        files.put(out, key, rec, path)
+    for ref in record_refs(data, path, "VQA annotation file", "question_id"):
+        key = str(parse_record(QuestionId, ref.raw, ref).question_id)
+        if wanted is not None and key not in wanted:
+            continue
+        rec = parse_record(OfficialAnnotation, ref.raw, ref)
+        types = {"answer_type": rec.answer_type, "question_type": rec.question_type}
+        files.put(out, key, {"answers": rec.answers, **{k: v for k, v in types.items() if v is not None}}, path)
     return out, pooled
+
+
+def load_official_answers(vqa_dir: Path, question_ids: set[str]) -> dict[str, dict]:
+    """str(question_id) -> {answers, answer_type, question_type} from the official annotation files present."""
+    found: dict[str, dict] = {}
+    for name in OFFICIAL_ANNOTATIONS:
+        if (vqa_dir / name).is_file():
+            found.update(load_annotations(vqa_dir / name, question_ids,
+                                          "re-download the official VQA v2 annotations")[0])
+    return found
 
 
 class VqaTask(Task):
@@ -119,24 +119,18 @@ class VqaTask(Task):
     primary_metric = "vqa"
     label = "VQA accuracy"
     image_fields = ("img_id",)
+    inputs = Inputs(text="question")
 
     def feature_source(self, split_name: str) -> str:
         """Every VQA image is a COCO image."""
         return "COCO"
 
-    def missing_file_fix(self) -> str:
-        return ("check --data-root: it must contain vqa/karpathy_{train,val,test}.json "
-                "(VL-T5's VQA Karpathy split files)")
-
     def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
         """Read vqa/<name>.json; for evaluation, join the 10 official answers by question_id."""
         path = self.split_path(data_root, name)
-        raw = read_record_list(path, "VQA split file", self.missing_file_fix())
         source = self.feature_source(name)
         parsed = []
-        for i, r in enumerate(raw):
-            ref = RecordRef(path, i, r, "question_id")
-            rec = parse_record(VqaRecord, r, ref)
+        for ref, rec in parse_records(path, VqaRecord, "VQA split file", SPLIT_FILES_FIX, "question_id"):
             sent = rec.sent if rec.sent is not None else rec.question
             if sent is None:
                 raise ref.error("field 'sent' (the question) is missing")
@@ -145,12 +139,12 @@ class VqaTask(Task):
             parsed.append((ref, rec, sent))
         warn_empty(path, "question", [rec.question_id for _, rec, sent in parsed if not sent.strip()], len(parsed))
 
-        official = load_official_answers(path.parent, {p[1].question_id for p in parsed}) if for_eval else {}
+        official = load_official_answers(path.parent, {str(p[1].question_id) for p in parsed}) if for_eval else {}
         records = []
         for ref, rec, sent in parsed:
             extra = None
             if for_eval:
-                gt = official.get(rec.question_id)
+                gt = official.get(str(rec.question_id))
                 if gt is None and rec.answers is not None:
                     try:
                         gt = {"answers": answer_list(rec.answers)}
@@ -204,15 +198,14 @@ class VqaTask(Task):
         return "json", json.dumps([{"question_id": p["question_id"], "answer": p["prediction"]}
                                    for p in predictions])
 
-    def score_files(self, predictions: Path, annotations: Path, *, split: str | None, metrics: list[str],
-                    explicit: bool, vqa_variant: str, allow_missing: bool | None, tokenizer: str) -> dict:
+    def score_files(self, job: FileScoring) -> dict:
         """VQA accuracy x100 of [{"question_id", "answer"}] against the official annotations (a pool)."""
         from vlpet_cli.metrics.vqa import vqa_accuracy
 
-        preds = files.load_qa_predictions(predictions)
-        records, pooled = load_annotations(annotations)
-        ids = files.check_ids(preds, records, predictions, annotations,
-                              pooled if allow_missing is None else allow_missing)
-        result = vqa_accuracy({i: preds[i] for i in ids}, records, variant=vqa_variant)  # type: ignore[arg-type]
+        self.resolve_metrics(job.metrics)
+        preds = files.load_qa_predictions(job.predictions)
+        records, pooled = load_annotations(job.annotations)
+        ids = files.check_ids(preds, records, job.predictions, job.annotations, job.allowed_missing(pooled))
+        result = vqa_accuracy({i: preds[i] for i in ids}, records, variant=job.vqa_variant)  # type: ignore[arg-type]
         return {"vqa": result["overall"], "per_answer_type": result["per_answer_type"],
                 "per_question_type": result["per_question_type"], "n": result["n"]}

@@ -23,10 +23,3 @@ def generation_kwargs(spec: GenerationSpec, family: str, tokenizer) -> dict:
               "forced_eos_token_id": tokenizer.eos_token_id if family == "bart" and beams else None}
     return kwargs
 
-
-def generation_config(spec: GenerationSpec, family: str, tokenizer, decoder_start_token_id: int):
-    """A transformers GenerationConfig holding every setting of `generation_kwargs`."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(decoder_start_token_id=decoder_start_token_id,
-                            **generation_kwargs(spec, family, tokenizer))

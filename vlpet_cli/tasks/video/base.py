@@ -17,12 +17,12 @@ from typing import Any, ClassVar
 
 from vlpet_cli.config import VideoData
 from vlpet_cli.errors import DataError, VlpetError
+from vlpet_cli.metrics.caption import CAPTION_METRICS, scaled_caption_scores
 from vlpet_cli.tasks import files
-from vlpet_cli.tasks.base import Generate, Record, Task, _tokenize
-from vlpet_cli.tasks.records import RecordModel, RecordRef, parse_record, read_jsonl
+from vlpet_cli.tasks.base import FileScoring, Generate, PredictInput, Record, Task, tokenize_batch
+from vlpet_cli.tasks.records import RecordModel, RecordRef, parse_record, read_json, read_records
 
 ANN_DIR = Path("video") / "ann"
-CAPTION_METRICS = ("cider", "bleu", "bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougel", "spice")
 
 
 class SubtitleLine(RecordModel):
@@ -50,10 +50,9 @@ def _subtitles_cached(path: Path, stamp: tuple[int, int]) -> dict[str, str]:
     """vid_name -> subtitles text of a subtitles file (cached per file version: tv serves TVQA and TVC)."""
     out: dict[str, str] = {}
     fix = "put VALUE's subtitles file there (video/ann/{tv,how2,yc2}_subtitles.jsonl, spec/pipeline.md §1.5)"
-    for lineno, raw in read_jsonl(path, "subtitles file", fix):
-        rec = parse_record(Subtitles, raw, RecordRef(path, lineno, raw, "vid_name", unit="line"))
+    for ref in read_records(path, "subtitles file", fix, "vid_name"):
+        rec = parse_record(Subtitles, ref.raw, ref)
         out[rec.vid_name] = " ".join(line.text.strip() for line in rec.sub)  # a repeated video: the last line
-
     return out
 
 
@@ -68,13 +67,6 @@ def load_subtitles(path: Path) -> dict[str, str]:
     return _subtitles_cached(path, (st.st_mtime_ns, st.st_size))
 
 
-def read_value_lines(path: Path, task: str) -> list[tuple[int, Any]]:
-    """The lines of a VALUE annotation file of a task, or a DataError naming the file."""
-    return read_jsonl(path, f"{task} annotation file",
-                      f"check --data-root: it must contain video/ann/ with VALUE's {task} files "
-                      f"(spec/pipeline.md §1.5)")
-
-
 class VideoTask(Task):
     """A VALUE task: subtitles + task text + prompt, right-truncated at data.video.max_length by default."""
 
@@ -83,6 +75,8 @@ class VideoTask(Task):
     """The feature and subtitles source: 'tv', 'how2' or 'yc2'."""
     submission_file: ClassVar[str]
     """VALUE's name of the test submission file (e.g. tvqa_test_predictions.json)."""
+    line_id: ClassVar[str]
+    """The id field of an annotation line ('qid', 'clip_id'), named in messages."""
     feature_kind = "video"
     input_max_length = 600  # the reference's; the value used is data.video.max_length
     target_max_length = 20
@@ -98,7 +92,8 @@ class VideoTask(Task):
         """Every split of a VALUE task uses one source's video features."""
         return self.source
 
-    def missing_file_fix(self) -> str:
+    def split_files_fix(self) -> str:
+        """The fix to print when a split file is missing."""
         names = ", ".join(f"{self.name}_{n}.jsonl" for v in self.splits.values() for n in v.split(","))
         return f"check --data-root: it must contain {self.folder}/ with VALUE's {names} (spec/pipeline.md §1.5)"
 
@@ -118,16 +113,19 @@ class VideoTask(Task):
 
     def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
         """Read one VALUE .jsonl split file into records (subtitles joined, errors naming file and line)."""
-        path = self.split_path(data_root, name)
-        lines = read_jsonl(path, f"{self.name} annotation file", self.missing_file_fix())
+        lines = self.read_lines(self.split_path(data_root, name), self.split_files_fix())
         subs = load_subtitles(subtitles_path(data_root, self.source))
         records: list[Record] = []
-        for lineno, raw in lines:
-            records.extend(self.line_records(Path(data_root), path, name, lineno, raw, subs, for_eval))
+        for ref in lines:
+            records.extend(self.line_records(Path(data_root), ref, name, subs, for_eval))
         return records
 
-    def line_records(self, data_root: Path, path: Path, split: str, lineno: int, raw: Any,
-                     subs: dict[str, str], for_eval: bool) -> list[Record]:
+    def read_lines(self, path: Path, fix: str = "check --annotations") -> list[RecordRef]:
+        """The lines of one of the task's VALUE annotation files (errors name the file and the line)."""
+        return read_records(Path(path), f"{self.name} annotation file", fix, self.line_id)
+
+    def line_records(self, data_root: Path, ref: RecordRef, split: str, subs: dict[str, str],
+                     for_eval: bool) -> list[Record]:
         """The records of one annotation line."""
         raise NotImplementedError
 
@@ -145,28 +143,33 @@ class VideoTask(Task):
         """The subtitles file of the task's source."""
         return [subtitles_path(data_root, self.source)]
 
-    def source_ids(self, record: Record, tokenizer: Any) -> list[int]:
+    def source_ids(self, records: Sequence[Record], tokenizer: Any) -> list[list[int]]:
         """Token ids within data.video.max_length: cut at the end (reference, may lose question, choices and
-        prompt) or, with data.video.truncate 'subtitles', shorten the subtitles so the rest survives."""
+        prompt) or, with data.video.truncate 'subtitles', shorten the subtitles so the rest survives (the texts
+        are tokenised whole in one batch; only those over the limit are shortened, record by record)."""
         limit = self.video.max_length
+        texts = [self.source_text(r) for r in records]
         if self.video.truncate == "tail":
-            return _tokenize(tokenizer, self.source_text(record), limit)
-        ids = _tokenize(tokenizer, self.source_text(record), None)
-        if len(ids) <= limit:
-            return ids
+            return tokenize_batch(tokenizer, texts, limit)
+        ids = tokenize_batch(tokenizer, texts, None)
+        return [x if len(x) <= limit else self._shortened(r, tokenizer) for x, r in zip(ids, records)]
+
+    def _shortened(self, record: Record, tokenizer: Any) -> list[int]:
+        """The ids with the most subtitle words that fit data.video.max_length (a binary search)."""
+        limit = self.video.max_length
         words = (record.extra or {}).get("subs", "").split(" ")
         lo, hi = 0, len(words) - 1  # the most subtitle words that fit lie in [lo, hi]: all of them do not
         best = None
         while lo <= hi:
             mid = (lo + hi) // 2
-            trial = _tokenize(tokenizer, self.compose(record, " ".join(words[:mid])), None)
+            trial = tokenize_batch(tokenizer, [self.compose(record, " ".join(words[:mid]))], None)[0]
             if len(trial) <= limit:
                 best, lo = trial, mid + 1
             else:
                 hi = mid - 1
         if best is not None:
             return best
-        return _tokenize(tokenizer, self.compose(record, ""), limit)  # even without subtitles it is too long
+        return tokenize_batch(tokenizer, [self.compose(record, "")], limit)[0]  # too long even without subtitles
 
     def target(self, record: Record, rng: Any, train: bool) -> tuple[str, float] | None:
         """'a{answer_idx}' (QA) or the row's description (captions), weight 1; None when hidden (test)."""
@@ -185,6 +188,27 @@ class VideoQaRecord(RecordModel):
     show_name: str | None = None
 
 
+def parse_ts(value: str, where: str = "--ts") -> tuple[float, float]:
+    """A moment "20.1-25.3" or "20.1,25.3" -> (start, end) seconds, start <= end."""
+    text = str(value).strip().strip("[]()")
+    parts = text.split(",") if "," in text else text.split("-")
+    try:
+        start, end = (float(x) for x in parts)
+    except ValueError:
+        raise VlpetError(f"{where}: moment {value!r} is not 'START-END' or 'START,END' in seconds (e.g. "
+                         f"--ts 20.1-25.3)") from None
+    if not 0 <= start <= end:
+        raise VlpetError(f"{where}: moment {value!r} must have 0 <= start <= end")
+    return start, end
+
+
+def qa_text(question: str, ts: Any, choices: Sequence[str]) -> str:
+    """The task text of a video question: '[Q] q [TS] (ts) [Choices] a0: c0. a1: c1. ...' (each choice stripped of
+    '. ' and ended with '.', as the reference formats VALUE's a0..aN-1)."""
+    listed = " ".join(f"a{i}: {c.strip('. ')}." for i, c in enumerate(choices))
+    return " ".join([f"[Q] {question.strip()}", f"[TS] ({ts})", "[Choices] " + listed])
+
+
 def choice_index(prediction: Any) -> int:
     """VALUE's answer index of a generated 'a{idx}': int(pred[1]), 0 when that fails (the reference's rule)."""
     try:
@@ -196,10 +220,11 @@ def choice_index(prediction: Any) -> int:
 class VideoQaTask(VideoTask):
     """TVQA/How2QA: subtitles, question, moment and choices -> 'a{idx}'; accuracy overall and per type."""
 
-    n_choices: ClassVar[int]
+    line_id = "qid"
     qa_type: ClassVar[str | None] = None
     """The `type` of every question (How2QA: 'how2qa'); None takes the show name (TVQA)."""
-    decoding = Generate(num_beams=4, max_length=20)  # the reference's: BART's config defaults
+    # the reference decodes with the backbone config's beams: bart-base's 4, T5's 1 (its T5 video runs are greedy)
+    decoding = Generate(num_beams=4, max_length=20, greedy_on=("t5",))
     valid_metrics = ("acc",)
     default_metrics = ("acc",)
     primary_metric = "acc"
@@ -215,39 +240,48 @@ class VideoQaTask(VideoTask):
         return list(kept.values())
 
     def choices(self, raw: dict, ref: RecordRef) -> list[str]:
-        """The choices a0..aN-1 of a line, each `choice.strip('. ') + '.'`."""
+        """The choices a0..aN-1 of a line."""
         out = []
-        for i in range(self.n_choices):
+        for i in range(self.inputs.choices):
             value = raw.get(f"a{i}")
             if not isinstance(value, str):
                 problem = f"field 'a{i}' is missing" if value is None else (
                     f"field 'a{i}' should be a string, found {type(value).__name__} {value!r:.60}")
                 raise ref.error(problem)
-            out.append(f"a{i}: {value.strip('. ')}.")
+            out.append(value)
         return out
 
     def parse_line(self, raw: Any, ref: RecordRef, for_eval: bool) -> tuple[VideoQaRecord, list[str]]:
-        """A validated line and its formatted choices."""
+        """A validated line and its choices."""
         rec = parse_record(VideoQaRecord, raw, ref)
         choices = self.choices(raw, ref)
+        n = self.inputs.choices
         if rec.answer_idx is None and not for_eval:
             raise ref.error("field 'answer_idx' is missing (a training line needs its answer)")
-        if rec.answer_idx is not None and not 0 <= rec.answer_idx < self.n_choices:
-            raise ref.error(f"field 'answer_idx' is {rec.answer_idx}; expected 0..{self.n_choices - 1}")
+        if rec.answer_idx is not None and not 0 <= rec.answer_idx < n:
+            raise ref.error(f"field 'answer_idx' is {rec.answer_idx}; expected 0..{n - 1}")
         if self.qa_type is None and rec.show_name is None:
             raise ref.error("field 'show_name' is missing")
         return rec, choices
 
-    def line_records(self, data_root: Path, path: Path, split: str, lineno: int, raw: Any,
-                     subs: dict[str, str], for_eval: bool) -> list[Record]:
+    def line_records(self, data_root: Path, ref: RecordRef, split: str, subs: dict[str, str],
+                     for_eval: bool) -> list[Record]:
         """One record per question: text '[Q] q [TS] (ts) [Choices] a0: ... .', label 'a{answer_idx}'."""
-        ref = RecordRef(path, lineno, raw, "qid", unit="line")
-        rec, choices = self.parse_line(raw, ref, for_eval)
-        text = " ".join([f"[Q] {rec.q.strip()}", f"[TS] ({rec.ts})", "[Choices] " + " ".join(choices)])
+        rec, choices = self.parse_line(ref.raw, ref, for_eval)
         label = None if rec.answer_idx is None else f"a{rec.answer_idx}"
         extra = {"subs": self.subtitles_for(data_root, rec.vid_name, ref, subs),
                  "type": self.qa_type or rec.show_name}
-        return [Record(str(path), lineno, rec.qid, text, (rec.vid_name,), self.source, label, extra)]
+        return [Record(str(ref.path), ref.index, rec.qid, qa_text(rec.q, rec.ts, choices), (rec.vid_name,),
+                       self.source, label, extra)]
+
+    def input_record(self, given: PredictInput, index: int) -> Record:
+        """A `vlpet predict` question as a line of VALUE's file would give it: the moment 's-e' as given (or
+        rounded to 2 decimals), the choices formatted as the reader formats them, no show."""
+        start, end = parse_ts(given.ts, given.where)
+        ts = given.ts.strip() if "-" in given.ts and "," not in given.ts else f"{start:.2f}-{end:.2f}"
+        extra = {"subs": given.subtitles, "type": self.qa_type}
+        return Record(given.where, index, index, qa_text(given.text, ts, given.choices), (str(given.video),),
+                      self.source, None, extra)
 
     def eval_info(self, record: Record) -> dict:
         """question_id, video, type (show) and the answer ('a{idx}', None when hidden)."""
@@ -275,24 +309,24 @@ class VideoQaTask(VideoTask):
 
     def load_predictions(self, path: Path) -> dict[str, str]:
         """A VALUE QA predictions file {qid: index} -> {qid: 'a{index}'}."""
-        data = files.read_json(path)
+        data = read_json(path, f"{self.name} predictions file", "check --predictions")
         if not isinstance(data, dict):
             raise DataError(f"{path}: expected VALUE's {self.name} predictions, a JSON object "
-                            f"{{qid: answer index}}, got {type(data).__name__}")
+                            f"{{qid: answer index}}, found {type(data).__name__}. Fix: write VALUE's format.")
         out = {}
+        n = self.inputs.choices
         for qid, value in data.items():
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.n_choices:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
                 raise DataError(f"{path}: the answer of question {qid!r} is {value!r}; expected an integer "
-                                f"0..{self.n_choices - 1} (VALUE's format {{qid: index}})")
+                                f"0..{n - 1}. Fix: write VALUE's format {{qid: answer index}}.")
             out[str(qid)] = f"a{value}"
         return out
 
     def load_answers(self, path: Path) -> dict[str, tuple[str, str]]:
         """A VALUE QA annotation file -> {qid: ('a{answer_idx}', type)}; lines without answers are refused."""
         out: dict[str, tuple[str, str]] = {}
-        for lineno, raw in read_value_lines(path, self.name):
-            ref = RecordRef(path, lineno, raw, "qid", unit="line")
-            rec, _ = self.parse_line(raw, ref, for_eval=True)
+        for ref in self.read_lines(path):
+            rec, _ = self.parse_line(ref.raw, ref, for_eval=True)
             if rec.answer_idx is None:
                 raise ref.error("field 'answer_idx' is missing: this looks like a test file, whose answers "
                                 "VALUE keeps hidden", "score a val file here, or submit test predictions to "
@@ -302,14 +336,14 @@ class VideoQaTask(VideoTask):
                 out[key] = (f"a{rec.answer_idx}", str(self.qa_type or rec.show_name))
         return out
 
-    def score_files(self, predictions: Path, annotations: Path, *, split: str | None, metrics: list[str],
-                    explicit: bool, vqa_variant: str, allow_missing: bool | None, tokenizer: str) -> dict:
+    def score_files(self, job: FileScoring) -> dict:
         """Accuracy x100 overall and per type of a VALUE {qid: index} file against a VALUE annotation file."""
         from vlpet_cli.metrics.accuracy import typed_accuracy
 
-        preds = self.load_predictions(Path(predictions))
-        answers = self.load_answers(Path(annotations))
-        ids = files.check_ids(preds, answers, predictions, annotations, bool(allow_missing))
+        self.resolve_metrics(job.metrics)
+        preds = self.load_predictions(job.predictions)
+        answers = self.load_answers(job.annotations)
+        ids = files.check_ids(preds, answers, job.predictions, job.annotations, job.allowed_missing(False))
         return typed_accuracy((preds[i], *answers[i]) for i in ids)
 
 
@@ -332,11 +366,16 @@ class VideoCaptionRecord(RecordModel):
     descs: list[Description] | None = None
 
 
+def caption_text(ts: Any) -> str:
+    """The task text of a clip to describe: '[TS] (ts)' for a task reading a moment (TVC), none otherwise."""
+    return "" if ts is None else f"[TS] ({ts})"
+
+
 class VideoCaptionTask(VideoTask):
     """TVC/YC2C: subtitles (and the moment) -> a description; CIDEr (pycocoevalcap), one reference per row
     by default or every description of the clip (`eval.caption_references: clip`, VALUE's scoring)."""
 
-    uses_ts: ClassVar[bool] = False
+    line_id = "clip_id"
     decoding = Generate(num_beams=5, max_length=20)
     valid_metrics = CAPTION_METRICS
     default_metrics = ("cider",)
@@ -347,24 +386,23 @@ class VideoCaptionTask(VideoTask):
         super().__init__(prompt, video)
         self.caption_references = "row"  # eval.caption_references: 'row' (the reference's) or 'clip'
 
-
     def parse_line(self, raw: Any, ref: RecordRef) -> VideoCaptionRecord:
         """A validated line (TVC needs its moment `ts`)."""
         rec = parse_record(VideoCaptionRecord, raw, ref)
-        if self.uses_ts and rec.ts is None:
+        if self.inputs.moment and rec.ts is None:
             raise ref.error("field 'ts' is missing")
         if rec.descs is not None and not rec.descs:
             raise ref.error("field 'descs' is empty; a clip needs its descriptions")
         return rec
 
-    def line_records(self, data_root: Path, path: Path, split: str, lineno: int, raw: Any,
-                     subs: dict[str, str], for_eval: bool) -> list[Record]:
+    def line_records(self, data_root: Path, ref: RecordRef, split: str, subs: dict[str, str],
+                     for_eval: bool) -> list[Record]:
         """Train and val: one record per description (id desc_id); test: one per clip (id clip_id)."""
-        ref = RecordRef(path, lineno, raw, "clip_id", unit="line")
-        rec = self.parse_line(raw, ref)
+        rec = self.parse_line(ref.raw, ref)
+        path, lineno = ref.path, ref.index
         if rec.descs is None and not for_eval:
             raise ref.error("field 'descs' is missing (a training line needs its descriptions)")
-        text = f"[TS] ({rec.ts})" if self.uses_ts else ""
+        text = caption_text(rec.ts if self.inputs.moment else None)
         references = [d.desc for d in rec.descs or ()]
         extra = {"subs": self.subtitles_for(data_root, rec.vid_name, ref, subs), "clip_id": rec.clip_id,
                  "ts": rec.ts, "duration": rec.duration, "references": references}
@@ -378,12 +416,18 @@ class VideoCaptionTask(VideoTask):
             out.append(Record(str(path), lineno, d.desc_id, text, vid, self.source, d.desc, extra))
         return out
 
+    def input_record(self, given: PredictInput, index: int) -> Record:
+        """A `vlpet predict` clip as a line of VALUE's file would give it: the moment [start, end] (TVC)."""
+        ts = list(parse_ts(given.ts, given.where)) if self.inputs.moment else None
+        extra = {"subs": given.subtitles, "clip_id": index, "ts": ts, "duration": None, "references": []}
+        return Record(given.where, index, index, caption_text(ts), (str(given.video),), self.source, None, extra)
+
     def eval_info(self, record: Record) -> dict:
         """Row id, clip, video, moment, the row's description and all descriptions of the clip."""
         extra = record.extra or {}
         info = {"question_id": record.id, "clip_id": extra.get("clip_id"), "vid_name": record.image_ids[0],
                 "reference": record.label, "references": extra.get("references", [])}
-        if self.uses_ts:
+        if self.inputs.moment:
             info["ts"] = extra.get("ts")
         return info
 
@@ -392,16 +436,12 @@ class VideoCaptionTask(VideoTask):
               vqa_variant: str = "reference") -> dict:
         """Caption metrics x100: per row against its own description ('row'), or one prediction per clip
         against all its descriptions ('clip'); test predictions (descriptions hidden) give only their count."""
-        from vlpet_cli.metrics.caption import caption_scores
-        from vlpet_cli.tasks.coco import _scorers, caption_metrics
-
-        wanted = caption_metrics(self.resolve_metrics(metrics), explicit=metrics is not None)
+        wanted = self.resolve_metrics(metrics)
         preds, refs = grouped_references(predictions, self.caption_references)
         if not preds:
             return {"n": len(predictions), "scored": 0}
-        result = caption_scores(preds, refs, metrics=sorted(set(_scorers(wanted)) - {"spice"}),
-                                spice="spice" in wanted)
-        return {k: 100 * v for k, v in result.items() if k in wanted}
+        result = scaled_caption_scores(preds, refs, wanted, explicit=metrics is not None)
+        return {k: v for k, v in result.items() if k in wanted}
 
     def submission(self, predictions: list[dict]) -> tuple[str, str]:
         """VALUE's captioning format: one line per clip {"vid_name", "clip_id", ("ts",) "descs": [{"desc"}]}."""
@@ -410,7 +450,7 @@ class VideoCaptionTask(VideoTask):
             if p["clip_id"] in lines:
                 continue
             entry: dict[str, Any] = {"vid_name": p["vid_name"], "clip_id": p["clip_id"]}
-            if self.uses_ts:
+            if self.inputs.moment:
                 entry["ts"] = p.get("ts")
             entry["descs"] = [{"desc": p["prediction"]}]
             lines[p["clip_id"]] = json.dumps(entry)
@@ -419,8 +459,8 @@ class VideoCaptionTask(VideoTask):
     def load_predictions(self, path: Path) -> dict[str, str]:
         """A VALUE captioning predictions file (.jsonl, one clip a line) -> {clip_id: description}."""
         out: dict[str, str] = {}
-        for lineno, raw in read_jsonl(Path(path), f"{self.name} predictions file", "check the path"):
-            ref = RecordRef(Path(path), lineno, raw, "clip_id", unit="line")
+        for ref in read_records(Path(path), f"{self.name} predictions file", "check the path", "clip_id"):
+            raw = ref.raw
             if not isinstance(raw, dict) or "clip_id" not in raw:
                 raise ref.error("field 'clip_id' is missing", "write one {\"clip_id\", \"descs\": "
                                 "[{\"desc\"}]} object a line (VALUE's format)")
@@ -435,9 +475,8 @@ class VideoCaptionTask(VideoTask):
     def load_references(self, path: Path) -> dict[str, list[str]]:
         """A VALUE captioning annotation file -> {clip_id: every description}; lines without any refused."""
         out: dict[str, list[str]] = {}
-        for lineno, raw in read_value_lines(Path(path), self.name):
-            ref = RecordRef(Path(path), lineno, raw, "clip_id", unit="line")
-            rec = self.parse_line(raw, ref)
+        for ref in self.read_lines(path):
+            rec = self.parse_line(ref.raw, ref)
             if rec.descs is None:
                 raise ref.error("field 'descs' is missing: this looks like a test file, whose descriptions "
                                 "VALUE keeps hidden", "score a val file here, or submit test predictions to "
@@ -445,21 +484,14 @@ class VideoCaptionTask(VideoTask):
             files.put(out, str(rec.clip_id), [d.desc for d in rec.descs], Path(path))
         return out
 
-    def score_files(self, predictions: Path, annotations: Path, *, split: str | None, metrics: list[str],
-                    explicit: bool, vqa_variant: str, allow_missing: bool | None, tokenizer: str) -> dict:
+    def score_files(self, job: FileScoring) -> dict:
         """Caption metrics x100 of a VALUE predictions file, every description of a clip its references."""
-        from vlpet_cli.metrics.caption import caption_scores
-        from vlpet_cli.tasks.coco import _scorers, caption_metrics
-
-        metrics = caption_metrics(metrics, explicit)
-        preds = self.load_predictions(Path(predictions))
-        refs = self.load_references(Path(annotations))
-        ids = files.check_ids(preds, refs, predictions, annotations, bool(allow_missing))
-        raw = caption_scores({i: preds[i] for i in ids}, {i: refs[i] for i in ids}, metrics=_scorers(metrics),
-                             tokenizer=tokenizer)
-        out: dict[str, Any] = {m: 100.0 * raw[m] for m in metrics}
-        out.update(tokenizer=raw["tokenizer"], n=raw["n"])
-        return out
+        wanted = self.resolve_metrics(job.metrics)
+        preds = self.load_predictions(job.predictions)
+        refs = self.load_references(job.annotations)
+        ids = files.check_ids(preds, refs, job.predictions, job.annotations, job.allowed_missing(False))
+        return scaled_caption_scores({i: preds[i] for i in ids}, {i: refs[i] for i in ids}, wanted,
+                                     explicit=job.metrics is not None, tokenizer=job.tokenizer)
 
 
 def grouped_references(predictions: Sequence[dict], mode: str) -> tuple[dict[Any, str], dict[Any, list[str]]]:

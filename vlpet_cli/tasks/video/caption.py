@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from vlpet_cli.tasks.base import Inputs
 from vlpet_cli.tasks.video.base import ANN_DIR, VideoCaptionTask
 
 
@@ -19,7 +20,7 @@ class TvcTask(VideoCaptionTask):
     source = "tv"
     default_prompt = "tvc: "
     splits: ClassVar[dict[str, str]] = {"train": "train_release", "val": "val_release", "test": "test_release"}
-    uses_ts = True
+    inputs = Inputs(moment=True)
     label = "TVC CIDEr"
     submission_file = "tvc_test_predictions.jsonl"
 
