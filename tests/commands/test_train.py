@@ -141,8 +141,8 @@ def test_malformed_annotation_names_file_and_record(bad_root, tmp_path):
     path.write_text(json.dumps(records))
     out = cli("train", "--preset", "vlpet-small", "--task", "vqa", "--data-root", str(bad_root), "--backbone",
               "tiny-bart", "--runs-dir", str(tmp_path / "runs"), "model.feat_dim=64")
-    assert_clean_error(out, "karpathy_train.json", "sent")
-    assert "3" in out.stderr
+    qid = records[3]["question_id"]
+    assert_clean_error(out, f"karpathy_train.json: record 3 (question_id={qid}): field 'sent'")
 
 
 def test_unknown_task_and_unknown_key(tmp_path):
