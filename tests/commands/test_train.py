@@ -72,7 +72,9 @@ def test_multitask_t5_with_validation(tmp_path):
     val = events(run, "val")[-1]["metrics"]
     assert set(val) == {"vqa", "gqa", "nlvr", "coco"}
     assert {"vqa", "acc", "cider"} <= {k for m in val.values() for k in m}
-    assert (run / "checkpoints" / "best" / "adapter.safetensors").exists()
+    best = load_file(run / "checkpoints" / "best" / "adapter.safetensors")
+    final = load_file(run / "adapter" / "adapter.safetensors")
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)  # one epoch: the same
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):
