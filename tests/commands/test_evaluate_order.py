@@ -17,6 +17,8 @@ from vlpet_cli.vl.model import build_model
 
 TASKS = ["vqa", "gqa", "nlvr", "coco"]
 
+pytestmark = pytest.mark.slow  # every test evaluates on the toy world: `make test-fast` skips it
+
 
 @pytest.mark.parametrize("backbone", ["tiny-bart", "tiny-t5"])
 def test_sorted_batches_come_back_in_record_order(backbone):

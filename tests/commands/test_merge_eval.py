@@ -6,6 +6,8 @@ from vlpet_cli.evaluate import evaluate
 from vlpet_cli.merge import fold_adapter
 from vlpet_cli.train import resolve_train_preset, train
 
+pytestmark = pytest.mark.slow  # every test trains on the toy world: `make test-fast` skips it
+
 
 def metrics(path, out):
     results = evaluate(path, split="test", limit=10, progress=False, out_dir=out, metrics=None)

@@ -87,6 +87,7 @@ def test_cli_refuses_mixed_inputs_before_loading(tmp_path):
         assert out.exit_code == 2 and message in out.output, (args, out.output)
 
 
+@pytest.mark.slow
 def test_records_are_the_readers(tmp_path):
     """The record built from command-line inputs is the one the task reads from an annotation line."""
     from vlpet_cli.tasks import get_task

@@ -72,7 +72,9 @@ def test_multitask_t5_with_validation(tmp_path):
     val = events(run, "val")[-1]["metrics"]
     assert set(val) == {"vqa", "gqa", "nlvr", "coco"}
     assert {"vqa", "acc", "cider"} <= {k for m in val.values() for k in m}
-    assert (run / "checkpoints" / "best" / "adapter.safetensors").exists()
+    best = load_file(run / "checkpoints" / "best" / "adapter.safetensors")
+    final = load_file(run / "adapter" / "adapter.safetensors")
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)  # one epoch: the same
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):
@@ -141,8 +143,8 @@ def test_malformed_annotation_names_file_and_record(bad_root, tmp_path):
     path.write_text(json.dumps(records))
     out = cli("train", "--preset", "vlpet-small", "--task", "vqa", "--data-root", str(bad_root), "--backbone",
               "tiny-bart", "--runs-dir", str(tmp_path / "runs"), "model.feat_dim=64")
-    assert_clean_error(out, "karpathy_train.json", "sent")
-    assert "3" in out.stderr
+    qid = records[3]["question_id"]
+    assert_clean_error(out, f"karpathy_train.json: record 3 (question_id={qid}): field 'sent'")
 
 
 def test_unknown_task_and_unknown_key(tmp_path):

@@ -15,6 +15,7 @@ from vlpet_cli.errors import VlpetError
 from vlpet_cli.progress import Progress
 
 
+@pytest.mark.slow
 def test_fit_reads_losses_only_at_log_points(tmp_path, monkeypatch):
     preset = train_mod.resolve_train_preset("vlpet-small", ["vqa", "gqa"], "toy", "tiny-bart",
                                             ["data.limit=48", "train.batch_size=8", "train.epochs=1",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +39,31 @@ def tok(request):
     return build_model(resolve("vlpet-small", backbone=request.param), weights=True)[1]
 
 
+def synthetic():
+    """benchmarks/synthetic.py: data roots in the real formats."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        import synthetic
+    finally:
+        sys.path.pop(0)
+    return synthetic
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> Path:
+    """A data root of annotation files only (the record cache reads no features): 40 VQA training questions and
+    12 GQA ones in each of GQA/train.json and GQA/valid.json."""
+    root = tmp_path_factory.mktemp("small") / "root"
+    make = synthetic().vqa_records
+    (root / "vqa").mkdir(parents=True)
+    (root / "vqa" / "karpathy_train.json").write_text(json.dumps(make(40, 8, seed=1)))
+    (root / "GQA").mkdir()
+    for split, seed in (("train", 2), ("valid", 3)):
+        gqa = [{k: r[k] for k in ("img_id", "question_id", "sent", "label")} for r in make(12, 4, seed=seed)]
+        (root / "GQA" / f"{split}.json").write_text(json.dumps(gqa))
+    return root
+
+
 def _same_item(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
@@ -46,6 +73,7 @@ def _same_item(a: dict, b: dict) -> None:
             assert a[key] == b[key], key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SPLITS))
 def test_cached_records_and_items_equal_a_fresh_parse(name, cache_dir, tok):
     root = resolve_data_root("toy")
@@ -69,9 +97,9 @@ def test_cached_records_and_items_equal_a_fresh_parse(name, cache_dir, tok):
         assert pickle.loads(pickle.dumps(view))[-1] == fresh[len(fresh) // 2 - 1]
 
 
-def test_any_key_part_change_misses_the_cache(cache_dir, tok, tmp_path):
+def test_any_key_part_change_misses_the_cache(cache_dir, tok, tmp_path, small_root):
     root = tmp_path / "root"
-    shutil.copytree(resolve_data_root("toy") / "vqa", root / "vqa")
+    shutil.copytree(small_root / "vqa", root / "vqa")
     task = get_task("vqa")
     base = cache.cache_key(task, root, "train", False, tok)
     assert cache.cache_key(task, root, "train", False, tok) == base
@@ -93,15 +121,32 @@ def test_any_key_part_change_misses_the_cache(cache_dir, tok, tmp_path):
     assert len(list(cache_dir.iterdir())) == 2
 
 
-def test_cache_can_be_turned_off(cache_dir, tok, monkeypatch):
+def test_cache_can_be_turned_off(cache_dir, tok, monkeypatch, small_root):
+    """VLPET_RECORD_CACHE=0: the records come from the annotation files, and no cache file is read or written,
+    not even one that holds the split under the current key."""
+    task = get_task("gqa")
+    fresh = task.load(small_root, "train")
     monkeypatch.setenv("VLPET_RECORD_CACHE", "0")
-    records = cache.load_records(get_task("gqa"), resolve_data_root("toy"), "train", tok)
-    assert isinstance(records, list) and not cache_dir.exists()
+    assert cache.load_records(task, small_root, "train", tok) == fresh
+    assert not cache_dir.exists()  # nothing written
+    monkeypatch.delenv("VLPET_RECORD_CACHE")
+    assert isinstance(cache.load_records(task, small_root, "train", tok), cache.CachedRecords)  # now cached
+    files = {p: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
+    assert len(files) == 1
+
+    def no_cache_io(*args, **kwargs):
+        raise AssertionError("the turned-off cache was used")
+
+    monkeypatch.setattr(cache, "_open", no_cache_io)  # reading a cache file
+    monkeypatch.setattr(cache, "atomic_file", no_cache_io)  # writing one
+    monkeypatch.setenv("VLPET_RECORD_CACHE", "0")
+    assert cache.load_records(task, small_root, "train", tok) == fresh
+    assert {p: p.stat().st_mtime_ns for p in cache_dir.iterdir()} == files
 
 
-def test_load_warnings_are_said_again_from_the_cache(cache_dir, tok, tmp_path):
+def test_load_warnings_are_said_again_from_the_cache(cache_dir, tok, tmp_path, small_root):
     root = tmp_path / "root"
-    shutil.copytree(resolve_data_root("toy") / "GQA", root / "GQA", ignore=shutil.ignore_patterns("images", "clip*"))
+    shutil.copytree(small_root / "GQA", root / "GQA")
     path = root / "GQA" / "train.json"
     records = json.loads(path.read_text())
     records[0]["sent"] = ""
@@ -116,16 +161,8 @@ def test_load_warnings_are_said_again_from_the_cache(cache_dir, tok, tmp_path):
 
 @pytest.fixture(scope="module")
 def tvqa_root(tmp_path_factory):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    try:
-        import synthetic
-    finally:
-        sys.path.pop(0)
-    return synthetic.make_tvqa_root(tmp_path_factory.mktemp("tvqa") / "root", 40, 12, n_eval=4, dim=8, frames=2,
-                                    words=(5, 400))
+    return synthetic().make_tvqa_root(tmp_path_factory.mktemp("tvqa") / "root", 40, 12, n_eval=4, dim=8, frames=2,
+                                      words=(5, 400))
 
 
 @pytest.mark.parametrize("truncate", ["tail", "subtitles"])

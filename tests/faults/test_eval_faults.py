@@ -64,6 +64,7 @@ BAD_ARGUMENTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, named", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
 def test_bad_eval_arguments_stop_before_any_work(run_dir, tmp_path, monkeypatch, args, named):
     def no_model(*_, **__):
@@ -150,6 +151,7 @@ def test_empty_questions_and_captions_are_warned_once_per_file(run_dir, tmp_path
 
 
 # ---- item 6: incomparable scores are recorded, marked and kept out of averages --------------------------------
+@pytest.mark.slow
 def test_eval_records_the_limit_and_warns_about_an_untrained_task(run_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)

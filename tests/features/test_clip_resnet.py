@@ -202,6 +202,7 @@ def _toy_images(n: int | None = None) -> dict[str, Path]:
     return {p.stem: p for p in paths[:n]}
 
 
+@pytest.mark.slow
 def test_tiny_tower_extract_resume_and_train(tmp_path):
     """A tiny random tower in CLIP's key layout -> (49, C) toy features through the CLI, resumable, then training."""
     from vlpet_cli.toy.images import toy_root

@@ -84,6 +84,7 @@ def test_a_few_steps_change_exactly_the_vectors_and_the_projector(family, tiny_d
     assert changed == trainable
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["bart", "t5"])
 def test_trains_on_the_toy_world(family, tmp_path):
     from vlpet_cli.train import resolve_train_preset, train

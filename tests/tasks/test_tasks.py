@@ -425,10 +425,20 @@ def test_missing_store_for_source(vqa_root):
         open_task_features(records, vqa_root)
 
 
-def test_unknown_split_kind_and_coco_split(tmp_path, bart):
+def test_coco_refuses_an_unknown_split_and_names_the_known_ones(tmp_path):
     coco_file(tmp_path)
-    with pytest.raises(VlpetError, match="unknown split 'karpathy_dev'"):
+    with pytest.raises(VlpetError, match=r"coco: unknown split 'karpathy_dev'\. Fix: use karpathy_train, "
+                                         r"karpathy_val or karpathy_test"):
         get_task("coco").load(tmp_path, "karpathy_dev")
-    with pytest.raises(VlpetError, match="split_kind"):
+
+
+def test_dataset_refuses_a_split_kind_other_than_train_or_eval(bart):
+    with pytest.raises(VlpetError, match=r"split_kind must be 'train' or 'eval', not 'valid'"):
         TaskDataset(get_task("coco"), [], {}, bart, "valid")
-    assert isinstance(get_task("gqa"), GqaTask)
+
+
+def test_each_get_task_gives_a_new_task_so_a_prompt_does_not_leak():
+    custom = get_task("gqa", prompts={"gqa": "question: "})
+    task = get_task("gqa")
+    assert type(task) is GqaTask and task is not custom
+    assert (custom.prompt, task.prompt) == ("question: ", "gpa: ")

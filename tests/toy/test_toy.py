@@ -53,6 +53,7 @@ def feature_ids(root: Path, source: str) -> set[str]:
     return set(open_features(root / source / toy.FEATURE_FILE).ids())
 
 
+@pytest.mark.slow
 def test_concurrent_first_use_builds_once_and_leaves_no_temp(built):
     assert built["results"] == [built["root"], built["root"]]
     assert len(built["builds"]) == 1
@@ -64,12 +65,14 @@ def test_concurrent_first_use_builds_once_and_leaves_no_temp(built):
     assert manifest["version"] == toy.TOY_VERSION and manifest["features"]["model"] == "tiny-clip"
 
 
+@pytest.mark.slow
 def test_second_call_reuses_cache(built, monkeypatch):
     monkeypatch.setenv("VLPET_CACHE", str(built["cache"]))
     monkeypatch.setattr(toy, "build_toy", lambda *a, **k: pytest.fail("rebuilt a current toy world"))
     assert toy.toy_root() == built["root"]
 
 
+@pytest.mark.slow
 def test_world_from_other_code_or_features_model_is_stale(root, tmp_path):
     manifest = load(root / "toy.json")
     assert toy._is_current(root)
@@ -98,6 +101,7 @@ def test_failed_or_killed_build_leaves_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{toy.TOY_VERSION}.lock"]
 
 
+@pytest.mark.slow
 def test_coco_karpathy_format(root):
     data = load(root / "COCO" / "dataset_coco.json")
     images = data["images"]
@@ -115,6 +119,7 @@ def test_coco_karpathy_format(root):
     assert {e["filename"].rsplit(".", 1)[0] for e in images} <= feature_ids(root, "COCO")
 
 
+@pytest.mark.slow
 def test_vqa_karpathy_and_official_annotations(root):
     coco = {
         e["filename"].rsplit(".", 1)[0]: e["split"]
@@ -161,6 +166,7 @@ def test_vqa_karpathy_and_official_annotations(root):
     assert 0.1 < noisy / seen < 0.5  # some annotator noise, but mostly consistent
 
 
+@pytest.mark.slow
 def test_gqa_records(root):
     vg, gqa = feature_ids(root, "VG"), feature_ids(root, "GQA")
     qids = set()
@@ -179,6 +185,7 @@ def test_gqa_records(root):
                 assert (root / "VG" / "images" / f"{r['img_id']}.png").is_file()
 
 
+@pytest.mark.slow
 def test_nlvr_records_balanced_with_consistency_groups(root):
     feats = feature_ids(root, "nlvr")
     for split in ("train", "valid", "test"):
@@ -199,6 +206,7 @@ def test_nlvr_records_balanced_with_consistency_groups(root):
             assert {m["label"] for m in members} == {0, 1}
 
 
+@pytest.mark.slow
 def test_features_cover_every_image_with_the_grid_shape(root):
     from vlpet_cli.features.images import open_features
 
@@ -211,6 +219,7 @@ def test_features_cover_every_image_with_the_grid_shape(root):
         assert float(abs(x).sum()) > 0
 
 
+@pytest.mark.slow
 def test_tasks_are_not_solved_by_the_majority_answer(root):
     for path in (root / "vqa" / "karpathy_train.json", root / "GQA" / "train.json"):
         answers = Counter(max(r["label"], key=r["label"].get) for r in load(path))
@@ -238,10 +247,12 @@ def test_build_is_deterministic(root, tmp_path):
         assert np.array_equal(again.get(img_id), first.get(img_id))
 
 
+@pytest.mark.slow
 def test_other_seeds_give_other_worlds():
     assert toy.make_world(1).coco != toy.make_world(2).coco
 
 
+@pytest.mark.slow
 def test_corpus_and_summary_need_no_images(root):
     corpus = toy.toy_corpus()
     assert corpus == sorted(set(corpus)) and {"true", "false", "yes", "no", "red", "circle"} <= set(corpus)

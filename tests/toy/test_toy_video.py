@@ -37,6 +37,7 @@ def ann(root: Path, task: str, name: str) -> list[dict]:
     return read(root / "video" / "ann" / task / f"{name}.jsonl")
 
 
+@pytest.mark.slow
 def test_qa_files_have_values_fields(root):
     for task, names in QA_FILES.items():
         n = 5 if task == "tvqa" else 4
@@ -60,6 +61,7 @@ def test_qa_files_have_values_fields(root):
     assert len(qids) == len(set(qids))
 
 
+@pytest.mark.slow
 def test_caption_files_have_values_fields(root):
     for task, names in CAPTION_FILES.items():
         for name in names:
@@ -79,6 +81,7 @@ def test_caption_files_have_values_fields(root):
     assert len(desc_ids) == len(set(desc_ids))
 
 
+@pytest.mark.slow
 def test_every_video_has_a_file_subtitles_and_features(root):
     names = {t: {r["vid_name"] for n in ns for r in ann(root, t, n)} for t, ns in {**QA_FILES, **CAPTION_FILES}.items()}
     for task, vids in names.items():
@@ -120,12 +123,14 @@ def _read_off(root: Path, source: str, record: dict) -> str:
     return "down" if dy > 0 else "up"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["tvqa", "how2qa"])
 def test_the_frames_decide_every_answer(root, task):
     for r in ann(root, task, QA_FILES[task][1]):
         assert r[f"a{r['answer_idx']}"] == _read_off(root, SOURCE[task], r), r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["tvqa", "how2qa"])
 def test_the_text_alone_does_not_decide_the_answers(root, task):
     n = 5 if task == "tvqa" else 4
@@ -147,6 +152,7 @@ def test_the_text_alone_does_not_decide_the_answers(root, task):
     assert hits / len(val) < 1 / n + 0.2  # the best text-only guess is near chance
 
 
+@pytest.mark.slow
 def test_descriptions_say_what_happens(root):
     for task in CAPTION_FILES:
         for r in ann(root, task, CAPTION_FILES[task][0]):
