@@ -17,15 +17,12 @@ from vlpet_cli.config import VideoData
 from vlpet_cli.errors import DataError, VlpetError
 from vlpet_cli.tasks import files
 from vlpet_cli.tasks.base import (
-    DEFAULT_FEATURE_NAME,
     Generate,
     Record,
     ScoreChoices,
     Task,
     TaskDataset,
-    check_features,
     collate,
-    open_task_features,
 )
 from vlpet_cli.tasks.coco import CocoTask
 from vlpet_cli.tasks.gqa import GqaTask
@@ -141,7 +138,6 @@ def annotation_images(annotations: Path) -> dict[str, str | None]:
 __all__ = [
     "ALIASES",
     "annotation_images",
-    "DEFAULT_FEATURE_NAME",
     "TASKS",
     "CocoTask",
     "Generate",
@@ -159,10 +155,8 @@ __all__ = [
     "VideoTask",
     "VqaTask",
     "Yc2cTask",
-    "check_features",
     "collate",
     "get_task",
-    "open_task_features",
     "primary_metrics",
     "resolve_task",
     "task_class",
