@@ -139,7 +139,7 @@ def test_rn101_checkpoint_with_random_weights_extracts_49_by_2048(tmp_path):
     path = tmp_path / "RN101.safetensors"
     save_file(random_state(RN101), str(path))
     vm = load_vision_model(path, "cpu")
-    assert (vm.kind, vm.image_size, vm.grid, vm.hidden_size) == ("resnet", 224, 7, 2048)
+    assert (vm.kind, vm.image_size, vm.grid, vm.dim) == ("resnet", 224, 7, 2048)
     image = _toy_images(1)
     feats = grid_features(vm, to_pixels([preprocess(p, 224, vm.mean, vm.std) for p in image.values()]))
     assert feats.shape == (1, 49, 2048) and torch.isfinite(feats).all()

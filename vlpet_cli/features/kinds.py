@@ -104,30 +104,18 @@ class FeatureKind:
 
 
 IMAGE = FeatureKind(
-    name="image",
-    folder=lambda root, source: root / source / "clip_features",
-    default_name=images.DEFAULT_FEATURE_NAME,
+    "image", lambda root, source: root / source / "clip_features", images.DEFAULT_FEATURE_NAME,
     stores={images.PACKED: images.PackedImageStore, images.PER_IMAGE: images.PerImageStore},
     writers={images.PACKED: images.PackedImageWriter, images.PER_IMAGE: images.PerImageWriter},
-    default_layout=images.PACKED,
-    memory=images.MemoryImageStore,
-    setting="feature_name",
-    extractor="vlpet_cli.features.extract.images",
-    ids_word="ids",
-)
+    default_layout=images.PACKED, memory=images.MemoryImageStore, setting="feature_name",
+    extractor="vlpet_cli.features.extract.images", ids_word="ids")
 VIDEO = FeatureKind(
-    name="video",
-    folder=lambda root, source: root / "video" / "vis_features" / source,
-    default_name=videos.DEFAULT_VIDEO_FEATURE_NAME,
+    "video", lambda root, source: root / "video" / "vis_features" / source, videos.DEFAULT_VIDEO_FEATURE_NAME,
     stores={videos.PACKED: videos.PackedVideoStore, videos.NPZ: videos.NpzVideoStore},
     writers={videos.NPZ: videos.NpzVideoWriter, videos.PACKED: videos.PackedVideoWriter},
-    default_layout=videos.NPZ,
-    memory=videos.MemoryVideoStore,
-    setting="video.feature_name",
-    extractor="vlpet_cli.features.extract.videos",
-    ids_word="videos",
-    unpack_hint=" (or unpack VALUE's clip-vit features there)",
-)
+    default_layout=videos.NPZ, memory=videos.MemoryVideoStore, setting="video.feature_name",
+    extractor="vlpet_cli.features.extract.videos", ids_word="videos",
+    unpack_hint=" (or unpack VALUE's clip-vit features there)")
 KINDS: dict[str, FeatureKind] = {kind.name: kind for kind in (IMAGE, VIDEO)}
 
 

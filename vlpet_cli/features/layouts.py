@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 from vlpet_cli.errors import DataError
 from vlpet_cli.features.hdf5 import (
     CHUNK_CACHE,
+    RESERVE,
     H5Handle,
     Reserve,
     check_dtype,
@@ -214,6 +215,7 @@ class Writer:
 
     noun: ClassVar[str]
     layout: ClassVar[str]
+    headroom: ClassVar[int] = 0  # free space the writer keeps while it writes
 
     def __init__(self, path: Path, row: tuple[int, ...], dtype: str = "float16", attrs: dict | None = None):
         self.path = Path(path)
@@ -254,6 +256,7 @@ class PackedWriter(Writer):
     layout: ClassVar[str] = "packed"
     other: ClassVar[str]  # the other layout, for messages
     kind_words: ClassVar[str] = "feature"
+    headroom = RESERVE
 
     def __init__(self, path: Path, row: tuple[int, ...], dtype: str = "float16", attrs: dict | None = None):
         super().__init__(path, row, dtype, attrs)

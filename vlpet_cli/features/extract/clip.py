@@ -4,6 +4,7 @@ built-in tiny one), loading a transformers CLIP class from it quietly, its norma
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,20 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets"
 TINY_CLIP = ASSETS / "tiny-clip"
 TINY_CLIP_PROJ = ASSETS / "tiny-clip-proj"
 BUILT_IN = {"tiny-clip": TINY_CLIP, "tiny-clip-proj": TINY_CLIP_PROJ}
+
+
+@dataclass
+class VisionTower:
+    """A loaded vision model and how to feed it: its input size, normalisation and device, and the size of the
+    features it gives (what a run's model.feat_dim must be)."""
+
+    module: Any
+    model_id: str
+    image_size: int
+    dim: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: str
 
 
 def model_dir(model: str | Path) -> tuple[Path, str]:

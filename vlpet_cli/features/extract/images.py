@@ -25,6 +25,7 @@ from vlpet_cli.errors import VlpetError
 from vlpet_cli.features.extract.clip import (
     CLIP_MEAN,
     CLIP_STD,
+    VisionTower,
     load_clip,
     model_dir,
     normalize,
@@ -36,29 +37,17 @@ from vlpet_cli.features.kinds import IMAGE
 
 
 @dataclass
-class VisionModel:
-    """A loaded CLIP vision tower and how to feed it."""
+class VisionModel(VisionTower):
+    """A loaded CLIP vision tower giving grid features: a ViT's patch tokens or a ResNet's last map."""
 
-    module: Any
-    model_id: str
-    image_size: int
-    patch_size: int
-    hidden_size: int
-    num_layers: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    device: str
+    patch_size: int = 32
+    num_layers: int = 0
     kind: str = "vit"  # "vit": a transformers CLIPVisionModel; "resnet": features/clip_resnet.ModifiedResNet
     compute_dtype: Any = None  # the ResNet's compute dtype (fp16 on CUDA as the reference, fp32 on CPU)
 
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
-
-    @property
-    def dim(self) -> int:
-        """The features' size (what a model's feat_dim must be)."""
-        return self.hidden_size
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -99,8 +88,8 @@ def load_resnet_model(model: str | Path, device: str | None = None, torchscript:
     module.to(device).eval()
     spec = module.spec
     file = path if torchscript else resnet_checkpoint(path)
-    return VisionModel(module, str(Path(file or path).resolve()), spec.resolution, 32, spec.channels, 4,
-                       CLIP_MEAN, CLIP_STD, device, kind="resnet",
+    return VisionModel(module, str(Path(file or path).resolve()), spec.resolution, spec.channels, CLIP_MEAN,
+                       CLIP_STD, device, patch_size=32, num_layers=4, kind="resnet",
                        compute_dtype=torch.float16 if compute_dtype == "float16" else torch.float32)
 
 
@@ -115,8 +104,8 @@ def load_model(model: str | Path, device: str | None = None, torchscript: bool =
     module.to(device).eval()
     cfg = module.config
     mean, std = preprocessor_stats(directory)
-    return VisionModel(module, model_id, int(cfg.image_size), int(cfg.patch_size), int(cfg.hidden_size),
-                       int(cfg.num_hidden_layers), mean, std, device)  # type: ignore[arg-type]
+    return VisionModel(module, model_id, int(cfg.image_size), int(cfg.hidden_size), mean, std, device,
+                       patch_size=int(cfg.patch_size), num_layers=int(cfg.num_hidden_layers))
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
@@ -195,7 +184,7 @@ def extract(images: dict[str, Path], model: str | Path, out: Path, layout: str =
     vm = load_model(model, device, torchscript)
     layer = _check_layer(vm, layer)
     attrs = {"model": vm.model_id, "layer": layer, "image_size": vm.image_size, "grid": [vm.grid, vm.grid]}
-    writer = IMAGE.writer(out, layout, (vm.grid * vm.grid, vm.hidden_size), dtype, attrs)
+    writer = IMAGE.writer(out, layout, (vm.grid * vm.grid, vm.dim), dtype, attrs)
     job = Job(noun="image", unit="images", decode=partial(preprocess, size=vm.image_size, mean=vm.mean, std=vm.std),
               embed=lambda arrays: grid_features(vm, to_pixels(arrays), layer).numpy(),
               group=batch_size, ahead=2 * batch_size)

@@ -100,11 +100,15 @@ def check_writable(out: Path) -> None:
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
-        if out.is_file():
-            open(out, "r+b").close()
     except OSError as exc:
-        raise VlpetError(f"{out}: cannot write the features there ({exc.strerror or exc}: "
-                         f"{exc.filename or folder}); choose another --out, or make {folder} writable.") from None
+        raise VlpetError(f"{out}: cannot write the features there ({exc.strerror or exc}: {folder}); choose "
+                         f"another --out, or make {folder} writable.") from None
+    if out.is_file():
+        try:
+            open(out, "r+b").close()
+        except OSError as exc:
+            raise VlpetError(f"{out}: cannot write the features there ({exc.strerror or exc}); choose another "
+                             f"--out, or make the file writable.") from None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -186,8 +190,8 @@ def _write_report(path: Path, failed: list[tuple[str, str, str]], requested: set
     write_text(path, _REPORT_HEADER + "".join("\t".join(r) + "\n" for r in rows.values()))
 
 
-def _full_message(out: Path, noun: str, summary: ExtractSummary, kept: int, left: int, per_item: float) -> str:
-    need = f" need about {human_bytes(per_item * left * 1.05)} more" if per_item and left else " still wait"
+def _full_message(out: Path, noun: str, summary: ExtractSummary, kept: int, left: int, need: float) -> str:
+    need = f" need about {human_bytes(need)} more" if need else " still wait"
     return (f"{out}: the disk is full after {summary.written} new {noun}s this run; the {kept} {noun}s in the store "
             f"are kept and valid, and the {left} left{need}. Free space on that disk and run the same command again "
             f"to resume.")
@@ -229,8 +233,8 @@ def run(job: Job, items: dict[str, Path], writer: Any, limit: int | None = None,
             bar.advance(len(ids) + len(failures), f"{len(summary.failed)} failed", count=units)
     except DiskFull:
         left = len(todo) - summary.written - len(summary.failed)
-        per_item = stored_bytes / stored_items if stored_items else 0.0
-        error = DiskFull(_full_message(out, job.noun, summary, len(writer.existing()), left, per_item), out)
+        need = stored_bytes / stored_items * left * 1.05 + writer.headroom if stored_items and left else 0.0
+        error = DiskFull(_full_message(out, job.noun, summary, len(writer.existing()), left, need), out)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         writer.close()

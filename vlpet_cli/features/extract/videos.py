@@ -11,7 +11,6 @@ pool, write each video as it is computed, resume, report) is loop.py's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,56 +21,44 @@ from PIL import Image
 from transformers import CLIPVisionModelWithProjection
 
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.features.extract.clip import load_clip, model_dir, normalize, pick_device, preprocessor_stats
+from vlpet_cli.features.extract import clip
+from vlpet_cli.features.extract.clip import VisionTower
 from vlpet_cli.features.extract.loop import ExtractSummary, Job, check_request, run
 from vlpet_cli.features.kinds import VIDEO
 
 FRAME_STEP_S = 1.5  # VALUE's CLIP-ViT features: one frame every 1.5 seconds
 
 
-@dataclass
-class ProjectedVisionModel:
-    """A loaded CLIP vision tower with its projection, and how to feed it."""
-
-    module: Any
-    model_id: str
-    image_size: int
-    dim: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    device: str
-
-
 # ------------------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------------------
 
-def load_model(model: str | Path, device: str | None = None, torchscript: bool = False) -> ProjectedVisionModel:
+def load_model(model: str | Path, device: str | None = None, torchscript: bool = False) -> VisionTower:
     """Load a CLIPVisionModelWithProjection (a full CLIP or a vision-with-projection checkpoint), eval mode, fp32.
 
     A checkpoint without the visual projection (e.g. a bare CLIPVisionModel such as 'tiny-clip') is refused: its
     features would be hidden states, not the image embeddings VALUE's features are. (`torchscript` is the image
     models' option; a video model is never one.)"""
-    directory, model_id = model_dir(model)
-    module, info = load_clip(directory, CLIPVisionModelWithProjection, "CLIP vision model with projection")
+    directory, model_id = clip.model_dir(model)
+    module, info = clip.load_clip(directory, CLIPVisionModelWithProjection, "CLIP vision model with projection")
     if any("visual_projection" in key for key in info.get("missing_keys", ())):
         raise VlpetError(f"{directory}: this CLIP checkpoint has no visual projection (visual_projection.weight), "
                          f"so it cannot give VALUE's image embeddings; pass a full CLIP model (e.g. "
                          f"openai/clip-vit-base-patch32) or 'tiny-clip-proj'.")
-    device = pick_device(device)
+    device = clip.pick_device(device)
     module.to(device).eval()
-    mean, std = preprocessor_stats(directory)
-    return ProjectedVisionModel(module, model_id, int(module.config.image_size), int(module.config.projection_dim),
-                                mean, std, device)  # type: ignore[arg-type]
+    mean, std = clip.preprocessor_stats(directory)
+    return VisionTower(module, model_id, int(module.config.image_size), int(module.config.projection_dim), mean, std,
+                       device)
 
 
-def image_embeds(vm: ProjectedVisionModel, pixel_values: Any) -> Any:
+def image_embeds(vm: VisionTower, pixel_values: Any) -> Any:
     """Projected image embeddings, float32 (B, dim)."""
     with torch.inference_mode():
         return vm.module(pixel_values=pixel_values.to(vm.device)).image_embeds.float().cpu()
 
 
-def frame_embeds(vm: ProjectedVisionModel, frames: np.ndarray, batch_size: int) -> np.ndarray:
+def frame_embeds(vm: VisionTower, frames: np.ndarray, batch_size: int) -> np.ndarray:
     """One video's preprocessed frames (n, 3, S, S) -> embeddings float32 (n, dim), `batch_size` frames a pass."""
     pixels = torch.from_numpy(frames)
     return torch.cat([image_embeds(vm, pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]).numpy()
@@ -129,10 +116,10 @@ def preprocess_video(path: Path, size: int, mean: tuple, std: tuple) -> np.ndarr
     frames = decode_frames(path)
     if not frames:
         raise ValueError("no frames decoded (empty video)")
-    return np.stack([normalize(square_crop(f, size), mean, std) for f in frames])
+    return np.stack([clip.normalize(square_crop(f, size), mean, std) for f in frames])
 
 
-def embed_files(vm: ProjectedVisionModel, paths: list[Path], batch_size: int = 64, layer: int = -1,
+def embed_files(vm: VisionTower, paths: list[Path], batch_size: int = 64, layer: int = -1,
                 dtype: str = "float16") -> dict[str, np.ndarray]:
     """Per-frame embeddings (n_frames, dim) of every distinct video file, in memory (`vlpet predict`), decoded and
     cropped as VALUE's extractor does, rounded to the store dtype a run was trained on (`layer` is the image
