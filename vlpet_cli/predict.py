@@ -353,8 +353,8 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
     settings = vision_settings(recorded, source, vision_model, layer, torchscript, directory)
     model, tokenizer, preset = load_any(directory, backbone=backbone)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    kind = feature_kind(cls.feature_kind)
-    extraction = kind.extraction()
+    features = feature_kind(cls.feature_kind)
+    extraction = features.extraction()
     video = cls.feature_kind == "video"
     vm = extraction.load_model(settings.model, device, settings.torchscript)
     if vm.dim != preset.model.feat_dim:
@@ -375,7 +375,7 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
             chunk = records[start:start + batch_size]
             paths = [Path(p) for r in chunk for p in r.image_ids]
             feats = extraction.embed_files(vm, paths, batch_size, settings.layer, settings.dtype)
-            dataset = TaskDataset(spec, chunk, kind.memory(feats), tokenizer, split_kind="eval")
+            dataset = TaskDataset(spec, chunk, features.memory(feats), tokenizer, split_kind="eval")
             batch = collate([dataset[i] for i in range(len(chunk))], dataset.pad_id)
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
             answers, scores = _decode(model, tokenizer, preset, spec, batch)

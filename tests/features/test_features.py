@@ -247,3 +247,16 @@ def test_inspect_reports_missing_ids(tmp_path):
 def test_image_stores_reject_unknown_layout(tmp_path):
     with pytest.raises(DataError, match="unknown image feature layout 'npz'"):
         IMAGE.writer(tmp_path / "x", "npz", (T, D))
+
+
+def test_features_made_in_memory_read_like_a_store():
+    """`vlpet predict` hands TaskDataset the features it just computed: the image kind's memory store reads them as
+    float32 and names an id it lacks."""
+    values = feats(2, seed=3)
+    store = IMAGE.memory(dict(zip(IDS[:2], values)))
+    got = store.visual([IDS[1], IDS[0]])
+    assert set(got) == {"vis_feats"} and got["vis_feats"].dtype == np.float32 and got["vis_feats"].shape == (2, T, D)
+    np.testing.assert_array_equal(got["vis_feats"][0], values[1].astype(np.float32))
+    assert IDS[0] in store and IDS[2] not in store and len(store) == 2
+    with pytest.raises(DataError, match=f"no features for image id '{IDS[2]}'"):
+        store.visual([IDS[2]])

@@ -246,3 +246,18 @@ def test_inspect_empty_folder_is_still_an_image_store(tmp_path):
     VIDEO.writer(tmp_path / "v", "npz", (D,)).close()  # a started but empty video folder knows its dim
     info = inspect_features(tmp_path / "v")
     assert info["kind"] == "video" and info["count"] == 0 and info["dim"] == D and info["frames"] is None
+
+
+def test_video_features_made_in_memory_read_like_a_store():
+    """The video kind's memory store (`vlpet predict`) resizes and masks as the stores on disk do."""
+    from vlpet_cli.config import VideoData
+
+    store = VIDEO.memory({"short": frames(3), "long": frames(70, 1)})
+    got = store.visual(["short"], VideoData(frames=4, mask_padding=True))
+    expected, mask = resize_frames(frames(3), 4)
+    assert got["vis_kind"] == "video" and got["vis_feats"].shape == (1, 4, D)
+    np.testing.assert_array_equal(got["vis_feats"][0], expected)
+    assert got["vis_mask"].tolist() == mask.tolist() == [1, 1, 1, 0]
+    assert "vis_mask" not in store.visual(["long"], VideoData(frames=4))
+    with pytest.raises(DataError, match="no features for video 'gone'"):
+        store.visual(["gone"], VideoData())

@@ -38,10 +38,7 @@ class ImageReads:
         """Features of one image as float32 (n_tokens, dim); DataError for an unknown id."""
         import numpy as np
 
-        return np.asarray(self._stored(img_id), dtype=np.float32)
-
-    def _stored(self, img_id: str) -> Any:
-        raise NotImplementedError
+        return np.asarray(self._stored(img_id), dtype=np.float32)  # type: ignore[attr-defined]
 
     def visual(self, ids: Sequence[str], video: Any = None) -> dict:
         """The model's visual input for a record's images: vis_feats (n_images, n_tokens, dim) float32."""
