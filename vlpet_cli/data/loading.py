@@ -87,12 +87,11 @@ def check_feature_dims(root: Path, preset: Preset, splits=("train", "val")) -> N
     for entry in found:
         first.setdefault(entry[0], entry)
     if len(first) > 1 and len({entry[4] for entry in found}) > 1:
-        image, video = first["image"], first["video"]
+        a, b = list(first.values())[:2]
         raise VlpetError(
-            f"image tasks ({image[1]}) and video tasks ({video[1]}) in one run need features of one size, but "
-            f"{image[3]} is {image[4]}-dimensional and {video[3]} is {video[4]}-dimensional; train image and "
-            f"video tasks in separate runs, or extract both with the same CLIP model and set model.feat_dim to "
-            f"their size")
+            f"{a[0]} tasks ({a[1]}) and {b[0]} tasks ({b[1]}) in one run need features of one size, but "
+            f"{a[3]} is {a[4]}-dimensional and {b[3]} is {b[4]}-dimensional; train {a[0]} and {b[0]} tasks in "
+            f"separate runs, or extract both with the same CLIP model and set model.feat_dim to their size")
     for _, name, split_name, path, dim in found:
         if dim != want:
             raise VlpetError(_dim_message(name, split_name, path, dim, want))
