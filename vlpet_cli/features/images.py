@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlpet_cli.errors import DataError
@@ -170,14 +169,10 @@ class PerImageWriter(FolderWriter):
     suffix = ".h5"
     store = PerImageStore
 
-    def __init__(self, path: Path, row: tuple[int, ...], dtype: str = "float16", attrs: dict | None = None):
-        self.attrs = dict(attrs or {}, dtype=dtype)
-        super().__init__(path, row, dtype, attrs)
-
     def _check(self, store: Any, wanted: dict) -> None:
         if self._existing:
             found = dict(store.attrs, shape=list(store.shape), dtype=store.dtype)
-            check_same(self.path, found, dict(self.attrs, shape=list(self.row)))
+            check_same(self.path, found, dict(wanted, shape=list(self.row)))
 
     def add(self, ids: Sequence[str], feats: Sequence[np.ndarray]) -> None:  # type: ignore[override]
         """Write one `<img_id>.h5` per image (dataset `<img_id>/features`), each atomically."""

@@ -416,12 +416,13 @@ class FolderWriter(Writer):
         for entry in os.scandir(self.path):  # leftovers of an interrupted run
             if entry.name.endswith(TMP_SUFFIX) and f"{self.suffix}." in entry.name:
                 os.unlink(entry.path)
+        self.attrs = json_attrs(dict(attrs or {}, dtype=dtype))
         store = self.store(self.path)
         self._existing = set(store.ids())
-        self._check(store, json_attrs(dict(attrs or {}, dtype=dtype)))
+        self._check(store, self.attrs)
 
     def _check(self, store: FolderStore, wanted: dict) -> None:
-        """DataError when the folder's files were written with other settings."""
+        """DataError when the folder's files were written with other settings than `wanted`."""
         raise NotImplementedError
 
     def _put(self, item_id: str, write: Callable[[BinaryIO], object]) -> None:
