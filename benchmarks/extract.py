@@ -85,9 +85,9 @@ def decode_rate(images: dict[str, Path]) -> float:
 
 def bare_forward(model_dir: Path, images: dict[str, Path], batch_size: int, device: str | None) -> float:
     """images/s of the model forward alone on batches preprocessed beforehand (one warm-up batch)."""
-    from vlpet_cli.features.extract.images import grid_features, load_vision_model, preprocess, to_pixels
+    from vlpet_cli.features.extract.images import grid_features, load_model, preprocess, to_pixels
 
-    vm = load_vision_model(model_dir, device)
+    vm = load_model(model_dir, device)
     arrays = [preprocess(p, vm.image_size, vm.mean, vm.std) for p in images.values()]
     batches = [to_pixels(arrays[i:i + batch_size]) for i in range(0, len(arrays), batch_size)]
     grid_features(vm, batches[0])
@@ -113,7 +113,7 @@ def main() -> None:
 
     import torch
 
-    from vlpet_cli.features.extract.images import extract_features
+    from vlpet_cli.features.extract.images import extract as extract_features
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -128,7 +128,7 @@ def main() -> None:
                                        batch_size=args.batch_size, workers=args.workers, progress=False,
                                        device=args.device)
             assert summary.written == args.n and not summary.failed
-            extract_runs.append(summary.images_per_s)
+            extract_runs.append(summary.rate)
     forward_ips, extract_ips = max(forward_runs), max(extract_runs)
     ratio = forward_ips / extract_ips
     target = TARGETS[args.model]

@@ -61,10 +61,10 @@ def write_features(path: Path, n_images: int, tokens: int = 49, dim: int = 2048,
     """A packed feature file (vlpet's layout) with one random float16 grid per image."""
     import numpy as np
 
-    from vlpet_cli.features.images import PackedWriter
+    from vlpet_cli.features.images import PackedImageWriter
 
     rng = np.random.default_rng(seed)
-    writer = PackedWriter(path, tokens, dim, "float16", {"model": "synthetic"})
+    writer = PackedImageWriter(path, (tokens, dim), "float16", {"model": "synthetic"})
     try:
         for start in range(0, n_images, 64):
             ids = [f"COCO_train2014_{i:012d}" for i in range(start, min(start + 64, n_images))]
@@ -138,7 +138,8 @@ def make_tvqa_root(dest: Path, n_train: int, n_videos: int, n_eval: int = 64, di
     limit, as TVQA's do with subtitles) and packed CLIP-ViT frame features in video/vis_features/tv/clip-vit.h5."""
     import numpy as np
 
-    from vlpet_cli.features.videos import PACKED, open_video_writer
+    from vlpet_cli.features.kinds import VIDEO
+    from vlpet_cli.features.videos import PACKED
 
     dest = Path(dest)
     stamp = dest / "synthetic.json"
@@ -169,8 +170,8 @@ def make_tvqa_root(dest: Path, n_train: int, n_videos: int, n_eval: int = 64, di
                 f.write(json.dumps(tvqa_line(rng, qid, vid, show, not split.startswith("test"))) + "\n")
                 qid += 1
     frng = np.random.default_rng(0)
-    writer = open_video_writer(dest / "video" / "vis_features" / "tv" / "clip-vit.h5", PACKED, dim,
-                               attrs={"model": "synthetic"})
+    writer = VIDEO.writer(dest / "video" / "vis_features" / "tv" / "clip-vit.h5", PACKED, (dim,),
+                          attrs={"model": "synthetic"})
     try:
         for vid, _ in vids:
             writer.add(vid, frng.standard_normal((frames, dim), dtype=np.float32))

@@ -47,15 +47,18 @@ def _generations(model, tokenizer, batch: dict, settings: dict, outputs: dict) -
     """For each `generated_ids*` setting the case holds: are vlpet's ids identical to the reference's?"""
     import torch
 
+    from transformers import GenerationConfig
+
     from vlpet_cli.config import GenerationSpec
-    from vlpet_cli.vl.decoding import generation_config
+    from vlpet_cli.vl.decoding import generation_kwargs
 
     same = []
     for key, kwargs in settings.items():
         if not key.startswith("generated_ids") or key not in outputs:
             continue
         spec = GenerationSpec(**kwargs)
-        config = generation_config(spec, model.family, tokenizer, model.config.decoder_start_token_id)
+        config = GenerationConfig(decoder_start_token_id=model.config.decoder_start_token_id,
+                                  **generation_kwargs(spec, model.family, tokenizer))
         ids = model.generate(batch, generation_config=config)
         want = outputs[key]
         same.append(tuple(ids.shape) == tuple(want.shape) and bool(torch.equal(ids.cpu(), want)))

@@ -17,7 +17,7 @@ from typer.core import TyperGroup
 
 from vlpet_cli.atomic import write_text
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.features.images import convert_features, describe_features, inspect_features
+from vlpet_cli.features.tools import convert_features, describe_features, inspect_features
 from vlpet_cli.presets import list_presets, load_raw, preset_path, resolve, to_yaml
 from vlpet_cli.tasks import TASKS, annotation_images, default_tasks, tasks_of_kind
 

@@ -1,35 +1,44 @@
-"""`vlpet extract-features`: which images or videos to extract, handed to the extraction libraries
-(`features/extract/images.py` for images, `features/extract/videos.py` for videos)."""
+"""`vlpet extract-features`: which images or videos to extract, handed to the kind's extraction
+(`features/extract/images.py` for images, `features/extract/videos.py` for videos, through the table of feature
+kinds)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlpet_cli.errors import DataError
-from vlpet_cli.features.extract.images import ExtractSummary, extract_features
-from vlpet_cli.features.extract.videos import VideoExtractSummary, extract_video_features
+from vlpet_cli.features.kinds import IMAGE, VIDEO
 from vlpet_cli.tasks import annotation_images
+
+if TYPE_CHECKING:
+    from vlpet_cli.features.extract.loop import ExtractSummary
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ts"}
 
 
-def scan_images(images_dir: Path) -> dict[str, Path]:
-    """All image files under a directory (recursively), keyed by filename stem, sorted by id."""
+def scan(folder: Path, suffixes: set[str], noun: str) -> dict[str, Path]:
+    """All files with one of `suffixes` under a folder (recursively, hidden ones left out), keyed by filename
+    stem (an image id, VALUE's vid_name), sorted by id; two files with one id are refused."""
     found: dict[str, Path] = {}
-    for root, dirs, files in os.walk(images_dir):
+    for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            if name.startswith(".") or Path(name).suffix.lower() not in suffixes:
                 continue
             path = Path(root) / name
-            stem = path.stem
-            if stem in found:
-                raise DataError(f"{images_dir}: two images share the id '{stem}' ({found[stem]} and {path}); "
-                                f"rename one, or select images with --annotations.")
-            found[stem] = path
+            if path.stem in found:
+                raise DataError(f"{folder}: two {noun}s share the id '{path.stem}' ({found[path.stem]} and {path}); "
+                                f"rename one, or select {noun}s with --annotations.")
+            found[path.stem] = path
     return dict(sorted(found.items()))
+
+
+def scan_images(images_dir: Path) -> dict[str, Path]:
+    """All image files under a directory (recursively), keyed by filename stem, sorted by id."""
+    return scan(images_dir, IMAGE_SUFFIXES, "image")
 
 
 def images_from(images_dir: Path, annotations: Path | None = None) -> dict[str, Path]:
@@ -71,7 +80,7 @@ def images_from(images_dir: Path, annotations: Path | None = None) -> dict[str, 
 def extract(images_dir: Path, model: str | Path, out: Path, annotations: Path | None = None,
             **options) -> ExtractSummary:
     """The command: the images of a folder (or those an annotation file names) -> features in `out`."""
-    return extract_features(images_from(images_dir, annotations), model, out, **options)
+    return IMAGE.extraction().extract(images_from(images_dir, annotations), model, out, **options)
 
 
 def scan_videos(videos_dir: Path) -> dict[str, Path]:
@@ -79,18 +88,7 @@ def scan_videos(videos_dir: Path) -> dict[str, Path]:
     videos_dir = Path(videos_dir)
     if not videos_dir.is_dir():
         raise DataError(f"{videos_dir}: video directory not found; pass --videos DIR holding the video files.")
-    found: dict[str, Path] = {}
-    for root, dirs, files in os.walk(videos_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            if name.startswith(".") or Path(name).suffix.lower() not in VIDEO_SUFFIXES:
-                continue
-            path = Path(root) / name
-            if path.stem in found:
-                raise DataError(f"{videos_dir}: two videos share the id '{path.stem}' ({found[path.stem]} and "
-                                f"{path}); rename one, or select videos with --annotations.")
-            found[path.stem] = path
-    return dict(sorted(found.items()))
+    return scan(videos_dir, VIDEO_SUFFIXES, "video")
 
 
 def videos_from(videos_dir: Path, annotations: Path | None = None) -> dict[str, Path]:
@@ -115,6 +113,6 @@ def videos_from(videos_dir: Path, annotations: Path | None = None) -> dict[str, 
 
 
 def extract_videos(videos_dir: Path, model: str | Path, out: Path, annotations: Path | None = None,
-                   **options) -> VideoExtractSummary:
+                   **options) -> ExtractSummary:
     """The command with --videos: the videos of a folder (or those a VALUE file names) -> features in `out`."""
-    return extract_video_features(videos_from(videos_dir, annotations), model, out, **options)
+    return VIDEO.extraction().extract(videos_from(videos_dir, annotations), model, out, **options)

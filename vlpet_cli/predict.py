@@ -193,55 +193,6 @@ def vision_settings(recorded: dict, source: str, vision_model: str | None, layer
     return VisionSettings(vision_model or str(rec["model"]), rec_layer, dtype, torchscript or archive, rec)
 
 
-class _Features:
-    """An in-memory feature store for TaskDataset: img_id -> (n_tokens, dim) array."""
-
-    def __init__(self, arrays: dict[str, Any]):
-        self.arrays = arrays
-
-    def get(self, img_id: str) -> Any:
-        return self.arrays[img_id]
-
-
-def extract(vm: Any, settings: VisionSettings, paths: list[Path], batch_size: int) -> dict[str, Any]:
-    """Features of every distinct image, rounded to the store dtype the run was trained on."""
-    import numpy as np
-
-    from vlpet_cli.features.extract.images import grid_features, preprocess, to_pixels
-
-    unique = list(dict.fromkeys(str(p) for p in paths))
-    out: dict[str, Any] = {}
-    for i in range(0, len(unique), batch_size):
-        chunk = unique[i:i + batch_size]
-        try:
-            arrays = [preprocess(Path(p), vm.image_size, vm.mean, vm.std) for p in chunk]
-        except OSError as exc:
-            raise VlpetError(f"cannot read an image ({exc}); check the file") from None
-        feats = grid_features(vm, to_pixels(arrays), settings.layer).numpy()
-        for p, f in zip(chunk, feats):
-            out[p] = f.astype(settings.dtype).astype(np.float32)
-    return out
-
-
-def extract_videos(vm: Any, settings: VisionSettings, paths: list[Path], batch_size: int = 64) -> dict[str, Any]:
-    """Per-frame projected embeddings (n_frames, dim) of every distinct video, decoded and cropped as VALUE's
-    extractor does, rounded to the store dtype the run was trained on."""
-    import numpy as np
-    import torch
-
-    from vlpet_cli.features.extract.videos import image_embeds, preprocess_video
-
-    out: dict[str, Any] = {}
-    for p in dict.fromkeys(str(p) for p in paths):
-        try:
-            pixels = torch.from_numpy(preprocess_video(Path(p), vm.image_size, vm.mean, vm.std))
-        except Exception as exc:  # noqa: BLE001 - PyAV raises its own errors for unreadable files
-            raise VlpetError(f"cannot decode video {p} ({type(exc).__name__}: {exc}); check the file") from None
-        feats = torch.cat([image_embeds(vm, pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
-        out[p] = feats.numpy().astype(settings.dtype).astype(np.float32)
-    return out
-
-
 def video_duration(path: Path) -> float:
     """A video's duration in seconds (the container's, else its stream's)."""
     import av
@@ -333,7 +284,7 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
     import torch
 
     from vlpet_cli.artifacts import load_any
-    from vlpet_cli.features.extract.images import load_vision_model
+    from vlpet_cli.features.kinds import feature_kind
     from vlpet_cli.tasks.base import TaskDataset, collate
 
     task = resolve_task(task)
@@ -350,17 +301,12 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
     settings = vision_settings(recorded, source, vision_model, layer, torchscript, directory)
     model, tokenizer, preset = load_any(directory, backbone=backbone)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    features = feature_kind(cls.feature_kind)
+    extraction = features.extraction()
     video = cls.feature_kind == "video"
-    if video:
-        from vlpet_cli.features.extract.videos import load_projected_model
-
-        vm = load_projected_model(settings.model, device)
-        dim = vm.dim
-    else:
-        vm = load_vision_model(settings.model, device, settings.torchscript)
-        dim = vm.hidden_size
-    if dim != preset.model.feat_dim:
-        raise VlpetError(f"{settings.model} gives {dim}-dimensional features, but {directory} was "
+    vm = extraction.load_model(settings.model, device, settings.torchscript)
+    if vm.dim != preset.model.feat_dim:
+        raise VlpetError(f"{settings.model} gives {vm.dim}-dimensional features, but {directory} was "
                          f"trained on model.feat_dim={preset.model.feat_dim}; pass the vision model it was trained "
                          f"with (--vision-model)")
     model.to(device).eval()
@@ -372,8 +318,8 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
             paths = [Path(p) for r in chunk for p in r.image_ids]
-            feats = extract_videos(vm, settings, paths) if video else extract(vm, settings, paths, batch_size)
-            dataset = TaskDataset(spec, chunk, _Features(feats), tokenizer, split_kind="eval")
+            feats = extraction.embed_files(vm, paths, batch_size, settings.layer, settings.dtype)
+            dataset = TaskDataset(spec, chunk, features.memory(feats), tokenizer, split_kind="eval")
             batch = collate([dataset[i] for i in range(len(chunk))], dataset.pad_id)
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
             answers, scores = _decode(model, tokenizer, preset, spec, batch)

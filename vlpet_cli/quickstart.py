@@ -13,18 +13,16 @@ from pathlib import Path
 import torch
 
 from vlpet_cli.evaluate import evaluate, evaluate_model
-from vlpet_cli.features.extract.images import TINY_CLIP, extract_features
-from vlpet_cli.features.extract.videos import TINY_CLIP_PROJ, extract_video_features
-from vlpet_cli.features.images import locate_features, open_features
-from vlpet_cli.features.videos import locate_video_features, open_video_features
+from vlpet_cli.features.extract.clip import TINY_CLIP, TINY_CLIP_PROJ
+from vlpet_cli.features.kinds import IMAGE, VIDEO
 from vlpet_cli.tasks import task_class, tasks_of_kind
 from vlpet_cli.toy.images import SOURCES, build_toy
-from vlpet_cli.toy.videos import VIDEO_SOURCES, video_feature_dir
+from vlpet_cli.toy.videos import VIDEO_SOURCES
 from vlpet_cli.train import TOY_DEFAULTS, resolve_train_preset, train
 from vlpet_cli.vl.model import build_model
 
-TASKS = tasks_of_kind("image")
-VIDEO_TASKS = tasks_of_kind("video")
+TASKS = tasks_of_kind(IMAGE.name)
+VIDEO_TASKS = tasks_of_kind(VIDEO.name)
 # VALUE's test labels are hidden (the toy world keeps them hidden too), so the video quick start scores val.
 SPLIT = {False: "test", True: "val"}
 # The toy clips have 6 frames (9 s at one per 1.5 s): 8 visual tokens keep them all at an eighth of the cost of 64.
@@ -50,17 +48,16 @@ def prepare_world(data_dir: Path, say, video: bool = False) -> Path:
     if video:
         for source in VIDEO_SOURCES:
             videos = {p.stem: p for p in sorted((data_dir / "video" / "videos" / source).glob("*.mp4"))}
-            summary = extract_video_features(videos, TINY_CLIP_PROJ, video_feature_dir(data_dir, source),
-                                             progress=False, workers=1)
-            say(f"video features {source}: {summary.written} videos extracted ({summary.frames} frames), "
+            summary = VIDEO.extraction().extract(videos, TINY_CLIP_PROJ, VIDEO.default_out(data_dir, source),
+                                                 progress=False, workers=1)
+            say(f"video features {source}: {summary.written} videos extracted ({summary.units} frames), "
                 f"{summary.skipped_existing} already there")
         return data_dir
     for source in SOURCES:
         images = {p.stem: p for p in sorted((data_dir / source / "images").glob("*.png"))}
-        out = data_dir / source / "clip_features" / "data_clip_RN101_att.h5"
-        summary = extract_features(images, TINY_CLIP, out, progress=False)
+        summary = IMAGE.extraction().extract(images, TINY_CLIP, IMAGE.default_out(data_dir, source), progress=False)
         say(f"features {source}: {summary.written} extracted, {summary.skipped_existing} already there "
-            f"({summary.images_per_s:.0f} images/s)")
+            f"({summary.rate:.0f} images/s)")
     return data_dir
 
 
@@ -84,14 +81,14 @@ def _quickstart(runs_dir: Path, preset: str, backbone: str, overrides: list[str]
     """The quick start's steps (see `quickstart`)."""
     started = time.time()
     data_dir = prepare_world(Path(runs_dir) / "quickstart-data", say, video)
+    kind, source = (VIDEO, VIDEO_SOURCES[0]) if video else (IMAGE, "COCO")
+    dim = kind.open(kind.locate(data_dir, source)).dim
     if video:
         tasks, split = VIDEO_TASKS, SPLIT[True]
         backbone = VIDEO_BACKBONES.get(backbone, backbone)
-        dim = open_video_features(locate_video_features(data_dir, VIDEO_SOURCES[0])).dim
         defaults = [*TOY_DEFAULTS, *VIDEO_OVERRIDES, f"model.feat_dim={dim}"]
     else:
         tasks, split = TASKS, SPLIT[False]
-        dim = open_features(locate_features(data_dir, "COCO")).dim
         defaults = [*TOY_DEFAULTS, "train.epochs=6", "eval.every=0", f"model.feat_dim={dim}"]
     resolved = resolve_train_preset(preset, tasks, str(data_dir), backbone, [*defaults, *(overrides or [])])
     torch.manual_seed(resolved.train.seed)

@@ -16,16 +16,13 @@ import pytest
 
 from vlpet_cli.errors import DataError, VlpetError
 from vlpet_cli.extract import images_from
-from vlpet_cli.features.extract.images import (
-    CLIP_MEAN,
-    CLIP_STD,
-    TINY_CLIP,
-    extract_features,
-    load_image,
-    load_vision_model,
-    report_path,
-)
-from vlpet_cli.features.images import inspect_features, open_features
+from vlpet_cli.features.extract.clip import CLIP_MEAN, CLIP_STD, TINY_CLIP
+from vlpet_cli.features.extract.images import extract as extract_features
+from vlpet_cli.features.extract.images import load_image
+from vlpet_cli.features.extract.images import load_model as load_vision_model
+from vlpet_cli.features.extract.loop import report_path
+from vlpet_cli.features.kinds import IMAGE
+from vlpet_cli.features.tools import inspect_features
 from vlpet_cli.tasks import annotation_images
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +59,7 @@ def make_images(folder: Path, n: int, seed: int = 0) -> Path:
 
 
 def values(path: Path) -> dict[str, np.ndarray]:
-    store = open_features(path)
+    store = IMAGE.open(path)
     return {i: store.get(i) for i in store.ids()}
 
 
@@ -90,7 +87,7 @@ def test_shipped_tiny_clip_sees_the_toy_world(tmp_path):
         toy.render_scene(s).save(tmp_path / f"{s.img_id}.png")
     extract_features({s.img_id: tmp_path / f"{s.img_id}.png" for s in scenes}, TINY_CLIP, tmp_path / "f.h5",
                      progress=False)
-    store = open_features(tmp_path / "f.h5")
+    store = IMAGE.open(tmp_path / "f.h5")
     x = np.stack([store.get(s.img_id).astype(np.float64).mean(0) for s in scenes])
     x = np.hstack([x, np.ones((len(x), 1))])
     backgrounds = list(toy.BACKGROUNDS)
@@ -106,16 +103,16 @@ def test_both_layouts_identical_and_attributes(model_dir, tmp_path):
     per_image = extract_features(images, model_dir, tmp_path / "pi", layout="per-image", batch_size=4,
                                  progress=False)
     assert packed.written == per_image.written == 9 and not packed.failed and packed.report is None
-    assert packed.images_per_s > 0 and packed.seconds > 0
+    assert packed.rate > 0 and packed.seconds > 0
     a, b = values(tmp_path / "f.h5"), values(tmp_path / "pi")
     assert a.keys() == b.keys() == set(images)
     for img_id in a:
         assert a[img_id].shape == (49, 64) and a[img_id].dtype == np.float32
         np.testing.assert_array_equal(a[img_id], b[img_id])
-    attrs = open_features(tmp_path / "f.h5").attrs
+    attrs = IMAGE.open(tmp_path / "f.h5").attrs
     assert attrs == {"model": str(model_dir.resolve()), "layer": -1, "image_size": 112, "grid": [7, 7],
                      "dtype": "float16"}
-    assert open_features(tmp_path / "pi").attrs == attrs
+    assert IMAGE.open(tmp_path / "pi").attrs == attrs
 
 
 def test_features_are_patch_tokens_of_the_chosen_layer(model_dir, tmp_path):
@@ -133,9 +130,9 @@ def test_features_are_patch_tokens_of_the_chosen_layer(model_dir, tmp_path):
     x = (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
     with torch.no_grad():
         hidden = model(pixel_values=x[None], output_hidden_states=True).hidden_states
-    np.testing.assert_allclose(open_features(tmp_path / "last.h5").get("img001"), hidden[-1][0, 1:].numpy(),
+    np.testing.assert_allclose(IMAGE.open(tmp_path / "last.h5").get("img001"), hidden[-1][0, 1:].numpy(),
                                rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(open_features(tmp_path / "l1.h5").get("img001"), hidden[1][0, 1:].numpy(),
+    np.testing.assert_allclose(IMAGE.open(tmp_path / "l1.h5").get("img001"), hidden[1][0, 1:].numpy(),
                                rtol=1e-4, atol=1e-4)
     assert load_image(path, 112).shape == (112, 112, 3)
     with pytest.raises(VlpetError, match="--layer 5 is out of range"):
@@ -152,12 +149,12 @@ def test_corrupt_and_missing_images_are_reported_and_retried(model_dir, tmp_path
     out = tmp_path / "f.h5"
     summary = extract_features(images, model_dir, out, batch_size=3, progress=False)
     assert summary.written == 6 and {f[0] for f in summary.failed} == {"corrupt", "truncated", "gone"}
-    assert summary.report == report_path(out, "packed") == tmp_path / "f.h5.errors.txt"
+    assert summary.report == report_path(out) == tmp_path / "f.h5.errors.txt"
     rows = [line.split("\t") for line in summary.report.read_text().splitlines() if not line.startswith("#")]
     assert {r[0] for r in rows} == {"corrupt", "truncated", "gone"}
     assert {r[0]: r[2] for r in rows}["gone"] == "file not found"
     assert str(folder / "corrupt.jpg") in {r[1] for r in rows}
-    assert "corrupt" not in open_features(out) and len(open_features(out)) == 6
+    assert "corrupt" not in IMAGE.open(out) and len(IMAGE.open(out)) == 6
     # a re-run retries only the failures; once they are fixed the report goes away
     (folder / "corrupt.jpg").write_bytes(good)
     del images["gone"]
@@ -166,11 +163,11 @@ def test_corrupt_and_missing_images_are_reported_and_retried(model_dir, tmp_path
     (folder / "truncated.png").unlink()
     del images["truncated"]
     final = extract_features(images, model_dir, out, progress=False)
-    assert final.written == 0 and final.report is None and not report_path(out, "packed").exists()
+    assert final.written == 0 and final.report is None and not report_path(out).exists()
     pi = extract_features({"corrupt": folder / "img000.png", "bad": folder / "nope.png"}, model_dir,
                           tmp_path / "pi", layout="per-image", progress=False)
     assert pi.report == tmp_path / "pi" / "errors.txt" and "bad" in pi.report.read_text()
-    assert open_features(tmp_path / "pi").ids() == ["corrupt"]  # errors.txt is not an id
+    assert IMAGE.open(tmp_path / "pi").ids() == ["corrupt"]  # errors.txt is not an id
 
 
 def test_limit_then_resume(model_dir, tmp_path):
@@ -178,9 +175,9 @@ def test_limit_then_resume(model_dir, tmp_path):
     out = tmp_path / "pi"
     first = extract_features(images, model_dir, out, layout="per-image", limit=3, batch_size=2, workers=0,
                              progress=False)
-    assert first.written == 3 and len(open_features(out)) == 3
+    assert first.written == 3 and len(IMAGE.open(out)) == 3
     second = extract_features(images, model_dir, out, layout="per-image", batch_size=2, progress=False)
-    assert second.skipped_existing == 3 and second.written == 4 and open_features(out).ids() == sorted(images)
+    assert second.skipped_existing == 3 and second.written == 4 and IMAGE.open(out).ids() == sorted(images)
     with pytest.raises(DataError, match="different settings"):
         extract_features(images, model_dir, out, layout="per-image", layer=0, progress=False)
 
@@ -190,14 +187,14 @@ import sys, time
 from pathlib import Path
 from vlpet_cli.features import images as features
 from vlpet_cli.extract import images_from
-from vlpet_cli.features.extract.images import extract_features
+from vlpet_cli.features.extract.images import extract as extract_features
 
-add = features.PackedWriter.add
+add = features.PackedImageWriter.add
 def slow_add(self, ids, feats):
     add(self, ids, feats)
     print("batch", flush=True)
     time.sleep(0.05)
-features.PackedWriter.add = slow_add
+features.PackedImageWriter.add = slow_add
 extract_features(images_from(Path(sys.argv[1])), sys.argv[2], Path(sys.argv[3]), batch_size=2, workers=1,
                  progress=False)
 print("finished", flush=True)
@@ -221,11 +218,11 @@ def test_sigkill_midway_then_rerun_gives_every_id_once(model_dir, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    partial = open_features(out)  # still a valid file
+    partial = IMAGE.open(out)  # still a valid file
     assert 8 <= len(partial) < 24
     summary = extract_features(images, model_dir, out, batch_size=5, progress=False)
     assert summary.skipped_existing == len(partial) and summary.written == 24 - len(partial)
-    ids = open_features(out).ids()
+    ids = IMAGE.open(out).ids()
     assert len(ids) == len(set(ids)) == 24 and set(ids) == set(images)
     clean = extract_features(images, model_dir, tmp_path / "clean.h5", batch_size=5, progress=False)
     assert clean.written == 24
@@ -307,7 +304,7 @@ def test_full_clip_checkpoint_loads_its_vision_tower(tmp_path):
     CLIPModel(config).save_pretrained(tmp_path / "clip")
     images = images_from(make_images(tmp_path / "imgs", 2))
     summary = extract_features(images, tmp_path / "clip", tmp_path / "f.h5", progress=False)
-    store = open_features(tmp_path / "f.h5")
+    store = IMAGE.open(tmp_path / "f.h5")
     assert summary.written == 2 and store.shape == (16, 32) and store.attrs["grid"] == [4, 4]
 
 

@@ -113,14 +113,13 @@ def test_predict_answers_what_eval_predicts(toy_run):
     assert all(0.5 <= g["score"] <= 1 and g["score_kind"] == "choice probability" for g in got)
     coco = results["coco"]
     # the features made on the fly are the stored ones the eval read (same model, preprocessing, fp16 rounding)
-    from vlpet_cli.features.extract.images import load_vision_model
-    from vlpet_cli.features.images import locate_features, open_features
-    from vlpet_cli.predict import VisionSettings, extract
+    from vlpet_cli.features.extract.images import embed_files, load_model
+    from vlpet_cli.features.kinds import IMAGE
     from vlpet_cli.toy.images import toy_root
 
     paths = [_toy_image("COCO", r["img_id"]) for r in coco]
-    made = extract(load_vision_model("tiny-clip", "cpu"), VisionSettings("tiny-clip"), paths, 4)
-    store = open_features(locate_features(toy_root(), "COCO"))
+    made = embed_files(load_model("tiny-clip", "cpu"), paths, 4)
+    store = IMAGE.open(IMAGE.locate(toy_root(), "COCO"))
     for r, p in zip(coco, paths):
         assert np.abs(made[str(p)] - store.get(r["img_id"]).astype(np.float32)).max() <= 2e-3
     got = predict(toy_run, "coco", [PredictInput([_toy_image("COCO", r["img_id"])]) for r in coco], progress=False)

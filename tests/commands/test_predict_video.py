@@ -154,14 +154,12 @@ def test_predict_video_answers_what_eval_predicts(video_run):
     got = predict(video_run, "tvc", items, progress=False)
     assert [g["answer"] for g in got] == [p["prediction"] for p in tvc]
     # the features made on the fly are the stored ones the eval read
-    from vlpet_cli.features.extract.videos import load_projected_model
-    from vlpet_cli.features.videos import locate_video_features, open_video_features
-    from vlpet_cli.predict import VisionSettings, extract_videos
+    from vlpet_cli.features.extract.videos import embed_files, load_model
+    from vlpet_cli.features.kinds import VIDEO
 
     vid = tvc[0]["vid_name"]
-    made = extract_videos(load_projected_model("tiny-clip-proj", "cpu"), VisionSettings("tiny-clip-proj"),
-                          [_video(vid, "tv")])
-    stored = open_video_features(locate_video_features(root, "tv")).get(vid)
+    made = embed_files(load_model("tiny-clip-proj", "cpu"), [_video(vid, "tv")])
+    stored = VIDEO.open(VIDEO.locate(root, "tv")).get(vid)
     assert np.abs(next(iter(made.values())) - np.asarray(stored, dtype=np.float32)).max() <= 2e-3
     # the command line, --json, with the defaults (whole video, no subtitles)
     first = items[0]

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from vlpet_cli.data import cache
+from vlpet_cli.data.loading import open_task_features
 from vlpet_cli.presets import resolve
 from vlpet_cli.tasks import get_task
-from vlpet_cli.tasks.base import TaskDataset, open_task_features
+from vlpet_cli.tasks.base import TaskDataset
 from vlpet_cli.toy.root import resolve_data_root
 from vlpet_cli.vl.model import build_model
 

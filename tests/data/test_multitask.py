@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch.utils.data.distributed import DistributedSampler
 from transformers import PreTrainedTokenizerFast
 
+from vlpet_cli.data.loading import open_task_features
 from vlpet_cli.data.multitask import (
     MultitaskLoader,
     eval_batches,
@@ -23,7 +24,7 @@ from vlpet_cli.data.multitask import (
     task_order,
 )
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.tasks import TaskDataset, get_task, open_task_features
+from vlpet_cli.tasks import TaskDataset, get_task
 
 D = 4
 SIZES = {"vqa": 23, "gqa": 31, "nlvr": 9, "coco": 6}  # coco: 6 images x 2 captions = 12 rows

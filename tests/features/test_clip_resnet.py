@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from vlpet_cli.cli import app
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.features.clip_resnet import ModifiedResNet, ResNetSpec, build_resnet, infer_spec, load_resnet
-from vlpet_cli.features.extract.images import grid_features, load_vision_model, preprocess, to_pixels
-from vlpet_cli.features.images import open_features
+from vlpet_cli.features.extract.images import grid_features, preprocess, to_pixels
+from vlpet_cli.features.extract.images import load_model as load_vision_model
+from vlpet_cli.features.kinds import IMAGE
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden-clip-rn"  # a copy of ../shared/golden-clip-rn (OpenAI's CLIP model code)
@@ -138,7 +139,7 @@ def test_rn101_checkpoint_with_random_weights_extracts_49_by_2048(tmp_path):
     path = tmp_path / "RN101.safetensors"
     save_file(random_state(RN101), str(path))
     vm = load_vision_model(path, "cpu")
-    assert (vm.kind, vm.image_size, vm.grid, vm.hidden_size) == ("resnet", 224, 7, 2048)
+    assert (vm.kind, vm.image_size, vm.grid, vm.dim) == ("resnet", 224, 7, 2048)
     image = _toy_images(1)
     feats = grid_features(vm, to_pixels([preprocess(p, 224, vm.mean, vm.std) for p in image.values()]))
     assert feats.shape == (1, 49, 2048) and torch.isfinite(feats).all()
@@ -223,7 +224,7 @@ def test_tiny_tower_extract_resume_and_train(tmp_path):
     second = runner.invoke(app, args)
     assert second.exit_code == 0, second.output
     assert "160 written, 100 already there" in second.output.replace("\n", " ")
-    store = open_features(out)
+    store = IMAGE.open(out)
     assert len(store) == 260 and store.shape == (49, 128) and store.dtype == "float16"
     attrs = store.attrs
     assert attrs["model"] == str((ckpt / "open_clip_model.safetensors").resolve())

@@ -12,18 +12,10 @@ import numpy as np
 import pytest
 
 from vlpet_cli.errors import DataError
-from vlpet_cli.features.images import (
-    FeatureStore,
-    PackedWriter,
-    PerImageWriter,
-    check_compatible,
-    convert_features,
-    describe_features,
-    inspect_features,
-    locate_features,
-    missing_ids,
-    open_features,
-)
+from vlpet_cli.features.hdf5 import missing_ids
+from vlpet_cli.features.images import PackedImageWriter, PerImageWriter, check_compatible
+from vlpet_cli.features.kinds import IMAGE
+from vlpet_cli.features.tools import convert_features, describe_features, inspect_features
 from vlpet_cli.tasks import annotation_images
 
 T, D = 4, 6
@@ -44,7 +36,7 @@ def write_reference_dir(root: Path, ids: list[str], values: np.ndarray) -> Path:
 
 
 def write_packed(path: Path, ids: list[str], values: np.ndarray, dtype: str = "float16") -> Path:
-    writer = PackedWriter(path, T, D, dtype, ATTRS)
+    writer = PackedImageWriter(path, (T, D), dtype, ATTRS)
     writer.add(ids, values)
     writer.close()
     return path
@@ -55,7 +47,7 @@ IDS = ["COCO_val2014_000000000042", "COCO_val2014_000000000073", "train-10171-0-
 
 def test_packed_roundtrip(tmp_path):
     values = feats(3)
-    store = open_features(write_packed(tmp_path / "f.h5", IDS, values))
+    store = IMAGE.open(write_packed(tmp_path / "f.h5", IDS, values))
     assert store.layout == "packed" and len(store) == 3 and store.ids() == IDS
     assert IDS[1] in store and "nope" not in store and 3 not in store
     got = store.get(IDS[1])
@@ -70,7 +62,7 @@ def test_packed_roundtrip(tmp_path):
 
 def test_reference_per_image_layout_is_read(tmp_path):
     values = feats(3, seed=1)
-    store = open_features(write_reference_dir(tmp_path / "data_clip_RN101_att", IDS, values))
+    store = IMAGE.open(write_reference_dir(tmp_path / "data_clip_RN101_att", IDS, values))
     assert store.layout == "per-image" and len(store) == 3 and sorted(IDS) == store.ids()
     np.testing.assert_array_equal(store.get(IDS[2]), values[2].astype(np.float32))
     assert store.dim == D and store.attrs == {} and IDS[0] in store and "x" not in store
@@ -82,12 +74,12 @@ def test_per_image_writer_matches_reference_and_is_atomic(tmp_path):
     out = tmp_path / "pi"
     out.mkdir()
     (out / f"{IDS[0]}.h5.999.tmp").write_bytes(b"half-written")  # leftover of a killed run
-    writer = PerImageWriter(out, T, D, "float16", ATTRS)
+    writer = PerImageWriter(out, (T, D), "float16", ATTRS)
     writer.add(IDS, feats(3))
     assert not list(out.glob("*.tmp"))
     with h5py.File(out / f"{IDS[0]}.h5", "r") as f:  # the reference loader's access path
         assert f[f"{IDS[0]}/features"].shape == (T, D) and f[f"{IDS[0]}/features"].dtype == np.float16
-    assert PerImageWriter(out, T, D, "float16", ATTRS).existing() == set(IDS)
+    assert PerImageWriter(out, (T, D), "float16", ATTRS).existing() == set(IDS)
 
 
 def test_both_layouts_give_identical_tensors_and_convert(tmp_path):
@@ -96,7 +88,7 @@ def test_both_layouts_give_identical_tensors_and_convert(tmp_path):
     assert convert_features(packed, tmp_path / "pi", "per-image") == 3
     assert convert_features(tmp_path / "pi", tmp_path / "back.h5", "packed") == 3
     assert convert_features(packed, tmp_path / "pi", "per-image") == 0  # resumable: nothing left to do
-    a, b, c = open_features(packed), open_features(tmp_path / "pi"), open_features(tmp_path / "back.h5")
+    a, b, c = IMAGE.open(packed), IMAGE.open(tmp_path / "pi"), IMAGE.open(tmp_path / "back.h5")
     assert b.attrs == a.attrs == c.attrs
     for img_id in IDS:
         np.testing.assert_array_equal(a.get(img_id), b.get(img_id))
@@ -106,18 +98,18 @@ def test_both_layouts_give_identical_tensors_and_convert(tmp_path):
 def test_locate_features(tmp_path):
     base = tmp_path / "COCO" / "clip_features"
     with pytest.raises(DataError) as err:
-        locate_features(tmp_path, "COCO")
+        IMAGE.locate(tmp_path, "COCO")
     assert "data_clip_RN101_att.h5" in str(err.value) and str(base / "data_clip_RN101_att") in str(err.value)
     write_reference_dir(base / "data_clip_RN101_att", IDS[:1], feats(1))
-    assert locate_features(tmp_path, "COCO") == base / "data_clip_RN101_att"
+    assert IMAGE.locate(tmp_path, "COCO") == base / "data_clip_RN101_att"
     write_packed(base / "data_clip_RN101_att.h5", IDS[:1], feats(1))
-    assert locate_features(tmp_path, "COCO") == base / "data_clip_RN101_att.h5"
-    assert locate_features(tmp_path, "COCO", name="data_clip_RN101_att").suffix == ".h5"
+    assert IMAGE.locate(tmp_path, "COCO") == base / "data_clip_RN101_att.h5"
+    assert IMAGE.locate(tmp_path, "COCO", "data_clip_RN101_att").suffix == ".h5"
 
 
 def test_store_pickles_without_handles_and_reopens_per_process(tmp_path):
     values = feats(3)
-    store = open_features(write_packed(tmp_path / "f.h5", IDS, values))
+    store = IMAGE.open(write_packed(tmp_path / "f.h5", IDS, values))
     store.get(IDS[0])
     assert store._h5 is not None
     clone = pickle.loads(pickle.dumps(store))
@@ -134,7 +126,7 @@ def test_store_pickles_without_handles_and_reopens_per_process(tmp_path):
 def test_store_in_dataloader_workers(tmp_path):
     torch = pytest.importorskip("torch")
     values = feats(3)
-    store = open_features(write_packed(tmp_path / "f.h5", IDS, values))
+    store = IMAGE.open(write_packed(tmp_path / "f.h5", IDS, values))
     store.get(IDS[0])  # the parent has an open handle; workers must not reuse it
 
     class DS(torch.utils.data.Dataset):
@@ -155,15 +147,15 @@ def test_packed_resume_drops_torn_rows(tmp_path):
     with h5py.File(path, "r+") as f:  # a writer killed after flushing features, before writing their ids
         f["features"].resize(5, axis=0)
         f["ids"].resize(3, axis=0)  # ... or after resizing ids, before their values reached the file
-    store = open_features(path)
+    store = IMAGE.open(path)
     assert store.ids() == IDS[:2] and len(store) == 2
-    writer = PackedWriter(path, T, D, "float16", ATTRS)
+    writer = PackedImageWriter(path, (T, D), "float16", ATTRS)
     assert writer.existing() == set(IDS[:2])
     writer.add(IDS[2:], feats(1, seed=5))
     writer.close()
     with h5py.File(path, "r") as f:
         assert f["features"].shape[0] == f["ids"].shape[0] == 3
-    store = open_features(path)
+    store = IMAGE.open(path)
     assert store.ids() == IDS
     np.testing.assert_array_equal(store.get(IDS[2]), feats(1, seed=5)[0].astype(np.float32))
 
@@ -171,32 +163,32 @@ def test_packed_resume_drops_torn_rows(tmp_path):
 def test_writer_refuses_other_settings(tmp_path):
     path = write_packed(tmp_path / "f.h5", IDS, feats(3))
     with pytest.raises(DataError, match="layer=-1"):
-        PackedWriter(path, T, D, "float16", dict(ATTRS, layer=3))
+        PackedImageWriter(path, (T, D), "float16", dict(ATTRS, layer=3))
     with pytest.raises(DataError, match="shape"):
-        PackedWriter(path, T, D + 1, "float16", ATTRS)
+        PackedImageWriter(path, (T, D + 1), "float16", ATTRS)
     ref = write_reference_dir(tmp_path / "ref", IDS, feats(3))
     with pytest.raises(DataError, match="dtype"):
-        PerImageWriter(ref, T, D, "float32", ATTRS)
+        PerImageWriter(ref, (T, D), "float32", ATTRS)
     with pytest.raises(DataError, match="is a directory"):
-        PackedWriter(ref, T, D)
+        PackedImageWriter(ref, (T, D))
     with pytest.raises(DataError, match="dtype"):
-        PackedWriter(tmp_path / "g.h5", T, D, "bfloat16")
+        PackedImageWriter(tmp_path / "g.h5", (T, D), "bfloat16")
 
 
 def test_open_features_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
-        open_features(tmp_path / "nothing.h5")
+        IMAGE.open(tmp_path / "nothing.h5")
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f.create_dataset("x", data=[1])
     with pytest.raises(DataError, match="not a vlpet packed feature file"):
-        open_features(tmp_path / "other.h5")
+        IMAGE.open(tmp_path / "other.h5")
     (tmp_path / "junk.h5").write_bytes(b"junk")
     with pytest.raises(DataError, match="cannot read HDF5"):
-        open_features(tmp_path / "junk.h5")
+        IMAGE.open(tmp_path / "junk.h5")
 
 
 def test_missing_ids_and_check_compatible(tmp_path):
-    store = open_features(write_packed(tmp_path / "f.h5", IDS, feats(3)))
+    store = IMAGE.open(write_packed(tmp_path / "f.h5", IDS, feats(3)))
     assert missing_ids(store, ["a", IDS[0], "b", "a"]) == ["a", "b"]
     check_compatible(store, D)
     with pytest.raises(DataError) as err:
@@ -252,6 +244,19 @@ def test_inspect_reports_missing_ids(tmp_path):
     assert inspect_features(tmp_path / "empty")["count"] == 0
 
 
-def test_feature_store_rejects_unknown_layout(tmp_path):
-    with pytest.raises(ValueError):
-        FeatureStore(tmp_path, "npz")
+def test_image_stores_reject_unknown_layout(tmp_path):
+    with pytest.raises(DataError, match="unknown image feature layout 'npz'"):
+        IMAGE.writer(tmp_path / "x", "npz", (T, D))
+
+
+def test_features_made_in_memory_read_like_a_store():
+    """`vlpet predict` hands TaskDataset the features it just computed: the image kind's memory store reads them as
+    float32 and names an id it lacks."""
+    values = feats(2, seed=3)
+    store = IMAGE.memory(dict(zip(IDS[:2], values)))
+    got = store.visual([IDS[1], IDS[0]])
+    assert set(got) == {"vis_feats"} and got["vis_feats"].dtype == np.float32 and got["vis_feats"].shape == (2, T, D)
+    np.testing.assert_array_equal(got["vis_feats"][0], values[1].astype(np.float32))
+    assert IDS[0] in store and IDS[2] not in store and len(store) == 2
+    with pytest.raises(DataError, match=f"no features for image id '{IDS[2]}'"):
+        store.visual([IDS[2]])

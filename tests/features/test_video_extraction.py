@@ -12,15 +12,11 @@ import pytest
 
 from vlpet_cli.errors import DataError, VlpetError
 from vlpet_cli.extract import extract_videos, videos_from
-from vlpet_cli.features.extract.images import TINY_CLIP
-from vlpet_cli.features.extract.videos import (
-    TINY_CLIP_PROJ,
-    decode_frames,
-    extract_video_features,
-    load_projected_model,
-    square_crop,
-)
-from vlpet_cli.features.videos import open_video_features
+from vlpet_cli.features.extract.clip import TINY_CLIP, TINY_CLIP_PROJ
+from vlpet_cli.features.extract.videos import decode_frames, square_crop
+from vlpet_cli.features.extract.videos import extract as extract_video_features
+from vlpet_cli.features.extract.videos import load_model as load_projected_model
+from vlpet_cli.features.kinds import VIDEO
 from vlpet_cli.tasks import annotation_images
 from vlpet_cli.toy import videos as toy_video
 
@@ -81,8 +77,8 @@ def test_short_side_scaled_and_centre_cropped():
 
 def test_one_row_per_frame_512_d_float16(clips_dir, tmp_path):
     summary = extract_video_features(videos_from(clips_dir), "tiny-clip-proj", tmp_path / "feats", progress=False)
-    assert summary.written == 5 and not summary.failed and summary.frames == 5 * 6
-    store = open_video_features(tmp_path / "feats")
+    assert summary.written == 5 and not summary.failed and summary.units == 5 * 6
+    store = VIDEO.open(tmp_path / "feats")
     assert store.layout == "npz" and sorted(store.ids()) == [f"clip{i}" for i in range(5)]
     feats = store.get("clip0")
     assert feats.shape == (6, 512) and feats.dtype == np.float16  # 9 s -> ticks 0, 1.5, ..., 7.5
@@ -100,13 +96,13 @@ def test_one_row_per_frame_512_d_float16(clips_dir, tmp_path):
     assert np.array_equal(direct, feats)
     extract_video_features(videos_from(clips_dir), "tiny-clip-proj", tmp_path / "feats.h5", layout="packed",
                            progress=False, workers=0)
-    packed = open_video_features(tmp_path / "feats.h5")
+    packed = VIDEO.open(tmp_path / "feats.h5")
     assert packed.layout == "packed" and np.array_equal(packed.get("clip3"), store.get("clip3"))
 
 
 def test_frames_that_differ_give_different_embeddings(clips_dir, tmp_path):
     extract_video_features(videos_from(clips_dir), TINY_CLIP_PROJ, tmp_path / "f", progress=False)
-    feats = open_video_features(tmp_path / "f").get("clip1").astype(np.float32)
+    feats = VIDEO.open(tmp_path / "f").get("clip1").astype(np.float32)
     assert np.abs(feats[0] - feats[-1]).max() > 0.05  # the shape moved or changed between first and last tick
 
 
@@ -129,10 +125,10 @@ def test_resumes_after_a_kill(clips_dir, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         extract_video_features(videos_from(clips_dir), "tiny-clip-proj", out, progress=False)
     monkeypatch.setattr(video_features.NpzVideoWriter, "add", real_add)
-    assert len(open_video_features(out)) == 2
+    assert len(VIDEO.open(out)) == 2
     summary = extract_video_features(videos_from(clips_dir), "tiny-clip-proj", out, progress=False)
     assert (summary.skipped_existing, summary.written) == (2, 3)
-    a, b = open_video_features(full), open_video_features(out)
+    a, b = VIDEO.open(full), VIDEO.open(out)
     for vid in a.ids():
         assert np.array_equal(a.get(vid), b.get(vid)), vid
 
@@ -150,7 +146,7 @@ def test_corrupt_and_empty_videos_are_listed_and_skipped(clips_dir, tmp_path):
     assert summary.report == out / "errors.txt" and "failed videos are listed" in summary.describe()
     rows = [line.split("\t") for line in (out / "errors.txt").read_text().splitlines()[1:]]
     assert sorted(r[0] for r in rows) == ["broken", "empty"] and all(r[2] for r in rows)
-    assert sorted(open_video_features(out).ids()) == ["clip0", "clip1"]
+    assert sorted(VIDEO.open(out).ids()) == ["clip0", "clip1"]
     # once the files are fixed a re-run extracts them and removes the report
     for name in ("broken", "empty"):
         (folder / f"{name}.mp4").write_bytes((clips_dir / "clip2.mp4").read_bytes())
@@ -170,7 +166,7 @@ def test_annotations_select_the_videos_a_value_file_names(clips_dir, tmp_path):
     summary = extract_videos(clips_dir, "tiny-clip-proj", tmp_path / "f", ann, progress=False)
     assert summary.written == 2 and [f[0] for f in summary.failed] == ["gone"]
     assert summary.failed[0][2] == "file not found"
-    assert sorted(open_video_features(tmp_path / "f").ids()) == ["clip1", "clip3"]
+    assert sorted(VIDEO.open(tmp_path / "f").ids()) == ["clip1", "clip3"]
 
 
 def test_refusals(clips_dir, tmp_path):
@@ -209,7 +205,7 @@ def test_cli_extracts_videos_and_refuses_mixed_inputs(clips_dir, tmp_path):
     result = runner.invoke(app, ["extract-features", "--videos", str(clips_dir), "--model", "tiny-clip-proj",
                                  "--out", str(out), "--limit", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert "2 videos written (12 frames)" in " ".join(result.output.split()) and len(open_video_features(out)) == 2
+    assert "2 videos written (12 frames)" in " ".join(result.output.split()) and len(VIDEO.open(out)) == 2
     result = runner.invoke(app, ["extract-features", "--videos", str(clips_dir), "--images", str(clips_dir),
                                  "--model", "tiny-clip-proj", "--out", str(out)])
     assert result.exit_code == 2 and "exactly one of --images DIR" in result.stderr

@@ -13,15 +13,8 @@ import pytest
 
 from vlpet_cli.errors import DataError
 from vlpet_cli.features.hdf5 import missing_ids
-from vlpet_cli.features.videos import (
-    ATTRS_FILE,
-    VideoFeatureStore,
-    locate_video_features,
-    open_video_features,
-    open_video_writer,
-    resize_frames,
-    video_feature_paths,
-)
+from vlpet_cli.features.kinds import VIDEO
+from vlpet_cli.features.videos import ATTRS_FILE, NpzVideoStore, resize_frames
 
 D = 8
 ATTRS = {"model": "tiny-clip", "fps": 0.6667, "size": [224, 224]}
@@ -43,11 +36,11 @@ def value_folder(root: Path) -> Path:
 @pytest.mark.parametrize("layout", ["npz", "packed"])
 def test_roundtrip_both_layouts(tmp_path, layout):
     path = tmp_path / ("clip-vit" if layout == "npz" else "clip-vit.h5")
-    with open_video_writer(path, layout, D, attrs=ATTRS) as writer:
+    with VIDEO.writer(path, layout, (D,), attrs=ATTRS) as writer:
         assert writer.existing() == set()
         for seed, (vid, n) in enumerate(VIDS.items()):
             writer.add(vid, frames(n, seed))
-    store = open_video_features(path)
+    store = VIDEO.open(path)
     assert store.layout == layout and store.path == path and len(store) == 3
     assert sorted(store.ids()) == sorted(VIDS) and "yc2_abc_3" in store and "nope" not in store and 3 not in store
     for seed, (vid, n) in enumerate(VIDS.items()):
@@ -67,7 +60,7 @@ def test_roundtrip_both_layouts(tmp_path, layout):
 
 
 def test_value_npz_folder_is_read(tmp_path):
-    store = open_video_features(value_folder(tmp_path / "clip-vit"))
+    store = VIDEO.open(value_folder(tmp_path / "clip-vit"))
     assert store.layout == "npz" and store.attrs == {} and store.dim == D and len(store) == 3
     assert store.ids() == sorted(VIDS)
     np.testing.assert_array_equal(store.get("s03e02_seg02_clip_10"), frames(5, 0))
@@ -75,7 +68,7 @@ def test_value_npz_folder_is_read(tmp_path):
 
 
 def test_npz_written_is_value_format(tmp_path):
-    with open_video_writer(tmp_path / "v", "npz", D, attrs=ATTRS) as writer:
+    with VIDEO.writer(tmp_path / "v", "npz", (D,), attrs=ATTRS) as writer:
         writer.add("vid1", frames(3).astype(np.float32))
     with np.load(tmp_path / "v" / "vid1.npz") as data:
         assert list(data.keys()) == ["features"] and data["features"].dtype == np.float16
@@ -83,48 +76,48 @@ def test_npz_written_is_value_format(tmp_path):
 
 
 def test_locate_prefers_packed_then_folder(tmp_path):
-    packed, folder = video_feature_paths(tmp_path, "tv")
+    packed, folder = VIDEO.paths(tmp_path, "tv")
     assert packed == tmp_path / "video/vis_features/tv/clip-vit.h5" and folder == packed.with_suffix("")
     with pytest.raises(DataError) as err:
-        locate_video_features(tmp_path, "tv")
+        VIDEO.locate(tmp_path, "tv")
     assert str(packed) in str(err.value) and str(folder) in str(err.value) and "--videos" in str(err.value)
     value_folder(folder)
-    assert locate_video_features(tmp_path, "tv") == folder
-    open_video_writer(packed, "packed", D).close()
-    assert locate_video_features(tmp_path, "tv") == packed
+    assert VIDEO.locate(tmp_path, "tv") == folder
+    VIDEO.writer(packed, "packed", (D,)).close()
+    assert VIDEO.locate(tmp_path, "tv") == packed
     with pytest.raises(DataError, match="source 'how2'"):
-        locate_video_features(tmp_path, "how2")
+        VIDEO.locate(tmp_path, "how2")
 
 
 @pytest.mark.parametrize("layout", ["npz", "packed"])
 def test_resume_and_refuse_other_settings(tmp_path, layout):
     path = tmp_path / ("v" if layout == "npz" else "v.h5")
-    with open_video_writer(path, layout, D, attrs=dict(ATTRS, device=None)) as writer:
+    with VIDEO.writer(path, layout, (D,), attrs=dict(ATTRS, device=None)) as writer:
         writer.add("a", frames(4))
-    with open_video_writer(path, layout, D, attrs=ATTRS) as writer:
+    with VIDEO.writer(path, layout, (D,), attrs=ATTRS) as writer:
         assert writer.existing() == {"a"}
         writer.add("b", frames(6, 1))
-    assert sorted(open_video_features(path).ids()) == ["a", "b"]
+    assert sorted(VIDEO.open(path).ids()) == ["a", "b"]
     with pytest.raises(DataError, match="dim=8 .this run: 16."):
-        open_video_writer(path, layout, 16, attrs=ATTRS)
+        VIDEO.writer(path, layout, (16,), attrs=ATTRS)
     with pytest.raises(DataError, match="model='tiny-clip' .this run: 'other'."):
-        open_video_writer(path, layout, D, attrs=dict(ATTRS, model="other"))
+        VIDEO.writer(path, layout, (D,), attrs=dict(ATTRS, model="other"))
     with pytest.raises(DataError, match="expected .n_frames, 8."):
-        with open_video_writer(path, layout, D, attrs=ATTRS) as writer:
+        with VIDEO.writer(path, layout, (D,), attrs=ATTRS) as writer:
             writer.add("c", frames(3, dim=5))
 
 
 def test_npz_resume_on_value_folder_checks_dim(tmp_path):
     folder = value_folder(tmp_path / "clip-vit")
     with pytest.raises(DataError, match="dim=8"):
-        open_video_writer(folder, "npz", 512)
-    writer = open_video_writer(folder, "npz", D, attrs=ATTRS)
+        VIDEO.writer(folder, "npz", (512,))
+    writer = VIDEO.writer(folder, "npz", (D,), attrs=ATTRS)
     assert writer.existing() == set(VIDS)
 
 
 def test_npz_kill_leaves_no_half_file(tmp_path, monkeypatch):
     folder = tmp_path / "v"
-    writer = open_video_writer(folder, "npz", D)
+    writer = VIDEO.writer(folder, "npz", (D,))
     writer.add("a", frames(2))
 
     def boom(*args, **kwargs):
@@ -135,13 +128,13 @@ def test_npz_kill_leaves_no_half_file(tmp_path, monkeypatch):
         writer.add("b", frames(2))
     monkeypatch.undo()
     (folder / "c.npz.123.tmp").write_bytes(b"half")  # a killed process's leftover
-    writer = open_video_writer(folder, "npz", D)
+    writer = VIDEO.writer(folder, "npz", (D,))
     assert writer.existing() == {"a"} and sorted(p.name for p in folder.iterdir()) == ["a.npz", ATTRS_FILE]
 
 
 def test_packed_interrupted_video_is_dropped(tmp_path):
     path = tmp_path / "v.h5"
-    with open_video_writer(path, "packed", D) as writer:
+    with VIDEO.writer(path, "packed", (D,)) as writer:
         writer.add("a", frames(4))
         writer.add("b", frames(3, 1))
     with h5py.File(path, "r+") as f:  # simulate a kill after the frames and span of 'c', before its id
@@ -149,15 +142,15 @@ def test_packed_interrupted_video_is_dropped(tmp_path):
         f["spans"].resize(3, axis=0)
         f["spans"][2] = (7, 5)
         f["ids"].resize(3, axis=0)
-    store = open_video_features(path)
+    store = VIDEO.open(path)
     assert store.ids() == ["a", "b"]
-    with open_video_writer(path, "packed", D) as writer:
+    with VIDEO.writer(path, "packed", (D,)) as writer:
         assert writer.existing() == {"a", "b"}
         writer.add("c", frames(2, 2))
     with h5py.File(path, "r") as f:
         assert f["features"].shape == (9, D) and f["spans"][2].tolist() == [7, 2]
-    np.testing.assert_array_equal(open_video_features(path).get("c"), frames(2, 2))
-    np.testing.assert_array_equal(open_video_features(path).get("b"), frames(3, 1))
+    np.testing.assert_array_equal(VIDEO.open(path).get("c"), frames(2, 2))
+    np.testing.assert_array_equal(VIDEO.open(path).get("b"), frames(3, 1))
 
 
 def test_bad_files_are_one_line_errors(tmp_path):
@@ -166,22 +159,22 @@ def test_bad_files_are_one_line_errors(tmp_path):
     (folder / "bad.npz").write_bytes(b"not a zip")
     with zipfile.ZipFile(folder / "nokey.npz", "w") as zf:
         zf.writestr("other.npy", b"")
-    store = open_video_features(folder)
+    store = VIDEO.open(folder)
     for vid in ("bad", "nokey"):
         with pytest.raises(DataError, match=f"{vid}.npz: cannot read array 'features'"):
             store.get(vid)
     (tmp_path / "x.h5").write_bytes(b"junk")
     with pytest.raises(DataError, match="cannot read HDF5"):
-        open_video_features(tmp_path / "x.h5")
+        VIDEO.open(tmp_path / "x.h5")
     with h5py.File(tmp_path / "img.h5", "w") as f:
         f.create_dataset("features", data=np.zeros((1, 2, 3)))
     with pytest.raises(DataError, match="not a vlpet packed video feature file"):
-        open_video_features(tmp_path / "img.h5")
+        VIDEO.open(tmp_path / "img.h5")
     with pytest.raises(DataError, match="not found"):
-        open_video_features(tmp_path / "none")
+        VIDEO.open(tmp_path / "none")
     with pytest.raises(DataError, match="unknown video feature layout"):
-        open_video_writer(tmp_path / "w", "per-image", D)
-    assert isinstance(store, VideoFeatureStore)
+        VIDEO.writer(tmp_path / "w", "per-image", (D,))
+    assert isinstance(store, NpzVideoStore)
 
 
 @pytest.mark.parametrize("total", [1, 5, 63, 64, 65, 70, 100, 127, 128, 129, 300, 1000])
@@ -213,14 +206,14 @@ def test_inspect_video_stores(tmp_path, monkeypatch, layout):
     from typer.testing import CliRunner
 
     from vlpet_cli.cli import app
-    from vlpet_cli.features.images import describe_features, inspect_features
+    from vlpet_cli.features.tools import describe_features, inspect_features
     from vlpet_cli.tasks import TASKS, CocoTask
 
     if layout == "value":
         path = value_folder(tmp_path / "clip-vit")
     else:
         path = tmp_path / ("v" if layout == "npz" else "v.h5")
-        with open_video_writer(path, layout, D, attrs=ATTRS) as writer:
+        with VIDEO.writer(path, layout, (D,), attrs=ATTRS) as writer:
             for seed, (vid, n) in enumerate(VIDS.items()):
                 writer.add(vid, frames(n, seed))
     info = inspect_features(path, ["yc2_abc_3", "lost_clip"], tmp_path / "ann.jsonl")
@@ -246,10 +239,25 @@ def test_inspect_video_stores(tmp_path, monkeypatch, layout):
 
 
 def test_inspect_empty_folder_is_still_an_image_store(tmp_path):
-    from vlpet_cli.features.images import inspect_features
+    from vlpet_cli.features.tools import inspect_features
 
     (tmp_path / "empty").mkdir()
     assert inspect_features(tmp_path / "empty")["layout"] == "per-image"
-    open_video_writer(tmp_path / "v", "npz", D).close()  # a started but empty video folder knows its dim
+    VIDEO.writer(tmp_path / "v", "npz", (D,)).close()  # a started but empty video folder knows its dim
     info = inspect_features(tmp_path / "v")
     assert info["kind"] == "video" and info["count"] == 0 and info["dim"] == D and info["frames"] is None
+
+
+def test_video_features_made_in_memory_read_like_a_store():
+    """The video kind's memory store (`vlpet predict`) resizes and masks as the stores on disk do."""
+    from vlpet_cli.config import VideoData
+
+    store = VIDEO.memory({"short": frames(3), "long": frames(70, 1)})
+    got = store.visual(["short"], VideoData(frames=4, mask_padding=True))
+    expected, mask = resize_frames(frames(3), 4)
+    assert got["vis_kind"] == "video" and got["vis_feats"].shape == (1, 4, D)
+    np.testing.assert_array_equal(got["vis_feats"][0], expected)
+    assert got["vis_mask"].tolist() == mask.tolist() == [1, 1, 1, 0]
+    assert "vis_mask" not in store.visual(["long"], VideoData(frames=4))
+    with pytest.raises(DataError, match="no features for video 'gone'"):
+        store.visual(["gone"], VideoData())

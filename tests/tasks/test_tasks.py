@@ -14,8 +14,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from vlpet_cli.data.loading import check_features, open_task_features
 from vlpet_cli.errors import DataError, VlpetError
-from vlpet_cli.features.images import locate_features, open_features
+from vlpet_cli.features.kinds import IMAGE
 from vlpet_cli.tasks import (
     TASKS,
     CocoTask,
@@ -23,10 +24,8 @@ from vlpet_cli.tasks import (
     NlvrTask,
     TaskDataset,
     VqaTask,
-    check_features,
     collate,
     get_task,
-    open_task_features,
 )
 
 D = 8  # feature dim of the tiny stores
@@ -405,9 +404,9 @@ def test_missing_features_reported_once(vqa_root, bart):
         check_features(task, records, stores)
     msg = str(err.value)
     assert "3 of 5 records" in msg and "img_gone1, img_gone2" in msg
-    assert str(locate_features(vqa_root, "COCO")) in msg
+    assert str(IMAGE.locate(vqa_root, "COCO")) in msg
     check_features(task, records[:1] + records[2:3], stores)  # all present: no error
-    check_features(task, records[:1], open_features(locate_features(vqa_root, "COCO")))  # one store
+    check_features(task, records[:1], IMAGE.open(IMAGE.locate(vqa_root, "COCO")))  # one store
 
     ds = TaskDataset(task, records, stores, bart, "eval", seed=0)
     with pytest.raises(DataError, match=r"karpathy_val\.json: record 1 \(1\).*img_gone1"):
@@ -420,7 +419,7 @@ def test_missing_store_for_source(vqa_root):
         {"img_id": "n1", "question_id": "1", "sent": "q", "label": {"x": 1.0}}])
     records = task.load(vqa_root, "val")
     with pytest.raises(DataError, match=r"1 of 1 records .*first missing ids: n1.*no store for source 'GQA'"):
-        check_features(task, records, {"COCO": open_features(locate_features(vqa_root, "COCO"))})
+        check_features(task, records, {"COCO": IMAGE.open(IMAGE.locate(vqa_root, "COCO"))})
     with pytest.raises(DataError, match="no features for source 'GQA'"):
         open_task_features(records, vqa_root)
 

@@ -12,6 +12,7 @@ import pytest
 from vlpet_cli.backbones import load_tokenizer, resolve
 from vlpet_cli.config import VideoData
 from vlpet_cli.errors import DataError
+from vlpet_cli.features.kinds import VIDEO
 from vlpet_cli.tasks import TaskDataset, annotation_images, get_task, task_class
 from vlpet_cli.tasks.video.base import load_subtitles
 
@@ -91,31 +92,6 @@ def world(tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def bart():
     return load_tokenizer(resolve("tiny-bart"))
-
-
-class FakeVideoStore:
-    """A video feature store offering what TaskDataset reads: (n_frames, 512) per video."""
-
-    dim = 512
-    path = Path("fake-store")
-    layout = "npz"
-
-    def __init__(self, vids) -> None:
-        self.vids = set(vids)
-
-    def get(self, vid: str) -> np.ndarray:
-        if vid not in self.vids:
-            raise KeyError(vid)
-        return np.ones((10, 512), dtype=np.float16)
-
-    def ids(self) -> list[str]:
-        return sorted(self.vids)
-
-    def __contains__(self, vid: str) -> bool:
-        return vid in self.vids
-
-    def __len__(self) -> int:
-        return len(self.vids)
 
 
 # ---- declarations -------------------------------------------------------------------------------------------
@@ -216,7 +192,7 @@ def test_subtitle_truncation_when_even_the_question_is_too_long(world, bart):
 def test_dataset_items_use_the_tasks_truncation(world, bart):
     task = get_task("tvqa", video=VideoData(truncate="subtitles"))
     records = task.load(long_tvqa(world), "train")
-    ds = TaskDataset(task, records, {"tv": FakeVideoStore(["long"])}, bart)
+    ds = TaskDataset(task, records, {"tv": VIDEO.memory({"long": np.ones((10, 512), np.float16)})}, bart)
     item = ds[0]
     assert item["input_ids"] == task.source_ids([records[0]], bart)[0]
     assert item["target"] == "a2" and item["target_ids"] == bart("a2", max_length=20, truncation=True)["input_ids"]

@@ -48,9 +48,9 @@ def load(path: Path):
 
 
 def feature_ids(root: Path, source: str) -> set[str]:
-    from vlpet_cli.features.images import open_features
+    from vlpet_cli.features.kinds import IMAGE
 
-    return set(open_features(root / source / toy.FEATURE_FILE).ids())
+    return set(IMAGE.open(root / source / toy.FEATURE_FILE).ids())
 
 
 @pytest.mark.slow
@@ -208,11 +208,11 @@ def test_nlvr_records_balanced_with_consistency_groups(root):
 
 @pytest.mark.slow
 def test_features_cover_every_image_with_the_grid_shape(root):
-    from vlpet_cli.features.images import open_features
+    from vlpet_cli.features.kinds import IMAGE
 
     for source in toy.SOURCES:
         images = {p.stem for p in (root / source / "images").glob("*.png")}
-        store = open_features(root / source / toy.FEATURE_FILE)
+        store = IMAGE.open(root / source / toy.FEATURE_FILE)
         assert set(store.ids()) == images
         x = store.get(min(images))
         assert x.shape == (49, 64) and store.dtype == "float16"
@@ -231,8 +231,8 @@ def test_tasks_are_not_solved_by_the_majority_answer(root):
 def test_build_is_deterministic(root, tmp_path):
     import numpy as np
 
-    from vlpet_cli.features.extract.images import extract_features
-    from vlpet_cli.features.images import open_features
+    from vlpet_cli.features.extract.images import extract as extract_features
+    from vlpet_cli.features.kinds import IMAGE
 
     assert toy.make_world() == toy.make_world()
     toy.write_world(toy.make_world(), tmp_path)
@@ -242,7 +242,7 @@ def test_build_is_deterministic(root, tmp_path):
         assert (root / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
     some = {p.stem: p for p in sorted((tmp_path / "nlvr" / "images").glob("*.png"))[:4]}
     extract_features(some, toy._tiny_clip(), tmp_path / "again.h5", progress=False)
-    again, first = open_features(tmp_path / "again.h5"), open_features(root / "nlvr" / toy.FEATURE_FILE)
+    again, first = IMAGE.open(tmp_path / "again.h5"), IMAGE.open(root / "nlvr" / toy.FEATURE_FILE)
     for img_id in some:
         assert np.array_equal(again.get(img_id), first.get(img_id))
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vlpet_cli.features.extract.videos import decode_frames
-from vlpet_cli.features.videos import open_video_features
+from vlpet_cli.features.kinds import VIDEO
 from vlpet_cli.toy import images as toy
 from vlpet_cli.toy import videos as toy_video
 
@@ -87,7 +87,7 @@ def test_every_video_has_a_file_subtitles_and_features(root):
     for task, vids in names.items():
         source = SOURCE[task]
         subs = {line["vid_name"]: line["sub"] for line in read(root / "video" / "ann" / f"{source}_subtitles.jsonl")}
-        store = open_video_features(root / "video" / "vis_features" / source / "clip-vit")
+        store = VIDEO.open(root / "video" / "vis_features" / source / "clip-vit")
         for vid in vids:
             assert (root / "video" / "videos" / source / f"{vid}.mp4").is_file(), vid
             assert subs[vid] and all(set(s) == {"text", "start", "end"} and s["start"] < s["end"] for s in subs[vid])
@@ -166,7 +166,3 @@ def test_world_is_deterministic_and_small():
     assert len(a.clips) == sum(sum(s.values()) for s in toy_video.CLIPS.values()) < 500
     corpus = toy_video.video_corpus(toy.SEED)
     assert corpus == sorted(set(corpus)) and "Where does the red circle go?" in corpus
-
-
-def test_palette_is_the_image_worlds():
-    assert (toy_video.COLORS, toy_video.SHAPES, toy_video.BACKGROUNDS) == (toy.COLORS, toy.SHAPES, toy.BACKGROUNDS)

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from vlpet_cli.config import VideoData
-from vlpet_cli.data.loading import check_feature_dims, feature_kind, load_task_data
+from vlpet_cli.data.loading import check_feature_dims, check_features, feature_kind, load_task_data, open_task_features
 from vlpet_cli.errors import DataError, VlpetError
-from vlpet_cli.features.videos import open_video_features, open_video_writer, resize_frames
+from vlpet_cli.features.kinds import VIDEO
+from vlpet_cli.features.videos import resize_frames
 from vlpet_cli.presets import resolve
-from vlpet_cli.tasks import TASKS, CocoTask, TaskDataset, check_features, collate, open_task_features
+from vlpet_cli.tasks import TASKS, CocoTask, TaskDataset, collate
 from vlpet_cli.vl.model import build_model
 
 DIM = 8
@@ -43,7 +44,7 @@ def video_root(root: Path, frames: dict[str, int] = FRAMES, layout: str = "npz")
     (root / "COCO" / "dataset_coco.json").write_text(json.dumps({"images": images}))
     base = root / "video" / "vis_features" / "tv"
     path = base / "clip-vit" if layout == "npz" else base / "clip-vit.h5"
-    with open_video_writer(path, layout, DIM, attrs={"model": "test"}) as writer:
+    with VIDEO.writer(path, layout, (DIM,), attrs={"model": "test"}) as writer:
         for seed, (vid, n) in enumerate(frames.items()):
             writer.add(vid, np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float16))
     return root
@@ -182,13 +183,13 @@ def test_unmasked_video_batch_is_all_ones(tmp_path, fake_task):
 
 
 def test_mixed_image_and_video_run_is_refused_unless_sizes_agree(tmp_path, fake_task, monkeypatch):
-    from vlpet_cli.features.images import PackedWriter
+    from vlpet_cli.features.images import PackedImageWriter
 
     root = video_root(tmp_path)
     (root / "COCO" / "clip_features").mkdir(parents=True)
     ids = [f"vid{i}" for i in range(4)]
     for dim in (16, DIM):
-        writer = PackedWriter(root / "COCO" / "clip_features" / "data_clip_RN101_att.h5", 4, dim)
+        writer = PackedImageWriter(root / "COCO" / "clip_features" / "data_clip_RN101_att.h5", (4, dim))
         writer.add(ids, np.zeros((4, 4, dim), np.float16))
         writer.close()
         preset = small_preset(["coco", "fakevid"], feat_dim=DIM, root=root)
@@ -211,7 +212,7 @@ def test_video_store_dim_is_checked_against_the_preset(tmp_path, fake_task):
     with pytest.raises(VlpetError, match=r"fakevid karpathy_train: the features in .*clip-vit are 8-dimensional "
                                          r"but the preset expects model.feat_dim=512"):
         check_feature_dims(root, preset)
-    assert open_video_features(root / "video/vis_features/tv/clip-vit").dim == DIM
+    assert VIDEO.open(root / "video/vis_features/tv/clip-vit").dim == DIM
 
 
 @pytest.mark.slow

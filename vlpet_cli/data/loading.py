@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vlpet_cli.config import Preset
 from vlpet_cli.data.cache import load_records
-from vlpet_cli.errors import VlpetError
-from vlpet_cli.features.images import locate_features, open_features
-from vlpet_cli.features.videos import locate_video_features, open_video_features
+from vlpet_cli.errors import DataError, VlpetError
+from vlpet_cli.features.hdf5 import missing_ids
+from vlpet_cli.features.kinds import feature_kind as kind_named
 from vlpet_cli.tasks import get_task, task_class
-from vlpet_cli.tasks.base import Task, TaskDataset, check_features, open_task_features
+from vlpet_cli.tasks.base import Record, Task, TaskDataset
 
 
 def feature_kind(task: str) -> str:
@@ -27,18 +29,39 @@ class TaskData:
     val: dict = field(default_factory=dict)
 
 
-def locate_store(root: Path, task: Task, split_name: str, image_name: str, video_name: str) -> Path:
-    """The feature store a task's split reads (image: data.feature_name; video: data.video.feature_name)."""
-    if task.feature_kind == "video":
-        return locate_video_features(root, task.feature_source(split_name), video_name)
-    return locate_features(root, task.feature_source(split_name), image_name)
+def open_task_features(records: Sequence[Record], data_root: Path, name: str | None = None,
+                       kind: str = "image") -> dict[str, Any]:
+    """Open one feature store per source used by the records (lazy HDF5 / npz; picklable), of the feature kind
+    the task reads (`Task.feature_kind`) and named `name` (default: the kind's)."""
+    by_source = getattr(records, "images_by_source", None)  # cached records name their sources without rows
+    sources = sorted(by_source()) if by_source else sorted({r.source for r in records})
+    table = kind_named(kind)
+    return {s: table.open(table.locate(Path(data_root), s, name)) for s in sources}
 
 
-def _store_dim(task: Task, path: Path) -> int | None:
-    """A store's feature size from its header (None for an empty video folder: check_features reports it)."""
-    if task.feature_kind == "video":
-        return open_video_features(path).dim
-    return open_features(path).dim
+def check_features(task: Task, records: Sequence[Record], stores: Any) -> None:
+    """Raise one DataError if any record's image (or video) features are missing (count, first ids, where);
+    `stores` maps sources to stores, or is the one store of every source."""
+    by_source: dict[str, list[str]] = {}
+    for r in records:
+        by_source.setdefault(r.source, []).extend(r.image_ids)
+    missing: set[str] = set()
+    places: list[str] = []
+    for source, ids in by_source.items():
+        store = stores.get(source) if isinstance(stores, Mapping) else stores
+        if store is None:
+            lost = list(dict.fromkeys(ids))
+            places.append(f"no store for source '{source}'")
+        else:
+            lost = missing_ids(store, ids)
+            if lost:
+                places.append(str(store.path))
+        missing.update(lost)
+    if not missing:
+        return
+    bad = [r for r in records if any(i in missing for i in r.image_ids)]
+    first = list(dict.fromkeys(i for r in bad for i in r.image_ids if i in missing))[:5]
+    raise DataError(kind_named(task.feature_kind).missing_message(task.name, len(bad), len(records), first, places))
 
 
 def check_feature_dims(root: Path, preset: Preset, splits=("train", "val")) -> None:
@@ -52,23 +75,23 @@ def check_feature_dims(root: Path, preset: Preset, splits=("train", "val")) -> N
         task = get_task(name, video=preset.data.video)
         for split in splits:
             for split_name in task.split_names(split):
-                path = locate_store(root, task, split_name, preset.data.feature_name, preset.data.video.feature_name)
+                kind = kind_named(task.feature_kind)
+                path = kind.locate(root, task.feature_source(split_name), kind.store_name(preset.data))
                 if path in seen:
                     continue
                 seen.add(path)
-                dim = _store_dim(task, path)
+                dim = kind.open(path).dim  # from the header; None for an empty video folder: check_features says
                 if dim is not None:
                     found.append((task.feature_kind, name, split_name, path, dim))
     first = {}
     for entry in found:
         first.setdefault(entry[0], entry)
     if len(first) > 1 and len({entry[4] for entry in found}) > 1:
-        image, video = first["image"], first["video"]
+        a, b = list(first.values())[:2]
         raise VlpetError(
-            f"image tasks ({image[1]}) and video tasks ({video[1]}) in one run need features of one size, but "
-            f"{image[3]} is {image[4]}-dimensional and {video[3]} is {video[4]}-dimensional; train image and "
-            f"video tasks in separate runs, or extract both with the same CLIP model and set model.feat_dim to "
-            f"their size")
+            f"{a[0]} tasks ({a[1]}) and {b[0]} tasks ({b[1]}) in one run need features of one size, but "
+            f"{a[3]} is {a[4]}-dimensional and {b[3]} is {b[4]}-dimensional; train {a[0]} and {b[0]} tasks in "
+            f"separate runs, or extract both with the same CLIP model and set model.feat_dim to their size")
     for _, name, split_name, path, dim in found:
         if dim != want:
             raise VlpetError(_dim_message(name, split_name, path, dim, want))
@@ -84,8 +107,6 @@ def check_record_features(task, records, stores) -> None:
     """check_features, on the Arrow columns for cached records; the full check (and its message) when any id is
     missing."""
     if getattr(records, "flat", False):
-        from vlpet_cli.features.hdf5 import missing_ids
-
         by_source = records.images_by_source()
         if all(s in stores and not missing_ids(stores[s], ids) for s, ids in by_source.items()):
             return
@@ -99,7 +120,7 @@ def load_task_data(preset: Preset, root: Path, tokenizer, splits=("train", "val"
     data = TaskData()
     for name in preset.data.tasks:
         task = get_task(name, preset.data.prompts, preset.data.use_prompts, preset.data.video)
-        store_name = preset.data.video.feature_name if task.feature_kind == "video" else preset.data.feature_name
+        store_name = kind_named(task.feature_kind).store_name(preset.data)
         for split in splits:
             limit = preset.data.limit if split == "train" else preset.eval.limit
             records = load_records(task, root, split, tokenizer) if cache else task.load(root, split)

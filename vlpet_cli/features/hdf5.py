@@ -1,17 +1,26 @@
-"""What the image and video feature stores share (features/images.py, features/videos.py): the lazily opened
-HDF5 handle, attribute reading, the settings check of a resumed writer and the missing-id scan."""
+"""What every feature store shares with the others: the lazily opened HDF5 handle, attribute reading, the settings
+check of a resumed writer, the missing-id scan, and what a writer does when the disk fills up (the space
+reserve that lets an HDF5 file close cleanly, and the one-line `DiskFull` error)."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlpet_cli.errors import DataError
+from vlpet_cli.errors import DataError, VlpetError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+DTYPES = ("float16", "float32")
+CHUNK_CACHE = 1 << 20  # HDF5's raw-data chunk cache per dataset: what a failed write may leave unwritten
+RESERVE = 2 * CHUNK_CACHE  # kept free while a packed file is written, so that it can close after a full disk
 
 
 def _plain(value: Any) -> Any:
@@ -28,9 +37,22 @@ def read_attrs(attrs: Any) -> dict:
     return {key: _plain(attrs[key]) for key in attrs}
 
 
+def json_attrs(attrs: dict) -> dict:
+    """Attributes as they read back (tuples -> lists; None left out, HDF5 cannot hold it), so a resumed writer
+    compares like with like."""
+    return json.loads(json.dumps({key: value for key, value in attrs.items() if value is not None}))
+
+
+def check_dtype(dtype: str) -> str:
+    """DataError for a dtype the stores do not write."""
+    if dtype not in DTYPES:
+        raise DataError(f"unsupported feature dtype '{dtype}'; use one of {', '.join(DTYPES)}.")
+    return dtype
+
+
 class H5Handle:
-    """What the image and video stores share: `path`, an HDF5 handle opened lazily per process (re-opened after a
-    fork) and dropped when pickled, so data-loader workers open their own."""
+    """What the stores share: `path`, an HDF5 handle opened lazily per process (re-opened after a fork) and
+    dropped when pickled, so data-loader workers open their own."""
 
     path: Path
     _h5: Any = None
@@ -65,14 +87,7 @@ class H5Handle:
 
 def missing_ids(store: Any, ids: Iterable[str]) -> list[str]:
     """The ids (first occurrence order, no repeats) that have no features in the store (image or video)."""
-    seen: set[str] = set()
-    out = []
-    for img_id in ids:
-        if img_id not in seen:
-            seen.add(img_id)
-            if img_id not in store:
-                out.append(img_id)
-    return out
+    return [item_id for item_id in dict.fromkeys(ids) if item_id not in store]
 
 
 def check_same(path: Path, found: dict, wanted: dict) -> None:
@@ -87,3 +102,76 @@ def check_same(path: Path, found: dict, wanted: dict) -> None:
             f"{path}: existing features were written with different settings: {'; '.join(diffs)}. "
             f"Use a new --out, or repeat the run with the same settings to resume it."
         )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A full disk
+# ------------------------------------------------------------------------------------------------------------
+
+class DiskFull(VlpetError):
+    """The disk holding a store filled up; what was written before stays, and a re-run resumes."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = Path(path)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError for a full disk or quota, or HDF5's report of one (h5py raises it as RuntimeError too)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, (OSError, RuntimeError)) and ("errno = 28," in str(exc) or "No space left" in str(exc))
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space on the disk holding `path` (its nearest existing folder); None when it cannot be told."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def disk_full(path: Path, kept: int, noun: str) -> DiskFull:
+    """The error a writer raises when the disk fills: which store, what it keeps, how to go on (the extraction
+    loop says more: how many this run wrote and about how much space the rest needs)."""
+    return DiskFull(f"{path}: the disk is full; the {kept} {noun}s already in the store are kept and valid. Free "
+                    f"some space and run the same command again to resume.", path)
+
+
+class Reserve:
+    """Space held on a disk while a packed HDF5 file is written there: an unnamed file of RESERVE bytes, released
+    when the disk fills so that HDF5 can write what it still holds and close the file in a valid state (without
+    it, a full disk leaves HDF5 unable to close the file and the process crashing at exit). The file has no name,
+    so nothing is left behind even when the process is killed."""
+
+    def __init__(self, folder: Path, size: int = RESERVE):
+        self._fh: Any = None
+        try:
+            self._fh = tempfile.TemporaryFile(dir=folder)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(self._fh.fileno(), 0, size)
+            else:
+                self._fh.write(b"\0" * size)
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+        except OSError:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give the space back (idempotent)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

@@ -14,7 +14,6 @@ from pathlib import Path
 from vlpet_cli.config import VideoData
 from vlpet_cli.errors import DataError, VlpetError
 from vlpet_cli.tasks.base import (
-    DEFAULT_FEATURE_NAME,
     FileScoring,
     Generate,
     Inputs,
@@ -23,9 +22,7 @@ from vlpet_cli.tasks.base import (
     ScoreChoices,
     Task,
     TaskDataset,
-    check_features,
     collate,
-    open_task_features,
 )
 from vlpet_cli.tasks.coco import CocoTask
 from vlpet_cli.tasks.gqa import GqaTask
@@ -132,7 +129,6 @@ def annotation_images(annotations: Path) -> dict[str, str | None]:
 __all__ = [
     "ALIASES",
     "annotation_images",
-    "DEFAULT_FEATURE_NAME",
     "TASKS",
     "CocoTask",
     "FileScoring",
@@ -153,11 +149,9 @@ __all__ = [
     "VideoTask",
     "VqaTask",
     "Yc2cTask",
-    "check_features",
     "collate",
     "default_tasks",
     "get_task",
-    "open_task_features",
     "primary_metrics",
     "resolve_task",
     "task_class",

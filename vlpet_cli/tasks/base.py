@@ -21,7 +21,6 @@ from typing import Any, ClassVar
 
 from vlpet_cli.config import GenerationSpec, VideoData
 from vlpet_cli.errors import DataError, VlpetError
-from vlpet_cli.features.images import DEFAULT_FEATURE_NAME
 
 _METRIC_ALIASES = {"rouge": "rougel", "accuracy": "acc", "vqaacc": "vqa"}
 
@@ -284,72 +283,6 @@ def sample_answer(label: dict[str, float] | None, rng: Any, train: bool) -> tupl
     return [kv for kv in label.items() if kv[1] > 0][-1]  # float rounding left u just above the sum
 
 
-# ---- features ---------------------------------------------------------------------------------------------
-def _store_for(stores: Any, source: str) -> Any:
-    """The store for a source from a dict of stores, or the single store given."""
-    if isinstance(stores, Mapping):
-        return stores.get(source)
-    return stores
-
-
-def _store_place(store: Any, source: str) -> str:
-    """Where a store reads from, for messages."""
-    path = getattr(store, "path", None)
-    return str(path) if path is not None else f"the '{source}' feature store"
-
-
-def open_task_features(records: Sequence[Record], data_root: Path, name: str = DEFAULT_FEATURE_NAME,
-                       kind: str = "image") -> dict[str, Any]:
-    """Open one feature store per source used by the records (lazy HDF5 / npz; picklable); `kind` 'video' opens
-    video stores (<root>/video/vis_features/<source>/<name>)."""
-    by_source = getattr(records, "images_by_source", None)  # cached records name their sources without rows
-    sources = sorted(by_source()) if by_source else sorted({r.source for r in records})
-    if kind == "video":
-        from vlpet_cli.features.videos import locate_video_features, open_video_features
-
-        return {s: open_video_features(locate_video_features(Path(data_root), s, name)) for s in sources}
-    from vlpet_cli.features.images import locate_features, open_features
-
-    return {s: open_features(locate_features(Path(data_root), s, name)) for s in sources}
-
-
-def check_features(task: Task, records: Sequence[Record], stores: Any) -> None:
-    """Raise one DataError if any record's image (or video) features are missing (count, first ids, where)."""
-    from vlpet_cli.features.hdf5 import missing_ids
-
-    by_source: dict[str, list[str]] = {}
-    for r in records:
-        by_source.setdefault(r.source, []).extend(r.image_ids)
-    missing: set[str] = set()
-    places: list[str] = []
-    for source, ids in by_source.items():
-        store = _store_for(stores, source)
-        unique = list(dict.fromkeys(ids))
-        if store is None:
-            lost = unique
-            places.append(f"no store for source '{source}'")
-        else:
-            lost = missing_ids(store, unique)
-            if lost:
-                places.append(_store_place(store, source))
-        missing.update(lost)
-    if not missing:
-        return
-    bad = [r for r in records if any(i in missing for i in r.image_ids)]
-    first = list(dict.fromkeys(i for r in bad for i in r.image_ids if i in missing))[:5]
-    if task.feature_kind == "video":
-        raise DataError(
-            f"{task.name}: {len(bad)} of {len(records)} records have no video features "
-            f"(first missing videos: {', '.join(first)}); looked in {'; '.join(places)}. "
-            f"Fix: extract features for these videos (vlpet extract-features --videos DIR --out FOLDER) or point "
-            f"--data-root at the folder holding video/vis_features/<source>/.")
-    raise DataError(
-        f"{task.name}: {len(bad)} of {len(records)} records have no image features "
-        f"(first missing ids: {', '.join(first)}); looked in {'; '.join(places)}. "
-        f"Fix: extract features for these images (vlpet extract-features) or point --data-root at the "
-        f"folder holding <source>/clip_features/.")
-
-
 # ---- tokenisation, dataset and collation --------------------------------------------------------------------
 _BACKENDS: dict[tuple[int, int, int | None], tuple[Any, Any]] = {}
 
@@ -429,48 +362,19 @@ class TaskDataset:
 
         return np.random.default_rng((self.seed, epoch, i))
 
-    def image_features(self, record: Record) -> Any:
-        """(n_img, n_tokens, dim) float32 features of a record's images; for a video task (1, frames, dim), the
-        video's frames resized as the reference does (zero rows appended, or max-pooled over time)."""
-        import numpy as np
-
-        store = _store_for(self.features, record.source)
+    def visual(self, record: Record) -> dict:
+        """The model's visual input for a record, as its store reads it: vis_feats (n_img, n_tokens, dim) float32
+        for images; for a video task (1, frames, dim), the video's frames resized as the reference does, with
+        vis_kind and, with data.video.mask_padding, vis_mask. Errors name the record."""
+        stores = self.features
+        store = stores.get(record.source) if isinstance(stores, Mapping) else stores
         if store is None:
-            folder = (f"video/vis_features/{record.source}/" if self.task.feature_kind == "video"
-                      else f"{record.source}/clip_features/")
             raise DataError(f"{record.where()}: no feature store for source '{record.source}'. "
-                            f"Fix: open the features of {folder}.")
-        if self.task.feature_kind == "video":
-            from vlpet_cli.features.videos import resize_frames
-
-            return np.stack([resize_frames(self._stored(store, record, vid), self.task.video.frames)[0]
-                             for vid in record.image_ids])
-        feats = []
-        for img_id in record.image_ids:
-            feats.append(np.asarray(self._stored(store, record, img_id), dtype=np.float32))
-        return np.stack(feats)
-
-    def _stored(self, store: Any, record: Record, item_id: str) -> Any:
-        """One image's (or video's) features as stored; errors name the record."""
+                            f"Fix: open the features of source '{record.source}' for this task.")
         try:
-            return store.get(item_id)
+            return store.visual(record.image_ids, self.task.video)
         except DataError as e:
             raise DataError(f"{record.where()}: {e}") from None
-        except KeyError:
-            raise DataError(f"{record.where()}: no image features for id {item_id!r} in "
-                            f"{_store_place(store, record.source)}. Fix: extract features for this "
-                            f"image (vlpet extract-features) or check --data-root.") from None
-
-    def frame_mask(self, record: Record) -> Any:
-        """(n_videos * frames,) int64: 1 for a real frame, 0 for a zero row appended by the resize (from the
-        stored frame counts, without reading the features)."""
-        import numpy as np
-
-        store = _store_for(self.features, record.source)
-        frames = self.task.video.frames
-        counts = [store.frame_count(vid) if hasattr(store, "frame_count") else len(self._stored(store, record, vid))
-                  for vid in record.image_ids]
-        return np.concatenate([(np.arange(frames) < min(c, frames)).astype(np.int64) for c in counts])
 
     def item(self, i: int, epoch: int) -> dict:
         """The model item of record i at an epoch: token ids, features, target ids, weight, eval info."""
@@ -486,17 +390,13 @@ class TaskDataset:
             "task": task.name,
             "input_ids": (self.records.token_ids(i) if getattr(self.records, "flat", False) else
                           task.source_ids([record], self.tokenizer)[0]),
-            "vis_feats": self.image_features(record),
             "target": None if target is None else target[0],
             "target_ids": target_ids,
             "weight": float(weight),
             "loss_reduction": task.loss_reduction,
             "meta": task.eval_info(record),
         }
-        if task.feature_kind == "video":
-            out["vis_kind"] = "video"
-            if task.video.mask_padding:
-                out["vis_mask"] = self.frame_mask(record)
+        out.update(self.visual(record))
         return out
 
 

@@ -1,6 +1,6 @@
 """The built-in toy world: synthetic shape pictures with VQA, GQA, NLVR2 and COCO annotations in the
 reference on-disk formats (spec/pipeline.md §1), plus packed tiny-CLIP features, and short videos with TVQA,
-How2QA, TVC and YC2C annotations (`toy_video.py`), built once into the cache."""
+How2QA, TVC and YC2C annotations (`videos.py`), built once into the cache; both draw with `palette.py`."""
 
 from __future__ import annotations
 
@@ -23,24 +23,16 @@ from PIL import Image, ImageDraw
 
 from vlpet_cli.atomic import write_text
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.features.extract.images import extract_features
+from vlpet_cli.features.kinds import IMAGE
+from vlpet_cli.toy.palette import BACKGROUNDS, COLORS, SHAPES
 
 TOY_VERSION = "toy-v1"
 SEED = 20230817
 IMAGE_SIZE = 112
 FEATURE_FILE = "clip_features/data_clip_RN101_att.h5"
 
-SHAPES = ("circle", "square", "triangle")
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 200, 30),
-    "purple": (140, 60, 170),
-}
 SIZES = ("small", "large")
 POSITIONS = ("left", "center", "right")
-BACKGROUNDS = {"white": (250, 250, 250), "gray": (200, 200, 200), "cream": (245, 235, 205)}
 SOURCES = ("COCO", "VG", "GQA", "nlvr")
 
 # How many images (COCO, VG, GQA) or sentence sets (NLVR2: 2 sentences x 4 image pairs each) per split.
@@ -576,9 +568,11 @@ def _fingerprint(model_dir: Path) -> str:
 
 
 def _generator_hash() -> str:
-    """A short hash of this module's and the video world's source: a world built by other code is rebuilt."""
+    """A short hash of the toy world's source (this module, the video world, the palette): a world built by other
+    code is rebuilt."""
     h = hashlib.sha256(Path(__file__).read_bytes())
-    h.update((Path(__file__).parent / "videos.py").read_bytes())
+    for name in ("videos.py", "palette.py"):
+        h.update((Path(__file__).parent / name).read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -635,7 +629,7 @@ def build_toy(dest: Path, seed: int = SEED, features: bool = True, model: Path |
         for source, paths in images.items():
             out = dest / source / FEATURE_FILE
             out.parent.mkdir(parents=True, exist_ok=True)
-            summary = extract_features(paths, name, out, layout="packed", progress=False)
+            summary = IMAGE.extraction().extract(paths, name, out, layout="packed", progress=False)
             if summary.failed:
                 _, path, reason = summary.failed[0]
                 raise VlpetError(f"toy world: feature extraction failed for {path} ({reason})")

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlpet_cli.data.loading import feature_kind, locate_store
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.features.images import locate_features, open_features
-from vlpet_cli.features.videos import open_video_features
+from vlpet_cli.features.kinds import feature_kind
 from vlpet_cli.tasks import get_task
 from vlpet_cli.toy.images import toy_root
 
@@ -27,14 +25,16 @@ def resolve_data_root(data_root: str | None) -> Path:
 
 
 def toy_feature_dim(tasks: list[str] | None = None) -> int:
-    """Feature size of the built-in toy world (building it on first use): its video features' when every task
-    is a video task, else its image features'."""
+    """Feature size of the built-in toy world (building it on first use): the features its tasks read when they
+    all read one kind (its video features for video tasks), else its image features'."""
     root = resolve_data_root("toy")
-    if tasks and all(feature_kind(t) == "video" for t in tasks):
-        task = get_task(tasks[0])
-        path = locate_store(root, task, task.split_names("train")[0], "", task.video.feature_name)
-        dim = open_video_features(path).dim
-        if dim is None:
-            raise VlpetError(f"{path}: the toy world's video features are empty; rebuild the toy world")
-        return dim
-    return open_features(locate_features(root, "COCO")).dim
+    chosen = [get_task(t) for t in tasks or ()]
+    if len({task.feature_kind for task in chosen}) != 1:
+        chosen = [get_task("coco")]
+    task = chosen[0]
+    kind = feature_kind(task.feature_kind)
+    path = kind.locate(root, task.feature_source(task.split_names("train")[0]))
+    dim = kind.open(path).dim
+    if dim is None:
+        raise VlpetError(f"{path}: the toy world's {kind.name} features are empty; rebuild the toy world")
+    return dim

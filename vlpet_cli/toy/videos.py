@@ -23,13 +23,10 @@ from PIL import Image, ImageDraw
 
 from vlpet_cli.atomic import write_text
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.features.extract.videos import TINY_CLIP_PROJ, extract_video_features
+from vlpet_cli.features.extract.clip import TINY_CLIP_PROJ
+from vlpet_cli.features.kinds import VIDEO
+from vlpet_cli.toy.palette import BACKGROUNDS, COLORS, SHAPES
 
-# the image world's palette and shapes (toy/images.py), restated so the two worlds import nothing of each other
-SHAPES = ("circle", "square", "triangle")
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
-          "purple": (140, 60, 170)}
-BACKGROUNDS = {"white": (250, 250, 250), "gray": (200, 200, 200), "cream": (245, 235, 205)}
 FRAME_SIZE = 112
 FPS = 2
 DURATION_S = 9.0
@@ -384,11 +381,6 @@ def write_video_world(world: VideoWorld, dest: Path) -> dict[str, dict[str, Path
     return videos
 
 
-def video_feature_dir(dest: Path, source: str) -> Path:
-    """Where a source's toy features go: VALUE's per-video npz folder."""
-    return dest / "video" / "vis_features" / source / "clip-vit"
-
-
 def build_video(dest: Path, seed: int, features: bool = True, model: Path | None = None) -> dict:
     """Write the video world under `dest/video` and extract its features from the video files with the tiny
     projected CLIP (VALUE's npz layout); returns the manifest's `video` entry."""
@@ -399,8 +391,8 @@ def build_video(dest: Path, seed: int, features: bool = True, model: Path | None
         model = Path(model) if model is not None else TINY_CLIP_PROJ
         name = "tiny-clip-proj" if model == TINY_CLIP_PROJ and not Path("tiny-clip-proj").exists() else model
         for source, paths in videos.items():
-            summary = extract_video_features(paths, name, video_feature_dir(dest, source), layout="npz",
-                                             progress=False, workers=1)
+            summary = VIDEO.extraction().extract(paths, name, VIDEO.default_out(dest, source), layout="npz",
+                                                 progress=False, workers=1)
             if summary.failed:
                 _, path, reason = summary.failed[0]
                 raise VlpetError(f"toy world: video feature extraction failed for {path} ({reason})")
