@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -235,8 +236,13 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
           resume: bool = typer.Option(False, help="continue the run from its last checkpoint"),
           overwrite: bool = typer.Option(False, help="replace an existing run directory"),
           stop_after: int | None = typer.Option(None, help="pause after N updates (continue with --resume)"),
+          seeds: str | None = typer.Option(None, help="one run per seed, e.g. 42,43,9595 (the paper's): NAME-s42, "
+                                                      "... one after the other, then their mean ± std per task"),
           overrides: list[str] | None = OVERRIDES) -> None:
     """Train PET modules on a frozen backbone, on one task or several at once."""
+    if seeds is not None:
+        _train_seeds(dict(locals()))
+        return
     from vlpet_cli.train import TrainingInterrupted, resolve_train_preset, resume_preset
     from vlpet_cli.train import train as run_training
 
@@ -256,7 +262,7 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
             raise VlpetError("--preset is required (see `vlpet presets ls`)")
         resolved = resolve_train_preset(preset, tasks, data_root, backbone, overrides or [])
         tasks = resolved.data.tasks
-        run_dir = runs_dir / (name or f"{resolved.name}-{tasks[0] if len(tasks) == 1 else 'multitask'}")
+        run_dir = runs_dir / (name or _default_run_name(resolved))
     try:
         with _warnings_to_stderr():
             summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after,
@@ -267,6 +273,56 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
     if "adapter" in summary:
         console.print(f"done in {summary['seconds']:.0f} s, {summary['updates']} updates; adapter: "
                       f"{summary['adapter']} ({summary['adapter_bytes'] / 1e6:.2f} MB); run: {run_dir}")
+
+
+def _default_run_name(resolved) -> str:
+    """PRESET-TASK, or PRESET-multitask."""
+    tasks = resolved.data.tasks
+    return f"{resolved.name}-{tasks[0] if len(tasks) == 1 else 'multitask'}"
+
+
+def _parse_seeds(text: str) -> list[int]:
+    """--seeds 42,43,9595 as distinct whole numbers; anything else is one clear error."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items or not all(re.fullmatch(r"\d+", x) for x in items) or not all(int(x) < 2**32 for x in items):
+        raise VlpetError(f"--seeds {text!r}: give a comma list of whole numbers from 0 to 2^32-1, e.g. 42,43,9595")
+    seeds = [int(x) for x in items]
+    if len(set(seeds)) < len(seeds):
+        raise VlpetError(f"--seeds {text!r} names a seed twice; give each seed once")
+    return seeds
+
+
+def _train_seeds(params: dict) -> None:
+    """`vlpet train --seeds 42,43,9595`: the same run once per seed (train.seed), one after the other, as NAME-s42,
+    NAME-s43, ...; then their `vlpet report` table, one row with the mean ± std per task. With --resume, each run
+    that exists is continued and the others are started."""
+    from vlpet_cli.report import report as build_report
+    from vlpet_cli.report import report_table
+    from vlpet_cli.train import resolve_train_preset
+
+    seeds = _parse_seeds(params["seeds"])
+    overrides = list(params["overrides"] or [])
+    if any(o.split("=", 1)[0].strip() == "train.seed" for o in overrides):
+        raise VlpetError("--seeds sets train.seed of each run; drop the train.seed override")
+    base = params["name"]
+    if not base:
+        if params["resume"]:
+            raise VlpetError("--resume --seeds needs --name, the runs' common name (they are NAME-s42, ...)")
+        if not params["preset"]:
+            raise VlpetError("--preset is required (see `vlpet presets ls`)")
+        base = _default_run_name(resolve_train_preset(params["preset"], _tasks_option(params["task"]),
+                                                      params["data_root"], params["backbone"], overrides))
+    runs = [params["runs_dir"] / f"{base}-s{seed}" for seed in seeds]
+    taken = [r for r in runs if r.is_dir() and any(r.iterdir())]
+    if taken and not (params["resume"] or params["overwrite"]):  # refused before the first run trains
+        raise VlpetError(f"run directory {taken[0]} already exists; pass --resume to continue the seeds' runs, "
+                         f"--overwrite to replace them, or --name to start others")
+    for seed, run in zip(seeds, runs):
+        train(**{**params, "seeds": None, "name": run.name, "resume": params["resume"] and run in taken,
+                 "overrides": [*overrides, f"train.seed={seed}"]})
+    finished = [r for r in runs if (r / "config.yaml").is_file()]
+    if finished and int(os.environ.get("RANK", "0")) == 0:
+        console.print(report_table(build_report(finished, split="val", draw=False)["rows"], width=console.width))
 
 
 # ---- eval -------------------------------------------------------------------------------------------------

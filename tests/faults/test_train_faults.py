@@ -349,7 +349,7 @@ def test_merge_average_protects_an_existing_out_and_takes_run_directories(finish
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
     code, _, err = vlpet(monkeypatch, capsys, "merge", "average", finished, finished, "--out", out, "--overwrite")
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "vlpet_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter.safetensors", "vlpet_config.json"]
     same_adapters(finished / "adapter", out)
     assert not temp_leftovers(tmp_path)
 
