@@ -116,11 +116,7 @@ def _task_info(task: str) -> tuple[str | None, str, str]:
     cls = TASKS.get(task)
     if cls is None:
         return None, "score", "image-text-to-text"
-    if cls.feature_kind == "video":
-        kind = "video-text-to-text"
-    else:
-        kind = "image-to-text" if cls.primary_metric == "cider" else "visual-question-answering"
-    return cls.primary_metric, cls.label, kind
+    return cls.primary_metric, cls.label, cls.hub_task
 
 
 def _flat(metrics: dict) -> dict[str, float]:
@@ -199,13 +195,13 @@ def _predict_example(where: str, task: str) -> str:
     cls = TASKS.get(task)
     if cls is None:
         return f"vlpet predict {where} --task {task} --inputs inputs.jsonl"
-    if cls.feature_kind == "video":
-        ask = "" if cls.primary_metric == "cider" else ' --question "What does she pick up?" --choices A --choices B'
-        return f"vlpet predict {where} --task {task} --video clip.mp4{ask}"
-    if cls.n_images == 2:
-        return f'vlpet predict {where} --task {task} -i left.jpg -i right.jpg --statement "There are two dogs."'
-    ask = "" if cls.primary_metric == "cider" else ' --question "What is on the table?"'
-    return f"vlpet predict {where} --task {task} -i photo.jpg{ask}"
+    takes = cls.inputs
+    given = ["--video clip.mp4"] if takes.video else [f"-i {name}.jpg" for name in
+                                                      (["photo"] if takes.images == 1 else ["left", "right"])]
+    if takes.text:
+        given.append(f'--{takes.text} "..."')
+    given += ["--choices ..."] * takes.choices
+    return f"vlpet predict {where} --task {task} {' '.join(given)}"
 
 
 def _usage(facts: CardFacts) -> list[str]:

@@ -80,7 +80,7 @@ def check_inputs(task: str, inputs: list[PredictInput]) -> None:
     if not inputs:
         raise VlpetError("nothing to predict: give --image FILE (and --question/--statement), --video FILE, "
                          "or --inputs")
-    if cls.feature_kind == "video":
+    if takes.video:
         check_video_inputs(task, inputs)
         return
     for item in inputs:
@@ -303,7 +303,7 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
     device = "cuda" if torch.cuda.is_available() else "cpu"
     features = feature_kind(cls.feature_kind)
     extraction = features.extraction()
-    video = cls.feature_kind == "video"
+    video = cls.inputs.video
     vm = extraction.load_model(settings.model, device, settings.torchscript)
     if vm.dim != preset.model.feat_dim:
         raise VlpetError(f"{settings.model} gives {vm.dim}-dimensional features, but {directory} was "

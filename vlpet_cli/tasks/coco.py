@@ -141,6 +141,7 @@ class CocoTask(Task):
     """COCO captions: the prompt 'caption: ' alone -> the caption; token-averaged loss."""
 
     name = "coco"
+    hub_task = "image-to-text"
     aliases = ("caption", "captions", "coco_caption")
     folder = "COCO"
     default_prompt = "caption: "
