@@ -1,5 +1,7 @@
-"""vlpet against the reference VL-PET code: golden cases computed by the official code on the shipped tiny backbones
-(tests/golden/README.md, issue 11). Encoder output, logits and loss within 2e-5, generated ids identical."""
+"""vlpet against the reference VL-PET code: golden cases computed by the official code on the shipped tiny backbones.
+Forward (tests/golden/README.md, issue 11): encoder output, logits and loss within 2e-5 (or within 5e-5 in both
+float32 and float64: the reference's own rounding), generated ids identical. Training (tests/golden-train/README.md,
+issue 25): six optimizer steps of `vlpet train`'s optimizer, groups, schedule and clipping against the reference's."""
 
 import importlib.util
 import json
@@ -14,10 +16,11 @@ from vlpet_cli.reference import import_reference_checkpoint, load_state_dict, ma
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
-# float32 rounding: in this one case the reference's own caption logits are 1.8e-5 off their exact value, vlpet's
-# float32 ones 4.7e-5, both at one ill-conditioned token (notes in the CHANGELOG); so vlpet is compared in float64
-# there, which leaves only the reference's rounding, at the checker's tolerance. Every other case: float32.
-FLOAT64 = {"tiny-t5-vl-adapter"}
+TRAIN = Path(__file__).parent / "golden-train"
+TRAIN_CASES = sorted(p.name for p in TRAIN.iterdir() if p.is_dir())
+# float32 rounding: in this case the reference's own caption logits are 1.8e-5 off their exact value (vlpet in
+# float64), vlpet's float32 ones 2.9e-5, both at one ill-conditioned token: it matches within the reference's rounding.
+ROUNDING = {"tiny-t5-vl-adapter"}
 
 
 def _script():
@@ -39,15 +42,62 @@ def golden(tmp_path_factory, checker):
     return {name: checker.expand_test_copy(GOLDEN / name, root / name) for name in CASES}
 
 
+@pytest.fixture(scope="module")
+def trajectories(tmp_path_factory, checker):
+    """Full training cases rebuilt from the small copies."""
+    root = tmp_path_factory.mktemp("golden-train")
+    return {name: checker.expand_test_copy(TRAIN / name, root / name) for name in TRAIN_CASES}
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_golden_case_matches_the_reference(case, golden, checker, tmp_path):
-    result = checker.check_case(golden[case], tmp_path, float64=case in FLOAT64)
+    result = checker.check_case(golden[case], tmp_path)
+    assert result["ok"], result
     for what in ("encoder", "logits", "loss"):
-        assert result[what] <= checker.TOLERANCE, (case, result)
+        assert result[what] <= (checker.ROUNDING if case in ROUNDING else checker.TOLERANCE), (case, result)
+    assert result["match"] == (checker.ROUNDING_MATCH if case in ROUNDING else "float32"), result
     assert result["generated"] in (None, "identical"), result
     readme = json.loads((golden[case] / "README.json").read_text())
     if "generation" in readme:
         assert result["generated"] == "identical"
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_six_training_steps_match_the_reference(case, trajectories, checker, tmp_path):
+    """The learning rate of every step exact; loss, gradient norm and every trainable tensor after the steps within
+    the case's tolerances; the same trainable tensors and decay groups as the reference's."""
+    result = checker.check_trajectory(trajectories[case], tmp_path)
+    tolerance = json.loads((trajectories[case] / "README.json").read_text())["tolerance"]
+    assert result["ok"], result
+    assert result["lr"] == "exact" and result["trainable"] == "same" and result["decay_groups"] == "same"
+    assert result["params"] <= tolerance["params"] and result["checksums"] <= tolerance["params"]
+    assert result["loss"] <= tolerance["loss"] and result["grad_norm"] <= tolerance["grad_norm"]
+
+
+def _edited_copy(source: Path, where: Path, overrides: list[str]) -> Path:
+    """A copy of a golden directory whose README adds vlpet overrides."""
+    where.mkdir()
+    for f in source.iterdir():
+        (where / f.name).write_bytes(f.read_bytes())
+    readme = json.loads((where / "README.json").read_text())
+    readme["vlpet_overrides"] = [*readme["vlpet_overrides"], *overrides]
+    (where / "README.json").write_text(json.dumps(readme))
+    return where
+
+
+@pytest.mark.parametrize("override,changed", [("train.optimizer=torch", "params"),
+                                              ("train.decay_rule=corrected", "decay_groups")])
+def test_torch_adamw_and_the_corrected_decay_rule_leave_the_reference_trajectory(override, changed, trajectories,
+                                                                                  checker, tmp_path):
+    """torch.optim.AdamW (eps after the bias correction, decay before the update) drifts by ~1e-3 in six steps, and
+    the corrected decay rule exempts tensors the reference decays: both are opt-in for that reason."""
+    case = _edited_copy(trajectories["tiny-bart-compacter"], tmp_path / "edited", [override])
+    result = checker.check_trajectory(case, tmp_path / "work")
+    assert not result["ok"]
+    if changed == "params":
+        assert result["params"] > 1e-4 and result["decay_groups"] == "same"
+    else:
+        assert result["decay_groups"] == "differs"
 
 
 def test_checker_prints_one_line_per_case_and_fails_on_a_mismatch(golden, checker, tmp_path, capsys):
@@ -62,8 +112,44 @@ def test_checker_prints_one_line_per_case_and_fails_on_a_mismatch(golden, checke
     lines = capsys.readouterr().out.strip().splitlines()
     first, second = json.loads(lines[0]), json.loads(lines[1])
     assert first["golden"] == "tiny-bart-lora" and first["ok"] and first["generated"] is None
-    assert not second["ok"] and second["logits"] > 5e-4
+    assert first["kind"] == "forward" and first["match"] == "float32"
+    assert not second["ok"] and second["logits"] > 5e-4 and second["match"] is None
     assert lines[-1] == "1/2 golden cases match"
+
+
+@pytest.mark.parametrize("offset,match", [(3e-5, "within the reference's own rounding"), (6e-5, None)])
+def test_forward_differences_beyond_float32_noise_need_float64_to_agree(offset, match, golden, checker, tmp_path):
+    """Off by more than 2e-5 but at most 5e-5: matched only when vlpet in float64 is within 5e-5 too."""
+    case = tmp_path / "off"
+    case.mkdir()
+    for f in golden["tiny-bart-lora"].iterdir():
+        (case / f.name).write_bytes(f.read_bytes())
+    outputs = torch.load(case / "outputs.pt", weights_only=True)
+    outputs["vqa"]["logits"][0, 0, 0] += offset
+    torch.save(outputs, case / "outputs.pt")
+    result = checker.check_case(case, tmp_path / "work")
+    assert result["match"] == match and result["ok"] == (match is not None)
+    if match:  # float64 is run only for a case within 5e-5 in float32
+        assert result["float64"]["logits"] == pytest.approx(offset, rel=0.2)
+    else:
+        assert "float64" not in result
+
+
+def test_checker_runs_training_and_forward_cases_together(golden, trajectories, checker, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in trajectories["tiny-t5-vlpet-small"].iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    trajectory = torch.load(broken / "trajectory.pt", weights_only=True)
+    trajectory["steps"][2]["lr"] += 1e-9
+    torch.save(trajectory, broken / "trajectory.pt")
+    assert checker.main([str(golden["tiny-bart-lora"]), str(trajectories["tiny-t5-vlpet-small"]), str(broken)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    results = [json.loads(line) for line in lines[:-1]]
+    assert [r["kind"] for r in results] == ["forward", "train", "train"]
+    assert [r["ok"] for r in results] == [True, True, False] and results[2]["lr"] == "differs"
+    assert set(results[1]) >= {"golden", "kind", "params", "loss", "grad_norm", "lr", "ok"}
+    assert lines[-1] == "2/3 golden cases match"
 
 
 def test_stripped_copy_restores_the_exact_checkpoint(golden, checker):

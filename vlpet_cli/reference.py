@@ -201,6 +201,18 @@ def task_embeddings(mapped: Mapped, preset: Preset, pth: Path) -> dict:
     return first
 
 
+def module_tensors(mapped: Mapped, preset: Preset, pth: Path) -> tuple[dict, int | None, list[str]]:
+    """({vlpet name: tensor} of the checkpoint's module and projector tensors, with the down heads joined, the
+    per-task copies merged and the task embeddings checked; the number of down heads; the tasks of the copies)."""
+    heads, n_heads = join_heads(mapped.heads, pth)
+    values, tasks = merge_tasks(mapped.values, pth)
+    clash = sorted((set(mapped.tensors) & set(heads)) | (set(mapped.tensors) | set(heads)) & set(values))
+    if clash:
+        raise VlpetError(f"{pth}: two kinds of reference module map onto {_first(clash)} (e.g. VL-PET multi-head and "
+                         f"VL-Adapter adapters in one sub-layer); vlpet holds one module per sub-layer")
+    return {**mapped.tensors, **heads, **values, **task_embeddings(mapped, preset, pth)}, n_heads, tasks
+
+
 def guess_preset(mapped: Mapped) -> str | None:
     """The preset that a method recognises from the checkpoint's modules, or None (no added modules, or a mix no
     preset has).
@@ -408,13 +420,7 @@ def import_reference_checkpoint(pth: Path, preset: str | Preset | None, out: Pat
     word_keys = [k for k, v in backbone_state.items() if v.data_ptr() == words.data_ptr()]
 
     mapped = map_keys(state, bb.family, set(backbone_state))
-    heads, n_heads = join_heads(mapped.heads, pth)
-    values, tasks = merge_tasks(mapped.values, pth)
-    clash = sorted((set(mapped.tensors) & set(heads)) | (set(mapped.tensors) | set(heads)) & set(values))
-    if clash:
-        raise VlpetError(f"{pth}: two kinds of reference module map onto {_first(clash)} (e.g. VL-PET multi-head and "
-                         f"VL-Adapter adapters in one sub-layer); vlpet holds one module per sub-layer")
-    tensors = {**mapped.tensors, **heads, **values, **task_embeddings(mapped, resolved, pth)}
+    tensors, n_heads, tasks = module_tensors(mapped, resolved, pth)
     check_backbone_shapes(model, mapped, pth, resolved.model.backbone)
     found = check_fit(model, resolved, mapped, tensors, pth)
 
