@@ -96,7 +96,7 @@ class HyperMethod(Method):
 
     def size_hint(self, name: str, shape: tuple) -> str | None:
         if name.startswith(f"pet.{self.slots[1]}."):
-            return f"set pet.hyperformer.task_dim={shape[0]}"
+            return f"set pet.hyperformer.task_dim={shape[0]}" if len(shape) == 1 else None
         return super().size_hint(name, shape)
 
     def reference_rules(self) -> list[ReferenceRule]:
