@@ -172,7 +172,7 @@ def check_trajectory(directory: Path, work: Path) -> dict:
     import torch
 
     from vlpet_cli.optim import build_optimizer, clip_gradients, schedule, total_updates
-    from vlpet_cli.pet.inject import no_decay_names
+    from vlpet_cli.pet.decay import no_decay_names
     from vlpet_cli.reference import map_keys, module_tensors
 
     directory = Path(directory)

@@ -174,7 +174,7 @@ def test_decay_groups_are_the_reference_rule_on_the_reference_names(tiny_dirs, f
     """The reference exempts from weight decay every tensor whose name *there* holds 'bias' or 'LayerNorm.weight'
     (its trainer_base.py); vlpet derives its groups from the methods' declared layouts (pet/reference_names.py),
     checked here against the layouts written out above."""
-    from vlpet_cli.pet.inject import no_decay_names
+    from vlpet_cli.pet.decay import no_decay_names
 
     overrides = [f"model.feat_dim={FEAT}"]
     if family == "t5" and preset == "bitfit":  # as above: the reference's T5 BitFit

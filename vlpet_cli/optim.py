@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from vlpet_cli.config import Preset, TrainConfig
-from vlpet_cli.pet.inject import no_decay_names
+from vlpet_cli.pet.decay import no_decay_names
 
 
 class ReferenceAdamW(torch.optim.Optimizer):
@@ -104,7 +104,7 @@ class ReferenceAdamW(torch.optim.Optimizer):
 
 
 def param_groups(model, preset: Preset) -> list[dict]:
-    """The two AdamW groups: decayed, and exempt by `pet.inject.no_decay_names` under the preset's decay rule
+    """The two AdamW groups: decayed, and exempt by `pet.decay.no_decay_names` under the preset's decay rule
     (reference: the reference's names holding 'bias' or 'LayerNorm.weight'; corrected: every bias, LayerNorm and
     the tensors each method declares)."""
     exempt = no_decay_names(model, preset.train.decay_rule)

@@ -221,29 +221,3 @@ def fold(pet: PetModules) -> list[str]:
     pet.remove_hooks()
     with torch.no_grad():
         return [m.fold(pet) for m in foldable(pet)]
-
-
-def no_decay_names(model: nn.Module, rule: str) -> set[str]:
-    """Names of a VLModel's trainable parameters that AdamW should not decay.
-
-    reference: the reference's rule on the reference's names: exempt when the name the reference gives the tensor
-    (`reference_names.reference_key`, from the methods' declared layouts) contains "bias" or "LayerNorm.weight".
-    HF BART/T5 LayerNorms are named layer_norm/layernorm_embedding, so their weights decay; Compacter's PHM bias
-    (`b` there) decays; HyperFormer's hyper-network LayerNorm (`LayerNorm` there) does not. Tensors of methods
-    without a reference layout are judged by their vlpet names.
-    corrected: every tensor whose vlpet name holds "bias", every LayerNorm of the backbone and the projector, and
-    what each method declares (gate vectors, HyperFormer's LayerNorms, IA3 vectors).
-    """
-    from vlpet_cli.pet.reference_names import layer_of, reference_decays
-
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    if rule == "reference":
-        family = anatomy.family(model.backbone)
-        return {n for n in trainable if not reference_decays(n, family, layer_of(model, n))}
-    names = {n for n in trainable if "bias" in n}
-    norms = anatomy.layer_norm_names(model.backbone)
-    names |= {f"backbone.{n}" for n in norms["encoder"] + norms["decoder"]}
-    names |= {f"projector.{n}.{p}" for n, m in anatomy.norm_modules(model.projector)
-              for p, _ in m.named_parameters(recurse=False)}
-    names |= {f"pet.{n}" for m in model.pet.methods() for n in m.no_decay(model.pet)}
-    return names & set(trainable)

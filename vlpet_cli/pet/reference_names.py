@@ -19,6 +19,7 @@ from re import _constants as sre  # the parsed form of a regex, to write a key a
 from re import _parser as sre_parse
 from typing import NamedTuple
 
+from vlpet_cli.pet.inject import METHODS
 from vlpet_cli.pet.method import REF_PARAM, ReferenceRule
 
 # Where the reference's modules sit, for the `{ROOT}`, `{ENC}`, ... of the methods' rules. BART: inside
@@ -69,8 +70,6 @@ class Rule(NamedTuple):
 @cache
 def rules(family: str) -> tuple[Rule, ...]:
     """The projector's rules and every method's, with the family's module paths filled in."""
-    from vlpet_cli.pet.inject import METHODS
-
     sites = SITES[family]
     out = []
     for declared in [*PROJECTOR_RULES, *(r for m in METHODS for r in m.reference_rules())]:
@@ -232,20 +231,3 @@ def reference_key(name: str, family: str, layer: str | None = None) -> str | Non
                 if rule.pattern.fullmatch(key) and vlpet_name(key, family) == name:
                     return key
     return None
-
-
-# The reference's no-decay list, matched as substrings of its parameter names (trainer_base.py)
-REFERENCE_NO_DECAY = ("bias", "LayerNorm.weight")
-
-
-def reference_decays(name: str, family: str, layer: str | None = None) -> bool:
-    """Whether the reference decays the tensor vlpet names `name`: its name in the reference holds none of
-    REFERENCE_NO_DECAY. A tensor of a method without a reference layout is judged by its vlpet name."""
-    key = reference_key(name, family, layer) or name
-    return not any(word in key for word in REFERENCE_NO_DECAY)
-
-
-def layer_of(model, name: str) -> str | None:
-    """The `reference_layer` of the module holding parameter `name` (None: the reference names it by the rules
-    written for any layer)."""
-    return getattr(model.get_submodule(name.rsplit(".", 1)[0]), "reference_layer", None) if "." in name else None
