@@ -220,3 +220,90 @@ def test_wrong_size_names_the_override(case, override, hint, golden, tmp_path):
 def test_every_size_override_is_named_at_once(golden, tmp_path):
     with pytest.raises(VlpetError, match=r"set pet\.decoder\.r=16 pet\.encoder\.r=16 \(the overrides to pass\)"):
         import_reference_checkpoint(golden["tiny-t5-vl-adapter"] / "LAST.pth", None, tmp_path / "a", "tiny-t5")
+
+
+# ---- every method's names through the training checker ---------------------------------------------------------
+OTHER_TASKS = ("gqa", "nlvr", "caption")  # the per-task copies the reference's trajectories alias to vqa's
+
+
+def _one_copy(keys: dict) -> dict:
+    """The keys a reference trajectory holds: one copy of a task-shared module (vqa's), the shared task table."""
+    return {k: v for k, v in keys.items() if ".task_embed." not in k
+            and ("task_to_embeddings" in k or not set(k.split(".")) & set(OTHER_TASKS))}
+
+
+def synthetic_case(directory: Path, preset_name: str, backbone: str, overrides: list[str], batch_of) -> Path:
+    """A training case in the golden format written by vlpet itself, under the reference's names as
+    tests/test_reference_layouts.py writes them out by hand: start state, six steps of `vlpet_cli.optim`, the
+    trainable set and the no-decay list the reference's rule gives those names. vlpet matches it by construction;
+    it checks that the checker maps every method's names, trainable set and decay groups (issue 25: further cases
+    of the format must match without changes to vlpet). `batch_of(task, inputs)` makes a vlpet batch."""
+    from test_reference_layouts import reference_layout, trainable_layout
+
+    from vlpet_cli.optim import build_optimizer, clip_gradients, schedule, total_updates
+    from vlpet_cli.presets import resolve
+    from vlpet_cli.vl.model import build_model
+
+    family = backbone.removeprefix("tiny-")
+    overrides = ["model.feat_dim=256", "train.epochs=3", *overrides]
+    preset = resolve(preset_name, [*overrides, "model.dropout=0"], backbone=backbone)
+    torch.manual_seed(0)
+    model, _ = build_model(preset)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    directory.mkdir()
+    torch.save(reference_layout(model, family, preset), directory / "LAST.pth")
+    steps = torch.load(TRAIN / f"steps-{family}.pt", weights_only=True)
+    torch.save(steps, directory / "steps.pt")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, preset)
+    scheduler = schedule(optimizer, preset.train, total_updates(10, preset.train))
+    names = {"vqa": "vqa", "caption": "coco", "nlvr": "nlvr"}
+    logged = []
+    for batch in steps:
+        lr = optimizer.param_groups[0]["lr"]
+        loss = model(batch_of(names[batch["task"]], batch))
+        loss.backward()
+        norm = clip_gradients(params, 5.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state = _one_copy({k: v for keys in trainable_layout(model, family, preset).values() for k, v in keys.items()})
+        logged.append({"task": batch["task"], "lr": lr, "loss": float(loss.detach()), "grad_norm": float(norm),
+                       "checksums": {f"module.{k}": (float(v.double().sum()), float(v.double().abs().sum()))
+                                     for k, v in state.items()},
+                       **({"params": {f"module.{k}": v for k, v in state.items()}} if len(logged) in (1, 5) else {})})
+    torch.save({"steps": logged, "aliases": {}, "full_steps": [2, 6]}, directory / "trajectory.pt")
+    keys = _one_copy({k: v for keys in trainable_layout(model, family, preset).values() for k, v in keys.items()})
+    readme = {"vlpet_preset": preset_name, "backbone": backbone, "vlpet_overrides": overrides,
+              "batches_per_epoch": 10, "vlpet_task_names": names,
+              "trainable": {f"module.{k}": list(v.shape) for k, v in keys.items()},
+              "no_decay_trainable": [f"module.{k}" for k in keys if "bias" in k or "LayerNorm.weight" in k],
+              "tolerance": {"params": 1e-6, "params_attention_k_proj_bias": 1e-5, "loss": 1e-6, "grad_norm": 1e-5,
+                            "lr": 0.0}}
+    (directory / "README.json").write_text(json.dumps(readme))
+    return directory
+
+
+@pytest.mark.parametrize("preset,backbone,overrides", [
+    ("lora", "tiny-bart", ["pet.lora.r=8"]),
+    ("bitfit", "tiny-bart", []),
+    ("full-finetune", "tiny-bart", []),
+    ("full-finetune", "tiny-t5", []),
+    ("compacter", "tiny-t5", ["pet.encoder.r=16", "pet.decoder.r=16"]),
+    ("vl-adapter", "tiny-bart", ["pet.encoder.r=16", "pet.decoder.r=16"]),
+    ("hyperformer", "tiny-t5", ["pet.hyperformer.r=16", "pet.hyperformer.task_dim=32", "pet.hyperformer.layer_dim=32"]),
+    ("vlpet-middley", "tiny-t5", ["pet.encoder.r=32", "pet.value.r=32"]),
+])
+def test_every_methods_trajectory_reads_through_the_checker(preset, backbone, overrides, checker, tmp_path):
+    case = synthetic_case(tmp_path / f"{preset}-{backbone}", preset, backbone, overrides, checker._batch)
+    result = checker.check_trajectory(case, tmp_path / "work")
+    assert result["trainable"] == "same" and result["decay_groups"] == "same" and result["lr"] == "exact", result
+    assert result["ok"] and result["params"] <= 1e-6, result

@@ -113,24 +113,34 @@ def _adapter(site: str, word: str, which: str, p: str, tensor, phm: bool) -> dic
     return _per_task(f"{site}{word}_adapter.adapters.", f".{which}_sampler.{PHM[p] if phm else p}", tensor)
 
 
-def reference_layout(model, family: str, preset) -> dict:
-    """The whole reference state dict of a vlpet model: frozen backbone, projector, every module."""
+def trainable_layout(model, family: str, preset) -> dict[str, dict]:
+    """{vlpet name: {reference key: tensor}} for every trainable tensor of a vlpet model (a per-task module: every
+    task's copy; a multi-head down projection: every head)."""
     heads = preset.pet.encoder.heads if preset.pet.encoder and preset.pet.encoder.kind == "adapter" else 1
     gate = preset.pet.gate.granularity if preset.pet.gate else None
     phm = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters() if n.endswith(".rule")}
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        keys, in_phm = {}, name.rsplit(".", 1)[0] in phm
+        for key, value in reference_name(name, p.detach().clone(), family, heads, in_phm).items():
+            if key.startswith("GATE:"):
+                stem, param = key[len("GATE:"):].rsplit(".", 1)
+                key = f"{stem.rstrip('.')}{GATES[gate]}.{param}"
+            keys[key] = value
+        out[name] = keys
+    return out
+
+
+def reference_layout(model, family: str, preset) -> dict:
+    """The whole reference state dict of a vlpet model: frozen backbone, projector, every module."""
     state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     root = "model." if family == "bart" else ""
     state[f"{root}encoder.visual_embedding.obj_order_embedding.weight"] = \
         model.backbone.get_input_embeddings().weight.detach().clone()
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        tensor = p.detach().clone()
-        for key, value in reference_name(name, tensor, family, heads, name.rsplit(".", 1)[0] in phm).items():
-            if key.startswith("GATE:"):
-                stem, param = key[len("GATE:"):].rsplit(".", 1)
-                key = f"{stem.rstrip('.')}{GATES[gate]}.{param}"
-            state[key] = value
+    for keys in trainable_layout(model, family, preset).values():
+        state.update(keys)
     return {f"module.{k}": v for k, v in state.items()}
 
 
@@ -181,15 +191,8 @@ def test_decay_groups_are_the_reference_rule_on_the_reference_names(tiny_dirs, f
         overrides += ["pet.add_biases=false", "pet.trainable.relative_attention_bias=true"]
     resolved = resolve(preset, overrides, backbone=str(tiny_dirs[family]))
     model, _ = build_model(resolved, weights=False)
-    heads = resolved.pet.encoder.heads if resolved.pet.encoder and resolved.pet.encoder.kind == "adapter" else 1
-    gate = resolved.pet.gate.granularity if resolved.pet.gate else None
-    phm = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters() if n.endswith(".rule")}
     exempt = set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        keys = [k if not k.startswith("GATE:") else k[len("GATE:"):].replace("_.", f"_{GATES[gate]}.")
-                for k in reference_name(name, torch.zeros(max(heads, 1)), family, heads, name.rsplit(".", 1)[0] in phm)]
+    for name, keys in trainable_layout(model, family, resolved).items():
         spared = {any(word in k for word in ("bias", "LayerNorm.weight")) for k in keys}
         assert len(spared) == 1, (name, keys)
         if spared.pop():
