@@ -162,8 +162,9 @@ def _reference_words(group: str, value: str, declared: ReferenceRule, stack: str
         return [ref for (s, ref), ours in ATTENTION.items() if s == stack and ours == value]
     words = [value]
     for table in (declared.words.get(group), SITE_WORDS.get(group)):
-        if table:
-            words = [ref for w in words for ref in ([r for r, ours in table.items() if ours == w] or [w])]
+        if table:  # the words it translates into w, and w itself where the table leaves it as it is
+            words = [ref for w in words for ref in [r for r, ours in table.items() if ours == w]
+                     + ([w] if w not in table else [])]
     return words
 
 
