@@ -382,6 +382,9 @@ def main(argv: list[str]) -> int:
                     result = check_case(Path(directory), Path(work), float64)
             except VlpetError as exc:
                 result = {"golden": Path(directory).name, "kind": kind, "ok": False, "error": str(exc)}
+            except (OSError, KeyError, ValueError, RuntimeError) as exc:  # a damaged or incomplete case directory
+                result = {"golden": Path(directory).name, "kind": kind, "ok": False,
+                          "error": f"{type(exc).__name__}: {exc}"}
             matched += bool(result["ok"])
             print(json.dumps(result), flush=True)
     print(f"{matched}/{len(argv)} golden cases match")

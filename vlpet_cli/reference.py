@@ -2,10 +2,10 @@
 
 The reference saves `torch.save(model.state_dict())` of a DDP-wrapped model (spec pipeline §6): every key carries
 `module.`, the frozen backbone is included, and the added modules use the reference's names (spec modules §1-§3).
-Each PET method declares how the reference names its tensors (`pet.method.ReferenceRule`); this module fills in the
-backbone family's paths, sorts every key into module tensors, backbone tensors and ignored keys, checks the backbone
-against the one the user gives, and writes a normal adapter directory (`artifacts.save_adapter`), so `vlpet eval DIR`
-evaluates a published checkpoint.
+Each PET method declares how the reference names its tensors (`pet.method.ReferenceRule`, compiled per backbone
+family by `pet.reference_names`, which also gives training the reference's decay groups); this module sorts every key
+into module tensors, backbone tensors and ignored keys, checks the backbone against the one the user gives, and writes
+a normal adapter directory (`artifacts.save_adapter`), so `vlpet eval DIR` evaluates a published checkpoint.
 """
 
 from __future__ import annotations
