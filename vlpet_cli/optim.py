@@ -119,9 +119,9 @@ def param_groups(model, preset: Preset) -> list[dict]:
 def build_optimizer(model, preset: Preset, device: torch.device | str = "cpu") -> torch.optim.Optimizer:
     """The optimizer `train.optimizer` names over the model's trainable tensors, in `param_groups`."""
     groups, train = param_groups(model, preset), preset.train
-    if train.optimizer == "torch":
-        fused = {"fused": True} if torch.device(device).type == "cuda" else {}  # one kernel for all tensors
-        return torch.optim.AdamW(groups, lr=train.lr, eps=train.adam_eps, **fused)
+    if train.optimizer == "torch":  # one kernel for all tensors on CUDA, one per operation elsewhere
+        form = {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=train.lr, eps=train.adam_eps, **form)
     return ReferenceAdamW(groups, lr=train.lr, eps=train.adam_eps)
 
 
@@ -130,8 +130,9 @@ def describe(optimizer: torch.optim.Optimizer) -> str:
     if isinstance(optimizer, ReferenceAdamW):
         form = "multi-tensor" if optimizer.defaults["foreach"] else "per tensor"
         return f"reference AdamW (transformers 4.2.1 math, {form})"
-    fused = optimizer.defaults.get("fused")
-    return f"torch.optim.AdamW ({'fused' if fused else 'foreach' if fused is None else 'per tensor'})"
+    form = "fused" if optimizer.defaults.get("fused") else "multi-tensor" if optimizer.defaults.get("foreach") else \
+        "per tensor"
+    return f"torch.optim.AdamW ({form})"
 
 
 def total_updates(batches_per_epoch: int, train: TrainConfig) -> int:
