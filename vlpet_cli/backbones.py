@@ -244,12 +244,25 @@ def check_weights(bb: Backbone) -> None:
             f"copy the model's weight files there (a config alone is enough only for `vlpet params`)")
 
 
-def build(bb: Backbone, weights: bool = True):
-    """(model, tokenizer) with the vocabulary resized; weights=False builds on the meta device (no tokenizer)."""
+# The backbone config's dropout rates (BART, mBART: the first three; T5 family: dropout_rate), all of which the
+# reference's trainer sets to its --dropout.
+DROPOUT_RATES = ("dropout", "attention_dropout", "activation_dropout", "dropout_rate")
+
+
+def dropout_rates(config, rate: float | None) -> dict[str, float]:
+    """{config key: rate} for every dropout rate the config has; {} for None (keep the checkpoint's own)."""
+    return {} if rate is None else {k: rate for k in DROPOUT_RATES if hasattr(config, k)}
+
+
+def build(bb: Backbone, weights: bool = True, dropout: float | None = None):
+    """(model, tokenizer) with the vocabulary resized; weights=False builds on the meta device (no tokenizer).
+    `dropout` sets every dropout rate of the config (None: the checkpoint's own)."""
     import torch
 
     config = load_config(bb)
     cls = model_class(config.model_type)
+    rates = dropout_rates(config, dropout)
+    config.update(rates)
     if not weights:
         config.vocab_size = vocab_size_without_weights(bb, config)
         with torch.device("meta"):
@@ -263,7 +276,7 @@ def build(bb: Backbone, weights: bool = True):
     check_weights(bb)
     tokenizer = load_tokenizer(bb)
     try:
-        model = cls.from_pretrained(bb.directory, local_files_only=True)
+        model = cls.from_pretrained(bb.directory, local_files_only=True, **rates)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VlpetError(f"cannot load the backbone weights from {bb.directory}: {first}") from None

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from transformers import get_linear_schedule_with_warmup
 
 from vlpet_cli import backbones
 from vlpet_cli.artifacts import save_adapter
@@ -35,6 +34,7 @@ from vlpet_cli.data.loading import (
 from vlpet_cli.data.multitask import MultitaskLoader, task_batch_sizes
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.inference import best_score, validate
+from vlpet_cli.optim import build_optimizer, clip_gradients, describe, param_groups, schedule, total_updates
 from vlpet_cli.pet.budget import budget
 from vlpet_cli.plots import plot_run
 from vlpet_cli.presets import T5_PREFIX, VIDEO_PREFIX, check_key, parse_overrides, resolve, set_dotted
@@ -139,20 +139,6 @@ def resume_preset(run_dir: Path, preset: str | None = None, tasks: list[str] | N
     return updated, changes
 
 
-def param_groups(model, preset: Preset) -> list[dict]:
-    """AdamW groups: what skips decay is `pet.inject.no_decay_names` under the preset's decay rule (reference:
-    names containing 'bias' or 'LayerNorm.weight'; corrected: also norms and the tensors each method declares)."""
-    from vlpet_cli.pet.inject import no_decay_names
-
-    exempt = no_decay_names(model, preset.train.decay_rule)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name in exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": preset.train.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
 @dataclass
 class TrainResult:
     summary: dict
@@ -195,8 +181,7 @@ class Session:
 
     @property
     def total_updates(self) -> int:
-        total = math.ceil(self.total_batches / self.preset.train.grad_accum)
-        return min(total, self.preset.train.max_steps) if self.preset.train.max_steps else total
+        return total_updates(self.steps_per_epoch, self.preset.train)
 
     @property
     def done_batches(self) -> int:
@@ -294,15 +279,12 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     loader = MultitaskLoader(data.train, sizes, data_seed=preset.train.data_seed,
                              rank=accelerator.process_index, world_size=accelerator.num_processes,
                              num_workers=preset.data.num_workers, pin_memory=accelerator.device.type == "cuda")
-    fused = {"fused": True} if accelerator.device.type == "cuda" else {}  # one kernel for all tensors
-    optimizer = torch.optim.AdamW(param_groups(model, preset), lr=preset.train.lr, eps=preset.train.adam_eps,
-                                  **fused)
+    optimizer = build_optimizer(model, preset, accelerator.device)
     session = Session(preset, run_dir, accelerator, model, model, tokenizer, optimizer, None, loader, data, sizes,
                       {}, checkpointer)
     if last is not None:
         _check_resume_room(checkpointer, last, preset, session.steps_per_epoch)
-    total = session.total_updates
-    session.scheduler = get_linear_schedule_with_warmup(optimizer, int(preset.train.warmup_ratio * total), total)
+    session.scheduler = schedule(optimizer, preset.train, session.total_updates)
     if last is not None:
         session.state = session.checkpointer.load(last, model, optimizer, session.scheduler,
                                                   {"train": loader.generator})
@@ -386,7 +368,9 @@ def _announce(session: Session, resume: bool, progress: Progress) -> None:
         append_event(session.run_dir, {"event": "start", "trainable": info["trainable"], "total": info["total"],
                                        "percent": info["percent"], "batch_sizes": session.sizes,
                                        "steps_per_epoch": session.steps_per_epoch,
-                                       "processes": session.accelerator.num_processes})
+                                       "processes": session.accelerator.num_processes,
+                                       "optimizer": describe(getattr(session.optimizer, "optimizer",
+                                                                     session.optimizer))})
 
 
 @dataclass
@@ -439,8 +423,7 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
             last_in_epoch = step + 1 == steps_per_epoch
             updated = done_batches % accum == 0 or last_in_epoch
             if updated:
-                if preset.train.clip_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, preset.train.clip_grad_norm)
+                clip_gradients(trainable, preset.train.clip_grad_norm, accelerator.clip_grad_norm_)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
