@@ -26,6 +26,7 @@ from typing import Any
 
 from vlpet_cli.data.tasks import ScoreChoices, get_task, resolve_task, task_class
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.extras import require_extra
 from vlpet_cli.progress import Progress
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -281,6 +282,7 @@ def extract_videos(vm: Any, settings: VisionSettings, paths: list[Path], batch_s
 
 def video_duration(path: Path) -> float:
     """A video's duration in seconds (the container's, else its stream's)."""
+    require_extra("video")
     import av
 
     with av.open(str(path)) as container:

@@ -13,6 +13,7 @@ from vlpet_cli.data.tasks.base import Task, TaskDataset, check_features, open_ta
 from vlpet_cli.data.toy import toy_root
 from vlpet_cli.data.video_features import locate_video_features, open_video_features
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.extras import require_extra
 
 
 def resolve_data_root(data_root: str | None) -> Path:
@@ -38,6 +39,8 @@ def toy_feature_dim(tasks: list[str] | None = None) -> int:
     is a video task, else its image features'."""
     root = resolve_data_root("toy")
     if tasks and all(feature_kind(t) == "video" for t in tasks):
+        if not (root / "video").is_dir():  # built without PyAV
+            require_extra("video")
         task = get_task(tasks[0])
         path = _locate(root, task, task.split_names("train")[0], "", task.video.feature_name)
         dim = open_video_features(path).dim

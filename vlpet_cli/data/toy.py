@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 from vlpet_cli.atomic import write_text
 from vlpet_cli.data.extraction import extract_features
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.extras import has_extra
 
 TOY_VERSION = "toy-v1"
 SEED = 20230817
@@ -640,11 +641,13 @@ def build_toy(dest: Path, seed: int = SEED, features: bool = True, model: Path |
                 _, path, reason = summary.failed[0]
                 raise VlpetError(f"toy world: feature extraction failed for {path} ({reason})")
         manifest["features"] = {"model": model.name, "fingerprint": _fingerprint(model), "file": FEATURE_FILE}
-    from vlpet_cli.data.toy_video import build_video  # imports this module's constants
+    manifest["video"] = None  # without PyAV (vlpet[video]) the world has no videos, until av is installed
+    if has_extra("video"):
+        from vlpet_cli.data.toy_video import build_video  # imports this module's constants
 
-    manifest["video"] = build_video(dest, seed, features=features)
-    if features:
-        manifest["video"]["features"]["fingerprint"] = _fingerprint(_tiny_clip_proj())
+        manifest["video"] = build_video(dest, seed, features=features)
+        if features:
+            manifest["video"]["features"]["fingerprint"] = _fingerprint(_tiny_clip_proj())
     manifest["build_seconds"] = round(time.perf_counter() - start, 2)
     _write_json(dest / "toy.json", manifest)
     return dest
@@ -671,6 +674,7 @@ def _is_current(root: Path) -> bool:
         and manifest.get("seed") == SEED
         and (not model.is_dir() or feats.get("fingerprint") == _fingerprint(model))
         and (not video_model.is_dir() or video_feats.get("fingerprint") == _fingerprint(video_model))
+        and (manifest.get("video") is not None or not has_extra("video"))
     )
 
 

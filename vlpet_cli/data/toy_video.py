@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 from vlpet_cli.atomic import write_text
 from vlpet_cli.data.video_extraction import TINY_CLIP_PROJ, extract_video_features
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.extras import require_extra
 
 # the image world's palette and shapes (data/toy.py), restated so the two worlds import nothing of each other
 SHAPES = ("circle", "square", "triangle")
@@ -347,6 +348,7 @@ def video_summary(world: VideoWorld) -> dict[str, int]:
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = FPS) -> None:
     """Write RGB frames as an MPEG-4 Part 2 .mp4 (high quality, every frame a key frame) with PyAV."""
+    require_extra("video")
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from transformers import CLIPVisionModelWithProjection
 from vlpet_cli.data.extraction import _Inline, _model_dir, _preprocessor_stats, _write_report, normalize
 from vlpet_cli.data.video_features import NPZ, PACKED, VIDEO_LAYOUTS, open_video_writer
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.extras import require_extra
 from vlpet_cli.progress import Progress
 
 FRAME_STEP_S = 1.5  # VALUE's CLIP-ViT features: one frame every 1.5 seconds
@@ -146,6 +147,7 @@ def square_crop(rgb: np.ndarray, size: int) -> np.ndarray:
 
 def decode_frames(path: Path, step: float = FRAME_STEP_S) -> list[np.ndarray]:
     """RGB uint8 frames (H, W, 3) of a video at one per `step` seconds, the frame on screen at each tick."""
+    require_extra("video")
     import av
 
     picked: list[np.ndarray] = []
