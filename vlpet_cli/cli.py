@@ -33,8 +33,8 @@ STATE = {"debug": False}
 
 
 def _print_error(exc: VlpetError) -> None:
-    """A user error as one line on stderr."""
-    err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+    """A user error as one line on stderr (brackets in it, like vlpet[video] or data.tasks=[coco], are text)."""
+    err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
 
 
 class _Group(TyperGroup):
@@ -401,7 +401,7 @@ def _warnings_to_stderr():
                 if w not in ours:
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             for message in dict.fromkeys(str(w.message) for w in ours):
-                err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+                err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json) -> None:

@@ -1,0 +1,155 @@
+"""Usage errors, help and versions through the installed `vlpet` console script, as a user meets them.
+
+Each case runs the console script next to this Python in a subprocess (with PYTHONPATH on this checkout), so the
+exit code and the output are what a shell sees, whatever click the installed typer bundles: a usage error is the
+command's usage and one `Error:` line, exit 2, never a traceback; `-h` is `--help` on every command."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import typer
+
+from vlpet_cli.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+VLPET = Path(sys.executable).with_name("vlpet")
+
+
+def vlpet(*args: str, cwd: Path, env: dict | None = None, python: list[str] | None = None):
+    """Run `vlpet ARGS` (or `python ...` when given) in a subprocess; the CompletedProcess."""
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "HF_HUB_OFFLINE": "1", "COLUMNS": "100",
+            **(env or {})}
+    return subprocess.run(python or [str(VLPET), *args], capture_output=True, text=True, env=full, cwd=cwd,
+                          timeout=300)
+
+
+def _paths(command, prefix=()) -> list[tuple[str, ...]]:
+    """Every command path of the app: groups first, then their commands (e.g. (), ('merge',), ('merge', 'fold'))."""
+    out = [tuple(prefix)]
+    for name, sub in sorted(getattr(command, "commands", {}).items()):
+        out += _paths(sub, (*prefix, name))
+    return out
+
+
+PATHS = _paths(typer.main.get_command(app))
+
+
+def _is_group(path: tuple[str, ...]) -> bool:
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return bool(getattr(command, "commands", None))
+
+
+COMMANDS = [p for p in PATHS if not _is_group(p)]
+GROUPS = [p for p in PATHS if _is_group(p)]
+
+
+def assert_usage_error(result, message: str) -> None:
+    """Exit 2; on stderr the usage and a hint (when click gives them) and one `Error:` line holding `message`;
+    no traceback; stdout empty."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stdout == ""
+    assert len(lines) <= 3 and lines[-1].startswith("Error: ") and message in lines[-1], result.stderr
+    assert len(lines) == 1 or lines[0].startswith("Usage: vlpet")
+
+
+def test_the_console_script_is_installed_next_to_python():
+    assert VLPET.is_file(), f"{VLPET}: run `make install`"
+
+
+def test_the_commands_are_all_found():
+    assert {("train",), ("eval",), ("predict",), ("extract-features",), ("merge", "export-peft"), ("report",),
+            ("import-reference",), ("features", "inspect"), ("presets", "show"), ("params",), ("quickstart",)} \
+        <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: " ".join(p) or "vlpet")
+def test_h_is_help_on_every_command(path, tmp_path):
+    result = vlpet(*path, "-h", cwd=tmp_path)
+    assert result.stdout == vlpet(*path, "--help", cwd=tmp_path).stdout if path in [(), ("train",)] else True
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"Usage: vlpet {' '.join(path)}\s*\[OPTIONS\]", result.stdout), result.stdout
+    assert result.stderr == ""
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=" ".join)
+def test_an_unknown_option_on_every_command(path, tmp_path):
+    assert_usage_error(vlpet(*path, "--no-such-option", cwd=tmp_path), "No such option: --no-such-option")
+    assert not list(tmp_path.iterdir())
+
+
+USAGE_ERRORS = [
+    (["trian"], "No such command 'trian'. Did you mean 'train'?"),
+    (["merge", "exprot-peft"], "No such command 'exprot-peft'. Did you mean 'export-peft'?"),
+    (["train", "--preest", "vlpet-small"], "No such option: --preest (Possible options: --preset, --resume)"),
+    (["train", "--stop-after", "x"], "Invalid value for '--stop-after'"),
+    (["eval", "RUN", "--batch-size", "1.5"], "Invalid value for '--batch-size'"),
+    (["params"], "Missing option '--preset'"),
+    (["train", "--preset"], "Option '--preset' requires an argument"),
+    (["predict", "--task", "vqa"], "Missing argument"),
+    (["presets", "show"], "Missing argument"),
+    (["-x"], "No such option: -x"),
+]
+
+
+@pytest.mark.parametrize("args, message", USAGE_ERRORS, ids=[" ".join(args) for args, _ in USAGE_ERRORS])
+def test_usage_errors(args, message, tmp_path):
+    assert_usage_error(vlpet(*args, cwd=tmp_path), message)
+
+
+def test_a_bad_choice_is_one_line(tmp_path):
+    result = vlpet("merge", "average", "a", "b", "--out", "c", "--mode", "bogus", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "error: unknown merge mode 'bogus'; choose mean or sum\n"
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=lambda p: " ".join(p) or "vlpet")
+def test_a_group_without_its_command_shows_its_help(group, tmp_path):
+    result = vlpet(*group, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+    assert "Commands" in result.stdout + result.stderr
+
+
+def test_version_prints_the_versions_without_importing_torch(tmp_path):
+    result = vlpet("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == ""
+    expected = f"vlpet {version('vlpet')} (torch {version('torch')}, transformers {version('transformers')}, Python "
+    assert result.stdout.startswith(expected), result.stdout
+    code = ("import sys\nfrom vlpet_cli.cli import main\nsys.argv = ['vlpet', '--version']\ntry:\n    main()\n"
+            "except SystemExit as exc:\n    assert exc.code == 0\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    assert vlpet(cwd=tmp_path, python=[sys.executable, "-c", code]).stdout.splitlines()[-1] == "[]"
+
+
+def test_shell_completion(tmp_path):
+    script = vlpet("--show-completion", "bash", cwd=tmp_path)
+    assert script.returncode == 0 and "_VLPET_COMPLETE=complete_bash" in script.stdout
+    assert "--install-completion" in vlpet("-h", cwd=tmp_path).stdout
+    env = {"_VLPET_COMPLETE": "complete_bash", "COMP_WORDS": "vlpet merge ex", "COMP_CWORD": "2"}
+    assert vlpet(cwd=tmp_path, env=env).stdout.split() == ["export-peft"]
+    env = {"_VLPET_COMPLETE": "complete_bash", "COMP_WORDS": "vlpet train --pre", "COMP_CWORD": "2"}
+    assert vlpet(cwd=tmp_path, env=env).stdout.split() == ["--preset"]
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path):
+    """A KeyboardInterrupt inside a command (typer >= 0.2x turns it into a silent exit 130, older ones into
+    Abort) ends as 'interrupted' and exit code 130."""
+    code = ("import sys\nimport vlpet_cli.cli as cli\n"
+            "def interrupted():\n    raise KeyboardInterrupt\n"
+            "cli.list_presets = interrupted\nsys.argv = ['vlpet', 'presets', 'ls']\ncli.main()\n")
+    result = vlpet(cwd=tmp_path, python=[sys.executable, "-c", code])
+    assert result.returncode == 130
+    assert result.stderr == "interrupted\n" and "Traceback" not in result.stdout
