@@ -666,15 +666,16 @@ def _is_current(root: Path) -> bool:
     except (OSError, ValueError):
         return False
     feats = manifest.get("features") or {}
-    video_feats = (manifest.get("video") or {}).get("features") or {}
+    video = manifest.get("video")  # None: built without PyAV (vlpet[video]), current until av imports
+    video_feats = (video or {}).get("features") or {}
     model, video_model = _tiny_clip(), _tiny_clip_proj()
     return (
         manifest.get("version") == TOY_VERSION
         and manifest.get("generator") == _generator_hash()
         and manifest.get("seed") == SEED
         and (not model.is_dir() or feats.get("fingerprint") == _fingerprint(model))
-        and (not video_model.is_dir() or video_feats.get("fingerprint") == _fingerprint(video_model))
-        and (manifest.get("video") is not None or not has_extra("video"))
+        and (not has_extra("video") if video is None
+             else not video_model.is_dir() or video_feats.get("fingerprint") == _fingerprint(video_model))
     )
 
 
