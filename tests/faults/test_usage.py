@@ -135,8 +135,10 @@ def test_version_prints_the_versions_without_importing_torch(tmp_path):
 
 
 def test_shell_completion(tmp_path):
-    script = vlpet("--show-completion", "bash", cwd=tmp_path)
-    assert script.returncode == 0 and "_VLPET_COMPLETE=complete_bash" in script.stdout
+    # the script for the shell vlpet runs in (typer asks the process tree), so a bash that stays vlpet's parent
+    # (a lone command would replace it), whatever shell runs the tests
+    script = vlpet(cwd=tmp_path, python=["bash", "-c", f"'{VLPET}' --show-completion; exit $?"])
+    assert script.returncode == 0 and "_VLPET_COMPLETE=complete_bash" in script.stdout, script.stderr
     assert "--install-completion" in vlpet("-h", cwd=tmp_path).stdout
     env = {"_VLPET_COMPLETE": "complete_bash", "COMP_WORDS": "vlpet merge ex", "COMP_CWORD": "2"}
     assert vlpet(cwd=tmp_path, env=env).stdout.split() == ["export-peft"]
