@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import typing
 from importlib.metadata import version
 from pathlib import Path
 
@@ -42,15 +43,29 @@ def _paths(command, prefix=()) -> list[tuple[str, ...]]:
 PATHS = _paths(typer.main.get_command(app))
 
 
-def _is_group(path: tuple[str, ...]) -> bool:
+def _command(path: tuple[str, ...]):
     command = typer.main.get_command(app)
     for name in path:
         command = command.commands[name]
-    return bool(getattr(command, "commands", None))
+    return command
+
+
+def _is_group(path: tuple[str, ...]) -> bool:
+    return bool(getattr(_command(path), "commands", None))
+
+
+def _number_option(path: tuple[str, ...]) -> str | None:
+    """The first option of a command that takes an int or a float."""
+    command = _command(path)
+    hints = typing.get_type_hints(command.callback)
+    return next((p.opts[0] for p in command.params if p.param_type_name == "option"
+                 and hints.get(p.name) in (int, float, int | None, float | None)), None)
 
 
 COMMANDS = [p for p in PATHS if not _is_group(p)]
 GROUPS = [p for p in PATHS if _is_group(p)]
+WITH_REQUIRED = [p for p in COMMANDS if any(param.required for param in _command(p).params)]
+WITH_NUMBER = [(p, _number_option(p)) for p in COMMANDS if _number_option(p)]
 
 
 def assert_usage_error(result, message: str) -> None:
@@ -72,6 +87,8 @@ def test_the_commands_are_all_found():
     assert {("train",), ("eval",), ("predict",), ("extract-features",), ("merge", "export-peft"), ("report",),
             ("import-reference",), ("features", "inspect"), ("presets", "show"), ("params",), ("quickstart",)} \
         <= set(COMMANDS)
+    assert {("predict",), ("params",), ("merge", "fold")} <= set(WITH_REQUIRED)
+    assert {("train",), ("eval",), ("extract-features",)} <= {p for p, _ in WITH_NUMBER}
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: " ".join(p) or "vlpet")
@@ -88,6 +105,18 @@ def test_h_is_help_on_every_command(path, tmp_path):
 def test_an_unknown_option_on_every_command(path, tmp_path):
     assert_usage_error(vlpet(*path, "--no-such-option", cwd=tmp_path), "No such option: --no-such-option")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("path", WITH_REQUIRED, ids=" ".join)
+def test_a_missing_argument_or_option_on_every_command(path, tmp_path):
+    result = vlpet(*path, cwd=tmp_path)
+    assert_usage_error(result, "Missing ")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("path, option", WITH_NUMBER, ids=[" ".join(p) for p, _ in WITH_NUMBER])
+def test_a_value_of_the_wrong_type_on_every_command(path, option, tmp_path):
+    assert_usage_error(vlpet(*path, option, "x", cwd=tmp_path), f"Invalid value for '{option}")
 
 
 USAGE_ERRORS = [
