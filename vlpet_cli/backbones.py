@@ -128,7 +128,7 @@ def resolve(name: str) -> Backbone:
         raise VlpetError(
             f"backbone '{name}' is neither a built-in name ({', '.join([*BUILTIN, *TINY])}), a local directory, "
             f"nor in the local Hugging Face cache. Download it on a connected machine with "
-            f"`huggingface-cli download {name} --local-dir DIR` and pass --backbone DIR"
+            f"`hf download {name} --local-dir DIR` and pass --backbone DIR"
         )
     return Backbone(name, _family_from_type(_config_json(snapshot).get("model_type", ""), name), snapshot)
 
@@ -219,7 +219,7 @@ def load_tokenizer(bb: Backbone):
         hub_id = BUILTIN[bb.builtin]["hub_id"]
         raise VlpetError(
             f"'{bb.name}' has no local weights or tokenizer (only its built-in config, enough for `vlpet params`). "
-            f"Download it with `huggingface-cli download {hub_id} --local-dir DIR` and pass --backbone DIR"
+            f"Download it with `hf download {hub_id} --local-dir DIR` and pass --backbone DIR"
         )
     try:
         tok = AutoTokenizer.from_pretrained(bb.directory, local_files_only=True)

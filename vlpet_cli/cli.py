@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import re
 import sys
 import warnings
@@ -13,14 +14,16 @@ from pathlib import Path
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
 from vlpet_cli.atomic import write_text
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.extras import require_extra
 from vlpet_cli.features.tools import convert_features, describe_features, inspect_features
 from vlpet_cli.presets import list_presets, load_raw, preset_path, resolve, to_yaml
-from vlpet_cli.tasks import TASKS, annotation_images, default_tasks, tasks_of_kind
+from vlpet_cli.tasks import TASKS, annotation_images, default_tasks, task_class, tasks_of_kind
 
 # Commands (and anything that imports torch or transformers) are imported inside the command functions, so that
 # `vlpet --help` answers at once.
@@ -31,8 +34,8 @@ STATE = {"debug": False}
 
 
 def _print_error(exc: VlpetError) -> None:
-    """A user error as one line on stderr."""
-    err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+    """A user error as one line on stderr (brackets in it, like vlpet[video] or data.tasks=[coco], are text)."""
+    err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
 
 
 class _Group(TyperGroup):
@@ -49,7 +52,10 @@ class _Group(TyperGroup):
             raise SystemExit(2) from None
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
+# -h is --help on every command (sub-commands' contexts inherit the option names); typer adds
+# --install-completion and --show-completion for shell completion.
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Parameter-efficient tuning of vision-and-language encoder-decoders (VL-PET and baselines).")
 presets_app = typer.Typer(no_args_is_help=True, help="List, show and copy presets.")
 features_app = typer.Typer(no_args_is_help=True, help="Inspect and convert visual feature files.")
@@ -66,8 +72,30 @@ def _tasks_where(test) -> str:
 OVERRIDES = typer.Argument(None, help="preset overrides as dotted key=value, e.g. train.lr=5e-4", show_default=False)
 
 
+def versions() -> str:
+    """'vlpet X (torch Y, transformers Z, Python W)', read from the installed packages' metadata (nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"vlpet {of('vlpet')} (torch {of('torch')}, transformers {of('transformers')}, "
+            f"Python {platform.python_version()})")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(versions())
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks for errors")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks for errors"),
+          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print the versions of vlpet, torch and transformers and exit")) -> None:
     STATE["debug"] = debug
 
 
@@ -183,6 +211,7 @@ def extract_features(images: Path | None = typer.Option(None, help="folder of im
         raise VlpetError("extract-features needs exactly one of --images DIR (grid features) or --videos DIR "
                          "(per-frame video features).")
     if videos is not None:
+        require_extra("video")
         if torchscript:
             raise VlpetError("--torchscript applies to --images only: video features need a CLIP ViT with its "
                              "projection (e.g. clip-vit-base-patch32).")
@@ -408,6 +437,8 @@ def predict(path: Path = typer.Argument(..., help="run directory, adapter, bundl
     if question and statement:
         raise VlpetError(f"give --question ({_tasks_where(lambda c: c.inputs.text == 'question')}) or --statement "
                          f"({_tasks_where(lambda c: c.inputs.text == 'statement')}), not both")
+    if video is not None or task_class(task).inputs.video:
+        require_extra("video")
     items = gather_inputs(task, list(image or []), question or statement, inputs, video, list(choices or []),
                           subtitles, ts)
     with _warnings_to_stderr():
@@ -440,7 +471,7 @@ def _warnings_to_stderr():
                 if w not in ours:
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             for message in dict.fromkeys(str(w.message) for w in ours):
-                err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+                err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json) -> None:
@@ -517,8 +548,8 @@ def merge_export_peft(adapter: Path, out: Path = typer.Option(..., help="output 
     from vlpet_cli.merge import export_peft
 
     result = export_peft(adapter, out, backbone, with_base=not no_base)
-    for note in result["notes"]:
-        err_console.print(f"[yellow]note:[/yellow] {note}")
+    for note in result["notes"]:  # never wrapped: a note may hold a Python command to copy
+        err_console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
     console.print(f"{result['exported']} exported to {out}")
 
 
@@ -534,6 +565,8 @@ def quickstart(runs_dir: Path = typer.Option(Path("runs"), help="where the run a
     from vlpet_cli.quickstart import TABLE_COLUMNS, table_rows
     from vlpet_cli.quickstart import quickstart as run
 
+    if video:
+        require_extra("video")
     with _warnings_to_stderr():
         summary = run(runs_dir, preset, backbone, overrides or [], say=console.print, video=video)
     table = Table(*TABLE_COLUMNS, title=f"{preset} on {backbone}: the toy world's {summary['split']} splits")
@@ -555,6 +588,7 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories to compa
     from vlpet_cli.report import report as build_report
     from vlpet_cli.report import report_table
 
+    require_extra("plots")
     result = build_report(runs, out, split)
     console.print(report_table(result["rows"], width=console.width))
     if result["plot"]:
@@ -564,26 +598,28 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories to compa
                       f"{', '.join(map(str, result['not_plotted']))}")
 
 
+# click's exception base class, from whichever click this typer uses: typer >= 0.2x bundles its own copy of click,
+# so `import click` gives another one (or none); typer's own BadParameter descends from the right one.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
-    """Entry point: user errors print one line and exit 2 (tracebacks only with --debug)."""
+    """Entry point: a usage error prints the command's usage and one line, a user error one line, both exit 2
+    (tracebacks only with --debug); Ctrl-C exits 130."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's return value, or the code of a typer.Exit
     except VlpetError as exc:
         if STATE["debug"]:
             raise
         _print_error(exc)
         sys.exit(2)
-    except (typer.Exit, SystemExit) as exc:
-        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+    except _CLICK_ERROR as exc:  # unknown command or option, bad or missing value: usage, then 'Error: ...'
+        exc.show()
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
+        code = 130
+    except typer.Abort as exc:  # older typers turn Ctrl-C into Abort
+        code = 130 if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt) else 1
+    if code == 130:  # typer >= 0.2x turns Ctrl-C into a silent exit code 130
         err_console.print("interrupted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+    sys.exit(code if isinstance(code, int) else 0)

@@ -17,6 +17,7 @@ import yaml
 
 from vlpet_cli.atomic import atomic_file
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.extras import require_extra
 from vlpet_cli.tasks import TASKS, primary_metrics
 
 PRIMARY_METRIC = primary_metrics()
@@ -151,6 +152,7 @@ def plot_title(run_dir: Path, config: dict, start: dict) -> str:
 
 def plot_run(run_dir: Path) -> Path:
     """Write run_dir/plots/loss.png: training loss per task and, if validated, primary metrics, against updates."""
+    require_extra("plots")
     from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.extras import require_extra
 from vlpet_cli.progress import Progress
 from vlpet_cli.tasks import PredictInput, ScoreChoices, get_task, resolve_task, task_class, tasks_of_kind
 from vlpet_cli.tasks.records import read_records
@@ -195,6 +196,7 @@ def vision_settings(recorded: dict, source: str, vision_model: str | None, layer
 
 def video_duration(path: Path) -> float:
     """A video's duration in seconds (the container's, else its stream's)."""
+    require_extra("video")
     import av
 
     with av.open(str(path)) as container:

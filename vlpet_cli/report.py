@@ -28,6 +28,7 @@ from rich.table import Table
 from rich.text import Text
 
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.extras import require_extra
 from vlpet_cli.plots import (
     is_number,
     primary_scores,
@@ -275,6 +276,7 @@ def plot_report(rows: list[dict], out: Path, split: str = "test") -> Path:
     """Scatter of trainable % (log x) against average score, one labelled point per run (VL-PET Figure 1).
 
     When the runs' averages are over different tasks or splits, the axis says so and each label names its own."""
+    require_extra("plots")
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 5), layout="constrained")
@@ -315,6 +317,7 @@ def plot_report(rows: list[dict], out: Path, split: str = "test") -> Path:
 
 def plain_log_ticks(axis: Any, values: list[float]) -> None:
     """Label a log axis 0.1, 1, 10 rather than 10^-1; label the minor ticks too when the data span one decade."""
+    require_extra("plots")
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     plain = FuncFormatter(lambda v, _: f"{v:g}")
