@@ -16,7 +16,7 @@ from vlpet_cli.reference import import_reference_checkpoint, load_state_dict, ma
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
 CASES = sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
-TRAIN = Path(__file__).parent / "golden-train"
+TRAIN = ROOT / "tests" / "golden-train"
 TRAIN_CASES = sorted(p.name for p in TRAIN.iterdir() if p.is_dir())
 # float32 rounding: in this case the reference's own caption logits are 1.8e-5 off their exact value (vlpet in
 # float64), vlpet's float32 ones 2.9e-5, both at one ill-conditioned token: it matches within the reference's rounding.

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vlpet_cli.data import toy
+from vlpet_cli.toy import images as toy
 from vlpet_cli.extras import EXTRAS, MissingExtraError, require_extra
 from vlpet_cli.plots import plot_run
 

@@ -122,7 +122,7 @@ def test_a_value_of_the_wrong_type_on_every_command(path, option, tmp_path):
 USAGE_ERRORS = [
     (["trian"], "No such command 'trian'. Did you mean 'train'?"),
     (["merge", "exprot-peft"], "No such command 'exprot-peft'. Did you mean 'export-peft'?"),
-    (["train", "--preest", "vlpet-small"], "No such option: --preest (Possible options: --preset, --resume)"),
+    (["train", "--preest", "vlpet-small"], "No such option: --preest (Possible options: --preset, --resume, --seeds)"),
     (["train", "--stop-after", "x"], "Invalid value for '--stop-after'"),
     (["eval", "RUN", "--batch-size", "1.5"], "Invalid value for '--batch-size'"),
     (["params"], "Missing option '--preset'"),
