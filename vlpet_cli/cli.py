@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -16,7 +20,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from vlpet_cli.atomic import write_text
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.errors import Interrupted, VlpetError, file_error
 from vlpet_cli.features.images import convert_features, describe_features, inspect_features
 from vlpet_cli.presets import list_presets, load_raw, preset_path, resolve, to_yaml
 from vlpet_cli.tasks import annotation_images
@@ -40,12 +44,71 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with _command_faults():
+                return super().invoke(ctx)
         except VlpetError as exc:
             if STATE["debug"]:
                 raise
             _print_error(exc)
             raise SystemExit(2) from None
+
+
+# ---- signals and file-system errors: one mechanism for every command -------------------------------------------
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every clean-up (finally blocks, staged directories) runs."""
+
+
+_KEPT: list[Callable[[], str]] = []  # what the running command has kept, said if a signal stops it
+
+
+def _on_interrupt(kept: Callable[[], str]) -> None:
+    """Say what the running command has kept if SIGINT or SIGTERM stops it (`kept` is called then, so it can
+    look at what is on disk)."""
+    _KEPT.append(kept)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _kept() -> str:
+    said = []
+    for kept in _KEPT:
+        try:
+            said.append(kept())
+        except Exception:  # noqa: BLE001 - the line must come out whatever state the files are in
+            continue
+    return "; ".join(said) or "nothing was left half-written; run the same command again"
+
+
+@contextlib.contextmanager
+def _command_faults():
+    """Around every command. SIGINT (Ctrl-C) and SIGTERM stop it with one line saying what was kept and how to go
+    on, exit code 130 and 143, so that `cmd1 && cmd2` stops (a signal the shell made vlpet ignore, as for a
+    script's background job, stays ignored). An OSError no command turned into its own message (permission
+    denied, a full disk, a read-only file system) is one error line naming the file, exit code 2."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, _raise_terminated)):
+            if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+                previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    except Interrupted as exc:  # a command that stopped cleanly and says how to continue (train)
+        err_console.print(str(exc), highlight=False, soft_wrap=True)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt as exc:
+        name, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("SIGINT", 130)
+        err_console.print(f"interrupted ({name}): {_kept()}", highlight=False, soft_wrap=True)
+        raise SystemExit(code) from None
+    except OSError as exc:
+        if exc.errno == errno.EPIPE or STATE["debug"]:
+            raise
+        raise file_error(exc) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _KEPT.clear()
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
@@ -185,6 +248,7 @@ def extract_features(images: Path | None = typer.Option(None, help="folder of im
                              "embedding (CLIP's encode_image), as VALUE's.")
         from vlpet_cli.extract import extract_videos
 
+        _on_interrupt(lambda: _extraction_kept(out, videos, annotations, video=True))
         summary = extract_videos(videos, model, out, annotations, layout=layout or "npz", batch_size=batch_size,
                                  dtype=dtype, limit=limit, workers=workers, progress=not no_progress,
                                  device=device)
@@ -192,10 +256,32 @@ def extract_features(images: Path | None = typer.Option(None, help="folder of im
         return
     from vlpet_cli.extract import extract
 
+    _on_interrupt(lambda: _extraction_kept(out, images, annotations, video=False))
     summary = extract(images, model, out, annotations, layout=layout or "packed", layer=layer,
                       batch_size=batch_size, dtype=dtype, limit=limit, workers=workers,
                       progress=not no_progress, device=device, torchscript=torchscript)
     console.print(summary.describe())
+
+
+def _extraction_kept(out: Path, folder: Path, annotations: Path | None, video: bool) -> str:
+    """How many of the wanted images (videos) an interrupted extraction left in its store, and how to resume."""
+    unit = "videos" if video else "images"
+    resume = "run the same command again to resume (what is there is kept and skipped)"
+    from vlpet_cli.extract import images_from, videos_from
+    from vlpet_cli.features.images import open_features
+    from vlpet_cli.features.videos import open_video_features
+
+    wanted = (videos_from if video else images_from)(folder, annotations)
+    open_store = open_video_features if video else open_features
+    try:
+        store = open_store(out)
+    except VlpetError:  # stopped before the first batch was written
+        return f"0 of {len(wanted)} {unit} extracted into {out}; {resume}"
+    try:
+        done = len(set(store.ids()) & set(wanted))
+    finally:
+        store.close()
+    return f"{done} of {len(wanted)} {unit} extracted into {out}; {resume}"
 
 
 @features_app.command("inspect")
@@ -210,6 +296,7 @@ def features_inspect(path: Path, annotations: Path | None = typer.Option(None, h
 def features_convert(src: Path, dst: Path,
                      layout: str = typer.Option(..., help="layout to write: packed | per-image")) -> None:
     """Convert between the packed and the reference per-image layout (resumable)."""
+    _on_interrupt(lambda: f"the images converted so far are kept in {dst}; run the same command again to resume")
     console.print(f"wrote {convert_features(src, dst, layout)} images to {dst}")
 
 
@@ -230,7 +317,7 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
           stop_after: int | None = typer.Option(None, help="pause after N updates (continue with --resume)"),
           overrides: list[str] | None = OVERRIDES) -> None:
     """Train PET modules on a frozen backbone, on one task or several at once."""
-    from vlpet_cli.train import TrainingInterrupted, resolve_train_preset, resume_preset
+    from vlpet_cli.train import resolve_train_preset, resume_preset
     from vlpet_cli.train import train as run_training
 
     tasks = _tasks_option(task)
@@ -250,16 +337,24 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
         resolved = resolve_train_preset(preset, tasks, data_root, backbone, overrides or [])
         tasks = resolved.data.tasks
         run_dir = runs_dir / (name or f"{resolved.name}-{tasks[0] if len(tasks) == 1 else 'multitask'}")
-    try:
-        with _warnings_to_stderr():
-            summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after,
-                                   changes=changes).summary
-    except TrainingInterrupted as exc:
-        err_console.print(str(exc), highlight=False, soft_wrap=True)
-        raise SystemExit(exc.exit_code) from None
+    _on_interrupt(lambda: _train_kept(run_dir))
+    with _warnings_to_stderr():
+        summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after,
+                               changes=changes).summary
     if "adapter" in summary:
         console.print(f"done in {summary['seconds']:.0f} s, {summary['updates']} updates; adapter: "
                       f"{summary['adapter']} ({summary['adapter_bytes'] / 1e6:.2f} MB); run: {run_dir}")
+
+
+def _train_kept(run_dir: Path) -> str:
+    """What an interrupted `vlpet train` kept (a signal before the loop, or a second one while it saved)."""
+    from vlpet_cli.runs import Checkpointer
+
+    last = Checkpointer(run_dir, 1).latest()
+    if last is None:
+        return "no checkpoint was written yet; run the same command again"
+    return (f"the run's last checkpoint {last} is kept; continue with: vlpet train --resume --name {run_dir.name} "
+            f"--runs-dir {run_dir.parent}")
 
 
 # ---- eval -------------------------------------------------------------------------------------------------
@@ -290,6 +385,8 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
         raise VlpetError("give a run or adapter directory, or --predictions FILE --annotations FILE --task T")
     from vlpet_cli.evaluate import evaluate
 
+    _on_interrupt(lambda: "no evaluation file was written (they are written together once every task is scored); "
+                          "run the same command again")
     with _warnings_to_stderr():
         results = evaluate(path, _tasks_option(task) or None, split or "test", metric or None, batch_size,
                            data_root, backbone, out, [*(overrides or []), f"eval.vqa_variant={vqa_variant}"],
@@ -340,6 +437,7 @@ def predict(path: Path = typer.Argument(..., help="run directory, adapter, bundl
         raise VlpetError("give --question (vqa, gqa, tvqa, how2qa) or --statement (nlvr), not both")
     items = gather_inputs(task, list(image or []), question or statement, inputs, video, list(choices or []),
                           subtitles, ts)
+    _on_interrupt(lambda: "no answer was printed and nothing was written; run the same command again")
     with _warnings_to_stderr():
         results = run_predict(path, task, items, vision_model, layer, torchscript, batch_size, backbone,
                               progress=not as_json)
@@ -403,6 +501,7 @@ def import_reference(checkpoint: Path = typer.Argument(..., help="the reference 
     """Import a reference VL-PET checkpoint (.pth, weights only) as a vlpet adapter for `vlpet eval`."""
     from vlpet_cli.reference import import_reference_checkpoint
 
+    _on_interrupt(lambda: _not_written(out))
     report = import_reference_checkpoint(checkpoint, preset, out, backbone, overrides or [], allow_mismatch)
     if as_json:
         print(json.dumps(report, default=str))
@@ -410,6 +509,12 @@ def import_reference(checkpoint: Path = typer.Argument(..., help="the reference 
     for warning in report["warnings"]:
         err_console.print(f"[yellow]warning:[/yellow] {warning}")
     console.print(f"imported {report['imported']} tensors from {checkpoint} -> {out}; evaluate with `vlpet eval {out}`")
+
+
+def _not_written(out: Path) -> str:
+    """What an interrupted command that writes one directory whole (or not at all) kept."""
+    state = "left as it was" if out.exists() else "not written"
+    return f"{out} was {state} (it is written whole or not at all); run the same command again"
 
 
 # ---- merge ------------------------------------------------------------------------------------------------
@@ -423,6 +528,7 @@ def merge_average(adapters: list[Path] = typer.Argument(..., help="adapter (or r
     """Combine adapters of the same preset and backbone parameter by parameter."""
     from vlpet_cli.merge import average_adapters, parse_weights
 
+    _on_interrupt(lambda: _not_written(out))
     result = average_adapters(adapters, out, parse_weights(weights), mode, scale, overwrite=overwrite)
     console.print(f"{result['tensors']} tensors combined with coefficients {result['coefficients']} -> {out}")
 
@@ -434,6 +540,7 @@ def merge_fold(adapter: Path, out: Path = typer.Option(..., help="output directo
     """Fold linear modules (LoRA, trained biases) into the backbone weights; --bundle for everything else."""
     from vlpet_cli.merge import fold_adapter
 
+    _on_interrupt(lambda: _not_written(out))
     result = fold_adapter(adapter, out, bundle, backbone)
     kept = f"; kept as modules: {', '.join(result['kept'])}" if result["kept"] else ""
     console.print(f"folded: {result['folded'] or 'nothing'}{kept} -> {out} ({result['size_bytes'] / 1e6:.1f} MB)")
@@ -446,6 +553,7 @@ def merge_export_peft(adapter: Path, out: Path = typer.Option(..., help="output 
     """Write LoRA modules or IA3 vectors as a PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
     from vlpet_cli.merge import export_peft
 
+    _on_interrupt(lambda: _not_written(out))
     result = export_peft(adapter, out, backbone, with_base=not no_base)
     for note in result["notes"]:
         err_console.print(f"[yellow]note:[/yellow] {note}")
@@ -464,6 +572,8 @@ def quickstart(runs_dir: Path = typer.Option(Path("runs"), help="where the run a
     from vlpet_cli.quickstart import TABLE_COLUMNS, table_rows
     from vlpet_cli.quickstart import quickstart as run
 
+    _on_interrupt(lambda: f"the toy world and the features extracted so far are kept in {runs_dir}; run "
+                          f"`vlpet quickstart` again to go on (extraction resumes, training starts over)")
     with _warnings_to_stderr():
         summary = run(runs_dir, preset, backbone, overrides or [], say=console.print, video=video)
     table = Table(*TABLE_COLUMNS, title=f"{preset} on {backbone}: the toy world's {summary['split']} splits")
