@@ -50,10 +50,14 @@ def _staged(out: Path) -> Iterator[Path]:
 
 
 def _refuse_overwrite(out: Path, inputs: list[Path]) -> None:
-    """Writing over an input would destroy it; say so instead."""
+    """Writing over an input would destroy it; say so instead. An --out that cannot be written is refused before
+    anything is loaded."""
+    from vlpet_cli.runs import check_writable
+
     for path in inputs:
         if Path(out).resolve() == Path(path).resolve():
             raise VlpetError(f"--out {out} is one of the inputs; choose another output directory")
+    check_writable(Path(out).parent, "--out", out)
 
 
 def _brief(value: Any) -> str:

@@ -21,7 +21,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.errors import VlpetError, file_error
 from vlpet_cli.plots import (
     is_number,
     primary_scores,
@@ -94,7 +94,9 @@ def eval_scores(run_dir: Path, split: str, planned: list[str] | None = None) -> 
             continue
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            raise file_error(exc, writing=False) from None
+        except ValueError as exc:
             raise VlpetError(f"{path} is not readable JSON ({exc}); evaluate again with "
                              f"`vlpet eval {run_dir} --task {task} --split {split}`") from exc
         metrics = record.get("metrics") if isinstance(record, dict) else None

@@ -27,7 +27,7 @@ import yaml
 
 from vlpet_cli.atomic import append_line, staged_dir, write_failure_reason, write_json, write_text
 from vlpet_cli.config import Preset
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.errors import VlpetError, file_error
 from vlpet_cli.presets import to_yaml, validate
 
 if TYPE_CHECKING:
@@ -79,6 +79,8 @@ def read_config(run_dir: Path) -> dict:
         return {}
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise file_error(exc, writing=False) from None
     except yaml.YAMLError as exc:
         raise VlpetError(f"{path} is not valid YAML ({exc.__class__.__name__}); restore it from the preset "
                          f"with `vlpet presets show`") from None
@@ -129,7 +131,11 @@ def read_events(run_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     events = []
-    with path.open(encoding="utf-8", errors="replace") as f:
+    try:
+        f = path.open(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise file_error(exc, writing=False) from None
+    with f:
         for line in f:
             try:
                 record = json.loads(line)

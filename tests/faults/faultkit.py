@@ -78,6 +78,12 @@ def shared_dir():
         shutil.rmtree(path, ignore_errors=True)
 
 
+def open_to_all(directory: Path) -> None:
+    """Let every user read everything under `directory` (the atomic writers make private temp directories)."""
+    for p in [directory, *Path(directory).rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+
+
 def one_line_error(code: int, err: str, *needles: str) -> str:
     """Exit 2 and a single `error:` line (no traceback) holding every needle; returns the line."""
     assert code == 2, err
@@ -119,12 +125,17 @@ def unreadable(monkeypatch, *paths: Path) -> None:
 def read_only(monkeypatch, under: Path) -> None:
     """Everything under `under` behaves as a read-only mount: creating or writing a file or directory fails with
     EROFS."""
-    real_open, real_mkdir = os.open, os.mkdir
+    real_open, real_mkdir, real_io_open = os.open, os.mkdir, io.open
     under = str(Path(under).resolve())
 
     def refuse(path) -> None:
         if str(Path(os.fsdecode(path)).absolute()).startswith(under):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
+
+    def fake_io_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and set(mode) & set("wax+"):
+            refuse(file)
+        return real_io_open(file, mode, *args, **kwargs)
 
     def fake_open(path, flags, *args, **kwargs):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
@@ -137,6 +148,8 @@ def read_only(monkeypatch, under: Path) -> None:
 
     monkeypatch.setattr(os, "open", fake_open)
     monkeypatch.setattr(os, "mkdir", fake_mkdir)
+    monkeypatch.setattr(io, "open", fake_io_open)
+    monkeypatch.setattr(builtins, "open", fake_io_open)
 
 
 def no_model(monkeypatch) -> None:
