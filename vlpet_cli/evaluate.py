@@ -188,10 +188,9 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     adapter_dir = located.directory
     stored = stored_preset(adapter_dir)
     trained = [resolve_task(t) for t in (stored.get("data") or {}).get("tasks") or []]
-    settings = eval_preset(stored, tasks, data_root, overrides, limit, split)
-    check_eval_arguments(settings, split, metrics, batch_size)
     data_root, backbone = recorded_settings(stored, located, data_root, backbone, overrides)
     settings = eval_preset(stored, tasks, data_root, overrides, limit, split)
+    check_eval_arguments(settings, split, metrics, batch_size)
     # refused before the model is built: a missing data root, annotation files and an output that cannot be written
     check_annotations(resolve_data_root(settings.data.data_root), settings, (split,))
     out_dir = output_dir(out_dir, located)
