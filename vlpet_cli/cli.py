@@ -246,17 +246,17 @@ def extract_features(images: Path | None = typer.Option(None, help="folder of im
         if layer != -1:
             raise VlpetError("--layer applies to --images only: video features are the projected image "
                              "embedding (CLIP's encode_image), as VALUE's.")
+        _on_interrupt(lambda: _extraction_kept(out, videos, annotations, video=True))
         from vlpet_cli.extract import extract_videos
 
-        _on_interrupt(lambda: _extraction_kept(out, videos, annotations, video=True))
         summary = extract_videos(videos, model, out, annotations, layout=layout or "npz", batch_size=batch_size,
                                  dtype=dtype, limit=limit, workers=workers, progress=not no_progress,
                                  device=device)
         console.print(summary.describe())
         return
+    _on_interrupt(lambda: _extraction_kept(out, images, annotations, video=False))
     from vlpet_cli.extract import extract
 
-    _on_interrupt(lambda: _extraction_kept(out, images, annotations, video=False))
     summary = extract(images, model, out, annotations, layout=layout or "packed", layer=layer,
                       batch_size=batch_size, dtype=dtype, limit=limit, workers=workers,
                       progress=not no_progress, device=device, torchscript=torchscript)
@@ -383,10 +383,10 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
         return
     if path is None:
         raise VlpetError("give a run or adapter directory, or --predictions FILE --annotations FILE --task T")
-    from vlpet_cli.evaluate import evaluate
-
     _on_interrupt(lambda: "no evaluation file was written (they are written together once every task is scored); "
                           "run the same command again")
+    from vlpet_cli.evaluate import evaluate
+
     with _warnings_to_stderr():
         results = evaluate(path, _tasks_option(task) or None, split or "test", metric or None, batch_size,
                            data_root, backbone, out, [*(overrides or []), f"eval.vqa_variant={vqa_variant}"],
@@ -499,9 +499,9 @@ def import_reference(checkpoint: Path = typer.Argument(..., help="the reference 
                      as_json: bool = typer.Option(False, "--json", help="print the import report as JSON"),
                      overrides: list[str] | None = OVERRIDES) -> None:
     """Import a reference VL-PET checkpoint (.pth, weights only) as a vlpet adapter for `vlpet eval`."""
+    _on_interrupt(lambda: _not_written(out))
     from vlpet_cli.reference import import_reference_checkpoint
 
-    _on_interrupt(lambda: _not_written(out))
     report = import_reference_checkpoint(checkpoint, preset, out, backbone, overrides or [], allow_mismatch)
     if as_json:
         print(json.dumps(report, default=str))
@@ -526,9 +526,9 @@ def merge_average(adapters: list[Path] = typer.Argument(..., help="adapter (or r
                   scale: float = typer.Option(1.0, help="multiplies the result"),
                   overwrite: bool = typer.Option(False, help="replace an existing --out")) -> None:
     """Combine adapters of the same preset and backbone parameter by parameter."""
+    _on_interrupt(lambda: _not_written(out))
     from vlpet_cli.merge import average_adapters, parse_weights
 
-    _on_interrupt(lambda: _not_written(out))
     result = average_adapters(adapters, out, parse_weights(weights), mode, scale, overwrite=overwrite)
     console.print(f"{result['tensors']} tensors combined with coefficients {result['coefficients']} -> {out}")
 
@@ -538,9 +538,9 @@ def merge_fold(adapter: Path, out: Path = typer.Option(..., help="output directo
                bundle: bool = typer.Option(False, help="keep what cannot be folded: a self-contained directory"),
                backbone: str | None = typer.Option(None, help="the backbone directory, if it moved")) -> None:
     """Fold linear modules (LoRA, trained biases) into the backbone weights; --bundle for everything else."""
+    _on_interrupt(lambda: _not_written(out))
     from vlpet_cli.merge import fold_adapter
 
-    _on_interrupt(lambda: _not_written(out))
     result = fold_adapter(adapter, out, bundle, backbone)
     kept = f"; kept as modules: {', '.join(result['kept'])}" if result["kept"] else ""
     console.print(f"folded: {result['folded'] or 'nothing'}{kept} -> {out} ({result['size_bytes'] / 1e6:.1f} MB)")
@@ -551,9 +551,9 @@ def merge_export_peft(adapter: Path, out: Path = typer.Option(..., help="output 
                       backbone: str | None = typer.Option(None, help="the backbone directory, if it moved"),
                       no_base: bool = typer.Option(False, "--no-base", help="no base model beside")) -> None:
     """Write LoRA modules or IA3 vectors as a PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
+    _on_interrupt(lambda: _not_written(out))
     from vlpet_cli.merge import export_peft
 
-    _on_interrupt(lambda: _not_written(out))
     result = export_peft(adapter, out, backbone, with_base=not no_base)
     for note in result["notes"]:
         err_console.print(f"[yellow]note:[/yellow] {note}")
