@@ -89,6 +89,7 @@ def test_an_unreadable_input_is_one_line(world, monkeypatch, capsys, case):
     monkeypatch.undo()
     line = one_line_error(code, err, str(denied))
     assert "permission denied" in line.lower(), line
+    assert "read access" in line or "its permissions" in line, line  # the fix, not "damaged" or "not JSON"
     assert snapshot(world["tmp"]) == before and not hidden(world["tmp"])
 
 
