@@ -24,7 +24,7 @@ from vlpet_cli.atomic import staged_dir, write_json
 from vlpet_cli.backbones import N_VIS
 from vlpet_cli.cards import CardFacts, read_evaluations, write_card
 from vlpet_cli.config import Preset
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.errors import VlpetError, file_error
 from vlpet_cli.pet import anatomy
 from vlpet_cli.presets import validate
 from vlpet_cli.vl.identity import backbone_identity
@@ -105,6 +105,8 @@ def read_adapter_config(directory: Path) -> dict:
         raise VlpetError(f"{directory} is not an adapter directory: {ADAPTER_CONFIG} is missing")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise file_error(exc, writing=False) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise VlpetError(f"{path} is damaged (not valid JSON: {exc}); copy it again from where the adapter "
                          f"was trained") from None
@@ -118,6 +120,10 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise VlpetError(f"{path} is missing; the adapter directory {path.parent} is incomplete")
+    try:
+        path.open("rb").close()  # safetensors reports a file it may not read as missing
+    except OSError as exc:
+        raise file_error(exc, writing=False) from None
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors reports a damaged header or short data as SafetensorError
@@ -181,7 +187,8 @@ def load_bundle(directory: Path):
 
 
 def kind_of(path: Path) -> str:
-    """'adapter', 'bundle' or 'folded' for a directory vlpet can load (a run directory means its adapter)."""
+    """'adapter', 'bundle' or 'folded' for a directory vlpet can load (what a run directory means is
+    `runs.locate`'s to say)."""
     path = Path(path)
     if (path / FOLDED_CONFIG).exists():
         return "folded"
@@ -192,10 +199,9 @@ def kind_of(path: Path) -> str:
 
 
 def load_any(path: Path, backbone: str | None = None):
-    """(VLModel, tokenizer, preset) from an adapter, bundle or folded directory; `backbone` only for adapters."""
+    """(VLModel, tokenizer, preset) from an adapter, bundle or folded directory (a path a user gave goes through
+    `runs.locate` first); `backbone` only for adapters."""
     path = Path(path)
-    if (path / "adapter" / ADAPTER_CONFIG).exists() and not (path / ADAPTER_CONFIG).exists():
-        path = path / "adapter"
     kind = kind_of(path)
     if kind == "folded":
         return load_folded(path)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import platform
 import re
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -19,7 +23,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from vlpet_cli.atomic import write_text
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.errors import Interrupted, VlpetError, file_error
 from vlpet_cli.extras import require_extra
 from vlpet_cli.features.tools import convert_features, describe_features, inspect_features
 from vlpet_cli.presets import list_presets, load_raw, preset_path, resolve, to_yaml
@@ -44,12 +48,71 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with _command_faults():
+                return super().invoke(ctx)
         except VlpetError as exc:
             if STATE["debug"]:
                 raise
             _print_error(exc)
             raise SystemExit(2) from None
+
+
+# ---- signals and file-system errors: one mechanism for every command -------------------------------------------
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every clean-up (finally blocks, staged directories) runs."""
+
+
+_KEPT: list[Callable[[], str]] = []  # what the running command has kept, said if a signal stops it
+
+
+def _on_interrupt(kept: Callable[[], str]) -> None:
+    """Say what the running command has kept if SIGINT or SIGTERM stops it (`kept` is called then, so it can
+    look at what is on disk)."""
+    _KEPT.append(kept)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _kept() -> str:
+    said = []
+    for kept in _KEPT:
+        try:
+            said.append(kept())
+        except Exception:  # noqa: BLE001 - the line must come out whatever state the files are in
+            continue
+    return "; ".join(said) or "nothing was left half-written; run the same command again"
+
+
+@contextlib.contextmanager
+def _command_faults():
+    """Around every command. SIGINT (Ctrl-C) and SIGTERM stop it with one line saying what was kept and how to go
+    on, exit code 130 and 143, so that `cmd1 && cmd2` stops (a signal the shell made vlpet ignore, as for a
+    script's background job, stays ignored). An OSError no command turned into its own message (permission
+    denied, a full disk, a read-only file system) is one error line naming the file, exit code 2."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, _raise_terminated)):
+            if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+                previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    except Interrupted as exc:  # a command that stopped cleanly and says how to continue (train)
+        err_console.print(str(exc), highlight=False, soft_wrap=True)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt as exc:
+        name, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("SIGINT", 130)
+        err_console.print(f"interrupted ({name}): {_kept()}", highlight=False, soft_wrap=True)
+        raise SystemExit(code) from None
+    except OSError as exc:
+        if exc.errno == errno.EPIPE or STATE["debug"]:
+            raise
+        raise file_error(exc) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _KEPT.clear()
 
 
 # -h is --help on every command (sub-commands' contexts inherit the option names); typer adds
@@ -218,6 +281,7 @@ def extract_features(images: Path | None = typer.Option(None, help="folder of im
         if layer != -1:
             raise VlpetError("--layer applies to --images only: video features are the projected image "
                              "embedding (CLIP's encode_image), as VALUE's.")
+        _on_interrupt(lambda: _extraction_kept(out, videos, annotations, video=True))
         from vlpet_cli.extract import extract_videos
 
         summary = extract_videos(videos, model, out, annotations, layout=layout or "npz", batch_size=batch_size,
@@ -225,12 +289,32 @@ def extract_features(images: Path | None = typer.Option(None, help="folder of im
                                  device=device)
         console.print(summary.describe())
         return
+    _on_interrupt(lambda: _extraction_kept(out, images, annotations, video=False))
     from vlpet_cli.extract import extract
 
     summary = extract(images, model, out, annotations, layout=layout or "packed", layer=layer,
                       batch_size=batch_size, dtype=dtype, limit=limit, workers=workers,
                       progress=not no_progress, device=device, torchscript=torchscript)
     console.print(summary.describe())
+
+
+def _extraction_kept(out: Path, folder: Path, annotations: Path | None, video: bool) -> str:
+    """How many of the wanted images (videos) an interrupted extraction left in its store, and how to resume."""
+    unit = "videos" if video else "images"
+    resume = "run the same command again to resume (what is there is kept and skipped)"
+    from vlpet_cli.extract import images_from, videos_from
+    from vlpet_cli.features.kinds import IMAGE, VIDEO
+
+    wanted = (videos_from if video else images_from)(folder, annotations)
+    try:
+        store = (VIDEO if video else IMAGE).open(out)
+    except VlpetError:  # stopped before the first batch was written
+        return f"0 of {len(wanted)} {unit} extracted into {out}; {resume}"
+    try:
+        done = len(set(store.ids()) & set(wanted))
+    finally:
+        store.close()
+    return f"{done} of {len(wanted)} {unit} extracted into {out}; {resume}"
 
 
 @features_app.command("inspect")
@@ -245,6 +329,7 @@ def features_inspect(path: Path, annotations: Path | None = typer.Option(None, h
 def features_convert(src: Path, dst: Path,
                      layout: str = typer.Option(..., help="layout to write: packed | per-image")) -> None:
     """Convert between the packed and the reference per-image layout (resumable)."""
+    _on_interrupt(lambda: f"the images converted so far are kept in {dst}; run the same command again to resume")
     console.print(f"wrote {convert_features(src, dst, layout)} images to {dst}")
 
 
@@ -272,7 +357,7 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
     if seeds is not None:
         _train_seeds(dict(locals()))
         return
-    from vlpet_cli.train import TrainingInterrupted, resolve_train_preset, resume_preset
+    from vlpet_cli.train import resolve_train_preset, resume_preset
     from vlpet_cli.train import train as run_training
 
     tasks = _tasks_option(task)
@@ -292,13 +377,10 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
         resolved = resolve_train_preset(preset, tasks, data_root, backbone, overrides or [])
         tasks = resolved.data.tasks
         run_dir = runs_dir / (name or _default_run_name(resolved))
-    try:
-        with _warnings_to_stderr():
-            summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after,
-                                   changes=changes).summary
-    except TrainingInterrupted as exc:
-        err_console.print(str(exc), highlight=False, soft_wrap=True)
-        raise SystemExit(exc.exit_code) from None
+    _on_interrupt(lambda: _train_kept(run_dir))
+    with _warnings_to_stderr():
+        summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after,
+                               changes=changes).summary
     if "adapter" in summary:
         console.print(f"done in {summary['seconds']:.0f} s, {summary['updates']} updates; adapter: "
                       f"{summary['adapter']} ({summary['adapter_bytes'] / 1e6:.2f} MB); run: {run_dir}")
@@ -354,6 +436,17 @@ def _train_seeds(params: dict) -> None:
         console.print(report_table(build_report(finished, split="val", draw=False)["rows"], width=console.width))
 
 
+def _train_kept(run_dir: Path) -> str:
+    """What an interrupted `vlpet train` kept (a signal before the loop, or a second one while it saved)."""
+    from vlpet_cli.runs import Checkpointer
+
+    last = Checkpointer(run_dir, 1).latest()
+    if last is None:
+        return "no checkpoint was written yet; run the same command again"
+    return (f"the run's last checkpoint {last} is kept; continue with: vlpet train --resume --name {run_dir.name} "
+            f"--runs-dir {run_dir.parent}")
+
+
 # ---- eval -------------------------------------------------------------------------------------------------
 @app.command("eval")
 def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapter, bundle or folded model"),
@@ -381,6 +474,8 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
         return
     if path is None:
         raise VlpetError("give a run or adapter directory, or --predictions FILE --annotations FILE --task T")
+    _on_interrupt(lambda: "no evaluation file was written (they are written together once every task is scored); "
+                          "run the same command again")
     from vlpet_cli.evaluate import evaluate
 
     with _warnings_to_stderr():
@@ -441,6 +536,7 @@ def predict(path: Path = typer.Argument(..., help="run directory, adapter, bundl
         require_extra("video")
     items = gather_inputs(task, list(image or []), question or statement, inputs, video, list(choices or []),
                           subtitles, ts)
+    _on_interrupt(lambda: "no answer was printed and nothing was written; run the same command again")
     with _warnings_to_stderr():
         results = run_predict(path, task, items, vision_model, layer, torchscript, batch_size, backbone,
                               progress=not as_json)
@@ -502,6 +598,7 @@ def import_reference(checkpoint: Path = typer.Argument(..., help="the reference 
                      as_json: bool = typer.Option(False, "--json", help="print the import report as JSON"),
                      overrides: list[str] | None = OVERRIDES) -> None:
     """Import a reference VL-PET checkpoint (.pth, weights only) as a vlpet adapter for `vlpet eval`."""
+    _on_interrupt(lambda: _not_written(out))
     from vlpet_cli.reference import import_reference_checkpoint
 
     report = import_reference_checkpoint(checkpoint, preset, out, backbone, overrides or [], allow_mismatch)
@@ -513,6 +610,12 @@ def import_reference(checkpoint: Path = typer.Argument(..., help="the reference 
     console.print(f"imported {report['imported']} tensors from {checkpoint} -> {out}; evaluate with `vlpet eval {out}`")
 
 
+def _not_written(out: Path) -> str:
+    """What an interrupted command that writes one directory whole (or not at all) kept."""
+    state = "left as it was" if out.exists() else "not written"
+    return f"{out} was {state} (it is written whole or not at all); run the same command again"
+
+
 # ---- merge ------------------------------------------------------------------------------------------------
 @merge_app.command("average")
 def merge_average(adapters: list[Path] = typer.Argument(..., help="adapter (or run) directories"),
@@ -522,6 +625,7 @@ def merge_average(adapters: list[Path] = typer.Argument(..., help="adapter (or r
                   scale: float = typer.Option(1.0, help="multiplies the result"),
                   overwrite: bool = typer.Option(False, help="replace an existing --out")) -> None:
     """Combine adapters of the same preset and backbone parameter by parameter."""
+    _on_interrupt(lambda: _not_written(out))
     from vlpet_cli.merge import average_adapters, parse_weights
 
     result = average_adapters(adapters, out, parse_weights(weights), mode, scale, overwrite=overwrite)
@@ -533,6 +637,7 @@ def merge_fold(adapter: Path, out: Path = typer.Option(..., help="output directo
                bundle: bool = typer.Option(False, help="keep what cannot be folded: a self-contained directory"),
                backbone: str | None = typer.Option(None, help="the backbone directory, if it moved")) -> None:
     """Fold linear modules (LoRA, trained biases) into the backbone weights; --bundle for everything else."""
+    _on_interrupt(lambda: _not_written(out))
     from vlpet_cli.merge import fold_adapter
 
     result = fold_adapter(adapter, out, bundle, backbone)
@@ -545,6 +650,7 @@ def merge_export_peft(adapter: Path, out: Path = typer.Option(..., help="output 
                       backbone: str | None = typer.Option(None, help="the backbone directory, if it moved"),
                       no_base: bool = typer.Option(False, "--no-base", help="no base model beside")) -> None:
     """Write LoRA modules or IA3 vectors as a PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
+    _on_interrupt(lambda: _not_written(out))
     from vlpet_cli.merge import export_peft
 
     result = export_peft(adapter, out, backbone, with_base=not no_base)
@@ -567,6 +673,8 @@ def quickstart(runs_dir: Path = typer.Option(Path("runs"), help="where the run a
 
     if video:
         require_extra("video")
+    _on_interrupt(lambda: f"the toy world and the features extracted so far are kept in {runs_dir}; run "
+                          f"`vlpet quickstart` again to go on (extraction resumes, training starts over)")
     with _warnings_to_stderr():
         summary = run(runs_dir, preset, backbone, overrides or [], say=console.print, video=video)
     table = Table(*TABLE_COLUMNS, title=f"{preset} on {backbone}: the toy world's {summary['split']} splits")

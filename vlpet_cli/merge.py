@@ -53,10 +53,14 @@ def _staged(out: Path) -> Iterator[Path]:
 
 
 def _refuse_overwrite(out: Path, inputs: list[Path]) -> None:
-    """Writing over an input would destroy it; say so instead."""
+    """Writing over an input would destroy it; say so instead. An --out that cannot be written is refused before
+    anything is loaded."""
+    from vlpet_cli.runs import check_writable
+
     for path in inputs:
         if Path(out).resolve() == Path(path).resolve():
             raise VlpetError(f"--out {out} is one of the inputs; choose another output directory")
+    check_writable(Path(out).parent, "--out", out)
 
 
 def _brief(value: Any) -> str:
@@ -82,14 +86,10 @@ def _dir_size(directory: Path) -> int:
 
 # ---- averaging ------------------------------------------------------------------------------------------
 def adapter_of(path: Path) -> Path:
-    """The adapter directory a path means: itself, or a run directory's final `adapter/`."""
-    path = Path(path)
-    if not (path / ADAPTER_CONFIG).exists() and (path / "config.yaml").exists():
-        if not (path / "adapter" / ADAPTER_CONFIG).exists():
-            raise VlpetError(f"{path} is a run without a final adapter (unfinished?); finish it with "
-                             f"`vlpet train --resume --name {path.name} --runs-dir {path.parent}`")
-        return path / "adapter"
-    return path
+    """The adapter directory a path means: itself, or a run directory's final `adapter/` (`runs.locate`)."""
+    from vlpet_cli.runs import locate
+
+    return locate(path).directory
 
 
 def _read_adapter(path: Path):
@@ -280,7 +280,7 @@ def fold_adapter(adapter: Path, out: Path, bundle: bool = False, backbone: str |
 
     from vlpet_cli import __version__
 
-    adapter, out = Path(adapter), Path(out)
+    adapter, out = adapter_of(adapter), Path(out)
     _refuse_overwrite(out, [adapter])
     model, tokenizer, preset = load_adapter(adapter, backbone=backbone)
     model.eval()
@@ -338,7 +338,7 @@ def export_peft(adapter: Path, out: Path, backbone: str | None = None, with_base
     from safetensors.torch import save_file
 
     _peft()
-    adapter, out = Path(adapter), Path(out)
+    adapter, out = adapter_of(adapter), Path(out)
     _refuse_overwrite(out, [adapter])
     model, tokenizer, preset = load_adapter(adapter, backbone=backbone)
     methods = model.pet.methods()

@@ -267,14 +267,10 @@ def _recorded_features(directory: Path) -> tuple[dict, list[str]]:
 
 
 def _locate(path: Path) -> Path:
-    """A run directory means its final adapter; anything else is loaded as it is."""
-    path = Path(path)
-    if not path.exists():
-        raise VlpetError(f"{path} does not exist; give a run directory, an adapter, a bundle or a folded model")
-    if (path / "config.yaml").is_file() and not (path / "adapter").is_dir():
-        raise VlpetError(f"{path} is a run without a final adapter yet; wait for training to finish or use "
-                         f"{path / 'checkpoints' / 'best'}")
-    return path / "adapter" if (path / "adapter").is_dir() else path
+    """The directory to load: a run directory means its final adapter (`runs.locate`)."""
+    from vlpet_cli.runs import locate
+
+    return locate(path).directory
 
 
 def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str | None = None,

@@ -18,10 +18,11 @@ from pathlib import Path
 
 from vlpet_cli.backbones import N_VIS
 from vlpet_cli.config import Preset
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.errors import VlpetError, file_error
 from vlpet_cli.pet import reference_names
 from vlpet_cli.pet.inject import METHODS, owner
 from vlpet_cli.pet.reference_names import rules  # noqa: F401  (re-exported: the rule table of both families)
+from vlpet_cli.runs import check_writable
 
 # A frozen backbone tensor "differs" when torch.allclose(rtol, atol) fails; it differs "largely" when
 # ||ckpt - backbone|| / ||backbone|| exceeds LARGE_DIFFERENCE (a different or fine-tuned model, not float noise).
@@ -74,7 +75,11 @@ def load_state_dict(pth: Path) -> tuple[dict, dict]:
         raise VlpetError(f"{pth}: no such checkpoint file")
     try:
         data = torch.load(pth, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:  # the file could not be read (permissions, I/O): not a damaged checkpoint
+            raise file_error(exc, writing=False) from None
+        raise VlpetError(_load_failure(pth, exc)) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
         raise VlpetError(_load_failure(pth, exc)) from None
     notes: dict = {"nested_under": None, "prefix_stripped": False}
     for key in ("state_dict", "model"):
@@ -386,6 +391,7 @@ def _check_out(out: Path) -> None:
 
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / ADAPTER_CONFIG).exists())):
         raise VlpetError(f"{out} exists and is not an adapter directory; choose a new --out path")
+    check_writable(out.parent, "--out", out)  # before the checkpoint and the backbone are loaded
 
 
 def import_reference_checkpoint(pth: Path, preset: str | Preset | None, out: Path, backbone: str | None = None,

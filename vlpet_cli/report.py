@@ -27,18 +27,17 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.errors import VlpetError, file_error
 from vlpet_cli.extras import require_extra
 from vlpet_cli.plots import (
     is_number,
     primary_scores,
-    read_config,
-    read_events,
     save_figure,
     start_event,
     task_order,
     val_events,
 )
+from vlpet_cli.runs import CONFIG, EVAL, check_writable, is_run, read_config, read_events
 from vlpet_cli.tasks import primary_metrics
 
 SPLITS: tuple[str, ...] = ("test", "val")
@@ -51,11 +50,11 @@ def check_run_dir(path: Path) -> Path:
         raise VlpetError(f"{path} does not exist; pass run directories such as runs/<name>")
     if not path.is_dir():
         raise VlpetError(f"{path} is a file, not a run directory; pass run directories such as runs/<name>")
-    if not (path / "config.yaml").is_file():
-        inside = sorted(p.name for p in path.iterdir() if (p / "config.yaml").is_file())
+    if not is_run(path):
+        inside = sorted(p.name for p in path.iterdir() if is_run(p))
         hint = (f"; it holds the runs {', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''}: "
                 f"pass them, e.g. {path}/*" if inside else "; a run directory is made by `vlpet train`")
-        raise VlpetError(f"{path} is not a run directory (no config.yaml){hint}")
+        raise VlpetError(f"{path} is not a run directory (no {CONFIG}){hint}")
     return path
 
 
@@ -93,7 +92,7 @@ def eval_scores(run_dir: Path, split: str, planned: list[str] | None = None) -> 
     written before those fields existed count as whole-split, and trained when the run's config names the task)."""
     found: dict[str, Score] = {}
     suffix = f"-{split}.json"
-    eval_dir = run_dir / "eval"
+    eval_dir = run_dir / EVAL
     if not eval_dir.is_dir():
         return found
     for path in sorted(eval_dir.glob(f"*{suffix}")):
@@ -102,7 +101,9 @@ def eval_scores(run_dir: Path, split: str, planned: list[str] | None = None) -> 
             continue
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            raise file_error(exc, writing=False) from None
+        except ValueError as exc:
             raise VlpetError(f"{path} is not readable JSON ({exc}); evaluate again with "
                              f"`vlpet eval {run_dir} --task {task} --split {split}`") from exc
         metrics = record.get("metrics") if isinstance(record, dict) else None
@@ -121,8 +122,7 @@ def run_row(run_dir: Path, split: str = "test") -> dict[str, Any]:
     `average` is over `average_tasks` (trained, whole-split scores) measured on `average_splits`."""
     run_dir = check_run_dir(run_dir)
     config = read_config(run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
-    events = read_events(metrics_path) if metrics_path.is_file() else []
+    events = read_events(run_dir)
     start = start_event(events)
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
@@ -180,6 +180,8 @@ def report(runs: list[Path], out: Path | None = None, split: str = "test", draw:
         raise VlpetError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
     if not runs:
         raise VlpetError("name at least one run directory, e.g. `vlpet report runs/*`")
+    out = Path(out) if out is not None else Path("report.png")
+    check_writable(out.parent, "--out", out)  # before anything is read or drawn
     rows = [run_row(Path(r), split) for r in runs]
     names = Counter(r["name"] for r in rows)
     for row, run in zip(rows, runs):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from vlpet_cli.toy import images as toy
 from vlpet_cli.extras import EXTRAS, MissingExtraError, require_extra
 from vlpet_cli.plots import plot_run
+from vlpet_cli.toy import images as toy
 
 ROOT = Path(__file__).resolve().parents[2]
 VLPET = Path(sys.executable).with_name("vlpet")
