@@ -171,7 +171,7 @@ def nlvr_root(root: Path, train: int = 6, val: int = 2, test: int = 2) -> Path:
     """An NLVR2 data root of a few records and their packed features (64-d, 49 tokens), made in a moment."""
     import numpy as np
 
-    from vlpet_cli.features.images import open_writer
+    from vlpet_cli.features.kinds import IMAGE
 
     folder = root / "nlvr"
     folder.mkdir(parents=True, exist_ok=True)
@@ -184,7 +184,7 @@ def nlvr_root(root: Path, train: int = 6, val: int = 2, test: int = 2) -> Path:
         ids += [r[k] for r in records for k in ("img0", "img1")]
     store = folder / "clip_features" / "data_clip_RN101_att.h5"
     store.parent.mkdir(parents=True, exist_ok=True)
-    writer = open_writer(store, "packed", 49, FEAT, "float16", {"model": "tiny-clip", "layer": -1})
+    writer = IMAGE.writer(store, "packed", (49, FEAT), "float16", {"model": "tiny-clip", "layer": -1})
     rng = np.random.default_rng(0)
     writer.add(ids, rng.standard_normal((len(ids), 49, FEAT)).astype("float32"))
     writer.close()

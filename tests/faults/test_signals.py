@@ -60,7 +60,7 @@ def wait_for_reader(fifo: Path, proc: subprocess.Popen, seconds: float = 120) ->
 @pytest.mark.parametrize("signum, code, name", SIGNALS)
 def test_extract_features_stops_keeps_what_it_wrote_and_resumes(tmp_path, signum, code, name):
     from vlpet_cli.extract import extract
-    from vlpet_cli.features.images import open_features
+    from vlpet_cli.features.kinds import IMAGE
 
     fifo = images(tmp_path / "images", 12, fifo_at=7)
     out = tmp_path / "features.h5"
@@ -76,7 +76,7 @@ def test_extract_features_stops_keeps_what_it_wrote_and_resumes(tmp_path, signum
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
     line = interrupted_line(err, name)
-    with open_features(out) as store:
+    with IMAGE.open(out) as store:
         kept = set(store.ids())
     assert 0 < len(kept) < 12 and "img-07" not in kept
     assert f"{len(kept)} of 12 images extracted into {out}; run the same command again to resume" in line
@@ -85,7 +85,7 @@ def test_extract_features_stops_keeps_what_it_wrote_and_resumes(tmp_path, signum
     Image.fromarray(np.zeros((24, 24, 3), dtype=np.uint8)).save(fifo)
     summary = extract(tmp_path / "images", "tiny-clip", out, progress=False, workers=1)
     assert (summary.skipped_existing, summary.written, summary.failed) == (len(kept), 12 - len(kept), [])
-    with open_features(out) as store:
+    with IMAGE.open(out) as store:
         assert sorted(store.ids()) == [f"img-{i:02d}" for i in range(12)]
 
 
