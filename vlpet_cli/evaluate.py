@@ -206,9 +206,10 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
         results = evaluate_model(model, tokenizer, preset, split, metrics, batch_size, progress, state=state)
         if state is None or state.is_main_process:  # the main process writes the files
             write_results(results, out_dir, split, trained, str(path))
-            from vlpet_cli.artifacts import refresh_model_card
+            if located.checkpoint is None:  # never write inside a checkpoint, which training replaces
+                from vlpet_cli.artifacts import refresh_model_card
 
-            refresh_model_card(adapter_dir, out_dir)  # the card beside the weights shows the new scores
+                refresh_model_card(adapter_dir, out_dir)  # the card beside the weights shows the new scores
         else:
             for record in results.values():
                 record.pop("predictions")

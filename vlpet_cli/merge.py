@@ -189,12 +189,12 @@ def average_adapters(adapters: list[Path], out: Path, weights: list[float] | Non
 
     from vlpet_cli import __version__
 
-    adapters = [adapter_of(a) for a in adapters]
     if not adapters:
         raise VlpetError("give at least one adapter directory to average")
+    coefficients = merge_weights(len(adapters), weights, mode, scale)  # the arguments first, then the files
+    adapters = [adapter_of(a) for a in adapters]
     _refuse_overwrite(out, adapters)
     refuse_existing_out(out, overwrite)
-    coefficients = merge_weights(len(adapters), weights, mode, scale)
     loaded = [_read_adapter(a) for a in adapters]
     meta0, tensors0 = loaded[0]
     for path, (meta, tensors) in zip(adapters[1:], loaded[1:]):

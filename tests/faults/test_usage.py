@@ -183,4 +183,5 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
             "cli.list_presets = interrupted\nsys.argv = ['vlpet', 'presets', 'ls']\ncli.main()\n")
     result = vlpet(cwd=tmp_path, python=[sys.executable, "-c", code])
     assert result.returncode == 130
-    assert result.stderr == "interrupted\n" and "Traceback" not in result.stdout
+    assert result.stderr.startswith("interrupted (SIGINT): ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stdout

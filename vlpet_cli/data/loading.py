@@ -105,7 +105,7 @@ def check_annotations(root: Path, preset: Preset, splits=("train", "val")) -> No
         paths = [task.split_path(root, split_name) for split in splits for split_name in task.split_names(split)]
         for path in dict.fromkeys([*paths, *task.support_files(root)]):
             if not path.is_file():
-                raise DataError(f"{name}: annotation file not found: {path}. Fix: {task.missing_file_fix()}.")
+                raise DataError(f"{name}: annotation file not found: {path}. Fix: {task.split_files_fix}.")
             try:
                 path.open("rb").close()
             except OSError as exc:

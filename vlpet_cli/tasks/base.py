@@ -159,6 +159,8 @@ class Task:
     """Whether `vlpet eval --predictions` may take a --split for this task's annotation files."""
     feature_kind: ClassVar[str] = "image"
     """'image' (per-image grid features) or 'video' (per-video frame features, data.video)."""
+    split_files_fix: ClassVar[str] = "check --data-root: it must hold the task's annotation files"
+    """How to fix a missing split file (the messages of readers and of `data.loading.check_annotations`)."""
     hub_task: ClassVar[str] = "visual-question-answering"
     """The Hugging Face Hub's task type of a model trained on it (model cards)."""
 
