@@ -13,10 +13,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vlpet_cli.atomic import atomic_file
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.presets import read_yaml
 from vlpet_cli.tasks import TASKS, primary_metrics
 
 PRIMARY_METRIC = primary_metrics()
@@ -48,11 +47,7 @@ def read_config(run_dir: Path) -> dict:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise VlpetError(f"{path} is not valid YAML ({exc.__class__.__name__}); restore it from the preset "
-                         f"with `vlpet presets show`") from exc
+    data = read_yaml(path, "restore it from the preset with `vlpet presets show`")
     if not isinstance(data, dict):
         raise VlpetError(f"{path} does not hold a preset mapping; restore it from the preset with "
                          f"`vlpet presets show`")

@@ -27,6 +27,7 @@ from typing import Any
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.progress import Progress
 from vlpet_cli.tasks import ScoreChoices, get_task, resolve_task, task_class
+from vlpet_cli.threads import configure_threads, requested_threads
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SCORE_KINDS = {"generate": "mean token log-probability", "choices": "choice probability"}
@@ -392,6 +393,7 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
     cls = task_class(task)
     if batch_size < 1:
         raise VlpetError(f"--batch-size {batch_size}: must be at least 1")
+    requested_threads()  # a bad VLPET_THREADS is refused before a model loads
     check_inputs(task, inputs)
     directory = _locate(path)
     recorded, trained = _recorded_features(directory)
@@ -416,6 +418,7 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
                          f"trained on model.feat_dim={preset.model.feat_dim}; pass the vision model it was trained "
                          f"with (--vision-model)")
     model.to(device).eval()
+    configure_threads(model, preset.train.threads)
     spec = get_task(task, preset.data.prompts, preset.data.use_prompts, preset.data.video)
     if video:
         records = [video_record(spec, item, i) for i, item in enumerate(inputs)]

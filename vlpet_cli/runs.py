@@ -18,14 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from vlpet_cli.artifacts import adapter_state, load_adapter_state
 from vlpet_cli.atomic import append_line, staged_dir, write_failure_reason, write_json, write_text
 from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.presets import to_yaml, validate
+from vlpet_cli.presets import read_yaml, to_yaml, validate
 
 MANIFEST = "files.json"  # sizes and sha256 of a checkpoint's other files, written last
 CONFIG = "config.yaml"
@@ -62,7 +61,7 @@ def load_run_preset(run_dir: Path) -> Preset:
     path = Path(run_dir) / CONFIG
     if not path.exists():
         raise VlpetError(f"cannot resume: {run_dir} is not a run directory (no {CONFIG})")
-    return validate(yaml.safe_load(path.read_text()), str(path))
+    return validate(read_yaml(path, "restore it from the preset with `vlpet presets show`"), str(path))
 
 
 def check_writable(run_dir: Path) -> None:
