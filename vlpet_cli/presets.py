@@ -265,9 +265,15 @@ def check_keys(data: dict, source: str) -> None:
 
 
 def _problem(error: Any) -> str:
-    """'train.epochs=0: Input should be greater than 0' from one pydantic error."""
+    """One pydantic error as 'train.epochs 0: must be at least 1' (a bound) or 'pet.gate.granularity=huge: Input
+    should be ...' (anything else)."""
     key = ".".join(str(p) for p in error["loc"])
-    given = error.get("input")
+    given, bounds = error.get("input"), error.get("ctx") or {}
+    if error["type"] in ("greater_than", "greater_than_equal") and isinstance(given, (int, float)):
+        bound = bounds.get("gt", bounds.get("ge"))
+        if error["type"] == "greater_than" and isinstance(given, int) and isinstance(bound, int):
+            return f"{key} {given}: must be at least {bound + 1}"
+        return f"{key} {given}: must be {'greater than' if error['type'] == 'greater_than' else 'at least'} {bound:g}"
     shown = f"={given}" if isinstance(given, (int, float, str)) or given is None else ""
     return f"{key}{shown}: {error['msg']}"
 

@@ -52,10 +52,12 @@ def affinity_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def cgroup_quota(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> float | None:
+def cgroup_quota(root: Path | None = None, self_cgroup: Path | None = None) -> float | None:
     """The CPU quota, in CPUs, of this process's cgroup and its ancestors (the tightest), from cgroup v2's
-    `cpu.max` or v1's `cpu.cfs_quota_us` / `cpu.cfs_period_us`; None when there is none or it cannot be read."""
-    quotas = [q for directory in _cgroup_dirs(root, self_cgroup) if (q := _quota(directory)) is not None]
+    `cpu.max` or v1's `cpu.cfs_quota_us` / `cpu.cfs_period_us`; None when there is none or it cannot be read.
+    `root` and `self_cgroup` default to /sys/fs/cgroup and /proc/self/cgroup."""
+    dirs = _cgroup_dirs(root or CGROUP_ROOT, self_cgroup or SELF_CGROUP)
+    quotas = [q for directory in dirs if (q := _quota(directory)) is not None]
     return min(quotas) if quotas else None
 
 
@@ -100,7 +102,7 @@ def _quota(directory: Path) -> float | None:
     return None
 
 
-def usable_cpus(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> tuple[int, str]:
+def usable_cpus(root: Path | None = None, self_cgroup: Path | None = None) -> tuple[int, str]:
     """(CPUs this process may keep busy, how that was found): the affinity mask, capped by a cgroup CPU quota
     (rounded down: 1.5 CPUs of quota keep one thread busy without throttling)."""
     cpus = affinity_cpus()
@@ -140,8 +142,8 @@ def requested_threads(preset_threads: int | None = None) -> Threads | None:
     return Threads(count, ENV)
 
 
-def choose_threads(parameters: int | None = None, preset_threads: int | None = None, root: Path = CGROUP_ROOT,
-           self_cgroup: Path = SELF_CGROUP) -> Threads:
+def choose_threads(parameters: int | None = None, preset_threads: int | None = None, root: Path | None = None,
+                   self_cgroup: Path | None = None) -> Threads:
     """The thread count for a model of `parameters` parameters (None: size unknown), by the rule above."""
     asked = requested_threads(preset_threads)
     if asked is not None:
