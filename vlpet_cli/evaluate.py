@@ -103,12 +103,16 @@ def load_for_eval(path: Path, backbone: str | None = None):
 def eval_preset(base: dict, tasks: list[str] | None, data_root: str | None, overrides: list[str] | None,
                 limit: int | None, split: str = "test") -> Preset:
     """The preset an evaluation runs with: the stored one, then overrides, --data-root, --task and --limit."""
-    from vlpet_cli.presets import apply, parse_overrides
+    from vlpet_cli.presets import T5_PREFIX, VIDEO_PREFIX, apply, parse_overrides
 
     if limit is not None and limit < 1:
         raise VlpetError(f"--limit {limit}: the number of records per task must be at least 1; leave --limit out "
                          f"to evaluate the whole split")
     pairs = parse_overrides(overrides or [])
+    for key, _ in pairs:
+        if key.startswith((T5_PREFIX, VIDEO_PREFIX)):
+            raise VlpetError(f"{key}: t5.* and video.* overrides are resolved when a run starts; an evaluation reads "
+                             f"the run's resolved settings, so give the key without '{key.split('.')[0]}.'")
     if data_root:
         pairs.append(("data.data_root", data_root))
     chosen = tasks or next((v for k, v in reversed(pairs) if k == "data.tasks"), None)

@@ -180,3 +180,21 @@ def test_a_t5_override_on_a_t5_run_still_applies(tmp_path):
     preset = resolve_train_preset("vlpet-small", ["coco"], str(tmp_path), "tiny-t5",
                                   ["t5.train.lr=1e-4", "pet.trainable.relative_attention_bias=true"])
     assert preset.train.lr == pytest.approx(1e-4) and preset.pet.trainable.relative_attention_bias
+
+
+@pytest.mark.parametrize("override", ["t5.eval.batch_size=8", "video.eval.batch_size=8"])
+def test_eval_refuses_section_overrides_it_would_not_read(tmp_path, monkeypatch, capsys, override):
+    """An evaluation reads the run's resolved settings: a t5./video. override would sit in a section never read."""
+    import json
+
+    def no_model(*_, **__):
+        raise AssertionError("a model was loaded before the overrides were checked")
+
+    monkeypatch.setattr("vlpet_cli.artifacts.load_any", no_model)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    preset = Preset(name="vlpet-small", method="VL-PET-small", description="d").model_dump(mode="json")
+    (adapter / "vlpet_config.json").write_text(json.dumps({"format": "vlpet-adapter/1", "preset": preset}))
+    code, _, err = vlpet(monkeypatch, capsys, "eval", adapter, "--data-root", tmp_path, override)
+    one_line_error(code, err, override.split("=")[0], "without '")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
