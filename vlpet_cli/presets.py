@@ -64,7 +64,7 @@ class DuplicateKeyError(yaml.YAMLError):
 
 def parse_yaml(text: str) -> Any:
     """YAML text as Python data, refusing a key given twice in one mapping (DuplicateKeyError)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
 
 
 def read_yaml(path: Path, fix: str) -> Any:
@@ -328,7 +328,7 @@ def resolve(name: str, overrides: list[str] | None = None, backbone: str | None 
     user's overrides, and validate. Overrides follow the same order: plain keys, then `video.<key>` (video runs),
     `t5.<key>` (T5 backbones), `video.t5.<key>`; a prefixed key that does not apply stays in its section, except
     for a run (`run=True`), where it would have no effect and is refused, as are settings its backbone family
-    ignores (check_run). With `task_kind`, the per-task sections' keys must name tasks."""
+    ignores (check_applies). With `task_kind`, the per-task sections' keys must name tasks."""
     raw = load_raw(name)
     source = f"preset '{name}'"
     check_keys(raw, source)  # as written: its t5 and video sections are merged away below

@@ -599,8 +599,7 @@ def schedule_warnings(preset: Preset, records: dict[str, int], world_size: int =
     if preset.train.max_steps:
         total = min(total, preset.train.max_steps)
     if per_epoch < FEW_UPDATES:
-        fitting = next((b for b in range(preset.train.batch_size - 1, 0, -1)
-                        if updates_per_epoch(preset, records, world_size, b) >= FIT_UPDATES), 1)
+        fitting = _fitting_batch_size(preset, records, world_size)
         shown = ", ".join(f"{n:,} {task}" for task, n in records.items())
         found.append(f"an epoch is {per_epoch} update{'' if per_epoch == 1 else 's'} ({shown} training records, "
                      f"train.batch_size={preset.train.batch_size}), {total} in the whole run: too few to train; "
@@ -613,6 +612,19 @@ def schedule_warnings(preset: Preset, records: dict[str, int], world_size: int =
                      f"as the run ({total} updates), so the learning rate never reaches train.lr; give "
                      f"train.warmup_ratio=0.1")
     return found
+
+
+def _fitting_batch_size(preset: Preset, records: dict[str, int], world_size: int) -> int:
+    """The largest batch size below the preset's giving an epoch FIT_UPDATES updates or more (1 if none does);
+    updates only fall as the batch grows, so a binary search finds it."""
+    low, high, best = 1, preset.train.batch_size - 1, 1
+    while low <= high:
+        middle = (low + high) // 2
+        if updates_per_epoch(preset, records, world_size, middle) >= FIT_UPDATES:
+            best, low = middle, middle + 1
+        else:
+            high = middle - 1
+    return best
 
 
 def _warn_schedule(session: Session) -> None:
