@@ -397,15 +397,17 @@ TASK_KEYED = ("train.task_ratios", "eval.generation", "data.prompts")  # section
 
 
 def check_task_keys(preset: Preset, task_kind: Callable[[str], str], source: str) -> None:
-    """Every key of a per-task section names a task (`task_kind` refuses other names): an entry for no task
-    would be ignored."""
-    for section in TASK_KEYED:
-        group, field = section.split(".")
-        for task in getattr(getattr(preset, group), field, None) or {}:
-            try:
-                task_kind(task)
-            except VlpetError as exc:
-                raise VlpetError(f"{source}: {section}.{task}: {exc}") from None
+    """Every key of a per-task section, and every task of HyperFormer's task embeddings, names a task (`task_kind`
+    refuses other names): an entry for no task would be ignored."""
+    named = [(f"{section}.{task}", task) for section in TASK_KEYED
+             for task in getattr(getattr(preset, section.split(".")[0]), section.split(".")[1], None) or {}]
+    if preset.pet.hyperformer is not None:
+        named += [("pet.hyperformer.tasks", task) for task in preset.pet.hyperformer.tasks]
+    for where, task in named:
+        try:
+            task_kind(task)
+        except VlpetError as exc:
+            raise VlpetError(f"{source}: {where}: {exc}") from None
 
 
 def to_yaml(preset: Preset) -> str:

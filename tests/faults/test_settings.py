@@ -198,3 +198,10 @@ def test_eval_refuses_section_overrides_it_would_not_read(tmp_path, monkeypatch,
     code, _, err = vlpet(monkeypatch, capsys, "eval", adapter, "--data-root", tmp_path, override)
     one_line_error(code, err, override.split("=")[0], "without '")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_a_hyperformer_task_embedding_for_no_task_is_refused(tmp_path, monkeypatch, capsys, no_model):
+    code, _, err = vlpet(monkeypatch, capsys, "train", "--preset", "hyperformer", "--task", "coco", "--backbone",
+                         "tiny-bart", "--data-root", tmp_path, "--runs-dir", tmp_path / "runs",
+                         "pet.hyperformer.tasks=[coco,cocoo]")
+    one_line_error(code, err, "pet.hyperformer.tasks", "unknown task 'cocoo'")
