@@ -402,7 +402,7 @@ def check_task_keys(preset: Preset, task_kind: Callable[[str], str], source: str
     named = [(f"{section}.{task}", task) for section in TASK_KEYED
              for task in getattr(getattr(preset, section.split(".")[0]), section.split(".")[1], None) or {}]
     if preset.pet.hyperformer is not None:
-        named += [("pet.hyperformer.tasks", task) for task in preset.pet.hyperformer.tasks]
+        named += [("pet.hyperformer.tasks", task) for task in preset.pet.hyperformer.tasks or []]
     for where, task in named:
         try:
             task_kind(task)
