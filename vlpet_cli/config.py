@@ -57,10 +57,10 @@ class HyperSpec(Strict):
     """HyperFormer: per-stack hyper-network generating task- and layer-conditioned adapters."""
 
     r: int = Field(96, gt=0)
-    task_dim: int = 512
-    layer_dim: int = 512
-    hidden: int = 128
-    projected: int = 8
+    task_dim: int = Field(512, gt=0)
+    layer_dim: int = Field(512, gt=0)
+    hidden: int = Field(128, gt=0)
+    projected: int = Field(8, gt=0)
     tasks: list[str] | None = Field(None, description="the tasks whose embeddings the hyper-network holds, in "
                                                        "order; None: the task table's default tasks (set when the "
                                                        "preset is resolved)")
@@ -141,8 +141,8 @@ class DataConfig(Strict):
     use_prompts: bool = True
     prompts: dict[str, str] | None = Field(None, description="per-task prompt overrides")
     feature_name: str = "data_clip_RN101_att"
-    num_workers: int = 0
-    limit: int | None = Field(None, description="use at most this many records per task and split")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the training process)")
+    limit: int | None = Field(None, gt=0, description="use at most this many records per task and split")
     video: VideoData = VideoData()
 
 
@@ -152,7 +152,7 @@ class TrainConfig(Strict):
     batch_size: int = Field(500, gt=0, description="the batch of a task with ratio 1; each task's is this x its ratio")
     task_ratios: dict[str, float] = Field(default_factory=dict, description="batch-size ratio per task; a task not "
                                                                             "named uses its own (the reference's)")
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = Field(0.1, ge=0, description="linear warm-up over this fraction of the updates")
     clip_grad_norm: float = Field(5.0, description="clip the total gradient norm to this; 0 or negative: no clipping "
                                                    "(the reference's rule)")
     grad_accum: int = Field(1, gt=0)
@@ -171,9 +171,11 @@ class TrainConfig(Strict):
     data_seed: int = Field(0, description="data order seed (reference: 0, independent of seed)")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: epoch ends only)")
     keep_checkpoints: int = Field(2, gt=0)
-    max_steps: int | None = Field(None, description="stop after this many optimiser steps")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimiser steps")
     gradient_checkpointing: bool = Field(False, description="recompute backbone activations in backward "
                                                             "(less memory, same results)")
+    threads: int | None = Field(None, gt=0, description="CPU threads per process (None: chosen from the CPUs this "
+                                                        "process may use and the model's size; VLPET_THREADS too)")
 
 
 class GenerationSpec(Strict):
@@ -181,13 +183,13 @@ class GenerationSpec(Strict):
 
     num_beams: int | None = Field(None, gt=0, description="None: the task's own")
     max_length: int | None = Field(None, gt=0, description="None: the task's own")
-    no_repeat_ngram_size: int | None = Field(None, description="None: BART 3 (its config's default), T5 0")
+    no_repeat_ngram_size: int | None = Field(None, ge=0, description="None: BART 3 (its config's default), T5 0")
 
 
 class EvalConfig(Strict):
     every: int = Field(1, ge=0, description="validate every N epochs (0: never)")
-    batch_size: int = 64
-    limit: int | None = Field(None, description="validate on at most this many records per task")
+    batch_size: int = Field(64, gt=0)
+    limit: int | None = Field(None, gt=0, description="validate on at most this many records per task")
     best_metric: str = Field("avg", description="'avg' of the primary metrics, or TASK.METRIC e.g. coco.cider")
     vqa_variant: Literal["reference", "official"] = "reference"
     caption_references: Literal["row", "clip"] = Field(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import platform
 import time
@@ -16,6 +15,7 @@ from vlpet_cli.inference import decoding_settings, predict_all, score
 from vlpet_cli.progress import Progress
 from vlpet_cli.runs import Located, check_writable, checkpoints_dir, locate, recorded_path
 from vlpet_cli.tasks import TASKS, FileScoring, VideoTask, resolve_task, task_class
+from vlpet_cli.threads import configure_threads, requested_threads
 
 
 def score_predictions_file(
@@ -122,33 +122,33 @@ def recorded_settings(stored: dict, located: Located, data_root: str | None, bac
 def eval_preset(base: dict, tasks: list[str] | None, data_root: str | None, overrides: list[str] | None,
                 limit: int | None, split: str = "test") -> Preset:
     """The preset an evaluation runs with: the stored one, then overrides, --data-root, --task and --limit."""
-    from vlpet_cli.presets import parse_overrides, set_dotted
-    from vlpet_cli.presets import validate as validate_preset
+    from vlpet_cli.presets import T5_PREFIX, VIDEO_PREFIX, apply, parse_overrides
 
-    data = copy.deepcopy(base)
+    if limit is not None and limit < 1:
+        raise VlpetError(f"--limit {limit}: the number of records per task must be at least 1; leave --limit out "
+                         f"to evaluate the whole split")
     pairs = parse_overrides(overrides or [])
-    for key, value in pairs:
-        set_dotted(data, key, value)
+    for key, _ in pairs:
+        if key.startswith((T5_PREFIX, VIDEO_PREFIX)):
+            raise VlpetError(f"{key}: t5.* and video.* overrides are resolved when a run starts; an evaluation reads "
+                             f"the run's resolved settings, so give the key without '{key.split('.')[0]}.'")
     if data_root:
-        data["data"]["data_root"] = data_root
-    if tasks:
-        data["data"]["tasks"] = tasks
-    data["data"]["tasks"] = list(dict.fromkeys(resolve_task(t) for t in data["data"].get("tasks") or []))
+        pairs.append(("data.data_root", data_root))
+    chosen = tasks or next((v for k, v in reversed(pairs) if k == "data.tasks"), None)
+    chosen = chosen if chosen is not None else (base.get("data") or {}).get("tasks")
+    pairs.append(("data.tasks", list(dict.fromkeys(resolve_task(t) for t in chosen or []))))
     # --limit, else an explicit eval.limit override; never the training run's validation limit
-    data["eval"]["limit"] = limit if limit is not None else next(
-        (v for k, v in pairs if k == "eval.limit"), None)
+    pairs.append(("eval.limit", limit if limit is not None else next(
+        (v for k, v in pairs if k == "eval.limit"), None)))
     if split == "train":  # the training split is cut by data.limit (vlpet_cli/data/loading.py)
-        data["data"]["limit"] = data["eval"]["limit"]
-    return validate_preset(data, "eval settings")
+        pairs.append(("data.limit", pairs[-1][1]))
+    return apply(base, pairs, "eval settings")
 
 
 def check_eval_arguments(preset: Preset, split: str, metrics: list[str] | None, batch_size: int | None) -> None:
     """Refuse what cannot work before anything is loaded: splits, metrics, batch size and limit."""
     if not preset.data.tasks:
         raise VlpetError("no task to evaluate; pass --task, e.g. --task vqa")
-    if preset.eval.limit is not None and preset.eval.limit < 1:
-        raise VlpetError(f"--limit {preset.eval.limit}: the number of records per task must be at least 1; "
-                         f"leave --limit out to evaluate the whole split")
     if batch_size is not None and batch_size < 1:
         raise VlpetError(f"--batch-size {batch_size}: the evaluation batch size must be at least 1")
     if batch_size is None and preset.eval.batch_size < 1:
@@ -193,6 +193,7 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     # refused before the model is built: a missing data root, annotation files and an output that cannot be written
     check_annotations(resolve_data_root(settings.data.data_root), settings, (split,))
     out_dir = output_dir(out_dir, located)
+    requested_threads(settings.train.threads)  # a bad VLPET_THREADS is refused before the model is built
     untrained = [t for t in settings.data.tasks if t not in trained]
     if untrained:
         warnings.warn(f"{adapter_dir} was trained on {', '.join(trained) or 'no task'}, not on "
@@ -201,6 +202,7 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
                       stacklevel=1)
     model, tokenizer, loaded, _ = load_for_eval(adapter_dir, backbone)
     preset = eval_preset(loaded.model_dump(mode="json"), tasks, data_root, overrides, limit, split)
+    configure_threads(model, preset.train.threads)
     state = process_state()
     try:
         results = evaluate_model(model, tokenizer, preset, split, metrics, batch_size, progress, state=state)

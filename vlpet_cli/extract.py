@@ -8,15 +8,25 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vlpet_cli.errors import DataError
+from vlpet_cli.errors import DataError, VlpetError
 from vlpet_cli.features.kinds import IMAGE, VIDEO
 from vlpet_cli.tasks import annotation_images
+from vlpet_cli.threads import configure_threads
 
 if TYPE_CHECKING:
     from vlpet_cli.features.extract.loop import ExtractSummary
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ts"}
+
+
+def _prepare(options: dict) -> None:
+    """Refuse a negative --workers (it would quietly mean 0) and set the CPU threads (from the CPUs: the vision
+    model's size is not known before it loads)."""
+    if options.get("workers", 0) < 0:
+        raise VlpetError(f"--workers {options['workers']}: give the number of decoding threads, at least 0 (0 "
+                         f"decodes in the main thread)")
+    configure_threads()
 
 
 def scan(folder: Path, suffixes: set[str], noun: str) -> dict[str, Path]:
@@ -80,6 +90,7 @@ def images_from(images_dir: Path, annotations: Path | None = None) -> dict[str, 
 def extract(images_dir: Path, model: str | Path, out: Path, annotations: Path | None = None,
             **options) -> ExtractSummary:
     """The command: the images of a folder (or those an annotation file names) -> features in `out`."""
+    _prepare(options)
     return IMAGE.extraction().extract(images_from(images_dir, annotations), model, out, **options)
 
 
@@ -115,4 +126,5 @@ def videos_from(videos_dir: Path, annotations: Path | None = None) -> dict[str, 
 def extract_videos(videos_dir: Path, model: str | Path, out: Path, annotations: Path | None = None,
                    **options) -> ExtractSummary:
     """The command with --videos: the videos of a folder (or those a VALUE file names) -> features in `out`."""
+    _prepare(options)
     return VIDEO.extraction().extract(videos_from(videos_dir, annotations), model, out, **options)

@@ -31,6 +31,7 @@ from vlpet_cli.progress import Progress
 from vlpet_cli.tasks import PredictInput, ScoreChoices, get_task, resolve_task, task_class, tasks_of_kind
 from vlpet_cli.tasks.records import read_records
 from vlpet_cli.tasks.video.base import parse_ts
+from vlpet_cli.threads import configure_threads, requested_threads
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SCORE_KINDS = {"generate": "mean token log-probability", "choices": "choice probability"}
@@ -289,6 +290,7 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
     cls = task_class(task)
     if batch_size < 1:
         raise VlpetError(f"--batch-size {batch_size}: must be at least 1")
+    requested_threads()  # a bad VLPET_THREADS is refused before a model loads
     check_inputs(task, inputs)
     directory = _locate(path)
     recorded, trained = _recorded_features(directory)
@@ -308,6 +310,7 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
                          f"trained on model.feat_dim={preset.model.feat_dim}; pass the vision model it was trained "
                          f"with (--vision-model)")
     model.to(device).eval()
+    configure_threads(model, preset.train.threads)
     spec = get_task(task, preset.data.prompts, preset.data.use_prompts, preset.data.video)
     records = task_records(spec, inputs)
     results: list[dict] = []

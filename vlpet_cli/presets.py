@@ -6,7 +6,7 @@ import copy
 import difflib
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from vlpet_cli.backbones import family_of
 from vlpet_cli.config import Preset
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.errors import VlpetError, file_error
 from vlpet_cli.tasks import default_tasks
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -37,13 +37,59 @@ def preset_path(name: str) -> Path:
     return path
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                continue
+            if first != line:
+                raise DuplicateKeyError(key, first, line)
+        return super().construct_mapping(node, deep)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping of a YAML text holds the same key twice."""
+
+    def __init__(self, key: Any, first: int, second: int):
+        super().__init__(f"key '{key}' appears twice in one mapping (lines {first} and {second}), and only the "
+                         f"last would count")
+        self.key, self.first, self.second = key, first, second
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as Python data, refusing a key given twice in one mapping (DuplicateKeyError)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+
+
+def read_yaml(path: Path, fix: str) -> Any:
+    """A YAML file's content; an unreadable file, invalid YAML or a key given twice in one mapping is one
+    VlpetError naming the file, the problem and `fix`. Every YAML file vlpet reads goes through here."""
+    try:
+        return parse_yaml(Path(path).read_text(encoding="utf-8"))
+    except DuplicateKeyError as exc:
+        raise VlpetError(f"{path}: {exc}; remove one of them or merge the two") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or exc.__class__.__name__
+        raise VlpetError(f"{path}: not valid YAML{line} ({problem}); {fix}") from None
+    except UnicodeDecodeError as exc:
+        raise VlpetError(f"{path}: cannot be read ({exc}); {fix}") from None
+    except OSError as exc:
+        raise file_error(exc, writing=False) from None
+
+
 def load_raw(name: str) -> dict:
     """The preset's YAML as a dict."""
     path = preset_path(name)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise VlpetError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, "fix the file (see `vlpet presets show vlpet-small` for the layout)")
     if not isinstance(data, dict):
         raise VlpetError(f"{path}: a preset must be a YAML mapping")
     return data
@@ -65,7 +111,9 @@ def _parse_value(text: str) -> Any:
     if not text.strip():
         return None
     try:
-        value = yaml.safe_load(text)
+        value = parse_yaml(text)
+    except DuplicateKeyError as exc:
+        raise VlpetError(f"override value {text!r}: {exc}; give each key once") from None
     except yaml.YAMLError:
         return text
     if isinstance(value, str):
@@ -106,33 +154,69 @@ VIDEO_DEFAULTS: dict = {
 }
 
 
-def check_key(dotted: str) -> None:
-    """Raise a VlpetError with a did-you-mean if `dotted` names no field of a preset (`t5.<key>` and
-    `video.<key>` are checked as `<key>`, since those sections hold the same fields)."""
-    for prefix in (T5_PREFIX, VIDEO_PREFIX):
-        if dotted.startswith(prefix):
-            try:
-                check_key(dotted[len(prefix):])
-            except VlpetError as exc:
-                raise VlpetError(str(exc).replace("unknown key '", f"unknown key '{prefix}", 1)) from None
-            return
-    model: Any = Preset
+SECTION_ORDERS = ((), ("video",), ("t5",), ("video", "t5"))  # the sections a key may sit in, outermost first
+
+
+def _sections(dotted: str) -> tuple[tuple[str, ...], str]:
+    """('video', 't5') and 'train.lr' for 'video.t5.train.lr': the leading section names and the field path."""
     parts = dotted.split(".")
+    sections: list[str] = []
+    while len(parts) > 1 and parts[0] in ("t5", "video"):
+        sections.append(parts.pop(0))
+    return tuple(sections), ".".join(parts)
+
+
+def _field_homes(model: type[BaseModel] = Preset, prefix: str = "") -> dict[str, list[str]]:
+    """{field name: the dotted paths where a preset has a field of that name}, for 'belongs under' hints."""
+    homes: dict[str, list[str]] = {}
+    for name, info in model.model_fields.items():
+        if name in ("t5", "video"):
+            continue
+        homes.setdefault(name, []).append(prefix + name)
+        inner = _unwrap(info.annotation)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            for key, paths in _field_homes(inner, f"{prefix}{name}.").items():
+                homes.setdefault(key, []).extend(paths)
+    return homes
+
+
+def check_key(dotted: str) -> None:
+    """Raise a VlpetError with the fix if `dotted` names no field of a preset: a did-you-mean for a typo, the
+    right place for a field under the wrong section (`train.lora.r` -> `pet.lora.r`). A key may sit in the `t5.`
+    or `video.` section, or in `video.t5.` (the video section's T5 part), and is checked as the rest."""
+    sections, rest = _sections(dotted)
+    if sections not in SECTION_ORDERS:
+        fixed = "video.t5" if set(sections) == {"video", "t5"} else sections[0]
+        raise VlpetError(f"unknown key '{dotted}': sections nest only as t5, video and video.t5 (T5 backbones on "
+                         f"video tasks); write {fixed}.{rest}")
+    where = "".join(f"{section}." for section in sections)
+    model: Any = Preset
+    parts = rest.split(".")
     for i, part in enumerate(parts):
         if isinstance(model, type) and issubclass(model, BaseModel):
             fields = model.model_fields
-            if part not in fields:
-                where = ".".join(parts[:i]) or "the preset"
-                raise VlpetError(
-                    f"unknown key '{dotted}': {where} has no field '{part}'{_did_you_mean(part, list(fields))}"
-                )
+            if part not in fields or (model is Preset and sections and part in ("t5", "video")):
+                parent = where + ".".join(parts[:i]) if i else (f"the {where[:-1]} section" if where
+                                                                 else "the preset")
+                raise VlpetError(f"unknown key '{dotted}': {parent} has no field '{part}'"
+                                 f"{_fix_for(part, parts[i + 1:], where, list(fields))}")
             model = _unwrap(fields[part].annotation)
         elif typing.get_origin(model) is dict:
             model = _unwrap(typing.get_args(model)[1])
         elif model is dict:
             return
         else:
-            raise VlpetError(f"unknown key '{dotted}': '{'.'.join(parts[:i])}' is a value, not a section")
+            raise VlpetError(f"unknown key '{dotted}': '{where}{'.'.join(parts[:i])}' is a value, not a section")
+
+
+def _fix_for(part: str, below: list[str], where: str, siblings: list[str]) -> str:
+    """Where a field of this name lives (a block under the wrong section), else a did-you-mean."""
+    homes = _field_homes().get(part, [])
+    if not homes or len(homes) > 3:
+        return _did_you_mean(part, siblings)
+    parents = " or ".join(home.rsplit(".", 1)[0] if "." in home else "the top level" for home in homes)
+    keys = " or ".join(".".join([where + home, *below]) for home in homes)
+    return f"; '{part}' belongs under {parents}: write {keys}"
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -158,14 +242,51 @@ def deep_merge(base: dict, extra: dict) -> dict:
 
 
 def validate(data: dict, source: str) -> Preset:
-    """A Preset from a dict, with pydantic's errors turned into one readable message."""
-    for key in _leaf_keys(data):
-        check_key(key)
+    """A Preset from a dict, with pydantic's errors turned into one readable message naming `source` (the file or
+    what was being resolved), each wrong key with the value given."""
+    if not isinstance(data, dict):
+        raise VlpetError(f"{source}: a preset must be a mapping of sections (name, method, pet, train, ...)")
+    check_keys(data, source)
     try:
         return Preset.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise VlpetError(f"{source}: {problems}") from None
+        raise VlpetError(f"{source}: {'; '.join(_problem(e) for e in exc.errors())}") from None
+
+
+def check_keys(data: dict, source: str) -> None:
+    """Every key of a preset tree names a field where it sits (check_key), else a VlpetError naming `source`."""
+    for key in _leaf_keys(data):
+        try:
+            check_key(key)
+        except VlpetError as exc:
+            raise VlpetError(f"{source}: {exc}") from None
+
+
+def _problem(error: Any) -> str:
+    """One pydantic error as 'train.epochs 0: must be at least 1' (a bound) or 'pet.gate.granularity=huge: Input
+    should be ...' (anything else)."""
+    key = ".".join(str(p) for p in error["loc"])
+    given, bounds = error.get("input"), error.get("ctx") or {}
+    if error["type"] in ("greater_than", "greater_than_equal") and isinstance(given, (int, float)):
+        bound = bounds.get("gt", bounds.get("ge"))
+        if error["type"] == "greater_than" and isinstance(given, int) and isinstance(bound, int):
+            return f"{key} {given}: must be at least {bound + 1}"
+        return f"{key} {given}: must be {'greater than' if error['type'] == 'greater_than' else 'at least'} {bound:g}"
+    shown = f"={given}" if isinstance(given, (int, float, str)) or given is None else ""
+    return f"{key}{shown}: {error['msg']}"
+
+
+def apply(base: dict | Preset, overrides: Iterable[str | tuple[str, Any]] = (), source: str = "preset") -> Preset:
+    """The one way overrides reach a preset: `base` (a preset's YAML as a dict, or a stored or resolved Preset)
+    with each `key=value` (or parsed (key, value)) set in order, a later one winning, then validated. Every key is
+    checked before anything is set: an unknown one is refused with its fix (check_key)."""
+    data = base.model_dump(mode="json") if isinstance(base, BaseModel) else copy.deepcopy(base)
+    pairs = [item if isinstance(item, tuple) else parse_overrides([item])[0] for item in overrides]
+    for key, _ in pairs:
+        check_key(key)
+    for key, value in pairs:
+        set_dotted(data, key, value)
+    return validate(data, source)
 
 
 def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
@@ -197,13 +318,18 @@ def is_video_run(tasks: list[str], task_kind: Callable[[str], str] | None) -> bo
 
 
 def resolve(name: str, overrides: list[str] | None = None, backbone: str | None = None,
-            defaults: list[str] | None = None, task_kind: Callable[[str], str] | None = None) -> Preset:
+            defaults: list[str] | None = None, task_kind: Callable[[str], str] | None = None,
+            run: bool = False) -> Preset:
     """Load a preset and apply, in order: the video section (VIDEO_DEFAULTS merged with the preset's `video:`)
     when every task is a video task (`task_kind`, e.g. the task table's feature_kind, tells), its T5 section on
     a T5 backbone, the video section's `t5:` part when both hold, then `defaults` (e.g. the toy world's), then the
     user's overrides, and validate. Overrides follow the same order: plain keys, then `video.<key>` (video runs),
-    `t5.<key>` (T5 backbones), `video.t5.<key>`; a prefixed key that does not apply stays in its section."""
+    `t5.<key>` (T5 backbones), `video.t5.<key>`; a prefixed key that does not apply stays in its section, except
+    for a run (`run=True`), where it would have no effect and is refused, as are settings its backbone family
+    ignores (check_applies). With `task_kind`, the per-task sections' keys must name tasks."""
     raw = load_raw(name)
+    source = f"preset '{name}'"
+    check_keys(raw, source)  # as written: its t5 and video sections are merged away below
     pairs = parse_overrides(overrides or [])
     for key, _ in pairs:
         check_key(key)
@@ -216,7 +342,10 @@ def resolve(name: str, overrides: list[str] | None = None, backbone: str | None 
     if family not in families:
         raise VlpetError(f"preset '{name}' is for {', '.join(families)} backbones, not {family} ('{chosen}')")
     pairs = parse_overrides(defaults or []) + pairs
-    video = is_video_run(_run_tasks(raw, pairs), task_kind)
+    tasks = _run_tasks(raw, pairs)
+    video = is_video_run(tasks, task_kind)
+    if run:
+        check_applies(pairs, family, str(chosen), video, tasks)
     video_t5 = None
     if video:
         section = deep_merge(VIDEO_DEFAULTS, raw.get("video") or {})
@@ -237,9 +366,46 @@ def resolve(name: str, overrides: list[str] | None = None, backbone: str | None 
             key, level = key[len(T5_PREFIX):], level + 2
         return level, key, pair[1]
 
-    for _, key, value in sorted((rank(p) for p in pairs), key=lambda r: r[0]):
-        set_dotted(raw, key, value)
-    return with_default_tasks(validate(raw, f"preset '{name}'"))
+    ranked = sorted((rank(p) for p in pairs), key=lambda r: r[0])
+    preset = with_default_tasks(apply(raw, [(key, value) for _, key, value in ranked], source))
+    if run and family != "t5" and preset.pet.trainable.relative_attention_bias:
+        raise VlpetError(f"{source}: pet.trainable.relative_attention_bias=true has no effect on {chosen}: only T5 "
+                         f"backbones have relative attention bias tables; set it under t5 (t5.pet.trainable."
+                         f"relative_attention_bias=true) or drop it")
+    if task_kind is not None:
+        check_task_keys(preset, task_kind, source)
+    return preset
+
+
+def check_applies(pairs: list[tuple[str, Any]], family: str, backbone: str, video: bool, tasks: list[str]) -> None:
+    """A run's `t5.` and `video.` overrides must apply to it: on another family or on image tasks they would sit
+    in a section the run never reads."""
+    for key, value in pairs:
+        rest = key[len(VIDEO_PREFIX):] if key.startswith(VIDEO_PREFIX) else key
+        if key.startswith(VIDEO_PREFIX) and not video:
+            raise VlpetError(f"{key}={value}: video.* settings apply only when every task is a video task, and "
+                             f"this run trains {', '.join(tasks) or 'no task'}; give {rest}={value} instead")
+        if rest.startswith(T5_PREFIX) and family != "t5":
+            raise VlpetError(f"{key}={value}: t5.* settings apply only on T5 backbones, and {backbone} is a "
+                             f"{family} model; give {key.replace(T5_PREFIX, '', 1)}={value} instead, or a T5 "
+                             f"--backbone")
+
+
+TASK_KEYED = ("train.task_ratios", "eval.generation", "data.prompts")  # sections keyed by task name
+
+
+def check_task_keys(preset: Preset, task_kind: Callable[[str], str], source: str) -> None:
+    """Every key of a per-task section, and every task of HyperFormer's task embeddings, names a task (`task_kind`
+    refuses other names): an entry for no task would be ignored."""
+    named = [(f"{section}.{task}", task) for section in TASK_KEYED
+             for task in getattr(getattr(preset, section.split(".")[0]), section.split(".")[1], None) or {}]
+    if preset.pet.hyperformer is not None:
+        named += [("pet.hyperformer.tasks", task) for task in preset.pet.hyperformer.tasks or []]
+    for where, task in named:
+        try:
+            task_kind(task)
+        except VlpetError as exc:
+            raise VlpetError(f"{source}: {where}: {exc}") from None
 
 
 def with_default_tasks(preset: Preset) -> Preset:

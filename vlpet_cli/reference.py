@@ -362,15 +362,12 @@ def backbone_warnings(comparison: dict, backbone: str) -> list[str]:
 
 # ---- the import ------------------------------------------------------------------------------------------------
 def _resolve_preset(preset: str | Preset, backbone: str | None, overrides: Iterable[str]) -> Preset:
-    from vlpet_cli.presets import parse_overrides, resolve, set_dotted, validate
+    from vlpet_cli.presets import apply, resolve
 
     if isinstance(preset, str):
         return resolve(preset, list(overrides), backbone=backbone)
-    data = preset.model_dump(mode="json")
-    pairs = parse_overrides(list(overrides)) + ([("model.backbone", backbone)] if backbone else [])
-    for key, value in pairs:
-        set_dotted(data, key, value)
-    return validate(data, f"preset '{preset.name}'")
+    return apply(preset, [*overrides, *([("model.backbone", backbone)] if backbone else [])],
+                 f"preset '{preset.name}'")
 
 
 def _preset_from_checkpoint(state: dict, pth: Path) -> str:

@@ -23,12 +23,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 from vlpet_cli.atomic import append_line, staged_dir, write_failure_reason, write_json, write_text
 from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError, file_error
-from vlpet_cli.presets import to_yaml, validate
+from vlpet_cli.presets import read_yaml, to_yaml, validate
 
 if TYPE_CHECKING:
     import torch
@@ -77,13 +75,7 @@ def read_config(run_dir: Path) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise file_error(exc, writing=False) from None
-    except yaml.YAMLError as exc:
-        raise VlpetError(f"{path} is not valid YAML ({exc.__class__.__name__}); restore it from the preset "
-                         f"with `vlpet presets show`") from None
+    data = read_yaml(path, "restore it from the preset with `vlpet presets show`")
     if not isinstance(data, dict):
         raise VlpetError(f"{path} does not hold a preset mapping; restore it from the preset with "
                          f"`vlpet presets show`")

@@ -37,8 +37,7 @@ from vlpet_cli.inference import best_score, validate
 from vlpet_cli.optim import build_optimizer, clip_gradients, describe, param_groups, schedule, total_updates
 from vlpet_cli.pet.budget import budget
 from vlpet_cli.plots import plot_run
-from vlpet_cli.presets import T5_PREFIX, VIDEO_PREFIX, check_key, parse_overrides, resolve, set_dotted
-from vlpet_cli.presets import validate as validate_preset
+from vlpet_cli.presets import T5_PREFIX, VIDEO_PREFIX, apply, check_key, parse_overrides, resolve
 from vlpet_cli.progress import Progress
 from vlpet_cli.runs import (
     ADAPTER,
@@ -57,6 +56,7 @@ from vlpet_cli.runs import (
     write_config,
 )
 from vlpet_cli.tasks import get_task
+from vlpet_cli.threads import Threads, configure_threads, requested_threads
 from vlpet_cli.toy.root import resolve_data_root, toy_feature_dim
 from vlpet_cli.vl.model import build_model
 
@@ -66,10 +66,12 @@ __all__ = ["RESUMABLE", "TOY_DEFAULTS", "TrainResult", "TrainingInterrupted", "l
 # What `--resume` may change: how long the run goes on, how often it checkpoints, and every evaluation setting
 # (keys under eval.). Everything else shapes what was already trained and is refused.
 RESUMABLE = ("train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
-             "data.num_workers")
+             "train.threads", "data.num_workers")
 
 # The toy world is small: smaller batches give the PET modules enough updates, and a higher rate suits them.
 TOY_DEFAULTS = ["train.batch_size=24", "train.lr=3e-3", "train.epochs=8", "eval.every=4", "eval.batch_size=64"]
+FEW_UPDATES = 5  # an epoch with fewer updates than this is warned about before training
+FIT_UPDATES = 20  # the batch size a warning suggests gives an epoch at least this many updates
 
 
 def resolve_train_preset(name: str, tasks: list[str] | None = None, data_root: str | None = None,
@@ -83,7 +85,7 @@ def resolve_train_preset(name: str, tasks: list[str] | None = None, data_root: s
     if data_root == "toy":  # the toy features' size depends on the tasks (image or video) the run ends up with
         chosen = resolve(name, overrides, backbone, defaults=TOY_DEFAULTS, task_kind=feature_kind).data.tasks
         defaults = [*TOY_DEFAULTS, f"model.feat_dim={toy_feature_dim(chosen)}"]
-    preset = resolve(name, overrides, backbone, defaults=defaults, task_kind=feature_kind)
+    preset = resolve(name, overrides, backbone, defaults=defaults, task_kind=feature_kind, run=True)
     for task in preset.data.tasks:
         get_task(task)
     return absolute_paths(preset)
@@ -150,16 +152,14 @@ def resume_preset(run_dir: Path, preset: str | None = None, tasks: list[str] | N
         if given and not same:
             raise VlpetError(f"{option} {given}: a resumed run keeps what it was started with ({kept}); drop "
                              f"{option}, or start a new run with --name")
-    raw = saved.model_dump(mode="json")
     pairs = parse_overrides(overrides or [])
-    for key, value in pairs:
+    for key, _ in pairs:
         check_key(key)
         for prefix in (T5_PREFIX, VIDEO_PREFIX):
             if key.startswith(prefix):
                 raise VlpetError(f"{key}: {prefix}* overrides are for new runs; when resuming, give the key "
                                  f"without '{prefix}'")
-        set_dotted(raw, key, value)
-    updated = validate_preset(raw, f"--resume overrides for {run_dir}")
+    updated = apply(saved, pairs, f"--resume overrides for {run_dir}")
     before, after = _leaves(saved.model_dump(mode="json")), _leaves(updated.model_dump(mode="json"))
     changes = []
     for key in sorted(set(before) | set(after)):
@@ -202,6 +202,7 @@ class Session:
     epoch_rng: torch.Tensor | None = None  # the loader generator's state when the current epoch's pass began
     features: dict = field(default_factory=dict)  # feature-store attributes per source (feature_attrs)
     lock: RunLock | None = None  # held by the main process until training ends
+    threads: Threads | None = None  # the CPU thread count chosen for this process
 
     @property
     def main(self) -> bool:
@@ -321,6 +322,7 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
 
     set_seed(preset.train.seed)
     model, tokenizer = build_model(preset, weights=True)
+    chosen_threads = configure_threads(model, preset.train.threads)
     if preset.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     sizes = task_batch_sizes(preset.train.batch_size, list(data.train), preset.train.task_ratios)
@@ -330,7 +332,7 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
         lock.acquire()  # from here on this process is the run's one writer
     try:
         return _prepare(preset, run_dir, accelerator, model, tokenizer, data, sizes, checkpointer, last, lock,
-                        resume, overwrite)
+                        resume, overwrite, chosen_threads)
     except BaseException:
         lock.release()
         raise
@@ -338,7 +340,7 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
 
 def _prepare(preset: Preset, run_dir: Path, accelerator: Accelerator, model, tokenizer, data: TaskData,
              sizes: dict[str, int], checkpointer: Checkpointer, last: Path | None, lock: RunLock, resume: bool,
-             overwrite: bool) -> Session:
+             overwrite: bool, threads: Threads) -> Session:
     """The part of `setup` that holds the run's lock: (re)create the run directory, build loader, optimizer and
     schedule, restore the checkpoint or write config.yaml."""
     if accelerator.is_main_process and not resume:
@@ -352,7 +354,7 @@ def _prepare(preset: Preset, run_dir: Path, accelerator: Accelerator, model, tok
                              num_workers=preset.data.num_workers, pin_memory=accelerator.device.type == "cuda")
     optimizer = build_optimizer(model, preset, accelerator.device)
     session = Session(preset, run_dir, accelerator, model, model, tokenizer, optimizer, None, loader, data, sizes,
-                      {}, checkpointer, lock=lock)
+                      {}, checkpointer, lock=lock, threads=threads)
     if last is not None:
         _check_resume_room(checkpointer, last, preset, session.steps_per_epoch)
     session.scheduler = schedule(optimizer, preset.train, session.total_updates)
@@ -434,14 +436,16 @@ def _announce(session: Session, resume: bool, progress: Progress) -> None:
     preset, info = session.preset, session.info
     progress.print(f"{preset.name} on {preset.model.backbone}: {info['trainable']:,} trainable of "
                    f"{info['total']:,} ({info['percent']:.2f} %); tasks {', '.join(session.data.train)}; "
-                   f"batches {session.sizes}; {session.steps_per_epoch} steps/epoch x {preset.train.epochs} epochs")
+                   f"batches {session.sizes}; {session.steps_per_epoch} steps/epoch x {preset.train.epochs} epochs; "
+                   f"{session.threads}")
     if session.main and not resume:
         append_event(session.run_dir, {"event": "start", "trainable": info["trainable"], "total": info["total"],
                                        "percent": info["percent"], "batch_sizes": session.sizes,
                                        "steps_per_epoch": session.steps_per_epoch,
                                        "processes": session.accelerator.num_processes,
                                        "optimizer": describe(getattr(session.optimizer, "optimizer",
-                                                                     session.optimizer))})
+                                                                     session.optimizer)),
+                                       "threads": session.threads.count if session.threads else None})
 
 
 @dataclass
@@ -631,6 +635,69 @@ def _resumed(session: Session, changes: list[str], progress: Progress) -> None:
     progress.print(said)
 
 
+def updates_per_epoch(preset: Preset, records: dict[str, int], world_size: int = 1,
+                      batch_size: int | None = None) -> int:
+    """Optimiser updates in one epoch of `records` training records per task (at `batch_size`, default the
+    preset's), as MultitaskLoader batches them over `world_size` processes."""
+    sizes = task_batch_sizes(batch_size or preset.train.batch_size, list(records), preset.train.task_ratios)
+    steps = sum(math.ceil(math.ceil(n / world_size) / sizes[task]) for task, n in records.items())
+    return math.ceil(steps / preset.train.grad_accum)
+
+
+def schedule_warnings(preset: Preset, records: dict[str, int], world_size: int = 1) -> list[str]:
+    """What makes a run train little, said before it starts with the overrides that fit: epochs of fewer than
+    FEW_UPDATES updates (a preset's batch of 500 on a small dataset), a warm-up as long as the run."""
+    found = []
+    per_epoch = updates_per_epoch(preset, records, world_size)
+    total = per_epoch * preset.train.epochs
+    if preset.train.max_steps:
+        total = min(total, preset.train.max_steps)
+    if per_epoch < FEW_UPDATES:
+        fitting = _fitting_batch_size(preset, records, world_size)
+        shown = ", ".join(f"{n:,} {task}" for task, n in records.items())
+        found.append(f"an epoch is {per_epoch} update{'' if per_epoch == 1 else 's'} ({shown} training records, "
+                     f"train.batch_size={preset.train.batch_size}), {total} in the whole run: too few to train; "
+                     f"give train.batch_size={fitting} ({updates_per_epoch(preset, records, world_size, fitting)} "
+                     f"updates per epoch) and a learning rate for it, as the toy world's defaults do for data this "
+                     f"small ({' '.join(TOY_DEFAULTS[:3])})")
+    warmup = int(preset.train.warmup_ratio * total)
+    if total and warmup >= total:
+        found.append(f"the warm-up (train.warmup_ratio={preset.train.warmup_ratio:g}: {warmup} updates) is as long "
+                     f"as the run ({total} updates), so the learning rate never reaches train.lr; give "
+                     f"train.warmup_ratio=0.1")
+    return found
+
+
+def _fitting_batch_size(preset: Preset, records: dict[str, int], world_size: int) -> int:
+    """The largest batch size below the preset's giving an epoch FIT_UPDATES updates or more (1 if none does);
+    updates only fall as the batch grows, so a binary search finds it."""
+    low, high, best = 1, preset.train.batch_size - 1, 1
+    while low <= high:
+        middle = (low + high) // 2
+        if updates_per_epoch(preset, records, world_size, middle) >= FIT_UPDATES:
+            best, low = middle, middle + 1
+        else:
+            high = middle - 1
+    return best
+
+
+def _warn_schedule(session: Session) -> None:
+    """Print schedule_warnings on stderr (main process), before the first step."""
+    if not session.main:
+        return
+    records = {task: len(ds) for task, ds in session.data.train.items()}
+    for message in schedule_warnings(session.preset, records, session.accelerator.num_processes):
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_options(preset: Preset, stop_after: int | None) -> None:
+    """Options that would be ignored or cannot work, refused before anything is loaded."""
+    if stop_after is not None and stop_after < 1:
+        raise VlpetError(f"--stop-after {stop_after}: pause after at least 1 update (--stop-after 1), or leave "
+                         f"--stop-after out to train to the end")
+    requested_threads(preset.train.threads)  # a bad VLPET_THREADS is refused now, not after the model loads
+
+
 def _write_failed(session: Session, exc: WriteError) -> VlpetError:
     """A failed write (disk full, read-only) as one line: what failed, what is intact, how to continue."""
     last = session.checkpointer.latest()
@@ -645,6 +712,7 @@ def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     """Train `preset` into `run_dir`. `stop_after` pauses after that many updates in this invocation (the
     schedule still spans the whole run; continue with resume=True); `changes` are the resume_preset changes to
     announce. Everything that can be checked is checked before anything is written."""
+    check_options(preset, stop_after)
     session = setup(preset, run_dir, resume=resume, overwrite=overwrite)
     try:
         return _run(session, resume, stop_after, changes)
@@ -660,6 +728,8 @@ def _run(session: Session, resume: bool, stop_after: int | None, changes: list[s
     try:
         _resumed(session, changes or [], progress)
         _announce(session, resume, progress)
+        if not resume:
+            _warn_schedule(session)
         with Interrupts() as interrupts:
             fitted = fit(session, progress, stop_after, interrupts)
     except WriteError as exc:
