@@ -15,6 +15,7 @@ install: $(BIN)/vlpet
 
 test: install
 	$(BIN)/lint-imports
+	$(BIN)/mypy vlpet_cli
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 	$(BIN)/python -m pytest
 
