@@ -11,6 +11,7 @@ from vlpet_cli.errors import VlpetError
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ASSETS = Path(__file__).parent / "assets" / "backbones"
 
@@ -244,7 +245,7 @@ def check_weights(bb: Backbone) -> None:
             f"copy the model's weight files there (a config alone is enough only for `vlpet params`)")
 
 
-def build(bb: Backbone, weights: bool = True):
+def build(bb: Backbone, weights: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """(model, tokenizer) with the vocabulary resized; weights=False builds on the meta device (no tokenizer)."""
     import torch
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from vlpet_cli.config import GenerationSpec, Preset
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.tasks import ScoreChoices, VideoCaptionTask, primary_metrics, task_class
+from vlpet_cli.tasks import Generate, ScoreChoices, VideoCaptionTask, primary_metrics, task_class
 from vlpet_cli.vl.decoding import generation_kwargs
 
 
 def generation_spec(preset: Preset, task: str, family: str) -> GenerationSpec:
     """How a task generates on a backbone family: eval.generation.<task>, what it leaves open the task's own."""
-    return task_class(task).decoding.spec(family, preset.eval.generation.get(task))
+    decoding = task_class(task).decoding
+    assert isinstance(decoding, Generate), f"{task} scores fixed choices; it does not generate"
+    return decoding.spec(family, preset.eval.generation.get(task))
 
 
 def decoding_settings(model, tokenizer, preset: Preset, task: str) -> dict:

@@ -14,8 +14,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -54,6 +57,11 @@ from vlpet_cli.tasks import get_task
 from vlpet_cli.toy.root import resolve_data_root, toy_feature_dim
 from vlpet_cli.vl.model import build_model
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from vlpet_cli.vl.model import VLModel
+
 __all__ = ["RESUMABLE", "TOY_DEFAULTS", "TrainResult", "TrainingInterrupted", "load_run_preset", "param_groups",
            "resolve_train_preset", "resume_preset", "train"]
 
@@ -78,6 +86,7 @@ def resolve_train_preset(name: str, tasks: list[str] | None = None, data_root: s
         chosen = resolve(name, overrides, backbone, defaults=TOY_DEFAULTS, task_kind=feature_kind).data.tasks
         defaults = [*TOY_DEFAULTS, f"model.feat_dim={toy_feature_dim(chosen)}"]
     preset = resolve(name, overrides, backbone, defaults=defaults, task_kind=feature_kind)
+    assert preset.data.tasks is not None, "resolve sets data.tasks"
     for task in preset.data.tasks:
         get_task(task)
     return preset
@@ -108,7 +117,7 @@ def resume_preset(run_dir: Path, preset: str | None = None, tasks: list[str] | N
     saved = load_run_preset(run_dir)
     root = saved.data.data_root
     fixed = [("--preset", preset, saved.name, preset and saved.name in (preset, Path(preset).stem)),
-             ("--task", ",".join(tasks or []), ",".join(saved.data.tasks), tasks == saved.data.tasks),
+             ("--task", ",".join(tasks or []), ",".join(saved.data.tasks or []), tasks == saved.data.tasks),
              ("--data-root", data_root, root, data_root and _same_root(data_root, root)),
              ("--backbone", backbone, saved.model.backbone, backbone == saved.model.backbone)]
     for option, given, kept, same in fixed:
@@ -145,7 +154,8 @@ def param_groups(model, preset: Preset) -> list[dict]:
     from vlpet_cli.pet.inject import no_decay_names
 
     exempt = no_decay_names(model, preset.train.decay_rule)
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if name in exempt else decay).append(p)
@@ -167,10 +177,10 @@ class Session:
     run_dir: Path
     accelerator: Accelerator
     model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped under several processes)
-    unwrapped: torch.nn.Module
-    tokenizer: object
+    unwrapped: VLModel
+    tokenizer: PreTrainedTokenizerBase
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None  # set once the loader's length is known
     loader: MultitaskLoader
     data: TaskData
     sizes: dict[str, int]
@@ -219,7 +229,7 @@ class Interrupts:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def __enter__(self) -> Interrupts:
         if threading.current_thread() is threading.main_thread():
@@ -282,6 +292,7 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
 
     set_seed(preset.train.seed)
     model, tokenizer = build_model(preset, weights=True)
+    assert tokenizer is not None, "a backbone built with weights comes with its tokenizer"
     if preset.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     data = load_task_data(preset, root, tokenizer, splits=splits)
@@ -294,7 +305,7 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     loader = MultitaskLoader(data.train, sizes, data_seed=preset.train.data_seed,
                              rank=accelerator.process_index, world_size=accelerator.num_processes,
                              num_workers=preset.data.num_workers, pin_memory=accelerator.device.type == "cuda")
-    fused = {"fused": True} if accelerator.device.type == "cuda" else {}  # one kernel for all tensors
+    fused: dict[str, Any] = {"fused": True} if accelerator.device.type == "cuda" else {}  # one kernel for all tensors
     optimizer = torch.optim.AdamW(param_groups(model, preset), lr=preset.train.lr, eps=preset.train.adam_eps,
                                   **fused)
     session = Session(preset, run_dir, accelerator, model, model, tokenizer, optimizer, None, loader, data, sizes,
@@ -404,6 +415,7 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
     interrupts = interrupts or Interrupts()
     preset, state, accelerator = session.preset, session.state, session.accelerator
     model, optimizer, scheduler = session.model, session.optimizer, session.scheduler
+    assert scheduler is not None, "setup sets the schedule"
     accum, steps_per_epoch = preset.train.grad_accum, session.steps_per_epoch
     trainable = [p for p in model.parameters() if p.requires_grad]
     device = accelerator.device

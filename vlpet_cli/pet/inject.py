@@ -189,9 +189,14 @@ class PetModules(nn.Module):
 class PetHost(Protocol):
     """What the PET accounting reads of the model holding a PetModules (`vl.model.VLModel`, a layer above)."""
 
-    backbone: PreTrainedModel
-    projector: nn.Module
-    pet: PetModules
+    @property
+    def backbone(self) -> PreTrainedModel: ...
+
+    @property
+    def projector(self) -> nn.Module: ...
+
+    @property
+    def pet(self) -> PetModules: ...
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
 
