@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from vlpet_cli.errors import VlpetError
 
@@ -15,9 +15,16 @@ if TYPE_CHECKING:
 
 ASSETS = Path(__file__).parent / "assets" / "backbones"
 
+
+class Builtin(TypedDict):
+    hub_id: str
+    tokenizer_size: int
+    config: dict[str, Any]
+
+
 # Weight-free configs for counting, with the size of each model's own tokenizer (the vocabulary is resized to it
 # plus the added special tokens, spec modules §3).
-BUILTIN = {
+BUILTIN: dict[str, Builtin] = {
     "bart-base": {
         "hub_id": "facebook/bart-base", "tokenizer_size": 50265,
         "config": dict(model_type="bart", vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6,
@@ -145,6 +152,7 @@ def load_config(bb: Backbone):
 
     if bb.directory is not None:
         return AutoConfig.from_pretrained(bb.directory, local_files_only=True)
+    assert bb.builtin is not None, "a backbone without a directory is a built-in one"
     spec = dict(BUILTIN[bb.builtin]["config"])
     return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
@@ -205,7 +213,7 @@ def extend_tokenizer(tokenizer, family: str) -> None:
 
 def vocab_size_without_weights(bb: Backbone, config) -> int:
     """Rows of the resized embedding for a weight-free build: tokenizer size plus the added tokens."""
-    if bb.builtin in BUILTIN:
+    if bb.builtin is not None and bb.builtin in BUILTIN:
         size = BUILTIN[bb.builtin]["tokenizer_size"]
         return size + (N_EXTRA if bb.family == "bart" else 0) + N_VIS
     tok = load_tokenizer(bb)
@@ -217,6 +225,7 @@ def load_tokenizer(bb: Backbone):
     from transformers import AutoTokenizer
 
     if bb.directory is None:
+        assert bb.builtin is not None, "a backbone without a directory is a built-in one"
         hub_id = BUILTIN[bb.builtin]["hub_id"]
         raise VlpetError(
             f"'{bb.name}' has no local weights or tokenizer (only its built-in config, enough for `vlpet params`). "

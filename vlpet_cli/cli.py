@@ -143,7 +143,7 @@ def params(preset: str = typer.Option(..., "--preset", "-p", help="preset name o
         return
     title = f"{resolved.name} on {resolved.model.backbone}"
     if task:
-        title += f" for {', '.join(resolved.data.tasks)} ({resolved.model.feat_dim}-d features)"
+        title += f" for {', '.join(resolved.data.tasks or [])} ({resolved.model.feat_dim}-d features)"
     table = Table("group", "trainable", "total", title=title)
     for row in result["groups"]:
         table.add_row(row["group"], f"{row['trainable']:,}", f"{row['total']:,}")
@@ -197,6 +197,7 @@ def extract_features(images: Path | None = typer.Option(None, help="folder of im
         return
     from vlpet_cli.extract import extract
 
+    assert images is not None  # exactly one of --images and --videos, checked above
     summary = extract(images, model, out, annotations, layout=layout or "packed", layer=layer,
                       batch_size=batch_size, dtype=dtype, limit=limit, workers=workers,
                       progress=not no_progress, device=device, torchscript=torchscript)
@@ -255,7 +256,7 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
         if not preset:
             raise VlpetError("--preset is required (see `vlpet presets ls`)")
         resolved = resolve_train_preset(preset, tasks, data_root, backbone, overrides or [])
-        tasks = resolved.data.tasks
+        tasks = resolved.data.tasks or []
         run_dir = runs_dir / (name or f"{resolved.name}-{tasks[0] if len(tasks) == 1 else 'multitask'}")
     try:
         with _warnings_to_stderr():

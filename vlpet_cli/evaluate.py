@@ -14,7 +14,7 @@ from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.inference import decoding_settings, predict_all, score
 from vlpet_cli.progress import Progress
-from vlpet_cli.tasks import TASKS, FileScoring, VideoTask, resolve_task, task_class
+from vlpet_cli.tasks import TASKS, FileScoring, Task, VideoTask, resolve_task, task_class
 
 
 def score_predictions_file(
@@ -140,7 +140,7 @@ def check_eval_arguments(preset: Preset, split: str, metrics: list[str] | None, 
         cls.resolve_metrics(metrics)
 
 
-def check_split(cls: type, split: str) -> None:
+def check_split(cls: type[Task], split: str) -> None:
     """A split is one the task declares: a kind (train, val, test) or one of its split files by name."""
     files = {name.strip() for names in cls.splits.values() for name in names.split(",")}
     asked = [name.strip() for name in split.split(",") if name.strip()]
@@ -168,7 +168,7 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     from vlpet_cli.toy.root import resolve_data_root
 
     resolve_data_root(settings.data.data_root)  # a missing --data-root is refused before the model is built
-    untrained = [t for t in settings.data.tasks if t not in trained]
+    untrained = [t for t in settings.data.tasks or [] if t not in trained]
     if untrained:
         warnings.warn(f"{adapter_dir} was trained on {', '.join(trained) or 'no task'}, not on "
                       f"{', '.join(untrained)}: those scores do not measure what it learned (the eval files "

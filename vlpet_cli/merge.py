@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from vlpet_cli.artifacts import (
     ADAPTER_CONFIG,
@@ -177,7 +177,7 @@ def refuse_existing_out(out: Path, overwrite: bool) -> None:
 
 
 def average_adapters(adapters: list[Path], out: Path, weights: list[float] | None = None,
-                     mode: Literal["mean", "sum"] = "mean", scale: float = 1.0, overwrite: bool = True) -> dict:
+                     mode: str = "mean", scale: float = 1.0, overwrite: bool = True) -> dict:
     """Combine adapters of one preset and backbone tensor by tensor: mean = Σ ŵ_i θ_i with ŵ = w / Σw;
     sum = Σ w_i θ_i (task-arithmetic style); both times `scale`. Writes a normal adapter directory; run
     directories mean their final adapter; an existing `out` is replaced only when `overwrite`."""

@@ -210,6 +210,7 @@ def task_records(spec: Any, inputs: list[PredictInput]) -> list[Any]:
     records = []
     for index, item in enumerate(inputs):
         if spec.inputs.moment and item.ts is None:
+            assert item.video is not None, "a task that reads a moment reads a video"
             item = replace(item, ts=f"{0.0:.2f}-{round(video_duration(Path(item.video)), 2):.2f}")
         records.append(spec.input_record(item, index))
     return records

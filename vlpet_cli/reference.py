@@ -52,7 +52,7 @@ SITE_WORDS = {"kind": {"attn": "attn", "ff": "ffn"},
 ATTENTION = {("encoder", "self_attn"): "attn", ("encoder", "SelfAttention"): "attn",
              ("decoder", "self_attn"): "self", ("decoder", "SelfAttention"): "self",
              ("decoder", "encoder_attn"): "cross", ("decoder", "EncDecAttention"): "cross"}
-T5_SUBLAYER = {("encoder", "attn"): "0", ("encoder", "ffn"): "1",
+T5_SUBLAYER: dict[tuple[str, str | None], str] = {("encoder", "attn"): "0", ("encoder", "ffn"): "1",
                ("decoder", "self"): "0", ("decoder", "cross"): "1", ("decoder", "ffn"): "2"}
 CHECKPOINT_CLASS = {"bart": "VLBart", "t5": "VLT5"}
 
@@ -178,7 +178,7 @@ def map_keys(state: dict, family: str, backbone_keys: set[str]) -> Mapped:
     out = Mapped()
     for key, tensor in state.items():
         rule, match = next(((r, m) for r in table if (m := r.pattern.fullmatch(key))), (None, None))
-        groups = _names(match.groupdict(), rule.declared) if rule is not None else {}
+        groups = _names(match.groupdict(), rule.declared) if rule is not None and match is not None else {}
         if rule is not None and not _sublayer_ok(groups):
             rule = None
         if rule is None and key in backbone_keys:
@@ -275,6 +275,7 @@ def task_embedding_rows(mapped: Mapped, preset: Preset, pth: Path) -> dict:
                              f"keeps one table for both stacks (the reference's --unique_hyper_net)")
     by_task = {ALIASES.get(t, t): v for t, v in first.items()}
     order = preset.pet.hyperformer.tasks
+    assert order is not None, "resolve sets pet.hyperformer.tasks"
     if sorted(by_task) != sorted(order):
         raise VlpetError(f"{pth}: the checkpoint has task embeddings for {sorted(by_task)}, the preset's "
                          f"pet.hyperformer.tasks are {order}; set pet.hyperformer.tasks to the reference's --tasks")

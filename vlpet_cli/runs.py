@@ -238,7 +238,7 @@ class Checkpointer:
         """The newest checkpoint whose files match their manifest, and the newer damaged ones with the reason."""
         candidates = sorted((p for p in self.directory.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
                             key=_step_of, reverse=True)
-        damaged = []
+        damaged: list[tuple[Path, str]] = []
         for path in candidates:
             why = damage(path)
             if why is None:
