@@ -160,7 +160,7 @@ class CachedRecords(Sequence):
         return {"path": self.path, "start": self.start, "stop": self.stop}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["start"], state["stop"])
+        CachedRecords.__init__(self, state["path"], state["start"], state["stop"])
 
     def __len__(self) -> int:
         return self.stop - self.start

@@ -71,6 +71,7 @@ def check_feature_dims(root: Path, preset: Preset, splits=("train", "val")) -> N
     want = preset.model.feat_dim
     seen: set[Path] = set()
     found: list[tuple[str, str, str, Path, int]] = []  # (kind, task, split, path, dim)
+    assert preset.data.tasks is not None, "resolve sets data.tasks"
     for name in preset.data.tasks:
         task = get_task(name, video=preset.data.video)
         for split in splits:
@@ -83,7 +84,7 @@ def check_feature_dims(root: Path, preset: Preset, splits=("train", "val")) -> N
                 dim = kind.open(path).dim  # from the header; None for an empty video folder: check_features says
                 if dim is not None:
                     found.append((task.feature_kind, name, split_name, path, dim))
-    first = {}
+    first: dict[str, tuple[str, str, str, Path, int]] = {}
     for entry in found:
         first.setdefault(entry[0], entry)
     if len(first) > 1 and len({entry[4] for entry in found}) > 1:
@@ -118,6 +119,7 @@ def load_task_data(preset: Preset, root: Path, tokenizer, splits=("train", "val"
     """Records, feature stores and datasets per task; stops early on missing features or bad files. With `cache`,
     the records come from the memory-mapped record cache when it is current (data/cache.py)."""
     data = TaskData()
+    assert preset.data.tasks is not None, "resolve sets data.tasks"
     for name in preset.data.tasks:
         task = get_task(name, preset.data.prompts, preset.data.use_prompts, preset.data.video)
         store_name = kind_named(task.feature_kind).store_name(preset.data)

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeGuard
 
 from vlpet_cli.config import GenerationSpec, VideoData
 from vlpet_cli.errors import DataError, VlpetError
@@ -323,6 +323,25 @@ def tokenize_batch(tokenizer: Any, texts: Sequence[str], max_length: int | None)
     return [list(ids) for ids in enc["input_ids"]]
 
 
+class FlatRecords(Protocol):
+    """Records that know their encoder token ids (data/cache.py's memory-mapped CachedRecords, `flat = True`)."""
+
+    flat: bool
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Record: ...
+
+    def token_ids(self, i: int) -> list[int]: ...
+
+    def token_lengths(self, indices: Sequence[int]) -> list[int]: ...
+
+
+def is_flat(records: object) -> TypeGuard[FlatRecords]:
+    """Whether `records` are cached records that carry their token ids."""
+    return bool(getattr(records, "flat", False))
+
+
 class TaskDataset:
     """Map-style dataset of one task split; item i at epoch e is deterministic given the seed."""
 
@@ -333,7 +352,7 @@ class TaskDataset:
         if seed < 0:
             raise VlpetError(f"the data seed must be >= 0, not {seed}.")
         self.task = task
-        self.records = records if getattr(records, "flat", False) else list(records)  # data/cache.py: mapped
+        self.records = records if is_flat(records) else list(records)  # data/cache.py: mapped
         self.features = features
         self.tokenizer = tokenizer
         self.split_kind = split_kind
@@ -388,7 +407,7 @@ class TaskDataset:
             target_ids = tokenize_batch(self.tokenizer, [text], task.target_max_length)[0]
         out = {
             "task": task.name,
-            "input_ids": (self.records.token_ids(i) if getattr(self.records, "flat", False) else
+            "input_ids": (self.records.token_ids(i) if is_flat(self.records) else
                           task.source_ids([record], self.tokenizer)[0]),
             "target": None if target is None else target[0],
             "target_ids": target_ids,
