@@ -9,7 +9,7 @@ question, moment and choices (QA), the moment (TVC) or nothing (YC2C), and is ke
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
@@ -120,7 +120,7 @@ class VideoTask(Task):
             records.extend(self.line_records(Path(data_root), ref, name, subs, for_eval))
         return records
 
-    def read_lines(self, path: Path, fix: str = "check --annotations") -> list[RecordRef]:
+    def read_lines(self, path: Path, fix: str = "check --annotations") -> Iterator[RecordRef]:
         """The lines of one of the task's VALUE annotation files (errors name the file and the line)."""
         return read_records(Path(path), f"{self.name} annotation file", fix, self.line_id)
 
@@ -277,6 +277,7 @@ class VideoQaTask(VideoTask):
     def input_record(self, given: PredictInput, index: int) -> Record:
         """A `vlpet predict` question as a line of VALUE's file would give it: the moment 's-e' as given (or
         rounded to 2 decimals), the choices formatted as the reader formats them, no show."""
+        assert given.ts is not None, "predict gives a moment task the whole video when no --ts is given"
         start, end = parse_ts(given.ts, given.where)
         ts = given.ts.strip() if "-" in given.ts and "," not in given.ts else f"{start:.2f}-{end:.2f}"
         extra = {"subs": given.subtitles, "type": self.qa_type}
@@ -418,7 +419,10 @@ class VideoCaptionTask(VideoTask):
 
     def input_record(self, given: PredictInput, index: int) -> Record:
         """A `vlpet predict` clip as a line of VALUE's file would give it: the moment [start, end] (TVC)."""
-        ts = list(parse_ts(given.ts, given.where)) if self.inputs.moment else None
+        ts = None
+        if self.inputs.moment:
+            assert given.ts is not None, "predict gives a moment task the whole video when no --ts is given"
+            ts = list(parse_ts(given.ts, given.where))
         extra = {"subs": given.subtitles, "clip_id": index, "ts": ts, "duration": None, "references": []}
         return Record(given.where, index, index, caption_text(ts), (str(given.video),), self.source, None, extra)
 
@@ -504,7 +508,7 @@ def grouped_references(predictions: Sequence[dict], mode: str) -> tuple[dict[Any
     refs: dict[Any, list[str]] = {}
     for p in predictions:
         if mode == "clip":
-            key = ("clip", p["clip_id"])
+            key: tuple[Any, ...] = ("clip", p["clip_id"])
             if key in preds or not p.get("references"):
                 continue
             preds[key], refs[key] = p["prediction"], list(p["references"])
