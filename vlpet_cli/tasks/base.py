@@ -17,10 +17,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeGuard
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeGuard
 
 from vlpet_cli.config import GenerationSpec, VideoData
 from vlpet_cli.errors import DataError, VlpetError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _METRIC_ALIASES = {"rouge": "rougel", "accuracy": "acc", "vqaacc": "vqa"}
 
@@ -205,7 +208,7 @@ class Task:
         """The encoder text: prompt followed by the record's text."""
         return self.prompt + record.text
 
-    def source_ids(self, records: Sequence[Record], tokenizer: Any) -> list[list[int]]:
+    def source_ids(self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
         """The encoder token ids of records (one batched call): their source_text tokenised, cut at
         input_max_length. TaskDataset.item and the record cache both ask this, so there is one rule."""
         return tokenize_batch(tokenizer, [self.source_text(r) for r in records], self.input_max_length)
@@ -287,7 +290,7 @@ def sample_answer(label: dict[str, float] | None, rng: Any, train: bool) -> tupl
 _BACKENDS: dict[tuple[int, int, int | None], tuple[Any, Any]] = {}
 
 
-def _backend(tokenizer: Any, max_length: int | None) -> Any:
+def _backend(tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> Any:
     """A private copy of a fast tokenizer's Rust tokenizer that truncates as `tokenizer(..., max_length,
     truncation=True)` does (right side, special tokens kept), memoised per tokenizer and length; None for a slow
     tokenizer or one truncating on the left."""
@@ -310,7 +313,7 @@ def _backend(tokenizer: Any, max_length: int | None) -> Any:
     return own
 
 
-def tokenize_batch(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> list[list[int]]:
+def tokenize_batch(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int | None) -> list[list[int]]:
     """Token ids of texts with the tokenizer's own special tokens, truncated to max_length when given: the ids of
     `tokenizer(text, max_length=..., truncation=True)`, in one batched call of the Rust tokenizer when it has one."""
     if not texts:
@@ -345,7 +348,7 @@ def is_flat(records: object) -> TypeGuard[FlatRecords]:
 class TaskDataset:
     """Map-style dataset of one task split; item i at epoch e is deterministic given the seed."""
 
-    def __init__(self, task: Task, records: Sequence[Record], features: Any, tokenizer: Any,
+    def __init__(self, task: Task, records: Sequence[Record], features: Any, tokenizer: PreTrainedTokenizerBase,
                  split_kind: str = "train", seed: int = 0) -> None:
         if split_kind not in ("train", "eval"):
             raise VlpetError(f"split_kind must be 'train' or 'eval', not {split_kind!r}.")

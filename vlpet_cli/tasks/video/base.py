@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlpet_cli.config import VideoData
 from vlpet_cli.errors import DataError, VlpetError
@@ -21,6 +21,9 @@ from vlpet_cli.metrics.caption import CAPTION_METRICS, scaled_caption_scores
 from vlpet_cli.tasks import files
 from vlpet_cli.tasks.base import FileScoring, Generate, PredictInput, Record, Task, tokenize_batch
 from vlpet_cli.tasks.records import RecordModel, RecordRef, parse_record, read_json, read_records
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ANN_DIR = Path("video") / "ann"
 
@@ -143,7 +146,7 @@ class VideoTask(Task):
         """The subtitles file of the task's source."""
         return [subtitles_path(data_root, self.source)]
 
-    def source_ids(self, records: Sequence[Record], tokenizer: Any) -> list[list[int]]:
+    def source_ids(self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
         """Token ids within data.video.max_length: cut at the end (reference, may lose question, choices and
         prompt) or, with data.video.truncate 'subtitles', shorten the subtitles so the rest survives (the texts
         are tokenised whole in one batch; only those over the limit are shortened, record by record)."""
@@ -154,7 +157,7 @@ class VideoTask(Task):
         ids = tokenize_batch(tokenizer, texts, None)
         return [x if len(x) <= limit else self._shortened(r, tokenizer) for x, r in zip(ids, records)]
 
-    def _shortened(self, record: Record, tokenizer: Any) -> list[int]:
+    def _shortened(self, record: Record, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         """The ids with the most subtitle words that fit data.video.max_length (a binary search)."""
         limit = self.video.max_length
         words = (record.extra or {}).get("subs", "").split(" ")
