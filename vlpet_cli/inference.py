@@ -6,10 +6,18 @@ declarations (vlpet_cli/tasks/); this module runs the model and asks the task.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from vlpet_cli.config import GenerationSpec, Preset
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.tasks import Generate, ScoreChoices, VideoCaptionTask, primary_metrics, task_class
 from vlpet_cli.vl.decoding import generation_kwargs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from vlpet_cli.tasks import TaskDataset
+    from vlpet_cli.vl.model import VLModel
 
 
 def generation_spec(preset: Preset, task: str, family: str) -> GenerationSpec:
@@ -19,7 +27,7 @@ def generation_spec(preset: Preset, task: str, family: str) -> GenerationSpec:
     return decoding.spec(family, preset.eval.generation.get(task))
 
 
-def decoding_settings(model, tokenizer, preset: Preset, task: str) -> dict:
+def decoding_settings(model: VLModel, tokenizer: PreTrainedTokenizerBase, preset: Preset, task: str) -> dict:
     """The decoding settings of a task as recorded with its results: generation kwargs (`generation_spec` on the
     model's family), or the choices scored."""
     decoding = task_class(task).decoding
@@ -28,7 +36,7 @@ def decoding_settings(model, tokenizer, preset: Preset, task: str) -> dict:
     return generation_kwargs(generation_spec(preset, task, model.family), model.family, tokenizer)
 
 
-def generation_config(model, tokenizer, preset: Preset, task: str, **extra):
+def generation_config(model: VLModel, tokenizer: PreTrainedTokenizerBase, preset: Preset, task: str, **extra):
     """The transformers GenerationConfig a task generates with (`decoding_settings`); `extra` adds output options
     (`vlpet predict` asks for the scores)."""
     from transformers import GenerationConfig
@@ -37,8 +45,8 @@ def generation_config(model, tokenizer, preset: Preset, task: str, **extra):
                             **decoding_settings(model, tokenizer, preset, task), **extra)
 
 
-def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress=None, rank: int = 0,
-            world_size: int = 1, by_length: bool = False) -> list[dict]:
+def predict(model: VLModel, tokenizer: PreTrainedTokenizerBase, dataset: TaskDataset, preset: Preset,
+            batch_size: int, progress=None, rank: int = 0, world_size: int = 1, by_length: bool = False) -> list[dict]:
     """One prediction per record of this rank's shard, in record order: generated text, or the best-scored choice
     for tasks that score choices. The batches are those one process forms; rank r of world_size predicts
     batches r, r+W, ... (`shard_records` names its records), so every batch, and so every prediction, is the
@@ -97,7 +105,8 @@ def processes(state) -> tuple[int, int]:
     return (0, 1) if state is None else (state.process_index, state.num_processes)
 
 
-def predict_all(model, tokenizer, dataset, preset: Preset, batch_size: int, progress=None, state=None) -> list[dict]:
+def predict_all(model: VLModel, tokenizer: PreTrainedTokenizerBase, dataset: TaskDataset, preset: Preset,
+                batch_size: int, progress=None, state=None) -> list[dict]:
     """Every record's prediction, in record order. Under several processes (`state`: an Accelerator or
     PartialState) each predicts its batches and every process receives all predictions (gather_object); the
     batches being those of one process, so are the predictions."""
@@ -121,7 +130,8 @@ def score(task: str, predictions: list[dict], metrics: list[str] | None = None,
     return scorer.score(predictions, metrics, vqa_variant)
 
 
-def validate(model, tokenizer, preset: Preset, datasets: dict, progress: bool = False, state=None) -> dict:
+def validate(model: VLModel, tokenizer: PreTrainedTokenizerBase, preset: Preset, datasets: dict, progress: bool = False,
+             state=None) -> dict:
     """Each task's validation metrics (its `validation_metrics`, e.g. CIDEr only for captions, spec §8). Under
     several processes every process predicts its shard and the main process scores ({} on the others)."""
     result = {}

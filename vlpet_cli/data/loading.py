@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlpet_cli.config import Preset
 from vlpet_cli.data.cache import load_records
@@ -14,6 +14,9 @@ from vlpet_cli.features.hdf5 import missing_ids
 from vlpet_cli.features.kinds import feature_kind as kind_named
 from vlpet_cli.tasks import get_task, task_class
 from vlpet_cli.tasks.base import Record, Task, TaskDataset
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def feature_kind(task: str) -> str:
@@ -115,7 +118,8 @@ def check_record_features(task, records, stores) -> None:
     check_features(task, records, stores)
 
 
-def load_task_data(preset: Preset, root: Path, tokenizer, splits=("train", "val"), cache: bool = True) -> TaskData:
+def load_task_data(preset: Preset, root: Path, tokenizer: PreTrainedTokenizerBase, splits=("train", "val"),
+                   cache: bool = True) -> TaskData:
     """Records, feature stores and datasets per task; stops early on missing features or bad files. With `cache`,
     the records come from the memory-mapped record cache when it is current (data/cache.py)."""
     data = TaskData()
