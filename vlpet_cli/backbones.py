@@ -199,7 +199,7 @@ def untie_head(model, rows: torch.Tensor | None = None) -> None:
     model.config.tie_word_embeddings = False
 
 
-def extend_tokenizer(tokenizer, family: str) -> None:
+def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, family: str) -> None:
     """Add the reference's special tokens: BART <extra_id_99..0> then <vis_extra_id_99..0>; T5 the vis ones."""
     vocab = tokenizer.get_vocab()
     new = []
@@ -300,7 +300,7 @@ def build(bb: Backbone, weights: bool = True) -> tuple[PreTrainedModel, PreTrain
     return model, tokenizer
 
 
-def _mbart_language(model, tokenizer) -> None:
+def _mbart_language(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """mBART (cc25 convention): the decoder starts with the target language code (en_XX), not with </s>; labels
     stay `text </s>`. Where the tokenizer has no en_XX, the config's decoder start is kept."""
     lang = tokenizer.convert_tokens_to_ids(MBART_LANGUAGE)

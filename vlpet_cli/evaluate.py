@@ -8,6 +8,7 @@ import platform
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlpet_cli.atomic import write_json, write_text
 from vlpet_cli.config import Preset
@@ -15,6 +16,11 @@ from vlpet_cli.errors import VlpetError
 from vlpet_cli.inference import decoding_settings, predict_all, score
 from vlpet_cli.progress import Progress
 from vlpet_cli.tasks import TASKS, FileScoring, Task, VideoTask, resolve_task, task_class
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from vlpet_cli.vl.model import VLModel
 
 
 def score_predictions_file(
@@ -229,8 +235,9 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def evaluate_model(model, tokenizer, preset: Preset, split: str = "test", metrics: list[str] | dict | None = None,
-                   batch_size: int | None = None, progress: bool = True, state=None) -> dict:
+def evaluate_model(model: VLModel, tokenizer: PreTrainedTokenizerBase, preset: Preset, split: str = "test",
+                   metrics: list[str] | dict | None = None, batch_size: int | None = None, progress: bool = True,
+                   state=None) -> dict:
     """{task: {metrics, settings, predictions, n, limit, seconds, ...}} for the preset's tasks and data root.
     `metrics` is one list for every task, or {task: list}. With `state` (several processes) each process predicts
     its shard, the predictions are gathered in record order and the main process scores; every process returns

@@ -76,6 +76,7 @@ def predict(model: VLModel, tokenizer: PreTrainedTokenizerBase, dataset: TaskDat
                 texts = [choices[i] for i in logits.argmax(1).tolist()]
             else:
                 ids = model.generate(batch, generation_config=gen_config)
+                assert isinstance(ids, torch.Tensor)  # gen_config does not return_dict_in_generate
                 texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
             out.extend({**meta, "prediction": text} for meta, text in zip(batch["meta"], texts))
             if progress is not None:

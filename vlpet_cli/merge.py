@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlpet_cli.artifacts import (
     ADAPTER_CONFIG,
@@ -38,6 +38,11 @@ from vlpet_cli.artifacts import (
 )
 from vlpet_cli.atomic import staged_dir, write_json
 from vlpet_cli.errors import VlpetError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from vlpet_cli.vl.model import VLModel
 
 PEFT_BASE = "base"
 
@@ -250,7 +255,7 @@ def _pet_without(preset, pet, keep_unfoldable: bool):
     return validate(data, "folded preset")
 
 
-def _save_backbone(model, tokenizer, directory: Path) -> None:
+def _save_backbone(model: VLModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
     """save_pretrained of the backbone and its (extended) tokenizer."""
     directory.mkdir(parents=True, exist_ok=True)
     model.backbone.save_pretrained(str(directory))

@@ -292,7 +292,6 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
 
     set_seed(preset.train.seed)
     model, tokenizer = build_model(preset, weights=True)
-    assert tokenizer is not None, "a backbone built with weights comes with its tokenizer"
     if preset.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     data = load_task_data(preset, root, tokenizer, splits=splits)

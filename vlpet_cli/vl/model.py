@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Literal, cast, overload
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from vlpet_cli.vl.projector import VisualProjector, pool_grid, visual_ids
 
 if TYPE_CHECKING:
     from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.generation.utils import GenerateOutput
 
 
 def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
@@ -202,8 +203,9 @@ class VLModel(nn.Module):
         return sequence_loss(out.logits, labels, batch.get("loss_weights"), batch.get("loss_reduction", "example"))
 
     @torch.no_grad()
-    def generate(self, batch: dict, **kwargs) -> torch.Tensor:
-        """Generated token ids; the encoder runs once per batch."""
+    def generate(self, batch: dict, **kwargs) -> torch.Tensor | GenerateOutput:
+        """Generated token ids (or, with return_dict_in_generate, transformers' output holding them and the scores);
+        the encoder runs once per batch."""
         enc, mask = self.encode(batch)
         if self.pet.recomputes_decoder():  # LST's side decoder keeps no cache: every step sees the whole prefix
             if kwargs.get("generation_config") is not None:
@@ -228,6 +230,14 @@ class VLModel(nn.Module):
         out = self.backbone(encoder_outputs=enc, attention_mask=mask, decoder_input_ids=prefix, return_dict=True)
         last = out.logits[:, -1]
         return torch.stack([last[:, c[j]] for c in choices], dim=1)
+
+
+@overload
+def build_model(preset: Preset, weights: Literal[True] = True) -> tuple[VLModel, PreTrainedTokenizerBase]: ...
+
+
+@overload
+def build_model(preset: Preset, weights: bool) -> tuple[VLModel, PreTrainedTokenizerBase | None]: ...
 
 
 def build_model(preset: Preset, weights: bool = True) -> tuple[VLModel, PreTrainedTokenizerBase | None]:
