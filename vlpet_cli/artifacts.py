@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,6 +26,9 @@ from vlpet_cli.pet import anatomy
 from vlpet_cli.presets import validate
 from vlpet_cli.vl.identity import backbone_identity
 from vlpet_cli.vl.model import build_model
+
+if TYPE_CHECKING:
+    from vlpet_cli.vl.model import VLModel
 
 ADAPTER_CONFIG = "vlpet_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -41,7 +45,7 @@ __all__ = ["backbone_identity"]  # re-exported: the identity is part of the adap
 
 
 # ---- adapter ----------------------------------------------------------------------------------------------
-def adapter_state(model) -> dict[str, torch.Tensor]:
+def adapter_state(model: VLModel) -> dict[str, torch.Tensor]:
     """Every trainable tensor, plus the frozen random object-order rows (they are not in the pretrained file)."""
     state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     words = anatomy.word_embedding(model.backbone).weight
@@ -51,7 +55,7 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_adapter_state(model, state: dict[str, torch.Tensor], source: str) -> None:
+def load_adapter_state(model: VLModel, state: dict[str, torch.Tensor], source: str) -> None:
     """Strictly load an adapter state: every trainable tensor present, nothing unknown, shapes equal."""
     expected = adapter_state(model)
     missing = sorted(set(expected) - set(state))
@@ -73,7 +77,7 @@ def load_adapter_state(model, state: dict[str, torch.Tensor], source: str) -> No
             target.copy_(tensor.to(target.dtype))
 
 
-def save_adapter(directory: Path, model, preset: Preset, extra: dict | None = None) -> int:
+def save_adapter(directory: Path, model: VLModel, preset: Preset, extra: dict | None = None) -> int:
     """Write <directory>/vlpet_config.json + adapter.safetensors atomically; returns the size in bytes."""
     with staged_dir(directory) as tmp:
         save_file(adapter_state(model), str(tmp / ADAPTER_WEIGHTS))
@@ -129,7 +133,7 @@ def load_adapter(directory: Path, backbone: str | None = None):
 
 
 # ---- projector, folded model, bundle ----------------------------------------------------------------------
-def load_projector(model, directory: Path) -> None:
+def load_projector(model: VLModel, directory: Path) -> None:
     """Strictly load projector.safetensors into model.projector."""
     path = directory / PROJECTOR_WEIGHTS
     if not path.exists():

@@ -42,6 +42,8 @@ from vlpet_cli.errors import VlpetError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from vlpet_cli.config import Preset
+    from vlpet_cli.pet.inject import PetModules
     from vlpet_cli.vl.model import VLModel
 
 PEFT_BASE = "base"
@@ -225,14 +227,14 @@ def average_adapters(adapters: list[Path], out: Path, weights: list[float] | Non
 
 
 # ---- folding --------------------------------------------------------------------------------------------
-def unfoldable_groups(pet) -> list[str]:
+def unfoldable_groups(pet: PetModules) -> list[str]:
     """Why each PET method present cannot be folded into plain backbone weights (each method's declaration)."""
     from vlpet_cli.pet.inject import unfoldable
 
     return unfoldable(pet)
 
 
-def fold_modules(model) -> list[str]:
+def fold_modules(model: VLModel) -> list[str]:
     """Detach the PET hooks and fold every foldable method (LoRA, IA3) into its Linears; returns what was folded."""
     from vlpet_cli.pet.inject import fold
 
@@ -262,7 +264,7 @@ def _save_backbone(model: VLModel, tokenizer: PreTrainedTokenizerBase, directory
     tokenizer.save_pretrained(str(directory))
 
 
-def _save_projector(model, preset, directory: Path) -> None:
+def _save_projector(model: VLModel, preset: Preset, directory: Path) -> None:
     """projector.safetensors (its full state) + projector.json (what builds it)."""
     from safetensors.torch import save_file
 

@@ -43,6 +43,7 @@ class VLModel(nn.Module):
     backbone: PreTrainedModel
     projector: VisualProjector
     pet: PetModules
+    carried_rows: int  # trailing vocabulary rows an adapter carries; set by artifacts.load_adapter_state, else absent
 
     def __init__(self, backbone: PreTrainedModel, projector: VisualProjector, pet: PetModules, n_boxes: int):
         super().__init__()
