@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,11 @@ from vlpet_cli.atomic import append_line, staged_dir, write_failure_reason, writ
 from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.presets import to_yaml, validate
+
+if TYPE_CHECKING:
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from vlpet_cli.vl.model import VLModel
 
 MANIFEST = "files.json"  # sizes and sha256 of a checkpoint's other files, written last
 CONFIG = "config.yaml"
@@ -246,7 +252,7 @@ class Checkpointer:
             damaged.append((path, why))
         return None, damaged
 
-    def save(self, model, optimizer, scheduler, state: TrainState,
+    def save(self, model: VLModel, optimizer: torch.optim.Optimizer, scheduler: LRScheduler, state: TrainState,
              generators: dict[str, torch.Generator] | None = None) -> Path:
         """checkpoints/step-N/: trainable tensors, optimizer moments, scheduler, every RNG and the loop position."""
         final = self.directory / f"step-{state.global_step}"
@@ -273,7 +279,7 @@ class Checkpointer:
         """The loop position a checkpoint holds (read without loading its tensors)."""
         return TrainState.from_dict(json.loads((path / "state.json").read_text())["progress"])
 
-    def load(self, path: Path, model, optimizer, scheduler,
+    def load(self, path: Path, model: VLModel, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
              generators: dict[str, torch.Generator] | None = None) -> TrainState:
         """Restore everything save() wrote into the given objects; returns the loop position."""
         load_adapter_state(model, load_file(str(path / "model.safetensors")), str(path))

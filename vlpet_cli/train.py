@@ -382,6 +382,7 @@ def checkpoint(session: Session) -> None:
     if session.state.step_in_epoch and session.epoch_rng is not None:
         generator = torch.Generator()
         generator.set_state(session.epoch_rng)
+    assert session.scheduler is not None, "setup sets the schedule"
     session.checkpointer.save(session.unwrapped, session.optimizer, session.scheduler,
                               TrainState(**vars(session.state)), {"train": generator})
 
