@@ -5,7 +5,7 @@ A synthetic VQA data root in the real formats (vqa/karpathy_train.json, COCO fea
 `train.train` (vlpet-large, batch 8, `--steps` updates, no validation) and takes its samples/s (data loading
 from HDF5, tokenisation, collation, Accelerate, the schedule, logging) as it reports it in metrics.jsonl
 (samples over the seconds since the loop began, at the last step; the final checkpoint's write comes after it).
-`bare` builds the same model and plain AdamW, collates the same batches beforehand and times
+`bare` builds the same model and optimizer (`vlpet_cli.optim`), collates the same batches beforehand and times
 forward/backward/clip/step only.
   loop_efficiency = bare seconds / vlpet seconds (per round, median over rounds)      target >= 0.95
 The last line is one JSON object.
@@ -55,7 +55,7 @@ def measure(name: str, work: Path, steps: int, preset_name: str, precision: str 
 
     from vlpet_cli.data.loading import load_task_data
     from vlpet_cli.data.multitask import MultitaskLoader, task_batch_sizes
-    from vlpet_cli.train import param_groups
+    from vlpet_cli.optim import build_optimizer, clip_gradients
     from vlpet_cli.vl.model import build_model
 
     set_seed(preset.train.seed)
@@ -72,8 +72,7 @@ def measure(name: str, work: Path, steps: int, preset_name: str, precision: str 
     model.to(device)
     batches = [{k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()} for b in batches]
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.AdamW(param_groups(model, preset), lr=preset.train.lr, eps=preset.train.adam_eps, **fused)
+    opt = build_optimizer(model, preset, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     model.train()
     start = time.perf_counter()
@@ -81,7 +80,7 @@ def measure(name: str, work: Path, steps: int, preset_name: str, precision: str 
         with autocast:
             loss = model(batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, preset.train.clip_grad_norm)
+        clip_gradients(params, preset.train.clip_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
     if device.type == "cuda":

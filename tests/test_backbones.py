@@ -52,7 +52,7 @@ def test_a_hub_id_missing_offline_says_how_to_get_it(monkeypatch):
         backbones.resolve("nobody-here/no-such-model-xyz")
     message = str(info.value)
     assert "neither a built-in name" in message and "tiny-bart" in message
-    assert "huggingface-cli download nobody-here/no-such-model-xyz --local-dir DIR" in message
+    assert "hf download nobody-here/no-such-model-xyz --local-dir DIR" in message
     assert "--backbone DIR" in message
 
 

@@ -10,8 +10,9 @@ import yaml
 from PIL import Image
 
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.plots import loss_series, plot_run, read_events, val_events, val_series
+from vlpet_cli.plots import loss_series, plot_run, val_events, val_series
 from vlpet_cli.report import report, report_table, run_row
+from vlpet_cli.runs import read_events
 
 TASKS = ["vqa", "gqa", "nlvr", "coco"]
 
@@ -80,12 +81,12 @@ def test_plot_run_writes_png_with_val_panel(tmp_path):
 
 def test_truncated_last_line_is_skipped(tmp_path):
     run = make_run(tmp_path, "crashed")
-    events = read_events(run / "metrics.jsonl")
+    events = read_events(run)
     write_events(run, events, tail='{"event": "train", "epoch": 2, "st')
-    assert read_events(run / "metrics.jsonl") == events
+    assert read_events(run) == events
     with (run / "metrics.jsonl").open("a") as f:
         f.write("\nnot json\n[1, 2]\n\n")
-    assert read_events(run / "metrics.jsonl") == events
+    assert read_events(run) == events
     assert_png(plot_run(run))
     assert run_row(run)["average"] == (42.0 + 32.0 + 52.0 + 92.0) / 4  # the last validation's, as if undamaged
 

@@ -6,6 +6,9 @@
   `backbone/`, the folded backbone; it loads like an adapter whose backbone is its own `backbone/` folder.
 - folded model: a plain Hugging Face model directory with `projector.safetensors`, `projector.json` and
   `vlpet_folded.json` (the preset with its PET modules removed, the source adapter).
+
+Each of them carries a model card, `README.md` (vlpet_cli/cards.py renders it from the directory's own files, here
+`card_facts`); their vlpet JSON records the trained model's parameter counts (`parameters`) for it.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from vlpet_cli import __version__
 from vlpet_cli.atomic import staged_dir, write_json
 from vlpet_cli.backbones import N_VIS
+from vlpet_cli.cards import CardFacts, read_evaluations, write_card
 from vlpet_cli.config import Preset
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.errors import VlpetError, file_error
 from vlpet_cli.pet import anatomy
 from vlpet_cli.presets import validate
 from vlpet_cli.vl.identity import backbone_identity
@@ -77,13 +81,24 @@ def load_adapter_state(model: VLModel, state: dict[str, torch.Tensor], source: s
             target.copy_(tensor.to(target.dtype))
 
 
+def parameter_counts(model: VLModel) -> dict:
+    """{"trainable", "total", "percent"} of a model as built (the reference's percentage, pet/budget.py)."""
+    from vlpet_cli.pet.budget import budget
+
+    info = budget(model)
+    return {"trainable": info["trainable"], "total": info["total"], "percent": info["percent"]}
+
+
 def save_adapter(directory: Path, model: VLModel, preset: Preset, extra: dict | None = None) -> int:
-    """Write <directory>/vlpet_config.json + adapter.safetensors atomically; returns the size in bytes."""
+    """Write <directory>/vlpet_config.json + adapter.safetensors + its model card atomically; returns the size in
+    bytes."""
     with staged_dir(directory) as tmp:
         save_file(adapter_state(model), str(tmp / ADAPTER_WEIGHTS))
         write_json(tmp / ADAPTER_CONFIG, {"format": ADAPTER_FORMAT, "vlpet_version": __version__,
                                           "preset": preset.model_dump(mode="json"),
-                                          "backbone": backbone_identity(model), **(extra or {})})
+                                          "backbone": backbone_identity(model),
+                                          "parameters": parameter_counts(model), **(extra or {})})
+        write_model_card(directory, files=tmp)
     return sum(f.stat().st_size for f in directory.iterdir())
 
 
@@ -94,6 +109,8 @@ def read_adapter_config(directory: Path) -> dict:
         raise VlpetError(f"{directory} is not an adapter directory: {ADAPTER_CONFIG} is missing")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise file_error(exc, writing=False) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise VlpetError(f"{path} is damaged (not valid JSON: {exc}); copy it again from where the adapter "
                          f"was trained") from None
@@ -107,6 +124,10 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise VlpetError(f"{path} is missing; the adapter directory {path.parent} is incomplete")
+    try:
+        path.open("rb").close()  # safetensors reports a file it may not read as missing
+    except OSError as exc:
+        raise file_error(exc, writing=False) from None
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors reports a damaged header or short data as SafetensorError
@@ -170,7 +191,8 @@ def load_bundle(directory: Path):
 
 
 def kind_of(path: Path) -> str:
-    """'adapter', 'bundle' or 'folded' for a directory vlpet can load (a run directory means its adapter)."""
+    """'adapter', 'bundle' or 'folded' for a directory vlpet can load (what a run directory means is
+    `runs.locate`'s to say)."""
     path = Path(path)
     if (path / FOLDED_CONFIG).exists():
         return "folded"
@@ -181,13 +203,114 @@ def kind_of(path: Path) -> str:
 
 
 def load_any(path: Path, backbone: str | None = None):
-    """(VLModel, tokenizer, preset) from an adapter, bundle or folded directory; `backbone` only for adapters."""
+    """(VLModel, tokenizer, preset) from an adapter, bundle or folded directory (a path a user gave goes through
+    `runs.locate` first); `backbone` only for adapters."""
     path = Path(path)
-    if (path / "adapter" / ADAPTER_CONFIG).exists() and not (path / ADAPTER_CONFIG).exists():
-        path = path / "adapter"
     kind = kind_of(path)
     if kind == "folded":
         return load_folded(path)
     if kind == "bundle":
         return load_bundle(path)
     return load_adapter(path, backbone=backbone)
+
+
+# ---- model cards ------------------------------------------------------------------------------------------
+def home_eval_dir(directory: Path) -> Path:
+    """Where `vlpet eval` writes a directory's scores by default: a run's eval/ for its adapter/, else DIR/eval."""
+    directory = Path(directory)
+    return directory.parent / "eval" if directory.name == "adapter" else directory / "eval"
+
+
+def model_name(directory: Path) -> str:
+    """The name a card gives: the run's for a run's adapter/ (RUN-best for checkpoints/best), else the folder's."""
+    directory = Path(directory).resolve()
+    if directory.name == "adapter" and (directory.parent / "config.yaml").exists():
+        return directory.parent.name
+    if directory.name == "best" and directory.parent.name == "checkpoints":
+        return f"{directory.parent.parent.name}-best"
+    return directory.name
+
+
+def _notes(meta: dict) -> list[str]:
+    """Where a directory came from, as 'label: text' lines for its card."""
+    notes = []
+    if isinstance(meta.get("merge"), dict):
+        merge = meta["merge"]
+        sources = merge.get("sources") or []
+        notes.append(f"made by: `vlpet merge average` ({merge.get('mode')}) of {len(sources)} adapters "
+                     f"({', '.join(Path(s).name for s in sources)}) with coefficients {merge.get('coefficients')}")
+    if meta.get("imported_from"):
+        notes.append(f"imported from: the reference checkpoint `{Path(meta['imported_from']).name}`")
+    if isinstance(meta.get("epoch"), int) and isinstance(meta.get("score"), (int, float)):
+        notes.append(f"selected: the best validation of the run, epoch {meta['epoch'] + 1} (selection score "
+                     f"{meta['score']:.2f})")
+    if meta.get("source"):
+        notes.append(f"made from: the adapter `{meta['source']}` (`vlpet merge`)")
+    if meta.get("folded"):
+        notes.append(f"folded into the weights: {'; '.join(map(str, meta['folded']))}")
+    if meta.get("kept"):
+        notes.append(f"kept as modules: {'; '.join(map(str, meta['kept']))}")
+    return notes
+
+
+def card_facts(directory: Path, files: Path | None = None) -> CardFacts:
+    """What the card of an adapter, bundle or folded directory says, from its vlpet JSON (read from `files`, the
+    directory being staged, when given); evaluations are left for the caller to add."""
+    directory = Path(directory)
+    files = Path(files) if files is not None else directory
+    if (files / FOLDED_CONFIG).exists():
+        kind, meta = "folded", json.loads((files / FOLDED_CONFIG).read_text(encoding="utf-8"))
+        model_type = json.loads((files / "config.json").read_text()).get("model_type") \
+            if (files / "config.json").exists() else None
+    else:
+        meta = read_adapter_config(files)
+        kind = "bundle" if meta.get("format") == BUNDLE_FORMAT else "adapter"
+        model_type = (meta.get("backbone") or {}).get("model_type")
+    preset = meta.get("trained_preset") or meta.get("preset") or {}  # a fold records the preset it was trained with
+    base = (preset.get("model") or {}).get("backbone") or "unknown"
+    return CardFacts(kind=kind, name=model_name(directory), preset=preset, base_model=base, model_type=model_type,
+                     parameters=meta.get("parameters"), notes=_notes(meta))
+
+
+def weights_time(files: Path) -> float:
+    """When the directory's vlpet JSON was written: evaluations older than it scored other weights."""
+    for name in (ADAPTER_CONFIG, FOLDED_CONFIG):
+        if (Path(files) / name).exists():
+            return (Path(files) / name).stat().st_mtime
+    return 0.0
+
+
+def write_model_card(directory: Path, eval_dir: Path | None = None, files: Path | None = None) -> Path:
+    """(Re)write the README.md of an adapter, bundle or folded directory: its facts and every evaluation of these
+    weights in its default eval folder and in `eval_dir` (`vlpet eval` passes the folder it wrote). `files` is
+    the staged copy being written, when the directory is not in place yet."""
+    files = Path(files) if files is not None else Path(directory)
+    facts = card_facts(directory, files)
+    facts.evaluations = read_evaluations(home_eval_dir(directory), eval_dir, newer_than=weights_time(files))
+    return write_card(files, facts)
+
+
+def refresh_model_card(directory: Path, eval_dir: Path | None = None) -> Path | None:
+    """write_model_card after an evaluation; a card that cannot be written is a warning (the scores are safe)."""
+    import warnings
+
+    from vlpet_cli.atomic import WriteError
+
+    try:
+        return write_model_card(directory, eval_dir)
+    except WriteError as exc:
+        warnings.warn(f"the model card was not updated: {exc}", UserWarning, stacklevel=2)
+        return None
+
+
+def write_peft_card(adapter: Path, out: Path, files: Path, preset: Preset, model_type: str, counts: dict,
+                    exported: str, base: str | None) -> Path:
+    """The README.md of a PEFT export (written into `files`, the staged `out`): vlpet cannot evaluate a PEFT
+    export, so it shows the scores of the adapter it came from; `base` is the base model folder shipped with it."""
+    scores = read_evaluations(home_eval_dir(adapter), newer_than=weights_time(adapter))
+    name = Path(out).resolve().name
+    return write_card(files, CardFacts(
+        kind="peft", name=name, preset=preset.model_dump(mode="json"), base_model=preset.model.backbone,
+        model_type=model_type, parameters=counts, evaluations=scores, peft_base=base,
+        notes=[f"exported from: the vlpet adapter `{adapter}`", f"PEFT adapter: {exported}"],
+        scores_of=f"the vlpet adapter it was exported from (`{adapter}`)" if scores else None))

@@ -136,7 +136,7 @@ def resolve(name: str) -> Backbone:
         raise VlpetError(
             f"backbone '{name}' is neither a built-in name ({', '.join([*BUILTIN, *TINY])}), a local directory, "
             f"nor in the local Hugging Face cache. Download it on a connected machine with "
-            f"`huggingface-cli download {name} --local-dir DIR` and pass --backbone DIR"
+            f"`hf download {name} --local-dir DIR` and pass --backbone DIR"
         )
     return Backbone(name, _family_from_type(_config_json(snapshot).get("model_type", ""), name), snapshot)
 
@@ -229,7 +229,7 @@ def load_tokenizer(bb: Backbone):
         hub_id = BUILTIN[bb.builtin]["hub_id"]
         raise VlpetError(
             f"'{bb.name}' has no local weights or tokenizer (only its built-in config, enough for `vlpet params`). "
-            f"Download it with `huggingface-cli download {hub_id} --local-dir DIR` and pass --backbone DIR"
+            f"Download it with `hf download {hub_id} --local-dir DIR` and pass --backbone DIR"
         )
     try:
         tok = AutoTokenizer.from_pretrained(bb.directory, local_files_only=True)
@@ -254,12 +254,26 @@ def check_weights(bb: Backbone) -> None:
             f"copy the model's weight files there (a config alone is enough only for `vlpet params`)")
 
 
-def build(bb: Backbone, weights: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
-    """(model, tokenizer) with the vocabulary resized; weights=False builds on the meta device (no tokenizer)."""
+# The backbone config's dropout rates (BART, mBART: the first three; T5 family: dropout_rate), all of which the
+# reference's trainer sets to its --dropout.
+DROPOUT_RATES = ("dropout", "attention_dropout", "activation_dropout", "dropout_rate")
+
+
+def dropout_rates(config, rate: float | None) -> dict[str, float]:
+    """{config key: rate} for every dropout rate the config has; {} for None (keep the checkpoint's own)."""
+    return {} if rate is None else {k: rate for k in DROPOUT_RATES if hasattr(config, k)}
+
+
+def build(bb: Backbone, weights: bool = True,
+          dropout: float | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """(model, tokenizer) with the vocabulary resized; weights=False builds on the meta device (no tokenizer).
+    `dropout` sets every dropout rate of the config (None: the checkpoint's own)."""
     import torch
 
     config = load_config(bb)
     cls = model_class(config.model_type)
+    rates = dropout_rates(config, dropout)
+    config.update(rates)
     if not weights:
         config.vocab_size = vocab_size_without_weights(bb, config)
         with torch.device("meta"):
@@ -273,7 +287,7 @@ def build(bb: Backbone, weights: bool = True) -> tuple[PreTrainedModel, PreTrain
     check_weights(bb)
     tokenizer = load_tokenizer(bb)
     try:
-        model = cls.from_pretrained(bb.directory, local_files_only=True)
+        model = cls.from_pretrained(bb.directory, local_files_only=True, **rates)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VlpetError(f"cannot load the backbone weights from {bb.directory}: {first}") from None

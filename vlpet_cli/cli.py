@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import platform
+import re
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
 from vlpet_cli.atomic import write_text
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.errors import Interrupted, VlpetError, file_error
+from vlpet_cli.extras import require_extra
 from vlpet_cli.features.tools import convert_features, describe_features, inspect_features
 from vlpet_cli.presets import list_presets, load_raw, preset_path, resolve, to_yaml
-from vlpet_cli.tasks import TASKS, annotation_images, default_tasks, tasks_of_kind
+from vlpet_cli.tasks import TASKS, annotation_images, default_tasks, task_class, tasks_of_kind
 
 # Commands (and anything that imports torch or transformers) are imported inside the command functions, so that
 # `vlpet --help` answers at once.
@@ -30,8 +38,8 @@ STATE = {"debug": False}
 
 
 def _print_error(exc: VlpetError) -> None:
-    """A user error as one line on stderr."""
-    err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+    """A user error as one line on stderr (brackets in it, like vlpet[video] or data.tasks=[coco], are text)."""
+    err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
 
 
 class _Group(TyperGroup):
@@ -40,7 +48,8 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with _command_faults():
+                return super().invoke(ctx)
         except VlpetError as exc:
             if STATE["debug"]:
                 raise
@@ -48,7 +57,68 @@ class _Group(TyperGroup):
             raise SystemExit(2) from None
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
+# ---- signals and file-system errors: one mechanism for every command -------------------------------------------
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every clean-up (finally blocks, staged directories) runs."""
+
+
+_KEPT: list[Callable[[], str]] = []  # what the running command has kept, said if a signal stops it
+
+
+def _on_interrupt(kept: Callable[[], str]) -> None:
+    """Say what the running command has kept if SIGINT or SIGTERM stops it (`kept` is called then, so it can
+    look at what is on disk)."""
+    _KEPT.append(kept)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _kept() -> str:
+    said = []
+    for kept in _KEPT:
+        try:
+            said.append(kept())
+        except Exception:  # noqa: BLE001 - the line must come out whatever state the files are in
+            continue
+    return "; ".join(said) or "nothing was left half-written; run the same command again"
+
+
+@contextlib.contextmanager
+def _command_faults():
+    """Around every command. SIGINT (Ctrl-C) and SIGTERM stop it with one line saying what was kept and how to go
+    on, exit code 130 and 143, so that `cmd1 && cmd2` stops (a signal the shell made vlpet ignore, as for a
+    script's background job, stays ignored). An OSError no command turned into its own message (permission
+    denied, a full disk, a read-only file system) is one error line naming the file, exit code 2."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, _raise_terminated)):
+            if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+                previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    except Interrupted as exc:  # a command that stopped cleanly and says how to continue (train)
+        err_console.print(str(exc), highlight=False, soft_wrap=True)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt as exc:
+        name, code = ("SIGTERM", 143) if isinstance(exc, Terminated) else ("SIGINT", 130)
+        err_console.print(f"interrupted ({name}): {_kept()}", highlight=False, soft_wrap=True)
+        raise SystemExit(code) from None
+    except OSError as exc:
+        if exc.errno == errno.EPIPE or STATE["debug"]:
+            raise
+        raise file_error(exc) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _KEPT.clear()
+
+
+# -h is --help on every command (sub-commands' contexts inherit the option names); typer adds
+# --install-completion and --show-completion for shell completion.
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, cls=_Group,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Parameter-efficient tuning of vision-and-language encoder-decoders (VL-PET and baselines).")
 presets_app = typer.Typer(no_args_is_help=True, help="List, show and copy presets.")
 features_app = typer.Typer(no_args_is_help=True, help="Inspect and convert visual feature files.")
@@ -65,8 +135,30 @@ def _tasks_where(test) -> str:
 OVERRIDES = typer.Argument(None, help="preset overrides as dotted key=value, e.g. train.lr=5e-4", show_default=False)
 
 
+def versions() -> str:
+    """'vlpet X (torch Y, transformers Z, Python W)', read from the installed packages' metadata (nothing imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"vlpet {of('vlpet')} (torch {of('torch')}, transformers {of('transformers')}, "
+            f"Python {platform.python_version()})")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(versions())
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks for errors")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks for errors"),
+          version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print the versions of vlpet, torch and transformers and exit")) -> None:
     STATE["debug"] = debug
 
 
@@ -182,12 +274,14 @@ def extract_features(images: Path | None = typer.Option(None, help="folder of im
         raise VlpetError("extract-features needs exactly one of --images DIR (grid features) or --videos DIR "
                          "(per-frame video features).")
     if videos is not None:
+        require_extra("video")
         if torchscript:
             raise VlpetError("--torchscript applies to --images only: video features need a CLIP ViT with its "
                              "projection (e.g. clip-vit-base-patch32).")
         if layer != -1:
             raise VlpetError("--layer applies to --images only: video features are the projected image "
                              "embedding (CLIP's encode_image), as VALUE's.")
+        _on_interrupt(lambda: _extraction_kept(out, videos, annotations, video=True))
         from vlpet_cli.extract import extract_videos
 
         summary = extract_videos(videos, model, out, annotations, layout=layout or "npz", batch_size=batch_size,
@@ -195,6 +289,7 @@ def extract_features(images: Path | None = typer.Option(None, help="folder of im
                                  device=device)
         console.print(summary.describe())
         return
+    _on_interrupt(lambda: _extraction_kept(out, images, annotations, video=False))
     from vlpet_cli.extract import extract
 
     assert images is not None  # exactly one of --images and --videos, checked above
@@ -202,6 +297,25 @@ def extract_features(images: Path | None = typer.Option(None, help="folder of im
                       batch_size=batch_size, dtype=dtype, limit=limit, workers=workers,
                       progress=not no_progress, device=device, torchscript=torchscript)
     console.print(summary.describe())
+
+
+def _extraction_kept(out: Path, folder: Path, annotations: Path | None, video: bool) -> str:
+    """How many of the wanted images (videos) an interrupted extraction left in its store, and how to resume."""
+    unit = "videos" if video else "images"
+    resume = "run the same command again to resume (what is there is kept and skipped)"
+    from vlpet_cli.extract import images_from, videos_from
+    from vlpet_cli.features.kinds import IMAGE, VIDEO
+
+    wanted = (videos_from if video else images_from)(folder, annotations)
+    try:
+        store = (VIDEO if video else IMAGE).open(out)
+    except VlpetError:  # stopped before the first batch was written
+        return f"0 of {len(wanted)} {unit} extracted into {out}; {resume}"
+    try:
+        done = len(set(store.ids()) & set(wanted))
+    finally:
+        store.close()
+    return f"{done} of {len(wanted)} {unit} extracted into {out}; {resume}"
 
 
 @features_app.command("inspect")
@@ -216,6 +330,7 @@ def features_inspect(path: Path, annotations: Path | None = typer.Option(None, h
 def features_convert(src: Path, dst: Path,
                      layout: str = typer.Option(..., help="layout to write: packed | per-image")) -> None:
     """Convert between the packed and the reference per-image layout (resumable)."""
+    _on_interrupt(lambda: f"the images converted so far are kept in {dst}; run the same command again to resume")
     console.print(f"wrote {convert_features(src, dst, layout)} images to {dst}")
 
 
@@ -236,9 +351,14 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
           resume: bool = typer.Option(False, help="continue the run from its last checkpoint"),
           overwrite: bool = typer.Option(False, help="replace an existing run directory"),
           stop_after: int | None = typer.Option(None, help="pause after N updates (continue with --resume)"),
+          seeds: str | None = typer.Option(None, help="one run per seed, e.g. 42,43,9595 (the paper's): NAME-s42, "
+                                                      "... one after the other, then their mean ± std per task"),
           overrides: list[str] | None = OVERRIDES) -> None:
     """Train PET modules on a frozen backbone, on one task or several at once."""
-    from vlpet_cli.train import TrainingInterrupted, resolve_train_preset, resume_preset
+    if seeds is not None:
+        _train_seeds(dict(locals()))
+        return
+    from vlpet_cli.train import resolve_train_preset, resume_preset
     from vlpet_cli.train import train as run_training
 
     tasks = _tasks_option(task)
@@ -256,18 +376,76 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
         if not preset:
             raise VlpetError("--preset is required (see `vlpet presets ls`)")
         resolved = resolve_train_preset(preset, tasks, data_root, backbone, overrides or [])
-        tasks = resolved.data.tasks or []
-        run_dir = runs_dir / (name or f"{resolved.name}-{tasks[0] if len(tasks) == 1 else 'multitask'}")
-    try:
-        with _warnings_to_stderr():
-            summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after,
-                                   changes=changes).summary
-    except TrainingInterrupted as exc:
-        err_console.print(str(exc), highlight=False, soft_wrap=True)
-        raise SystemExit(exc.exit_code) from None
+        tasks = resolved.data.tasks
+        run_dir = runs_dir / (name or _default_run_name(resolved))
+    _on_interrupt(lambda: _train_kept(run_dir))
+    with _warnings_to_stderr():
+        summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after,
+                               changes=changes).summary
     if "adapter" in summary:
         console.print(f"done in {summary['seconds']:.0f} s, {summary['updates']} updates; adapter: "
                       f"{summary['adapter']} ({summary['adapter_bytes'] / 1e6:.2f} MB); run: {run_dir}")
+
+
+def _default_run_name(resolved) -> str:
+    """PRESET-TASK, or PRESET-multitask."""
+    tasks = resolved.data.tasks
+    return f"{resolved.name}-{tasks[0] if len(tasks) == 1 else 'multitask'}"
+
+
+def _parse_seeds(text: str) -> list[int]:
+    """--seeds 42,43,9595 as distinct whole numbers; anything else is one clear error."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items or not all(re.fullmatch(r"\d+", x) for x in items) or not all(int(x) < 2**32 for x in items):
+        raise VlpetError(f"--seeds {text!r}: give a comma list of whole numbers from 0 to 2^32-1, e.g. 42,43,9595")
+    seeds = [int(x) for x in items]
+    if len(set(seeds)) < len(seeds):
+        raise VlpetError(f"--seeds {text!r} names a seed twice; give each seed once")
+    return seeds
+
+
+def _train_seeds(params: dict) -> None:
+    """`vlpet train --seeds 42,43,9595`: the same run once per seed (train.seed), one after the other, as NAME-s42,
+    NAME-s43, ...; then their `vlpet report` table, one row with the mean ± std per task. With --resume, each run
+    that exists is continued and the others are started."""
+    from vlpet_cli.report import report as build_report
+    from vlpet_cli.report import report_table
+    from vlpet_cli.train import resolve_train_preset
+
+    seeds = _parse_seeds(params["seeds"])
+    overrides = list(params["overrides"] or [])
+    if any(o.split("=", 1)[0].strip() == "train.seed" for o in overrides):
+        raise VlpetError("--seeds sets train.seed of each run; drop the train.seed override")
+    base = params["name"]
+    if not base:
+        if params["resume"]:
+            raise VlpetError("--resume --seeds needs --name, the runs' common name (they are NAME-s42, ...)")
+        if not params["preset"]:
+            raise VlpetError("--preset is required (see `vlpet presets ls`)")
+        base = _default_run_name(resolve_train_preset(params["preset"], _tasks_option(params["task"]),
+                                                      params["data_root"], params["backbone"], overrides))
+    runs = [params["runs_dir"] / f"{base}-s{seed}" for seed in seeds]
+    taken = [r for r in runs if r.is_dir() and any(r.iterdir())]
+    if taken and not (params["resume"] or params["overwrite"]):  # refused before the first run trains
+        raise VlpetError(f"run directory {taken[0]} already exists; pass --resume to continue the seeds' runs, "
+                         f"--overwrite to replace them, or --name to start others")
+    for seed, run in zip(seeds, runs):
+        train(**{**params, "seeds": None, "name": run.name, "resume": params["resume"] and run in taken,
+                 "overrides": [*overrides, f"train.seed={seed}"]})
+    finished = [r for r in runs if (r / "config.yaml").is_file()]
+    if finished and int(os.environ.get("RANK", "0")) == 0:
+        console.print(report_table(build_report(finished, split="val", draw=False)["rows"], width=console.width))
+
+
+def _train_kept(run_dir: Path) -> str:
+    """What an interrupted `vlpet train` kept (a signal before the loop, or a second one while it saved)."""
+    from vlpet_cli.runs import Checkpointer
+
+    last = Checkpointer(run_dir, 1).latest()
+    if last is None:
+        return "no checkpoint was written yet; run the same command again"
+    return (f"the run's last checkpoint {last} is kept; continue with: vlpet train --resume --name {run_dir.name} "
+            f"--runs-dir {run_dir.parent}")
 
 
 # ---- eval -------------------------------------------------------------------------------------------------
@@ -297,6 +475,8 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
         return
     if path is None:
         raise VlpetError("give a run or adapter directory, or --predictions FILE --annotations FILE --task T")
+    _on_interrupt(lambda: "no evaluation file was written (they are written together once every task is scored); "
+                          "run the same command again")
     from vlpet_cli.evaluate import evaluate
 
     with _warnings_to_stderr():
@@ -353,8 +533,11 @@ def predict(path: Path = typer.Argument(..., help="run directory, adapter, bundl
     if question and statement:
         raise VlpetError(f"give --question ({_tasks_where(lambda c: c.inputs.text == 'question')}) or --statement "
                          f"({_tasks_where(lambda c: c.inputs.text == 'statement')}), not both")
+    if video is not None or task_class(task).inputs.video:
+        require_extra("video")
     items = gather_inputs(task, list(image or []), question or statement, inputs, video, list(choices or []),
                           subtitles, ts)
+    _on_interrupt(lambda: "no answer was printed and nothing was written; run the same command again")
     with _warnings_to_stderr():
         results = run_predict(path, task, items, vision_model, layer, torchscript, batch_size, backbone,
                               progress=not as_json)
@@ -385,7 +568,7 @@ def _warnings_to_stderr():
                 if w not in ours:
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             for message in dict.fromkeys(str(w.message) for w in ours):
-                err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+                err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json) -> None:
@@ -416,6 +599,7 @@ def import_reference(checkpoint: Path = typer.Argument(..., help="the reference 
                      as_json: bool = typer.Option(False, "--json", help="print the import report as JSON"),
                      overrides: list[str] | None = OVERRIDES) -> None:
     """Import a reference VL-PET checkpoint (.pth, weights only) as a vlpet adapter for `vlpet eval`."""
+    _on_interrupt(lambda: _not_written(out))
     from vlpet_cli.reference import import_reference_checkpoint
 
     report = import_reference_checkpoint(checkpoint, preset, out, backbone, overrides or [], allow_mismatch)
@@ -427,6 +611,12 @@ def import_reference(checkpoint: Path = typer.Argument(..., help="the reference 
     console.print(f"imported {report['imported']} tensors from {checkpoint} -> {out}; evaluate with `vlpet eval {out}`")
 
 
+def _not_written(out: Path) -> str:
+    """What an interrupted command that writes one directory whole (or not at all) kept."""
+    state = "left as it was" if out.exists() else "not written"
+    return f"{out} was {state} (it is written whole or not at all); run the same command again"
+
+
 # ---- merge ------------------------------------------------------------------------------------------------
 @merge_app.command("average")
 def merge_average(adapters: list[Path] = typer.Argument(..., help="adapter (or run) directories"),
@@ -436,6 +626,7 @@ def merge_average(adapters: list[Path] = typer.Argument(..., help="adapter (or r
                   scale: float = typer.Option(1.0, help="multiplies the result"),
                   overwrite: bool = typer.Option(False, help="replace an existing --out")) -> None:
     """Combine adapters of the same preset and backbone parameter by parameter."""
+    _on_interrupt(lambda: _not_written(out))
     from vlpet_cli.merge import average_adapters, parse_weights
 
     result = average_adapters(adapters, out, parse_weights(weights), mode, scale, overwrite=overwrite)
@@ -447,6 +638,7 @@ def merge_fold(adapter: Path, out: Path = typer.Option(..., help="output directo
                bundle: bool = typer.Option(False, help="keep what cannot be folded: a self-contained directory"),
                backbone: str | None = typer.Option(None, help="the backbone directory, if it moved")) -> None:
     """Fold linear modules (LoRA, trained biases) into the backbone weights; --bundle for everything else."""
+    _on_interrupt(lambda: _not_written(out))
     from vlpet_cli.merge import fold_adapter
 
     result = fold_adapter(adapter, out, bundle, backbone)
@@ -459,11 +651,12 @@ def merge_export_peft(adapter: Path, out: Path = typer.Option(..., help="output 
                       backbone: str | None = typer.Option(None, help="the backbone directory, if it moved"),
                       no_base: bool = typer.Option(False, "--no-base", help="no base model beside")) -> None:
     """Write LoRA modules or IA3 vectors as a PEFT adapter (adapter_config.json + adapter_model.safetensors)."""
+    _on_interrupt(lambda: _not_written(out))
     from vlpet_cli.merge import export_peft
 
     result = export_peft(adapter, out, backbone, with_base=not no_base)
-    for note in result["notes"]:
-        err_console.print(f"[yellow]note:[/yellow] {note}")
+    for note in result["notes"]:  # never wrapped: a note may hold a Python command to copy
+        err_console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False, soft_wrap=True)
     console.print(f"{result['exported']} exported to {out}")
 
 
@@ -479,6 +672,10 @@ def quickstart(runs_dir: Path = typer.Option(Path("runs"), help="where the run a
     from vlpet_cli.quickstart import TABLE_COLUMNS, table_rows
     from vlpet_cli.quickstart import quickstart as run
 
+    if video:
+        require_extra("video")
+    _on_interrupt(lambda: f"the toy world and the features extracted so far are kept in {runs_dir}; run "
+                          f"`vlpet quickstart` again to go on (extraction resumes, training starts over)")
     with _warnings_to_stderr():
         summary = run(runs_dir, preset, backbone, overrides or [], say=console.print, video=video)
     table = Table(*TABLE_COLUMNS, title=f"{preset} on {backbone}: the toy world's {summary['split']} splits")
@@ -500,6 +697,7 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories to compa
     from vlpet_cli.report import report as build_report
     from vlpet_cli.report import report_table
 
+    require_extra("plots")
     result = build_report(runs, out, split)
     console.print(report_table(result["rows"], width=console.width))
     if result["plot"]:
@@ -509,26 +707,28 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories to compa
                       f"{', '.join(map(str, result['not_plotted']))}")
 
 
+# click's exception base class, from whichever click this typer uses: typer >= 0.2x bundles its own copy of click,
+# so `import click` gives another one (or none); typer's own BadParameter descends from the right one.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
 def main() -> None:
-    """Entry point: user errors print one line and exit 2 (tracebacks only with --debug)."""
+    """Entry point: a usage error prints the command's usage and one line, a user error one line, both exit 2
+    (tracebacks only with --debug); Ctrl-C exits 130."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's return value, or the code of a typer.Exit
     except VlpetError as exc:
         if STATE["debug"]:
             raise
         _print_error(exc)
         sys.exit(2)
-    except (typer.Exit, SystemExit) as exc:
-        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+    except _CLICK_ERROR as exc:  # unknown command or option, bad or missing value: usage, then 'Error: ...'
+        exc.show()
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
+        code = 130
+    except typer.Abort as exc:  # older typers turn Ctrl-C into Abort
+        code = 130 if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt) else 1
+    if code == 130:  # typer >= 0.2x turns Ctrl-C into a silent exit code 130
         err_console.print("interrupted")
-        sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+    sys.exit(code if isinstance(code, int) else 0)

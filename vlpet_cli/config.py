@@ -111,6 +111,10 @@ class ModelConfig(Strict):
     backbone: str = "bart-base"
     feat_dim: int = Field(2048, gt=0, description="visual feature size (CLIP RN101 grid: 2048)")
     n_boxes: int = Field(36, gt=0, description="visual tokens per image after adaptive max pooling")
+    dropout: float | None = Field(
+        0.1, ge=0.0, lt=1.0, description="every dropout rate of the backbone config (dropout, attention_dropout, "
+                                         "activation_dropout; T5: dropout_rate), as the reference's --dropout; "
+                                         "null keeps the checkpoint's own")
 
 
 # Per-task settings (data.tasks, train.task_ratios, eval.generation) default to the tasks' own: a task's batch ratio,
@@ -149,12 +153,18 @@ class TrainConfig(Strict):
     task_ratios: dict[str, float] = Field(default_factory=dict, description="batch-size ratio per task; a task not "
                                                                             "named uses its own (the reference's)")
     warmup_ratio: float = 0.1
-    clip_grad_norm: float = 5.0
+    clip_grad_norm: float = Field(5.0, description="clip the total gradient norm to this; 0 or negative: no clipping "
+                                                   "(the reference's rule)")
     grad_accum: int = Field(1, gt=0)
+    optimizer: Literal["reference", "torch"] = Field(
+        "reference", description="reference: transformers 4.2.1's AdamW, the reference's (eps added to the "
+                                 "un-bias-corrected sqrt(v), decay after the update); torch: torch.optim.AdamW "
+                                 "(fused on CUDA)")
     weight_decay: float = 0.01
     decay_rule: Literal["reference", "corrected"] = Field(
-        "reference", description="reference: only 'bias' names skip decay; corrected: LayerNorms and gates too"
-    )
+        "reference", description="reference: no decay for tensors whose reference name contains 'bias' or "
+                                 "'LayerNorm.weight' (LayerNorm weights, gate vectors and Compacter's PHM biases "
+                                 "decay); corrected: no decay for every bias, LayerNorm, gate vector and IA3 vector")
     adam_eps: float = 1e-6
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 42

@@ -10,11 +10,12 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vlpet_cli.atomic import write_json, write_text
+from vlpet_cli.atomic import signals_deferred, write_json, write_text
 from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.inference import decoding_settings, predict_all, score
 from vlpet_cli.progress import Progress
+from vlpet_cli.runs import Located, check_writable, checkpoints_dir, locate, recorded_path
 from vlpet_cli.tasks import TASKS, FileScoring, Task, VideoTask, resolve_task, task_class
 
 if TYPE_CHECKING:
@@ -59,24 +60,6 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def locate(path: Path) -> Path:
-    """The directory to load for a run directory (its adapter/) or an adapter, bundle or folded directory."""
-    from vlpet_cli.artifacts import ADAPTER_CONFIG
-
-    path = Path(path)
-    if not path.exists():
-        raise VlpetError(f"{path} does not exist; give a run directory (runs/<name>), an adapter, a bundle or a "
-                         f"folded model")
-    if (path / "config.yaml").exists() and (path / "adapter").is_dir():
-        return path / "adapter"
-    if (path / "config.yaml").exists():
-        raise VlpetError(f"{path} is a run without a final adapter yet; wait for training to finish or "
-                         f"evaluate {path / 'checkpoints' / 'best'}")
-    if (path / "adapter" / ADAPTER_CONFIG).exists() and not (path / ADAPTER_CONFIG).exists():
-        return path / "adapter"
-    return path
-
-
 def stored_preset(directory: Path) -> dict:
     """The preset recorded in an adapter, bundle or folded directory, read without building the model."""
     from vlpet_cli.artifacts import FOLDED_CONFIG, kind_of, read_adapter_config
@@ -100,9 +83,46 @@ def load_for_eval(path: Path, backbone: str | None = None):
     """(model, tokenizer, preset, adapter dir) from a run directory or an adapter/bundle/folded directory."""
     from vlpet_cli.artifacts import load_any
 
-    path = locate(path)
+    path = locate(path).directory
     model, tokenizer, preset = load_any(path, backbone=backbone)
     return model, tokenizer, preset, path
+
+
+def output_dir(out_dir: Path | None, located: Located) -> Path:
+    """Where the evaluation files go (--out, else the run's eval/, eval/best/ for its best checkpoint); never
+    inside a run's checkpoints, which training replaces; checked writable before the model is built."""
+    out = Path(out_dir) if out_dir is not None else located.eval_dir
+    if located.run is not None:
+        checkpoints = checkpoints_dir(located.run).resolve()
+        if out.resolve() == checkpoints or checkpoints in out.resolve().parents:
+            raise VlpetError(f"--out {out} is inside the run's checkpoints ({checkpoints}), which training replaces; "
+                             f"leave --out out (the files go to {located.eval_dir}) or choose another folder")
+    check_writable(out, "--out")
+    return out
+
+
+def recorded_settings(stored: dict, located: Located, data_root: str | None, backbone: str | None,
+                      overrides: list[str] | None) -> tuple[str | None, str | None]:
+    """(data root, backbone) to evaluate with: what the user gave, else what the adapter recorded, found from
+    here. Older runs recorded relative paths (relative to where training started): they are looked for from the
+    current directory and from the run's, and a missing data root says where it was looked for."""
+    from vlpet_cli import backbones
+    from vlpet_cli.artifacts import kind_of
+    from vlpet_cli.presets import parse_overrides
+
+    given = {key for key, _ in parse_overrides(overrides or [])}
+    root = (stored.get("data") or {}).get("data_root")
+    if data_root is None and "data.data_root" not in given and root not in (None, "toy"):
+        found = recorded_path(root, located.run, "data root", "--data-root")
+        data_root = found if found != root else None
+    name = (stored.get("model") or {}).get("backbone")
+    if backbone is None and name and not Path(name).is_absolute() and kind_of(located.directory) == "adapter":
+        try:
+            backbones.resolve(name)
+        except VlpetError:  # a relative backbone directory recorded by an older run: from the run's directory
+            found = recorded_path(name, located.run, "backbone directory", "--backbone", required=False)
+            backbone = found if found != name else None
+    return data_root, backbone
 
 
 def eval_preset(base: dict, tasks: list[str] | None, data_root: str | None, overrides: list[str] | None,
@@ -166,15 +186,20 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
 
     Every argument is checked against the stored preset before the model is built. Each record says how many
     records were scored (`n`, `limit`) and whether the adapter was trained on the task (`trained`)."""
-    adapter_dir = locate(path)
-    stored = stored_preset(adapter_dir)
-    trained = [resolve_task(t) for t in (stored.get("data") or {}).get("tasks") or []]
-    settings = eval_preset(stored, tasks, data_root, overrides, limit, split)
-    check_eval_arguments(settings, split, metrics, batch_size)
+    from vlpet_cli.data.loading import check_annotations
     from vlpet_cli.toy.root import resolve_data_root
 
-    resolve_data_root(settings.data.data_root)  # a missing --data-root is refused before the model is built
-    untrained = [t for t in settings.data.tasks or [] if t not in trained]
+    located = locate(path)
+    adapter_dir = located.directory
+    stored = stored_preset(adapter_dir)
+    trained = [resolve_task(t) for t in (stored.get("data") or {}).get("tasks") or []]
+    data_root, backbone = recorded_settings(stored, located, data_root, backbone, overrides)
+    settings = eval_preset(stored, tasks, data_root, overrides, limit, split)
+    check_eval_arguments(settings, split, metrics, batch_size)
+    # refused before the model is built: a missing data root, annotation files and an output that cannot be written
+    check_annotations(resolve_data_root(settings.data.data_root), settings, (split,))
+    out_dir = output_dir(out_dir, located)
+    untrained = [t for t in settings.data.tasks if t not in trained]
     if untrained:
         warnings.warn(f"{adapter_dir} was trained on {', '.join(trained) or 'no task'}, not on "
                       f"{', '.join(untrained)}: those scores do not measure what it learned (the eval files "
@@ -182,12 +207,15 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
                       stacklevel=1)
     model, tokenizer, loaded, _ = load_for_eval(adapter_dir, backbone)
     preset = eval_preset(loaded.model_dump(mode="json"), tasks, data_root, overrides, limit, split)
-    out_dir = out_dir or (adapter_dir.parent / "eval" if adapter_dir.name == "adapter" else adapter_dir / "eval")
     state = process_state()
     try:
         results = evaluate_model(model, tokenizer, preset, split, metrics, batch_size, progress, state=state)
         if state is None or state.is_main_process:  # the main process writes the files
             write_results(results, out_dir, split, trained, str(path))
+            if located.checkpoint is None:  # never write inside a checkpoint, which training replaces
+                from vlpet_cli.artifacts import refresh_model_card
+
+                refresh_model_card(adapter_dir, out_dir)  # the card beside the weights shows the new scores
         else:
             for record in results.values():
                 record.pop("predictions")
@@ -202,16 +230,18 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
 
 
 def write_results(results: dict, out_dir: Path, split: str, trained: list[str], source: str) -> None:
-    """Each task's eval record, predictions and submission file under out_dir."""
+    """Each task's eval record, predictions and submission file under out_dir; a signal waits until all are
+    written (each file is written atomically, so a failure leaves every file whole)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for task, record in results.items():
-        preds = record.pop("predictions")
-        record.update(trained=task in trained, trained_tasks=trained, source=source, versions=versions(),
-                      out_dir=str(out_dir))
-        write_json(out_dir / f"{task}-{split}.json", record)
-        write_json(out_dir / f"{task}-{split}.predictions.json", preds)
-        suffix, content = task_class(task)().submission(preds)
-        write_text(out_dir / submission_name(task, split, suffix), content)
+    with signals_deferred():
+        for task, record in results.items():
+            preds = record.pop("predictions")
+            record.update(trained=task in trained, trained_tasks=trained, source=source, versions=versions(),
+                          out_dir=str(out_dir))
+            write_json(out_dir / f"{task}-{split}.json", record)
+            write_json(out_dir / f"{task}-{split}.predictions.json", preds)
+            suffix, content = task_class(task)().submission(preds)
+            write_text(out_dir / submission_name(task, split, suffix), content)
 
 
 def submission_name(task: str, split: str, suffix: str) -> str:

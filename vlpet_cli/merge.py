@@ -34,7 +34,10 @@ from vlpet_cli.artifacts import (
     adapter_state,
     backbone_identity,
     load_adapter,
+    parameter_counts,
     read_adapter_config,
+    write_model_card,
+    write_peft_card,
 )
 from vlpet_cli.atomic import staged_dir, write_json
 from vlpet_cli.errors import VlpetError
@@ -57,10 +60,14 @@ def _staged(out: Path) -> Iterator[Path]:
 
 
 def _refuse_overwrite(out: Path, inputs: list[Path]) -> None:
-    """Writing over an input would destroy it; say so instead."""
+    """Writing over an input would destroy it; say so instead. An --out that cannot be written is refused before
+    anything is loaded."""
+    from vlpet_cli.runs import check_writable
+
     for path in inputs:
         if Path(out).resolve() == Path(path).resolve():
             raise VlpetError(f"--out {out} is one of the inputs; choose another output directory")
+    check_writable(Path(out).parent, "--out", out)
 
 
 def _brief(value: Any) -> str:
@@ -86,14 +93,10 @@ def _dir_size(directory: Path) -> int:
 
 # ---- averaging ------------------------------------------------------------------------------------------
 def adapter_of(path: Path) -> Path:
-    """The adapter directory a path means: itself, or a run directory's final `adapter/`."""
-    path = Path(path)
-    if not (path / ADAPTER_CONFIG).exists() and (path / "config.yaml").exists():
-        if not (path / "adapter" / ADAPTER_CONFIG).exists():
-            raise VlpetError(f"{path} is a run without a final adapter (unfinished?); finish it with "
-                             f"`vlpet train --resume --name {path.name} --runs-dir {path.parent}`")
-        return path / "adapter"
-    return path
+    """The adapter directory a path means: itself, or a run directory's final `adapter/` (`runs.locate`)."""
+    from vlpet_cli.runs import locate
+
+    return locate(path).directory
 
 
 def _read_adapter(path: Path):
@@ -193,12 +196,12 @@ def average_adapters(adapters: list[Path], out: Path, weights: list[float] | Non
 
     from vlpet_cli import __version__
 
-    adapters = [adapter_of(a) for a in adapters]
     if not adapters:
         raise VlpetError("give at least one adapter directory to average")
+    coefficients = merge_weights(len(adapters), weights, mode, scale)  # the arguments first, then the files
+    adapters = [adapter_of(a) for a in adapters]
     _refuse_overwrite(out, adapters)
     refuse_existing_out(out, overwrite)
-    coefficients = merge_weights(len(adapters), weights, mode, scale)
     loaded = [_read_adapter(a) for a in adapters]
     meta0, tensors0 = loaded[0]
     for path, (meta, tensors) in zip(adapters[1:], loaded[1:]):
@@ -221,7 +224,9 @@ def average_adapters(adapters: list[Path], out: Path, weights: list[float] | Non
         save_file(merged, str(tmp / ADAPTER_WEIGHTS))
         write_json(tmp / ADAPTER_CONFIG, {"format": ADAPTER_FORMAT, "vlpet_version": __version__,
                                           "preset": meta0["preset"], "backbone": meta0["backbone"],
+                                          **({"parameters": meta0["parameters"]} if "parameters" in meta0 else {}),
                                           "merge": record})
+        write_model_card(Path(out), files=tmp)
     return {"out": str(out), "tensors": len(merged), "coefficients": coefficients,
             "size_bytes": _dir_size(Path(out))}
 
@@ -282,10 +287,11 @@ def fold_adapter(adapter: Path, out: Path, bundle: bool = False, backbone: str |
 
     from vlpet_cli import __version__
 
-    adapter, out = Path(adapter), Path(out)
+    adapter, out = adapter_of(adapter), Path(out)
     _refuse_overwrite(out, [adapter])
     model, tokenizer, preset = load_adapter(adapter, backbone=backbone)
     model.eval()
+    counts, as_trained = parameter_counts(model), preset.model_dump(mode="json")  # the model as trained: its card
     kept = unfoldable_groups(model.pet)
     if kept and not bundle:
         raise VlpetError(f"{adapter} ({preset.name}) cannot be folded into plain {model.family} weights: "
@@ -310,13 +316,16 @@ def fold_adapter(adapter: Path, out: Path, bundle: bool = False, backbone: str |
             rest["model"]["backbone"] = BUNDLE_BACKBONE
             write_json(tmp / ADAPTER_CONFIG, {"format": BUNDLE_FORMAT, "vlpet_version": __version__, "preset": rest,
                                               "backbone": backbone_identity(model), "source": source,
-                                              "folded": folded, "kept": kept})
+                                              "folded": folded, "kept": kept, "parameters": counts,
+                                              "trained_preset": as_trained})
         else:
             _save_backbone(model, tokenizer, tmp)
             _save_projector(model, preset, tmp)
             plain = _pet_without(preset, model.pet, keep_unfoldable=False).model_dump(mode="json")
             write_json(tmp / FOLDED_CONFIG, {"format": FOLDED_FORMAT, "vlpet_version": __version__, "preset": plain,
-                                             "source": source, "folded": folded})
+                                             "source": source, "folded": folded, "parameters": counts,
+                                             "trained_preset": as_trained})
+        write_model_card(out, files=tmp)
     return {"out": str(out), "bundle": bundle, "folded": folded, "kept": kept, "size_bytes": _dir_size(out)}
 
 
@@ -336,7 +345,7 @@ def export_peft(adapter: Path, out: Path, backbone: str | None = None, with_base
     from safetensors.torch import save_file
 
     _peft()
-    adapter, out = Path(adapter), Path(out)
+    adapter, out = adapter_of(adapter), Path(out)
     _refuse_overwrite(out, [adapter])
     model, tokenizer, preset = load_adapter(adapter, backbone=backbone)
     methods = model.pet.methods()
@@ -351,6 +360,7 @@ def export_peft(adapter: Path, out: Path, backbone: str | None = None, with_base
         raise VlpetError(f"{adapter} ({preset.name}) is more than {method.label}: {'; '.join(others)}. A PEFT "
                          f"{method.peft_type} adapter would silently drop them; use `vlpet merge fold --bundle` "
                          f"instead")
+    counts = parameter_counts(model)  # of the model as trained, for the card
     model.pet.remove_hooks()  # the base written below must be the backbone without the method
     trained = [n for n in adapter_state(model) if n.startswith("backbone.")]
     base_path = (out.resolve() / PEFT_BASE) if with_base else None
@@ -372,6 +382,9 @@ def export_peft(adapter: Path, out: Path, backbone: str | None = None, with_base
         _save_projector(model, preset, tmp)
         if with_base:
             _save_backbone(model, tokenizer, tmp / PEFT_BASE)
+        write_peft_card(adapter, out, tmp, preset, model.backbone.config.model_type, counts,
+                        f"{method.peft_type}, {export.modules} {method.peft_unit}",
+                        f"./{out.resolve().name}/{PEFT_BASE}" if with_base else None)
     summary = {"out": str(out), "peft_type": method.peft_type, "modules": export.modules,
                "exported": f"{export.modules} {method.peft_unit}", "notes": notes, "size_bytes": _dir_size(out)}
     if method.peft_type == "LORA":

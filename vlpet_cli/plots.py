@@ -1,4 +1,4 @@
-"""Training curves of one run directory: reads `metrics.jsonl` and writes `plots/loss.png`.
+"""Training curves of one run directory: reads `metrics.jsonl` (through `runs`) and writes `plots/loss.png`.
 
 metrics.jsonl is append-only, and a resumed run appends to it again from its last checkpoint, so the same steps
 can appear twice. The curves follow the newest history: when a task's step goes back, the points it overlaps are
@@ -8,15 +8,14 @@ are skipped. matplotlib is imported inside the functions that draw, so importing
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, TypeGuard
 
-import yaml
-
 from vlpet_cli.atomic import atomic_file
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.extras import require_extra
+from vlpet_cli.runs import METRICS, read_config, read_events
 from vlpet_cli.tasks import TASKS, primary_metrics
 
 PRIMARY_METRIC = primary_metrics()
@@ -27,36 +26,6 @@ Series = tuple[list[float], list[float]]
 def is_number(value: Any) -> TypeGuard[float]:
     """True for a finite int or float (bools and NaN are not numbers here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def read_events(path: Path) -> list[dict]:
-    """Every JSON object in a metrics.jsonl file, in order; unparsable lines are skipped."""
-    events = []
-    with Path(path).open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                events.append(record)
-    return events
-
-
-def read_config(run_dir: Path) -> dict:
-    """The run's resolved preset (config.yaml) as a dict; {} when the file is absent."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise VlpetError(f"{path} is not valid YAML ({exc.__class__.__name__}); restore it from the preset "
-                         f"with `vlpet presets show`") from exc
-    if not isinstance(data, dict):
-        raise VlpetError(f"{path} does not hold a preset mapping; restore it from the preset with "
-                         f"`vlpet presets show`")
-    return data
 
 
 def start_event(events: list[dict]) -> dict:
@@ -152,13 +121,14 @@ def plot_title(run_dir: Path, config: dict, start: dict) -> str:
 
 def plot_run(run_dir: Path) -> Path:
     """Write run_dir/plots/loss.png: training loss per task and, if validated, primary metrics, against updates."""
+    require_extra("plots")
     from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         raise VlpetError(f"{path} does not exist; is {run_dir} a run directory made by `vlpet train`?")
-    events = read_events(path)
+    events = read_events(run_dir)
     losses = loss_series(events)
     if not losses:
         raise VlpetError(f"{path} has no training-loss records yet; plot again once training has logged a step")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.extras import require_extra
 from vlpet_cli.progress import Progress
 from vlpet_cli.tasks import PredictInput, ScoreChoices, get_task, resolve_task, task_class, tasks_of_kind
 from vlpet_cli.tasks.records import read_records
@@ -87,7 +88,7 @@ def check_inputs(task: str, inputs: list[PredictInput]) -> None:
     if not inputs:
         raise VlpetError("nothing to predict: give --image FILE (and --question/--statement), --video FILE, "
                          "or --inputs")
-    if cls.feature_kind == "video":
+    if takes.video:
         check_video_inputs(task, inputs)
         return
     for item in inputs:
@@ -202,6 +203,7 @@ def vision_settings(recorded: dict, source: str, vision_model: str | None, layer
 
 def video_duration(path: Path) -> float:
     """A video's duration in seconds (the container's, else its stream's)."""
+    require_extra("video")
     import av
 
     with av.open(str(path)) as container:
@@ -275,14 +277,10 @@ def _recorded_features(directory: Path) -> tuple[dict, list[str]]:
 
 
 def _locate(path: Path) -> Path:
-    """A run directory means its final adapter; anything else is loaded as it is."""
-    path = Path(path)
-    if not path.exists():
-        raise VlpetError(f"{path} does not exist; give a run directory, an adapter, a bundle or a folded model")
-    if (path / "config.yaml").is_file() and not (path / "adapter").is_dir():
-        raise VlpetError(f"{path} is a run without a final adapter yet; wait for training to finish or use "
-                         f"{path / 'checkpoints' / 'best'}")
-    return path / "adapter" if (path / "adapter").is_dir() else path
+    """The directory to load: a run directory means its final adapter (`runs.locate`)."""
+    from vlpet_cli.runs import locate
+
+    return locate(path).directory
 
 
 def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str | None = None,
@@ -313,7 +311,7 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
     device = "cuda" if torch.cuda.is_available() else "cpu"
     features = feature_kind(cls.feature_kind)
     extraction = features.extraction()
-    video = cls.feature_kind == "video"
+    video = cls.inputs.video
     vm = extraction.load_model(settings.model, device, settings.torchscript)
     if vm.dim != preset.model.feat_dim:
         raise VlpetError(f"{settings.model} gives {vm.dim}-dimensional features, but {directory} was "

@@ -41,7 +41,7 @@ def table_rows(summary: dict) -> list[tuple[str, str, str, str]]:
 def prepare_world(data_dir: Path, say, video: bool = False) -> Path:
     """The toy world's images (or videos) and annotations, with features extracted here by the tiny CLIP model
     (the tiny projected CLIP from the video files)."""
-    if not (data_dir / "toy.json").exists():
+    if not (data_dir / "toy.json").exists() or (video and not (data_dir / "video").is_dir()):  # built without av
         shutil.rmtree(data_dir, ignore_errors=True)
         say(f"building the toy world in {data_dir}")
         build_toy(data_dir, features=False)

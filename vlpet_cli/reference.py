@@ -2,10 +2,10 @@
 
 The reference saves `torch.save(model.state_dict())` of a DDP-wrapped model (spec pipeline §6): every key carries
 `module.`, the frozen backbone is included, and the added modules use the reference's names (spec modules §1-§3).
-Each PET method declares how the reference names its tensors (`pet.method.ReferenceRule`); this module fills in the
-backbone family's paths, sorts every key into module tensors, backbone tensors and ignored keys, checks the backbone
-against the one the user gives, and writes a normal adapter directory (`artifacts.save_adapter`), so `vlpet eval DIR`
-evaluates a published checkpoint.
+Each PET method declares how the reference names its tensors (`pet.method.ReferenceRule`, compiled per backbone
+family by `pet.reference_names`, which also gives training the reference's decay groups); this module sorts every key
+into module tensors, backbone tensors and ignored keys, checks the backbone against the one the user gives, and writes
+a normal adapter directory (`artifacts.save_adapter`), so `vlpet eval DIR` evaluates a published checkpoint.
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from vlpet_cli.backbones import N_VIS
 from vlpet_cli.config import Preset
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.errors import VlpetError, file_error
+from vlpet_cli.pet import reference_names
 from vlpet_cli.pet.inject import METHODS, owner
-from vlpet_cli.pet.method import REF_PARAM, ReferenceRule
+from vlpet_cli.pet.reference_names import rules  # noqa: F401  (re-exported: the rule table of both families)
+from vlpet_cli.runs import check_writable
 
 if TYPE_CHECKING:
     from vlpet_cli.vl.model import VLModel
@@ -31,49 +33,7 @@ if TYPE_CHECKING:
 RTOL, ATOL = 1e-5, 1e-6
 LARGE_DIFFERENCE = 1e-2
 SHOW = 5  # names shown in an error message
-
-# Where the reference's modules sit, for the `{ROOT}`, `{ENC}`, ... of the methods' rules. BART: inside
-# BartEncoderLayer / BartDecoderLayer. T5: inside the block's sub-layers, `layer.{0,1}` (encoder: attention, FFN)
-# and `layer.{0,1,2}` (decoder: self, cross, FFN); `_sublayer_ok` checks the pairing of module and sub-layer index.
-SITES = {
-    "bart": {"ROOT": r"model\.", "ENC": r"model\.encoder\.layers\.(?P<layer>\d+)\.",
-             "DEC": r"model\.decoder\.layers\.(?P<layer>\d+)\.",
-             "CROSS": r"model\.decoder\.layers\.(?P<layer>\d+)\.encoder_attn\.",
-             "ATT": r"model\.(?P<stack>encoder|decoder)\.layers\.(?P<layer>\d+)\.(?P<att>self_attn|encoder_attn)\."
-                    r"(?P<proj>q|k|v|out)_proj\."},
-    "t5": {"ROOT": "", "ENC": r"encoder\.block\.(?P<layer>\d+)\.layer\.(?P<sub>\d+)\.",
-           "DEC": r"decoder\.block\.(?P<layer>\d+)\.layer\.(?P<sub>\d+)\.",
-           "CROSS": r"decoder\.block\.(?P<layer>\d+)\.layer\.1\.EncDecAttention\.",
-           "ATT": r"(?P<stack>encoder|decoder)\.block\.(?P<layer>\d+)\.layer\.\d+\."
-                  r"(?P<att>SelfAttention|EncDecAttention)\.(?P<proj>q|k|v|o)\."},
-}
-# The reference's sub-layer words (the `kind` of encoder and `dkind` of decoder modules, BART / T5) and projection
-# names, turned into vlpet's (`anatomy.SubLayer.kind`, `anatomy.Projection`).
-SITE_WORDS = {"kind": {"attn": "attn", "ff": "ffn"},
-              "dkind": {"self_attn": "self", "attn": "self", "enc_attn": "cross", "ff": "ffn"},
-              "proj": {"out": "o"}}
-ATTENTION = {("encoder", "self_attn"): "attn", ("encoder", "SelfAttention"): "attn",
-             ("decoder", "self_attn"): "self", ("decoder", "SelfAttention"): "self",
-             ("decoder", "encoder_attn"): "cross", ("decoder", "EncDecAttention"): "cross"}
-T5_SUBLAYER: dict[tuple[str, str | None], str] = {("encoder", "attn"): "0", ("encoder", "ffn"): "1",
-               ("decoder", "self"): "0", ("decoder", "cross"): "1", ("decoder", "ffn"): "2"}
 CHECKPOINT_CLASS = {"bart": "VLBart", "t5": "VLT5"}
-
-# The visual projector (the reference's `encoder.visual_embedding`), whose object-order table is the word embedding.
-VIS = r"{ROOT}encoder\.visual_embedding\."
-PROJECTOR_RULES = [
-    ReferenceRule(VIS + r"(?P<mod>feat_embedding\.[01]|absolute_vis_pos_embedding\.[01]|img_order_embedding)\."
-                  + REF_PARAM, "projector.{mod}.{p}"),
-    ReferenceRule(VIS + r"obj_order_embedding\.weight", None),  # a copy of the tied word embedding
-]
-
-
-class Rule(NamedTuple):
-    """One declared rule compiled for a backbone family."""
-
-    pattern: re.Pattern
-    target: str | None
-    declared: ReferenceRule
 
 
 @dataclass
@@ -88,31 +48,7 @@ class Mapped:
     unexpected: list = field(default_factory=list)
     gates: set = field(default_factory=set)  # gate granularities the checkpoint holds
     methods: set = field(default_factory=set)  # module families: vlpet, adapter, lora, prompt, hyperformer
-    task_embeddings: dict = field(default_factory=dict)  # source module -> {reference task: tensor}
-    task_embedding_name: str | None = None  # the vlpet tensor the task embeddings' rows form
-
-
-def rules(family: str) -> list[Rule]:
-    """The projector's rules and every method's, with the family's module paths filled in."""
-    sites = SITES[family]
-    out = []
-    for declared in [*PROJECTOR_RULES, *(r for m in METHODS for r in m.reference_rules())]:
-        pattern = declared.pattern
-        for name, path in sites.items():
-            pattern = pattern.replace("{" + name + "}", path)
-        out.append(Rule(re.compile(pattern), declared.target, declared))
-    return out
-
-
-def _names(groups: dict, declared: ReferenceRule) -> dict:
-    """The reference's words in a match (its sub-layers, then the method's own words), turned into vlpet's."""
-    g = {k: v for k, v in groups.items() if v is not None}
-    for key, words in (*SITE_WORDS.items(), *declared.words.items()):
-        if key in g:
-            g[key] = words.get(g[key], g[key])
-    if "att" in g:
-        g["att"] = ATTENTION[(g["stack"], g["att"])]
-    return g
+    task_embeddings: dict = field(default_factory=dict)  # source module -> {vlpet name: tensor}
 
 
 def _first(names: Iterable[str], n: int = SHOW) -> str:
@@ -143,7 +79,11 @@ def load_state_dict(pth: Path) -> tuple[dict, dict]:
         raise VlpetError(f"{pth}: no such checkpoint file")
     try:
         data = torch.load(pth, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:  # the file could not be read (permissions, I/O): not a damaged checkpoint
+            raise file_error(exc, writing=False) from None
+        raise VlpetError(_load_failure(pth, exc)) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
         raise VlpetError(_load_failure(pth, exc)) from None
     notes: dict = {"nested_under": None, "prefix_stripped": False}
     for key in ("state_dict", "model"):
@@ -177,19 +117,16 @@ def checkpoint_family(state: dict) -> str | None:
 # ---- mapping ---------------------------------------------------------------------------------------------------
 def map_keys(state: dict, family: str, backbone_keys: set[str]) -> Mapped:
     """Sort every checkpoint key into mapped module tensors, backbone tensors, ignored and unexpected keys."""
-    table = rules(family)
     out = Mapped()
     for key, tensor in state.items():
-        rule, match = next(((r, m) for r in table if (m := r.pattern.fullmatch(key))), (None, None))
-        groups = _names(match.groupdict(), rule.declared) if rule is not None and match is not None else {}
-        if rule is not None and not _sublayer_ok(groups):
-            rule = None
-        if rule is None and key in backbone_keys:
+        found = reference_names.match(key, family)
+        if found is None and key in backbone_keys:
             out.backbone[key] = tensor
             continue
-        if rule is None:
+        if found is None:
             out.unexpected.append(key)
             continue
+        rule, groups = found
         if rule.target is None:
             out.ignored.append(key)
             continue
@@ -204,19 +141,10 @@ def map_keys(state: dict, family: str, backbone_keys: set[str]) -> Mapped:
         elif declared.role == "task":
             out.values.setdefault(name, {})[groups["task"]] = tensor
         elif declared.role == "task embedding":
-            out.task_embeddings.setdefault(key.rsplit(".", 1)[0], {})[groups["task"]] = tensor
-            out.task_embedding_name = name
+            out.task_embeddings.setdefault(key.rsplit(".", 1)[0], {})[name] = tensor
         else:
             out.tensors[name] = tensor
     return out
-
-
-def _sublayer_ok(groups: dict) -> bool:
-    """T5: encoder attention modules sit in layer.0, FFN ones in layer.1; decoder self/cross/FFN in layer.0/1/2."""
-    if groups.get("sub") is None:
-        return True
-    where = ("decoder", groups["dkind"]) if "dkind" in groups else ("encoder", groups.get("kind"))
-    return T5_SUBLAYER.get(where) == groups["sub"]
 
 
 def join_heads(heads: dict, pth: Path) -> tuple[dict, int | None]:
@@ -259,30 +187,39 @@ def merge_tasks(values: dict, pth: Path) -> tuple[dict, list[str]]:
     return merged, sorted(tasks)
 
 
-def task_embedding_rows(mapped: Mapped, preset: Preset, pth: Path) -> dict:
-    """HyperFormer's task embeddings as one [tasks, dim] tensor in the preset's task order (caption = coco)."""
+def task_embeddings(mapped: Mapped, preset: Preset, pth: Path) -> dict:
+    """HyperFormer's task embeddings, one tensor per task (caption = coco): the shared table and the per-stack ones
+    must agree, and hold the preset's tasks."""
     import torch
-
-    from vlpet_cli.tasks import ALIASES
 
     if not mapped.task_embeddings:
         return {}
-    name = mapped.task_embedding_name
-    if preset.pet.hyperformer is None:
-        return {name: None}  # check_fit names it as a tensor the model lacks
     sources = list(mapped.task_embeddings.values())
     first = sources[0]
     for other in sources[1:]:
-        if sorted(other) != sorted(first) or any(not torch.equal(other[t], first[t]) for t in first):
+        if sorted(other) != sorted(first) or any(not torch.equal(other[n], first[n]) for n in first):
             raise VlpetError(f"{pth}: the task embeddings of the encoder, decoder and shared table differ; vlpet "
                              f"keeps one table for both stacks (the reference's --unique_hyper_net)")
-    by_task = {ALIASES.get(t, t): v for t, v in first.items()}
+    if preset.pet.hyperformer is None:
+        return first  # check_fit names them as tensors the model lacks
+    found = sorted(n.rsplit(".", 1)[-1] for n in first)
     order = preset.pet.hyperformer.tasks
-    assert order is not None, "resolve sets pet.hyperformer.tasks"
-    if sorted(by_task) != sorted(order):
-        raise VlpetError(f"{pth}: the checkpoint has task embeddings for {sorted(by_task)}, the preset's "
+    if found != sorted(order):
+        raise VlpetError(f"{pth}: the checkpoint has task embeddings for {found}, the preset's "
                          f"pet.hyperformer.tasks are {order}; set pet.hyperformer.tasks to the reference's --tasks")
-    return {name: torch.stack([by_task[t] for t in order])}
+    return first
+
+
+def module_tensors(mapped: Mapped, preset: Preset, pth: Path) -> tuple[dict, int | None, list[str]]:
+    """({vlpet name: tensor} of the checkpoint's module and projector tensors, with the down heads joined, the
+    per-task copies merged and the task embeddings checked; the number of down heads; the tasks of the copies)."""
+    heads, n_heads = join_heads(mapped.heads, pth)
+    values, tasks = merge_tasks(mapped.values, pth)
+    clash = sorted((set(mapped.tensors) & set(heads)) | (set(mapped.tensors) | set(heads)) & set(values))
+    if clash:
+        raise VlpetError(f"{pth}: two kinds of reference module map onto {_first(clash)} (e.g. VL-PET multi-head and "
+                         f"VL-Adapter adapters in one sub-layer); vlpet holds one module per sub-layer")
+    return {**mapped.tensors, **heads, **values, **task_embeddings(mapped, preset, pth)}, n_heads, tasks
 
 
 def guess_preset(mapped: Mapped) -> str | None:
@@ -460,6 +397,7 @@ def _check_out(out: Path) -> None:
 
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / ADAPTER_CONFIG).exists())):
         raise VlpetError(f"{out} exists and is not an adapter directory; choose a new --out path")
+    check_writable(out.parent, "--out", out)  # before the checkpoint and the backbone are loaded
 
 
 def import_reference_checkpoint(pth: Path, preset: str | Preset | None, out: Path, backbone: str | None = None,
@@ -494,13 +432,7 @@ def import_reference_checkpoint(pth: Path, preset: str | Preset | None, out: Pat
     word_keys = [k for k, v in backbone_state.items() if v.data_ptr() == words.data_ptr()]
 
     mapped = map_keys(state, bb.family, set(backbone_state))
-    heads, n_heads = join_heads(mapped.heads, pth)
-    values, tasks = merge_tasks(mapped.values, pth)
-    clash = sorted((set(mapped.tensors) & set(heads)) | (set(mapped.tensors) | set(heads)) & set(values))
-    if clash:
-        raise VlpetError(f"{pth}: two kinds of reference module map onto {_first(clash)} (e.g. VL-PET multi-head and "
-                         f"VL-Adapter adapters in one sub-layer); vlpet holds one module per sub-layer")
-    tensors = {**mapped.tensors, **heads, **values, **task_embedding_rows(mapped, resolved, pth)}
+    tensors, n_heads, tasks = module_tensors(mapped, resolved, pth)
     check_backbone_shapes(model, mapped, pth, resolved.model.backbone)
     found = check_fit(model, resolved, mapped, tensors, pth)
 

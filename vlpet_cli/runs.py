@@ -1,8 +1,12 @@
-"""The run directory: `config.yaml`, `metrics.jsonl`, resumable `checkpoints/step-N/`, and `checkpoints/best`.
+"""The run directory: `config.yaml`, `metrics.jsonl`, resumable `checkpoints/step-N/`, `checkpoints/best`, the
+final `adapter/` and `eval/`; what a path given to a command means (`locate`); and the writer's lock.
 
 A checkpoint holds the trainable tensors (`model.safetensors`), the optimizer moments and every random state
 (`optimizer.safetensors`: CPU, each CUDA device when present, the data loaders' generators, numpy), and the loop
 position, optimizer groups and scheduler (`state.json`), so `--resume` continues exactly where the run stopped.
+
+torch, numpy and safetensors are imported inside the functions that need them, so that reading a run (`vlpet
+report`, the plots) stays cheap.
 """
 
 from __future__ import annotations
@@ -12,23 +16,22 @@ import json
 import os
 import random
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
-from vlpet_cli.artifacts import adapter_state, load_adapter_state
 from vlpet_cli.atomic import append_line, staged_dir, write_failure_reason, write_json, write_text
 from vlpet_cli.config import Preset
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.errors import VlpetError, file_error
 from vlpet_cli.presets import to_yaml, validate
 
 if TYPE_CHECKING:
+    import torch
     from torch.optim.lr_scheduler import LRScheduler
 
     from vlpet_cli.vl.model import VLModel
@@ -38,6 +41,10 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 BEST = "best"
+ADAPTER = "adapter"
+EVAL = "eval"
+LOCK = ".lock"  # held by the process writing the run (train); removed when it ends
+HOLDER = ".lock.json"  # who holds the lock: pid, host, command, since
 
 
 @dataclass
@@ -58,9 +65,32 @@ class TrainState:
 
 
 # ---- the run directory ------------------------------------------------------------------------------------
+def is_run(path: Path) -> bool:
+    """Whether `path` is a run directory (it holds config.yaml)."""
+    return (Path(path) / CONFIG).is_file()
+
+
 def write_config(run_dir: Path, preset: Preset) -> None:
     """config.yaml: the resolved preset the run was started with."""
     write_text(Path(run_dir) / CONFIG, to_yaml(preset))
+
+
+def read_config(run_dir: Path) -> dict:
+    """The run's resolved preset (config.yaml) as a dict; {} when the file is absent."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise file_error(exc, writing=False) from None
+    except yaml.YAMLError as exc:
+        raise VlpetError(f"{path} is not valid YAML ({exc.__class__.__name__}); restore it from the preset "
+                         f"with `vlpet presets show`") from None
+    if not isinstance(data, dict):
+        raise VlpetError(f"{path} does not hold a preset mapping; restore it from the preset with "
+                         f"`vlpet presets show`")
+    return data
 
 
 def load_run_preset(run_dir: Path) -> Preset:
@@ -68,38 +98,54 @@ def load_run_preset(run_dir: Path) -> Preset:
     path = Path(run_dir) / CONFIG
     if not path.exists():
         raise VlpetError(f"cannot resume: {run_dir} is not a run directory (no {CONFIG})")
-    return validate(yaml.safe_load(path.read_text()), str(path))
+    return validate(read_config(run_dir), str(path))
 
 
-def check_writable(run_dir: Path) -> None:
-    """The runs directory (or, for a new one, its nearest existing parent) is a directory we can write in; checked
-    before the model is built, with a probe file that is removed at once."""
-    runs = Path(run_dir).parent
-    probe = Path(run_dir) if Path(run_dir).is_dir() else runs
+def check_writable(target: Path, option: str = "--runs-dir", shown: Path | None = None) -> None:
+    """`target` (a directory to write in, or to create) can be written: probed in it, or for a new one in its
+    nearest existing parent, with a file that is removed at once; checked before anything expensive. The error
+    names `option` with `shown` (default: target)."""
+    target = Path(target)
+    shown = target if shown is None else shown
+    probe = target
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise VlpetError(f"--runs-dir {runs}: {probe} is a file, not a directory; choose another --runs-dir")
+        raise VlpetError(f"{option} {shown}: {probe} is a file, not a directory; choose another {option}")
     try:
         fd, name = tempfile.mkstemp(prefix=".vlpet-write-test-", dir=probe)
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
-        raise VlpetError(f"--runs-dir {runs}: cannot write in {probe} ({write_failure_reason(exc)}); choose a "
-                         f"writable --runs-dir") from None
+        raise VlpetError(f"{option} {shown}: cannot write in {probe} ({write_failure_reason(exc)}); choose a "
+                         f"writable {option}") from None
+
+
+def check_runs_dir(run_dir: Path) -> None:
+    """The runs directory of a run can be written in (the run directory itself, when it exists)."""
+    run_dir = Path(run_dir)
+    check_writable(run_dir if run_dir.is_dir() else run_dir.parent, "--runs-dir", run_dir.parent)
 
 
 def read_events(run_dir: Path) -> list[dict]:
-    """The events of metrics.jsonl (unreadable lines are skipped)."""
+    """The events of a run's metrics.jsonl, in order ([] when there is none). Lines that do not parse, such as a
+    truncated last line after a crash, are skipped."""
     path = Path(run_dir) / METRICS
-    if not path.exists():
+    if not path.is_file():
         return []
     events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            continue
+    try:
+        f = path.open(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise file_error(exc, writing=False) from None
+    with f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                events.append(record)
     return events
 
 
@@ -144,10 +190,205 @@ def best_dir(run_dir: Path) -> Path:
     return checkpoints_dir(run_dir) / BEST
 
 
+# ---- what a path given to eval, predict or merge means ------------------------------------------------------
+@dataclass(frozen=True)
+class Located:
+    """The directory to load for a path a user gave, and the run it belongs to (None for a lone adapter)."""
+
+    directory: Path  # an adapter, bundle or folded-model directory
+    run: Path | None = None
+    checkpoint: str | None = None  # 'best' for a run's best-validation adapter
+
+    @property
+    def eval_dir(self) -> Path:
+        """Where evaluation files go unless --out says otherwise: the run's eval/ (eval/best/ for its best
+        checkpoint, never inside a checkpoint, which training replaces), else <adapter>/eval."""
+        if self.run is None:
+            return self.directory / EVAL
+        return self.run / EVAL / self.checkpoint if self.checkpoint else self.run / EVAL
+
+
+def locate(path: Path) -> Located:
+    """What a path means to `vlpet eval`, `predict` and `merge`: a run directory means its final adapter/ (a run
+    without one is refused, saying whether it is training now), RUN/checkpoints/best the best-validation adapter;
+    anything else is loaded as it is (adapter, bundle or folded model)."""
+    from vlpet_cli.artifacts import ADAPTER_CONFIG
+
+    path = Path(path)
+    if not path.exists():
+        raise VlpetError(f"{path} does not exist; give a run directory (runs/<name>), an adapter, a bundle or a "
+                         f"folded model")
+    if is_run(path):
+        if (path / ADAPTER / ADAPTER_CONFIG).is_file():
+            return Located(path / ADAPTER, path)
+        raise VlpetError(unfinished(path))
+    if path.name == ADAPTER and is_run(path.parent):
+        return Located(path, path.parent)
+    if path.parent.name == CHECKPOINTS and is_run(path.parent.parent):
+        if path.name == BEST:
+            return Located(path, path.parent.parent, BEST)
+        raise VlpetError(f"{path} is a resumable training checkpoint, not an adapter; give the run "
+                         f"{path.parent.parent} (its final adapter) or {path.parent / BEST} (its best validation "
+                         f"adapter)")
+    if (path / ADAPTER / ADAPTER_CONFIG).is_file() and not (path / ADAPTER_CONFIG).is_file():
+        return Located(path / ADAPTER, path)  # a run directory copied without its config.yaml
+    return Located(path)
+
+
+def unfinished(run_dir: Path) -> str:
+    """Why a run has no final adapter yet (training now, or stopped), and what to use instead."""
+    from vlpet_cli.artifacts import ADAPTER_CONFIG
+
+    run_dir = Path(run_dir)
+    best = best_dir(run_dir)
+    instead = f", or use its best validation adapter {best}" if (best / ADAPTER_CONFIG).is_file() else ""
+    who = holder(run_dir)
+    if who is not None:
+        return (f"{run_dir} is a run without a final adapter yet: it is training now ({describe_holder(who)}); "
+                f"wait for it to finish{instead}")
+    return (f"{run_dir} is a run without a final adapter: its training stopped before the end; finish it with "
+            f"`vlpet train --resume --name {run_dir.name} --runs-dir {run_dir.parent}`{instead}")
+
+
+def recorded_path(value: str, run: Path | None, what: str, option: str, required: bool = True) -> str:
+    """A path a run recorded, as found from here. Runs record absolute paths; older ones recorded the path as
+    typed, relative to the directory they were started in, which is looked for from the current directory and
+    from the runs directory's parent (where `vlpet train` usually runs). Not found: an error saying where it was
+    looked for and which option gives it (`required`), else `value` unchanged."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return value
+    tried = [Path.cwd() / path]
+    if run is not None:
+        tried.append(Path(run).resolve().parent.parent / path)
+    for candidate in tried[1:]:
+        if candidate.exists():
+            return str(candidate)
+    if not required:
+        return value
+    where = f"the run {run}" if run is not None else "the adapter"
+    raise VlpetError(f"{where} recorded its {what} as the relative path '{value}' (relative to the directory it "
+                     f"was started in), which is not at {' nor at '.join(map(str, dict.fromkeys(tried)))}; pass "
+                     f"{option} with its location")
+
+
+# ---- the writer's lock --------------------------------------------------------------------------------------
+def describe_holder(info: dict) -> str:
+    """'pid 123 on host, vlpet train, since 2025-01-01 12:00:00' from a holder record."""
+    parts = [f"pid {info.get('pid', '?')}"]
+    if info.get("host") and info.get("host") != socket.gethostname():
+        parts[0] += f" on {info['host']}"
+    if info.get("command"):
+        parts.append(str(info["command"]))
+    if info.get("since"):
+        parts.append(f"since {info['since']}")
+    return ", ".join(parts)
+
+
+def _read_holder(run_dir: Path) -> dict:
+    try:
+        info = json.loads((Path(run_dir) / HOLDER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def holder(run_dir: Path) -> dict | None:
+    """Who holds the run's lock ({} when it does not say), or None when no process does."""
+    from filelock import FileLock, Timeout
+
+    path = Path(run_dir) / LOCK
+    if not path.exists():
+        return None
+    probe = FileLock(str(path))
+    try:
+        probe.acquire(timeout=0)
+    except Timeout:
+        return _read_holder(run_dir)
+    except OSError:  # a lock file we may not open (another user's run): it says nothing about a holder
+        return None
+    probe.release()
+    return None
+
+
+class RunLock:
+    """The lock of the one process that writes a run directory (`vlpet train`, new, --overwrite or --resume).
+    A second writer is refused with one line naming the run and the holder. The lock file and the holder record
+    live in the run directory while it is held and are removed when it is released."""
+
+    def __init__(self, run_dir: Path, command: str = "vlpet train"):
+        self.run_dir = Path(run_dir)
+        self.command = command
+        self._lock = None
+
+    def acquire(self) -> RunLock:
+        from filelock import FileLock, Timeout
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.run_dir / LOCK))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise VlpetError(in_use(self.run_dir, _read_holder(self.run_dir))) from None
+        self._lock = lock
+        write_json(self.run_dir / HOLDER, {"pid": os.getpid(), "host": socket.gethostname(),
+                                           "command": self.command,
+                                           "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        return self
+
+    def release(self) -> None:
+        if self._lock is None:
+            return
+        for name in (HOLDER, LOCK):  # removed while still held, so no other process finds a stale record
+            (self.run_dir / name).unlink(missing_ok=True)
+        self._lock.release()
+        self._lock = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def in_use(run_dir: Path, info: dict) -> str:
+    """The refusal of a second writer."""
+    who = describe_holder(info) if info else "another process"
+    stop = f" (or stop it: kill -INT {info['pid']})" if info.get("pid") else ""
+    return (f"run {run_dir} is in use by {who}; wait for it to finish{stop}, or choose another --name")
+
+
+def check_not_in_use(run_dir: Path) -> None:
+    """Refuse at once, before anything expensive, a run that another process is writing."""
+    info = holder(run_dir)
+    if info is not None:
+        raise VlpetError(in_use(run_dir, info))
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Empty a run directory for --overwrite, keeping the lock this process holds."""
+    for child in Path(run_dir).iterdir():
+        if child.name in (LOCK, HOLDER):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def run_contents(run_dir: Path) -> list[Path]:
+    """What a run directory holds apart from its lock."""
+    run_dir = Path(run_dir)
+    return [p for p in run_dir.iterdir() if p.name not in (LOCK, HOLDER)] if run_dir.is_dir() else []
+
+
 # ---- random states ----------------------------------------------------------------------------------------
 def rng_tensors(generators: dict[str, torch.Generator] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Every random state as (tensors, JSON): torch CPU, each CUDA device when CUDA is present, the named
     generators (data loaders), numpy's and Python's global generators."""
+    import numpy as np
+    import torch
+
     tensors = {"rng/torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -164,6 +405,9 @@ def rng_tensors(generators: dict[str, torch.Generator] | None = None) -> tuple[d
 def restore_rng(tensors: dict[str, torch.Tensor], meta: dict | None,
                 generators: dict[str, torch.Generator] | None = None) -> None:
     """Set every random state rng_tensors saved; states a checkpoint lacks (older versions) are left alone."""
+    import numpy as np
+    import torch
+
     if "rng/torch" in tensors:
         torch.set_rng_state(tensors["rng/torch"])
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng/cuda/")),
@@ -255,6 +499,10 @@ class Checkpointer:
     def save(self, model: VLModel, optimizer: torch.optim.Optimizer, scheduler: LRScheduler, state: TrainState,
              generators: dict[str, torch.Generator] | None = None) -> Path:
         """checkpoints/step-N/: trainable tensors, optimizer moments, scheduler, every RNG and the loop position."""
+        from safetensors.torch import save_file
+
+        from vlpet_cli.artifacts import adapter_state
+
         final = self.directory / f"step-{state.global_step}"
         with staged_dir(final) as tmp:
             save_file(adapter_state(model), str(tmp / "model.safetensors"))
@@ -282,6 +530,10 @@ class Checkpointer:
     def load(self, path: Path, model: VLModel, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
              generators: dict[str, torch.Generator] | None = None) -> TrainState:
         """Restore everything save() wrote into the given objects; returns the loop position."""
+        from safetensors.torch import load_file
+
+        from vlpet_cli.artifacts import load_adapter_state
+
         load_adapter_state(model, load_file(str(path / "model.safetensors")), str(path))
         meta = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "optimizer.safetensors"))

@@ -9,7 +9,6 @@ adapter by `artifacts`.
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import sys
 import threading
@@ -23,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from transformers import get_linear_schedule_with_warmup
 
 from vlpet_cli import backbones
 from vlpet_cli.artifacts import save_adapter
@@ -31,26 +29,34 @@ from vlpet_cli.atomic import WriteError
 from vlpet_cli.config import Preset
 from vlpet_cli.data.loading import (
     TaskData,
+    check_annotations,
     check_feature_dims,
     feature_kind,
     load_task_data,
 )
 from vlpet_cli.data.multitask import MultitaskLoader, task_batch_sizes
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.errors import DataError, Interrupted, VlpetError
 from vlpet_cli.inference import best_score, validate
+from vlpet_cli.optim import build_optimizer, clip_gradients, describe, param_groups, schedule, total_updates
 from vlpet_cli.pet.budget import budget
 from vlpet_cli.plots import plot_run
 from vlpet_cli.presets import T5_PREFIX, VIDEO_PREFIX, check_key, parse_overrides, resolve, set_dotted
 from vlpet_cli.presets import validate as validate_preset
 from vlpet_cli.progress import Progress
 from vlpet_cli.runs import (
+    ADAPTER,
     Checkpointer,
+    RunLock,
     TrainState,
     append_event,
     best_dir,
-    check_writable,
+    check_not_in_use,
+    check_runs_dir,
+    clear_run_dir,
     load_run_preset,
+    recorded_path,
     rewind_events,
+    run_contents,
     write_config,
 )
 from vlpet_cli.tasks import get_task
@@ -89,6 +95,26 @@ def resolve_train_preset(name: str, tasks: list[str] | None = None, data_root: s
     assert preset.data.tasks is not None, "resolve sets data.tasks"
     for task in preset.data.tasks:
         get_task(task)
+    return absolute_paths(preset)
+
+
+def _local_dir(value: str | None) -> Path | None:
+    """The absolute path of a data root or backbone given as an existing directory (not 'toy', not a built-in
+    backbone name such as tiny-bart, not a hub id)."""
+    if not value or value == "toy" or backbones.ALIASES.get(value, value) in backbones.TINY:
+        return None
+    path = Path(value).expanduser()
+    return path.resolve() if path.is_dir() else None
+
+
+def absolute_paths(preset: Preset) -> Preset:
+    """The preset with its data root and backbone directory as absolute paths, so that config.yaml and the
+    adapter work from any directory (`vlpet eval RUN` run elsewhere)."""
+    root, backbone = _local_dir(preset.data.data_root), _local_dir(preset.model.backbone)
+    if root is not None:
+        preset = preset.model_copy(update={"data": preset.data.model_copy(update={"data_root": str(root)})})
+    if backbone is not None:
+        preset = preset.model_copy(update={"model": preset.model.model_copy(update={"backbone": str(backbone)})})
     return preset
 
 
@@ -102,10 +128,11 @@ def _leaves(tree, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def _same_root(given: str, saved: str | None) -> bool:
+def _same_path(given: str, saved: str | None) -> bool:
+    """Whether a data root or backbone given on the command line is the one a run recorded (as paths)."""
     if saved is None or given == saved:
         return given == saved
-    return "toy" not in (given, saved) and Path(given).expanduser().resolve() == Path(saved).expanduser().resolve()
+    return _local_dir(given) is not None and _local_dir(given) == _local_dir(saved)
 
 
 def resume_preset(run_dir: Path, preset: str | None = None, tasks: list[str] | None = None,
@@ -116,10 +143,18 @@ def resume_preset(run_dir: Path, preset: str | None = None, tasks: list[str] | N
     would change what was trained are refused, each by name."""
     saved = load_run_preset(run_dir)
     root = saved.data.data_root
+    if root not in (None, "toy") and not Path(root).expanduser().is_absolute():
+        # an older run recorded its data root as typed, relative to where it was started: found from here, else
+        # where --data-root says
+        found = recorded_path(root, run_dir, "data root", "--data-root", required=data_root is None)
+        if found == root and not Path(root).expanduser().exists():
+            found = data_root
+        root = str(_local_dir(found) or found)
+        saved = saved.model_copy(update={"data": saved.data.model_copy(update={"data_root": root})})
     fixed = [("--preset", preset, saved.name, preset and saved.name in (preset, Path(preset).stem)),
-             ("--task", ",".join(tasks or []), ",".join(saved.data.tasks or []), tasks == saved.data.tasks),
-             ("--data-root", data_root, root, data_root and _same_root(data_root, root)),
-             ("--backbone", backbone, saved.model.backbone, backbone == saved.model.backbone)]
+             ("--task", ",".join(tasks or []), ",".join(saved.data.tasks), tasks == saved.data.tasks),
+             ("--data-root", data_root, root, data_root and _same_path(data_root, root)),
+             ("--backbone", backbone, saved.model.backbone, backbone and _same_path(backbone, saved.model.backbone))]
     for option, given, kept, same in fixed:
         if given and not same:
             raise VlpetError(f"{option} {given}: a resumed run keeps what it was started with ({kept}); drop "
@@ -146,21 +181,6 @@ def resume_preset(run_dir: Path, preset: str | None = None, tasks: list[str] | N
                              f"run with --name to change it")
         changes.append(f"{key}: {old} -> {new}")
     return updated, changes
-
-
-def param_groups(model, preset: Preset) -> list[dict]:
-    """AdamW groups: what skips decay is `pet.inject.no_decay_names` under the preset's decay rule (reference:
-    names containing 'bias' or 'LayerNorm.weight'; corrected: also norms and the tensors each method declares)."""
-    from vlpet_cli.pet.inject import no_decay_names
-
-    exempt = no_decay_names(model, preset.train.decay_rule)
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name in exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": preset.train.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
 
 
 @dataclass
@@ -190,6 +210,7 @@ class Session:
     resumed_from: Path | None = None  # the checkpoint a resumed run continues from
     epoch_rng: torch.Tensor | None = None  # the loader generator's state when the current epoch's pass began
     features: dict = field(default_factory=dict)  # feature-store attributes per source (feature_attrs)
+    lock: RunLock | None = None  # held by the main process until training ends
 
     @property
     def main(self) -> bool:
@@ -205,20 +226,15 @@ class Session:
 
     @property
     def total_updates(self) -> int:
-        total = math.ceil(self.total_batches / self.preset.train.grad_accum)
-        return min(total, self.preset.train.max_steps) if self.preset.train.max_steps else total
+        return total_updates(self.steps_per_epoch, self.preset.train)
 
     @property
     def done_batches(self) -> int:
         return self.state.epoch * self.steps_per_epoch + self.state.step_in_epoch
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(Interrupted):
     """SIGINT/SIGTERM stopped training after a resumable checkpoint; `exit_code` is 130 or 143."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 class Interrupts:
@@ -232,8 +248,9 @@ class Interrupts:
         self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def __enter__(self) -> Interrupts:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS}
+        if threading.current_thread() is threading.main_thread():  # a signal the shell made us ignore stays so
+            self._previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS
+                              if signal.getsignal(sig) is not signal.SIG_IGN}
         return self
 
     def _request(self, signum: int, frame) -> None:
@@ -255,12 +272,28 @@ class Interrupts:
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """A run to resume must be a run; a new run must not silently replace one."""
+    """A run to resume must be a run; a new run must not silently replace one; a run another process is
+    writing is refused, naming it."""
     if resume:
         load_run_preset(run_dir)  # a clear error when it is not a run
-    if not resume and run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+    if not resume and run_contents(run_dir) and not overwrite:
         raise VlpetError(f"run directory {run_dir} already exists; pass --resume to continue it, "
                          f"--overwrite to replace it, or --name to start another")
+    check_not_in_use(run_dir)
+
+
+def check_records(data: TaskData) -> None:
+    """Every task has training records, and validation records when the run validates (checked before the model
+    is built: an empty validation split would otherwise stop the run after its first epoch)."""
+    for task, ds in data.train.items():
+        if len(ds) == 0:
+            raise DataError(f"{task}: the training split has no records; check the task's annotation files "
+                            f"under --data-root (`vlpet features inspect` lists what a split holds)")
+    for task, ds in data.val.items():
+        if len(ds) == 0:
+            raise DataError(f"{task}: the validation split has no records, so the run could not choose its best "
+                            f"adapter; fix the task's validation annotation file, or train without validation "
+                            f"(eval.every=0)")
 
 
 def _check_resume_room(checkpointer: Checkpointer, path: Path, preset: Preset, steps_per_epoch: int) -> None:
@@ -282,37 +315,56 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
         mixed_precision="bf16" if preset.train.precision == "bf16" else "no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     check_run_dir(run_dir, resume, overwrite)
-    check_writable(run_dir)
-    backbones.check_weights(backbones.resolve(preset.model.backbone))
+    check_runs_dir(run_dir)
+    bb = backbones.resolve(preset.model.backbone)
+    backbones.check_weights(bb)
     root = resolve_data_root(preset.data.data_root)
     splits = ("train", "val") if preset.eval.every else ("train",)
+    check_annotations(root, preset, splits)
     check_feature_dims(root, preset, splits)
     checkpointer = Checkpointer(run_dir, preset.train.keep_checkpoints)
     last = intact_checkpoint(checkpointer, run_dir, accelerator.is_main_process) if resume else None
+    # the data first (it needs only the tokenizer): what the annotations hold is known before the model loads
+    data = load_task_data(preset, root, backbones.load_tokenizer(bb), splits=splits)
+    check_records(data)
 
     set_seed(preset.train.seed)
     model, tokenizer = build_model(preset, weights=True)
     if preset.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    data = load_task_data(preset, root, tokenizer, splits=splits)
     sizes = task_batch_sizes(preset.train.batch_size, list(data.train), preset.train.task_ratios)
+    lock = RunLock(run_dir)
     accelerator.wait_for_everyone()  # every process has checked the run directory before it is replaced
+    if accelerator.is_main_process:
+        lock.acquire()  # from here on this process is the run's one writer
+    try:
+        return _prepare(preset, run_dir, accelerator, model, tokenizer, data, sizes, checkpointer, last, lock,
+                        resume, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _prepare(preset: Preset, run_dir: Path, accelerator: Accelerator, model, tokenizer, data: TaskData,
+             sizes: dict[str, int], checkpointer: Checkpointer, last: Path | None, lock: RunLock, resume: bool,
+             overwrite: bool) -> Session:
+    """The part of `setup` that holds the run's lock: (re)create the run directory, build loader, optimizer and
+    schedule, restore the checkpoint or write config.yaml."""
     if accelerator.is_main_process and not resume:
-        shutil.rmtree(run_dir, ignore_errors=True)  # empty, or --overwrite was given
-        run_dir.mkdir(parents=True)
+        if run_contents(run_dir) and not overwrite:  # made by another process since it was checked
+            raise VlpetError(f"run directory {run_dir} already exists; pass --resume to continue it, "
+                             f"--overwrite to replace it, or --name to start another")
+        clear_run_dir(run_dir)  # empty, or --overwrite was given
     accelerator.wait_for_everyone()
     loader = MultitaskLoader(data.train, sizes, data_seed=preset.train.data_seed,
                              rank=accelerator.process_index, world_size=accelerator.num_processes,
                              num_workers=preset.data.num_workers, pin_memory=accelerator.device.type == "cuda")
-    fused: dict[str, Any] = {"fused": True} if accelerator.device.type == "cuda" else {}  # one kernel for all tensors
-    optimizer = torch.optim.AdamW(param_groups(model, preset), lr=preset.train.lr, eps=preset.train.adam_eps,
-                                  **fused)
+    optimizer = build_optimizer(model, preset, accelerator.device)
     session = Session(preset, run_dir, accelerator, model, model, tokenizer, optimizer, None, loader, data, sizes,
-                      {}, checkpointer)
+                      {}, checkpointer, lock=lock)
     if last is not None:
         _check_resume_room(checkpointer, last, preset, session.steps_per_epoch)
-    total = session.total_updates
-    session.scheduler = get_linear_schedule_with_warmup(optimizer, int(preset.train.warmup_ratio * total), total)
+    session.scheduler = schedule(optimizer, preset.train, session.total_updates)
     if last is not None:
         session.state = session.checkpointer.load(last, model, optimizer, session.scheduler,
                                                   {"train": loader.generator})
@@ -397,7 +449,9 @@ def _announce(session: Session, resume: bool, progress: Progress) -> None:
         append_event(session.run_dir, {"event": "start", "trainable": info["trainable"], "total": info["total"],
                                        "percent": info["percent"], "batch_sizes": session.sizes,
                                        "steps_per_epoch": session.steps_per_epoch,
-                                       "processes": session.accelerator.num_processes})
+                                       "processes": session.accelerator.num_processes,
+                                       "optimizer": describe(getattr(session.optimizer, "optimizer",
+                                                                     session.optimizer))})
 
 
 @dataclass
@@ -451,8 +505,7 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
             last_in_epoch = step + 1 == steps_per_epoch
             updated = done_batches % accum == 0 or last_in_epoch
             if updated:
-                if preset.train.clip_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, preset.train.clip_grad_norm)
+                clip_gradients(trainable, preset.train.clip_grad_norm, accelerator.clip_grad_norm_)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -561,7 +614,7 @@ def finish(session: Session, fitted: FitResult, progress: Progress) -> dict:
         progress.print(f"paused after {state.global_step} updates; continue with --resume")
         return summary
     if session.main:
-        adapter = session.run_dir / "adapter"
+        adapter = session.run_dir / ADAPTER
         size = save_adapter(adapter, session.unwrapped, session.preset, {"features": session.features})
         summary.update(adapter=str(adapter), adapter_bytes=size)
         append_event(session.run_dir, {"event": "end", "updates": state.global_step, "seconds": fitted.seconds,
@@ -604,6 +657,15 @@ def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     schedule still spans the whole run; continue with resume=True); `changes` are the resume_preset changes to
     announce. Everything that can be checked is checked before anything is written."""
     session = setup(preset, run_dir, resume=resume, overwrite=overwrite)
+    try:
+        return _run(session, resume, stop_after, changes)
+    finally:
+        session.lock.release()
+
+
+def _run(session: Session, resume: bool, stop_after: int | None, changes: list[str] | None) -> TrainResult:
+    """Fit and finish a set-up session (train's body, while the run's lock is held)."""
+    preset = session.preset
     progress = Progress(min(session.total_batches, session.total_updates * preset.train.grad_accum),
                         enabled=session.main, done=session.done_batches, every_s=10.0, final_line=False)
     try:

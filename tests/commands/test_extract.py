@@ -282,7 +282,7 @@ def test_duplicate_ids_in_image_tree(tmp_path):
 def test_model_resolution(model_dir, tmp_path):
     with pytest.raises(VlpetError) as err:
         load_vision_model("someone/not-a-cached-clip")
-    assert "huggingface-cli download someone/not-a-cached-clip --local-dir DIR" in str(err.value)
+    assert "hf download someone/not-a-cached-clip --local-dir DIR" in str(err.value)
     assert load_vision_model("tiny-clip").grid == 7
     not_clip = tmp_path / "bart"
     not_clip.mkdir()

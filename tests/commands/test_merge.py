@@ -10,6 +10,7 @@ from vlpet_cli.artifacts import OBJ_ROWS, kind_of, load_adapter, load_any, load_
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.merge import average_adapters, export_peft, fold_adapter, merge_weights
 from vlpet_cli.presets import resolve
+from vlpet_cli.runs import locate
 from vlpet_cli.vl.model import build_model
 
 FEAT = 16
@@ -227,7 +228,7 @@ def test_bundle_folds_lora_and_is_self_contained(tiny_dirs, tmp_path):
 def test_load_any_reads_adapters_and_refuses_other_folders(tiny_dirs, tmp_path):
     adapter = trained_adapter(tmp_path / "run" / "adapter", tiny_dirs["t5"])
     assert kind_of(adapter) == "adapter"
-    _, _, preset = seeded(load_any, tmp_path / "run")
+    _, _, preset = seeded(load_any, locate(tmp_path / "run").directory)  # a folder holding adapter/ means it
     assert preset.pet.lora is not None
     with pytest.raises(VlpetError, match="neither an adapter"):
         load_any(tmp_path)

@@ -88,10 +88,10 @@ def reference_name(name: str, tensor, family: str, heads: int, phm: bool) -> dic
     if group == "prompt":
         index = {"embedding": "0", "mlp.0": "1", "mlp.2": "3"}[".".join(parts[2:-1])]
         return _per_task(f"{root}encoder.prompt_modules.prompts.", f".prefix_embedding.{index}.{parts[-1]}", tensor)
-    if group == "task_embeddings":
-        rows = dict(zip(TASKS, tensor))
-        return {f"{root}{where}.task_to_embeddings.{task}": row.clone() for where in
-                ("shared_task_embed", "encoder.task_embed", "decoder.task_embed") for task, row in rows.items()}
+    if group == "task_embeddings":  # one per task; the reference's caption task is vlpet's coco
+        task = {"coco": "caption"}.get(parts[2], parts[2])
+        return {f"{root}{where}.task_to_embeddings.{task}": tensor.clone() for where in
+                ("shared_task_embed", "encoder.task_embed", "decoder.task_embed")}
     if group == "hyper":
         stack = parts[2]
         base = f"{root}{stack}.adapter_layers_hyper_net."
@@ -113,24 +113,34 @@ def _adapter(site: str, word: str, which: str, p: str, tensor, phm: bool) -> dic
     return _per_task(f"{site}{word}_adapter.adapters.", f".{which}_sampler.{PHM[p] if phm else p}", tensor)
 
 
-def reference_layout(model, family: str, preset) -> dict:
-    """The whole reference state dict of a vlpet model: frozen backbone, projector, every module."""
+def trainable_layout(model, family: str, preset) -> dict[str, dict]:
+    """{vlpet name: {reference key: tensor}} for every trainable tensor of a vlpet model (a per-task module: every
+    task's copy; a multi-head down projection: every head)."""
     heads = preset.pet.encoder.heads if preset.pet.encoder and preset.pet.encoder.kind == "adapter" else 1
     gate = preset.pet.gate.granularity if preset.pet.gate else None
     phm = {n.rsplit(".", 1)[0] for n, _ in model.named_parameters() if n.endswith(".rule")}
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        keys, in_phm = {}, name.rsplit(".", 1)[0] in phm
+        for key, value in reference_name(name, p.detach().clone(), family, heads, in_phm).items():
+            if key.startswith("GATE:"):
+                stem, param = key[len("GATE:"):].rsplit(".", 1)
+                key = f"{stem.rstrip('.')}{GATES[gate]}.{param}"
+            keys[key] = value
+        out[name] = keys
+    return out
+
+
+def reference_layout(model, family: str, preset) -> dict:
+    """The whole reference state dict of a vlpet model: frozen backbone, projector, every module."""
     state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     root = "model." if family == "bart" else ""
     state[f"{root}encoder.visual_embedding.obj_order_embedding.weight"] = \
         model.backbone.get_input_embeddings().weight.detach().clone()
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        tensor = p.detach().clone()
-        for key, value in reference_name(name, tensor, family, heads, name.rsplit(".", 1)[0] in phm).items():
-            if key.startswith("GATE:"):
-                stem, param = key[len("GATE:"):].rsplit(".", 1)
-                key = f"{stem.rstrip('.')}{GATES[gate]}.{param}"
-            state[key] = value
+    for keys in trainable_layout(model, family, preset).values():
+        state.update(keys)
     return {f"module.{k}": v for k, v in state.items()}
 
 
@@ -166,3 +176,25 @@ def test_every_method_imports_from_its_reference_layout(tmp_path, tiny_dirs, fam
         guessed = import_reference_checkpoint(pth, None, tmp_path / "b", str(tiny_dirs[family]), overrides)
         assert guessed["preset"] == preset
     assert report["preset"] == preset
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_decay_groups_are_the_reference_rule_on_the_reference_names(tiny_dirs, family, preset):
+    """The reference exempts from weight decay every tensor whose name *there* holds 'bias' or 'LayerNorm.weight'
+    (its trainer_base.py); vlpet derives its groups from the methods' declared layouts (pet/reference_names.py),
+    checked here against the layouts written out above."""
+    from vlpet_cli.pet.decay import no_decay_names
+
+    overrides = [f"model.feat_dim={FEAT}"]
+    if family == "t5" and preset == "bitfit":  # as above: the reference's T5 BitFit
+        overrides += ["pet.add_biases=false", "pet.trainable.relative_attention_bias=true"]
+    resolved = resolve(preset, overrides, backbone=str(tiny_dirs[family]))
+    model, _ = build_model(resolved, weights=False)
+    exempt = set()
+    for name, keys in trainable_layout(model, family, resolved).items():
+        spared = {any(word in k for word in ("bias", "LayerNorm.weight")) for k in keys}
+        assert len(spared) == 1, (name, keys)
+        if spared.pop():
+            exempt.add(name)
+    assert no_decay_names(model, "reference") == exempt

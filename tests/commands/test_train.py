@@ -35,7 +35,7 @@ def test_coco_loss_falls_adapter_small_backbone_frozen(tmp_path):
     losses = [e["loss"] for e in events(run, "train")]
     assert losses[-1] < 0.8 * losses[0]
     adapter = run / "adapter"
-    assert sorted(p.name for p in adapter.iterdir()) == ["adapter.safetensors", "vlpet_config.json"]
+    assert sorted(p.name for p in adapter.iterdir()) == ["README.md", "adapter.safetensors", "vlpet_config.json"]
     assert result.summary["adapter_bytes"] < 2_000_000
     assert (run / "config.yaml").exists() and (run / "plots" / "loss.png").exists()
     torch.manual_seed(preset.train.seed)

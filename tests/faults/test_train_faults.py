@@ -268,12 +268,12 @@ def test_a_full_disk_at_the_best_adapter_loses_nothing(monkeypatch, capsys, tmp_
 
 
 def test_a_full_disk_at_a_checkpoint(monkeypatch, capsys, tmp_path):
-    import vlpet_cli.runs as runs_module
+    import safetensors.torch
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(runs_module, "save_file", full)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)  # runs.Checkpointer imports it when it saves
     code, _, err = vlpet(monkeypatch, capsys, "train", *TOY, "--runs-dir", tmp_path, "--name", "full", *SMALL)
     one_line_error(code, err, f"cannot write {tmp_path / 'full' / 'checkpoints' / 'step-5'}",
                    "No space left on device", "no checkpoint was written", "--overwrite")
@@ -349,7 +349,7 @@ def test_merge_average_protects_an_existing_out_and_takes_run_directories(finish
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
     code, _, err = vlpet(monkeypatch, capsys, "merge", "average", finished, finished, "--out", out, "--overwrite")
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["adapter.safetensors", "vlpet_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter.safetensors", "vlpet_config.json"]
     same_adapters(finished / "adapter", out)
     assert not temp_leftovers(tmp_path)
 

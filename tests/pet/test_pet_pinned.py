@@ -5,7 +5,9 @@ The fixture was written from the code before the PET methods moved into one file
 HyperFormer losses come from that code with its hyper-network LayerNorm at eps 1e-6 (the reference's value, issue
 11 item 3), IA3 was pinned when it was added, and the losses of every T5 preset and of BART prompt tuning were
 re-pinned when the encoder input became the reference's (issue 11: T5's position bias over the text only, BART's
-embedding LayerNorm over prompts + text); only those losses changed. Regenerate only for a deliberate change:
+embedding LayerNorm over prompts + text); only those losses changed. Issue 25 re-pinned HyperFormer (one task embedding
+per task: new names, and the perturbation drawn in their order) and T5 Compacter (its LayerNorms frozen, as the
+reference). Regenerate only for a deliberate change:
 VLPET_PIN_WRITE=all python tests/test_pet_pinned.py (VLPET_PIN_WRITE=1 only adds presets not pinned yet).
 """
 

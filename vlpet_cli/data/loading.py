@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from vlpet_cli.config import Preset
 from vlpet_cli.data.cache import load_records
-from vlpet_cli.errors import DataError, VlpetError
+from vlpet_cli.errors import DataError, VlpetError, file_error
 from vlpet_cli.features.hdf5 import missing_ids
 from vlpet_cli.features.kinds import feature_kind as kind_named
 from vlpet_cli.tasks import get_task, task_class
@@ -99,6 +99,21 @@ def check_feature_dims(root: Path, preset: Preset, splits=("train", "val")) -> N
     for _, name, split_name, path, dim in found:
         if dim != want:
             raise VlpetError(_dim_message(name, split_name, path, dim, want))
+
+
+def check_annotations(root: Path, preset: Preset, splits=("train", "val")) -> None:
+    """Every annotation file the preset's tasks read for these splits exists and can be read (cheap: opened, not
+    parsed), so that a missing or unreadable file stops the command before the model loads."""
+    for name in preset.data.tasks:
+        task = get_task(name, video=preset.data.video)
+        paths = [task.split_path(root, split_name) for split in splits for split_name in task.split_names(split)]
+        for path in dict.fromkeys([*paths, *task.support_files(root)]):
+            if not path.is_file():
+                raise DataError(f"{name}: annotation file not found: {path}. Fix: {task.split_files_fix}.")
+            try:
+                path.open("rb").close()
+            except OSError as exc:
+                raise file_error(exc, writing=False) from None
 
 
 def _dim_message(task: str, split: str, path: Path, found: int, want: int) -> str:

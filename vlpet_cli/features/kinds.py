@@ -35,6 +35,7 @@ class FeatureKind:
     extractor: str  # the module that extracts this kind: extract(...), load_model(...), embed_files(...)
     ids_word: str  # what the missing ids are called in messages
     unpack_hint: str = ""
+    extra: str | None = None  # the pip extra (vlpet[NAME]) that making this kind needs
 
     @property
     def folder_layout(self) -> str:
@@ -115,7 +116,7 @@ VIDEO = FeatureKind(
     writers={videos.NPZ: videos.NpzVideoWriter, videos.PACKED: videos.PackedVideoWriter},
     default_layout=videos.NPZ, memory=videos.MemoryVideoStore, setting="video.feature_name",
     extractor="vlpet_cli.features.extract.videos", ids_word="videos",
-    unpack_hint=" (or unpack VALUE's clip-vit features there)")
+    unpack_hint=" (or unpack VALUE's clip-vit features there)", extra="video")
 KINDS: dict[str, FeatureKind] = {kind.name: kind for kind in (IMAGE, VIDEO)}
 
 

@@ -66,11 +66,13 @@ class _Bottlenecks(Method):
     def size_hint(self, name: str, shape: tuple) -> str | None:
         return super().size_hint(name, shape) or bottleneck_hint(self.field, name, shape)
 
-    def _per_task(self, site: str, word: str, target: str) -> ReferenceRule:
-        """The reference's `<word>_adapter.adapters.<task>.{down,up}_sampler.*` (Linear or PHM), one copy per task."""
-        return ReferenceRule(site + word + r"_adapter\.adapters\." + REF_TASK + r"\.(?P<which>down|up)_sampler\."
-                             + compacter.REFERENCE_PARAM, target + ".{which}.{p}", "task", self.reference_tag,
-                             words=compacter.REFERENCE_WORDS)
+    def _per_task(self, site: str, word: str, target: str) -> list[ReferenceRule]:
+        """The reference's `<word>_adapter.adapters.<task>.{down,up}_sampler.*`, one copy per task: Linear layers
+        (weight / bias) and Compacter's PHM layers (phm_rule / W / b)."""
+        prefix = site + word + r"_adapter\.adapters\." + REF_TASK + r"\.(?P<which>down|up)_sampler\."
+        return [ReferenceRule(prefix + REF_PARAM, target + ".{which}.{p}", "task", self.reference_tag),
+                ReferenceRule(prefix + compacter.REFERENCE_PARAM, target + ".{which}.{p}", "task", self.reference_tag,
+                              words=compacter.REFERENCE_WORDS, layer=compacter.LAYER)]
 
 
 class SequentialAdapters(_Bottlenecks):
@@ -110,12 +112,12 @@ class SequentialAdapters(_Bottlenecks):
         Compacter's per-task adapters; decoder: the per-task adapters (BART self_attn, T5 attn, enc_attn, ff)."""
         module = f"pet.{self.slots[0]}.{self.stack}_{{layer}}"
         if self.stack == "decoder":
-            return [self._per_task(r"{DEC}", r"(?P<dkind>self_attn|attn|enc_attn|ff)", module + "_{dkind}")]
+            return self._per_task(r"{DEC}", r"(?P<dkind>self_attn|attn|enc_attn|ff)", module + "_{dkind}")
         site = r"{ENC}(?P<kind>attn|ff)_adapter_multihead_"
         return [
             ReferenceRule(site + r"down\.(?P<head>\d+)\." + REF_PARAM, module + "_{kind}.down.{p}", "head", "vlpet"),
             ReferenceRule(site + r"up\." + REF_PARAM, module + "_{kind}.up.{p}", "tensor", "vlpet"),
-            self._per_task(r"{ENC}", r"(?P<kind>attn|ff)", module + "_{kind}"),
+            *self._per_task(r"{ENC}", r"(?P<kind>attn|ff)", module + "_{kind}"),
         ]
 
     def reference_preset(self, tags: set[str], gates: set[str], names: set[str]) -> str | None:
@@ -151,7 +153,7 @@ class ValueAdapters(_Bottlenecks):
 
     def reference_rules(self) -> list[ReferenceRule]:
         """`attn_value_parallel_adapter.adapters.<task>.*` inside the cross-attention."""
-        return [self._per_task(r"{CROSS}", "attn_value_parallel", f"pet.{self.slots[0]}.decoder_{{layer}}_cross")]
+        return self._per_task(r"{CROSS}", "attn_value_parallel", f"pet.{self.slots[0]}.decoder_{{layer}}_cross")
 
 
 ENCODER = SequentialAdapters("encoder", ENCODER_SITES)

@@ -12,8 +12,10 @@ from torch import nn
 from vlpet_cli.pet.activation import gelu_new
 
 KIND = "compacter"
-# The reference's PHM layers name their tensors phm_rule / W / b; the group matches plain Linears' names too.
-REFERENCE_PARAM = r"(?P<p>weight|bias|phm_rule|W|b)"
+# The reference's PHM layers name their tensors phm_rule / W / b (vlpet's rule / weight / bias); `PHMLinear`'s
+# `reference_layer` tells the rules written for them (`ReferenceRule.layer`) from those of plain Linears.
+LAYER = "phm"
+REFERENCE_PARAM = r"(?P<p>phm_rule|W|b)"
 REFERENCE_WORDS = {"p": {"phm_rule": "rule", "W": "weight", "b": "bias"}}
 
 
@@ -24,6 +26,8 @@ def holds_phm(names: set[str]) -> bool:
 
 class PHMLinear(nn.Module):
     """Parameterised hypercomplex Linear: W = Σ_i rule_i ⊗ weight_i, with its own n×n×n rule (Compacter)."""
+
+    reference_layer = LAYER
 
     def __init__(self, d_in: int, d_out: int, n: int = 2):
         super().__init__()

@@ -70,8 +70,7 @@ class HyperMethod(Method):
     unfoldable = "they generate the adapters per task at run time"
     reference_tag = "hyperformer"
     reference_preset_name = "hyperformer"
-    sizes = (("task_embeddings", "pet.hyperformer.task_dim", 1),
-             ("layer_embedding.weight", "pet.hyperformer.layer_dim", 1),
+    sizes = (("layer_embedding.weight", "pet.hyperformer.layer_dim", 1),
              ("mlp.0.weight", "pet.hyperformer.hidden", 0), ("mlp.2.weight", "pet.hyperformer.projected", 0),
              ("down_bias.weight", "pet.hyperformer.r", 0))
 
@@ -81,7 +80,10 @@ class HyperMethod(Method):
     def build(self, pet, spec, backbone: PreTrainedModel, extra_norms) -> None:
         d = backbone.config.d_model
         n_enc, n_dec = anatomy.num_layers(backbone)
-        pet.task_embeddings = nn.Parameter(torch.randn(len(spec.tasks), spec.task_dim))
+        # One parameter per task, as the reference holds them: a task absent from a batch gets no gradient, so the
+        # optimizer leaves its embedding alone (no moment update, no decay, its own step count).
+        rows = torch.randn(len(spec.tasks), spec.task_dim)
+        pet.task_embeddings = nn.ParameterDict({task: nn.Parameter(row.clone()) for task, row in zip(spec.tasks, rows)})
         pet.hyper = nn.ModuleDict({
             "encoder": HyperNetwork(spec, d, n_enc, ENCODER_SITES),
             "decoder": HyperNetwork(spec, d, n_dec, DECODER_SITES),
@@ -94,15 +96,23 @@ class HyperMethod(Method):
         return h + pet.hyper[sub.stack](task_embedding(pet), sub.layer, sub.kind, h)
 
     def no_decay(self, pet) -> list[str]:
-        return [f"hyper.{n}" for n, _ in pet.hyper.named_parameters() if "bias" in n]
+        """Biases and the hyper-networks' LayerNorms (mlp.3)."""
+        return [f"hyper.{n}" for n, _ in pet.hyper.named_parameters() if "bias" in n or ".mlp.3." in n]
+
+    def size_hint(self, name: str, shape: tuple) -> str | None:
+        if name.startswith(f"pet.{self.slots[1]}."):
+            return f"set pet.hyperformer.task_dim={shape[0]}" if len(shape) == 1 else None
+        return super().size_hint(name, shape)
 
     def reference_rules(self) -> list[ReferenceRule]:
-        """The task embeddings (shared, or one table per stack: all must be equal) and each stack's
-        `adapter_layers_hyper_net` (layer embeddings, task MLP, its LayerNorm, per-sub-layer generators)."""
+        """The task embeddings, one per task (shared, or one table per stack: all must be equal; the reference's
+        caption task is vlpet's coco) and each stack's `adapter_layers_hyper_net` (layer embeddings, task MLP, its
+        LayerNorm, per-sub-layer generators)."""
         hyper, embeddings = self.slots
         tag = self.reference_tag
         rules = [ReferenceRule(r"{ROOT}(?:shared_task_embed|(?:encoder|decoder)\.task_embed)\.task_to_embeddings\."
-                               + REF_TASK, f"pet.{embeddings}", "task embedding", tag)]
+                               + REF_TASK, f"pet.{embeddings}.{{task}}", "task embedding", tag,
+                               words={"task": {"caption": "coco"}})]
         for stack, blocks in REFERENCE_BLOCKS.items():
             net, ours = r"{ROOT}" + stack + r"\.adapter_layers_hyper_net\.", f"pet.{hyper}.{stack}."
             rules += [
@@ -122,7 +132,7 @@ def task_embedding(pet) -> torch.Tensor:
     tasks = pet.cfg.hyperformer.tasks
     if pet.task not in tasks:
         raise VlpetError(f"HyperFormer needs the current task, one of {tasks}; got {pet.task!r}")
-    return pet.task_embeddings[tasks.index(pet.task)]
+    return pet.task_embeddings[pet.task]
 
 
 HYPER = HyperMethod()

@@ -240,20 +240,3 @@ def fold(pet: PetModules) -> list[str]:
     pet.remove_hooks()
     with torch.no_grad():
         return [m.fold(pet) for m in foldable(pet)]
-
-
-def no_decay_names(model: PetHost, rule: str) -> set[str]:
-    """Names of a VLModel's parameters that AdamW should not decay.
-
-    reference: the reference's list ["bias", "LayerNorm.weight"] matched as substrings of every name (HF BART/T5
-    LayerNorms are named layer_norm/layernorm_embedding, so in practice only "bias" names are exempt);
-    corrected: also every LayerNorm of the backbone and the projector and what each method declares (gate vectors).
-    """
-    names = {n for n, _ in model.named_parameters() if "bias" in n or "LayerNorm.weight" in n}
-    if rule == "corrected":
-        norms = anatomy.layer_norm_names(model.backbone)
-        names |= {f"backbone.{n}" for n in norms["encoder"] + norms["decoder"]}
-        names |= {f"projector.{n}.{p}" for n, m in anatomy.norm_modules(model.projector)
-                  for p, _ in m.named_parameters(recurse=False)}
-        names |= {f"pet.{n}" for m in model.pet.methods() for n in m.no_decay(model.pet)}
-    return names

@@ -58,7 +58,7 @@ class ReferenceRule:
     """How the reference code's checkpoints name one kind of a method's tensors, and where it lands in vlpet.
 
     pattern: a regex over the checkpoint key; `{ROOT}`, `{ENC}`, `{DEC}`, `{CROSS}` and `{ATT}` stand for the
-             backbone family's paths (`reference.SITES`), whose groups (layer, kind, dkind, stack, att, proj) the
+             backbone family's paths (`reference_names.SITES`), whose groups (layer, kind, dkind, stack, att, proj) the
              importer translates into vlpet's sub-layer words.
     target:  the vlpet parameter name, a format string over the match's groups (after `words`).
     role:    "tensor"; "head" (one of the N_h down heads, joined in head order); "task" (one copy per reference
@@ -66,6 +66,8 @@ class ReferenceRule:
     tag:     the module family the key reveals ("vlpet", "adapter", "lora", ...), for choosing the preset.
     gate:    the gate granularity the key reveals.
     words:   group -> {reference word: vlpet word}, for the method's own words (PHM names, layer indices).
+    layer:   where the reference names the same vlpet tensors differently per kind of layer, the kind this rule is
+             for: the `reference_layer` of the module holding them (Compacter's PHM layers: "phm"); None: any.
     """
 
     pattern: str
@@ -74,6 +76,7 @@ class ReferenceRule:
     tag: str = ""
     gate: str | None = None
     words: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    layer: str | None = None
 
 
 class Method:

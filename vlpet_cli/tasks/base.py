@@ -83,6 +83,8 @@ class Inputs:
 
     images: int = 1
     """Images per input (a video task: its one video)."""
+    video: bool = False
+    """Whether the input is a video file (predict's --video) rather than images."""
     text: str | None = None
     """The text it takes, by its option's name: 'question', 'statement', or None (captioning)."""
     choices: int = 0
@@ -160,6 +162,10 @@ class Task:
     """Whether `vlpet eval --predictions` may take a --split for this task's annotation files."""
     feature_kind: ClassVar[str] = "image"
     """'image' (per-image grid features) or 'video' (per-video frame features, data.video)."""
+    split_files_fix: ClassVar[str] = "check --data-root: it must hold the task's annotation files"
+    """How to fix a missing split file (the messages of readers and of `data.loading.check_annotations`)."""
+    hub_task: ClassVar[str] = "visual-question-answering"
+    """The Hugging Face Hub's task type of a model trained on it (model cards)."""
 
     def __init__(self, prompt: str | None = None, video: VideoData | None = None) -> None:
         self.prompt = self.default_prompt if prompt is None else prompt

@@ -140,7 +140,9 @@ def _karpathy_references(images: list[Any], path: Path, split: str | None) -> di
 class CocoTask(Task):
     """COCO captions: the prompt 'caption: ' alone -> the caption; token-averaged loss."""
 
+    split_files_fix = SPLIT_FILES_FIX
     name = "coco"
+    hub_task = "image-to-text"
     aliases = ("caption", "captions", "coco_caption")
     folder = "COCO"
     default_prompt = "caption: "

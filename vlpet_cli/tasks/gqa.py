@@ -68,6 +68,7 @@ def load_labels(path: Path) -> dict[str, dict[str, float]]:
 class GqaTask(Task):
     """GQA: 'gpa: ' (the reference's typo) + question -> answer sampled ∝ score, weight 1."""
 
+    split_files_fix = SPLIT_FILES_FIX
     name = "gqa"
     folder = "GQA"
     default_prompt = "gpa: "

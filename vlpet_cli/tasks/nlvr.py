@@ -94,6 +94,7 @@ def load_labels(path: Path) -> dict[str, bool]:
 class NlvrTask(Task):
     """NLVR2: 'nlvr: ' + sentence (no truncation) over two images -> 'true' or 'false'."""
 
+    split_files_fix = SPLIT_FILES_FIX
     name = "nlvr"
     aliases = ("nlvr2",)
     folder = "nlvr"

@@ -105,6 +105,7 @@ def load_official_answers(vqa_dir: Path, question_ids: set[str]) -> dict[str, di
 class VqaTask(Task):
     """VQA v2: 'vqa: ' + question -> answer sampled ∝ score, loss weighted by that score."""
 
+    split_files_fix = SPLIT_FILES_FIX
     name = "vqa"
     folder = "vqa"
     default_prompt = "vqa: "

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from vlpet_cli.atomic import write_text
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.extras import has_extra
 from vlpet_cli.features.kinds import IMAGE
 from vlpet_cli.toy.palette import BACKGROUNDS, COLORS, SHAPES
 
@@ -635,11 +636,13 @@ def build_toy(dest: Path, seed: int = SEED, features: bool = True, model: Path |
                 _, path, reason = summary.failed[0]
                 raise VlpetError(f"toy world: feature extraction failed for {path} ({reason})")
         manifest["features"] = {"model": model.name, "fingerprint": _fingerprint(model), "file": FEATURE_FILE}
-    from vlpet_cli.toy.videos import build_video  # imports this module's constants
+    manifest["video"] = None  # without PyAV (vlpet[video]) the world has no videos, until av is installed
+    if has_extra("video"):
+        from vlpet_cli.toy.videos import build_video  # imports this module's constants
 
-    manifest["video"] = build_video(dest, seed, features=features)
-    if features:
-        manifest["video"]["features"]["fingerprint"] = _fingerprint(_tiny_clip_proj())
+        manifest["video"] = build_video(dest, seed, features=features)
+        if features:
+            manifest["video"]["features"]["fingerprint"] = _fingerprint(_tiny_clip_proj())
     manifest["build_seconds"] = round(time.perf_counter() - start, 2)
     _write_json(dest / "toy.json", manifest)
     return dest
@@ -658,14 +661,16 @@ def _is_current(root: Path) -> bool:
     except (OSError, ValueError):
         return False
     feats = manifest.get("features") or {}
-    video_feats = (manifest.get("video") or {}).get("features") or {}
+    video = manifest.get("video")  # None: built without PyAV (vlpet[video]), current until av imports
+    video_feats = (video or {}).get("features") or {}
     model, video_model = _tiny_clip(), _tiny_clip_proj()
     return (
         manifest.get("version") == TOY_VERSION
         and manifest.get("generator") == _generator_hash()
         and manifest.get("seed") == SEED
         and (not model.is_dir() or feats.get("fingerprint") == _fingerprint(model))
-        and (not video_model.is_dir() or video_feats.get("fingerprint") == _fingerprint(video_model))
+        and (not has_extra("video") if video is None
+             else not video_model.is_dir() or video_feats.get("fingerprint") == _fingerprint(video_model))
     )
 
 

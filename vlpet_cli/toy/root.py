@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlpet_cli.errors import VlpetError
+from vlpet_cli.errors import DataError, VlpetError
+from vlpet_cli.extras import require_extra
 from vlpet_cli.features.kinds import feature_kind
 from vlpet_cli.tasks import get_task
 from vlpet_cli.toy.images import toy_root
@@ -33,7 +34,12 @@ def toy_feature_dim(tasks: list[str] | None = None) -> int:
         chosen = [get_task("coco")]
     task = chosen[0]
     kind = feature_kind(task.feature_kind)
-    path = kind.locate(root, task.feature_source(task.split_names("train")[0]))
+    try:
+        path = kind.locate(root, task.feature_source(task.split_names("train")[0]))
+    except DataError:
+        if kind.extra:  # the toy world is built without what needs a missing extra (videos without PyAV)
+            require_extra(kind.extra)
+        raise
     dim = kind.open(path).dim
     if dim is None:
         raise VlpetError(f"{path}: the toy world's {kind.name} features are empty; rebuild the toy world")

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from vlpet_cli.atomic import write_text
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.extras import require_extra
 from vlpet_cli.features.extract.clip import TINY_CLIP_PROJ
 from vlpet_cli.features.kinds import VIDEO
 from vlpet_cli.toy.palette import BACKGROUNDS, COLORS, SHAPES
@@ -344,6 +345,7 @@ def video_summary(world: VideoWorld) -> dict[str, int]:
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = FPS) -> None:
     """Write RGB frames as an MPEG-4 Part 2 .mp4 (high quality, every frame a key frame) with PyAV."""
+    require_extra("video")
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -244,7 +244,7 @@ def build_model(preset: Preset, weights: bool) -> tuple[VLModel, PreTrainedToken
 def build_model(preset: Preset, weights: bool = True) -> tuple[VLModel, PreTrainedTokenizerBase | None]:
     """(VLModel, tokenizer) for a resolved preset; weights=False builds on the meta device for counting."""
     bb = backbones.resolve(preset.model.backbone)
-    backbone, tokenizer = backbones.build(bb, weights=weights)
+    backbone, tokenizer = backbones.build(bb, weights=weights, dropout=preset.model.dropout)
     d = backbone.config.d_model
     eps = getattr(backbone.config, "layer_norm_epsilon", 1e-6)
     device = torch.device("meta") if not weights else torch.device("cpu")

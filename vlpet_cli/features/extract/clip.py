@@ -52,7 +52,7 @@ def model_dir(model: str | Path) -> tuple[Path, str]:
     except Exception as exc:
         raise VlpetError(
             f"model '{model}' is neither a local directory nor in the local Hugging Face cache, and vlpet does not "
-            f"download at run time. Download it with `huggingface-cli download {model} --local-dir DIR` and pass "
+            f"download at run time. Download it with `hf download {model} --local-dir DIR` and pass "
             f"--model DIR."
         ) from exc
 

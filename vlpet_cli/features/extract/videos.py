@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import CLIPVisionModelWithProjection
 
 from vlpet_cli.errors import VlpetError
+from vlpet_cli.extras import require_extra
 from vlpet_cli.features.extract import clip
 from vlpet_cli.features.extract.clip import VisionTower
 from vlpet_cli.features.extract.loop import ExtractSummary, Job, check_request, run
@@ -82,6 +83,7 @@ def square_crop(rgb: np.ndarray, size: int) -> np.ndarray:
 
 def decode_frames(path: Path, step: float = FRAME_STEP_S) -> list[np.ndarray]:
     """RGB uint8 frames (H, W, 3) of a video at one per `step` seconds, the frame on screen at each tick."""
+    require_extra("video")
     import av
 
     picked: list[np.ndarray] = []

@@ -19,7 +19,7 @@ from vlpet_cli.config import VideoData
 from vlpet_cli.errors import DataError, VlpetError
 from vlpet_cli.metrics.caption import CAPTION_METRICS, scaled_caption_scores
 from vlpet_cli.tasks import files
-from vlpet_cli.tasks.base import FileScoring, Generate, PredictInput, Record, Task, tokenize_batch
+from vlpet_cli.tasks.base import FileScoring, Generate, Inputs, PredictInput, Record, Task, tokenize_batch
 from vlpet_cli.tasks.records import RecordModel, RecordRef, parse_record, read_json, read_records
 
 if TYPE_CHECKING:
@@ -81,6 +81,8 @@ class VideoTask(Task):
     line_id: ClassVar[str]
     """The id field of an annotation line ('qid', 'clip_id'), named in messages."""
     feature_kind = "video"
+    inputs = Inputs(video=True)
+    hub_task = "video-text-to-text"
     input_max_length = 600  # the reference's; the value used is data.video.max_length
     target_max_length = 20
     loss_reduction = "example"

@@ -20,7 +20,7 @@ class TvcTask(VideoCaptionTask):
     source = "tv"
     default_prompt = "tvc: "
     splits: ClassVar[dict[str, str]] = {"train": "train_release", "val": "val_release", "test": "test_release"}
-    inputs = Inputs(moment=True)
+    inputs = Inputs(video=True, moment=True)
     label = "TVC CIDEr"
     submission_file = "tvc_test_predictions.jsonl"
 

@@ -19,7 +19,7 @@ class TvqaTask(VideoQaTask):
     source = "tv"
     default_prompt = "tvqa: "
     splits: ClassVar[dict[str, str]] = {"train": "train", "val": "val", "test": "test_public,test_release"}
-    inputs = Inputs(text="question", choices=5, moment=True)
+    inputs = Inputs(video=True, text="question", choices=5, moment=True)
     label = "TVQA accuracy"
     submission_file = "tvqa_test_predictions.json"
 
@@ -34,7 +34,7 @@ class How2qaTask(VideoQaTask):
     default_prompt = "how2qa: "
     splits: ClassVar[dict[str, str]] = {"train": "train_release", "val": "val_release",
                                         "test": "test_public_release"}
-    inputs = Inputs(text="question", choices=4, moment=True)
+    inputs = Inputs(video=True, text="question", choices=4, moment=True)
     qa_type = "how2qa"
     label = "How2QA accuracy"
     submission_file = "how2qa_test_public_predictions.json"
