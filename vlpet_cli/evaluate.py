@@ -199,7 +199,7 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     # refused before the model is built: a missing data root, annotation files and an output that cannot be written
     check_annotations(resolve_data_root(settings.data.data_root), settings, (split,))
     out_dir = output_dir(out_dir, located)
-    untrained = [t for t in settings.data.tasks if t not in trained]
+    untrained = [t for t in settings.data.tasks or [] if t not in trained]
     if untrained:
         warnings.warn(f"{adapter_dir} was trained on {', '.join(trained) or 'no task'}, not on "
                       f"{', '.join(untrained)}: those scores do not measure what it learned (the eval files "

@@ -204,6 +204,7 @@ def task_embeddings(mapped: Mapped, preset: Preset, pth: Path) -> dict:
         return first  # check_fit names them as tensors the model lacks
     found = sorted(n.rsplit(".", 1)[-1] for n in first)
     order = preset.pet.hyperformer.tasks
+    assert order is not None, "resolve sets pet.hyperformer.tasks"
     if found != sorted(order):
         raise VlpetError(f"{pth}: the checkpoint has task embeddings for {found}, the preset's "
                          f"pet.hyperformer.tasks are {order}; set pet.hyperformer.tasks to the reference's --tasks")

@@ -32,6 +32,7 @@ from vlpet_cli.presets import to_yaml, validate
 
 if TYPE_CHECKING:
     import torch
+    from filelock import BaseFileLock
     from torch.optim.lr_scheduler import LRScheduler
 
     from vlpet_cli.vl.model import VLModel
@@ -319,7 +320,7 @@ class RunLock:
     def __init__(self, run_dir: Path, command: str = "vlpet train"):
         self.run_dir = Path(run_dir)
         self.command = command
-        self._lock = None
+        self._lock: BaseFileLock | None = None
 
     def acquire(self) -> RunLock:
         from filelock import FileLock, Timeout

@@ -147,12 +147,12 @@ def resume_preset(run_dir: Path, preset: str | None = None, tasks: list[str] | N
         # an older run recorded its data root as typed, relative to where it was started: found from here, else
         # where --data-root says
         found = recorded_path(root, run_dir, "data root", "--data-root", required=data_root is None)
-        if found == root and not Path(root).expanduser().exists():
+        if data_root is not None and found == root and not Path(root).expanduser().exists():
             found = data_root
         root = str(_local_dir(found) or found)
         saved = saved.model_copy(update={"data": saved.data.model_copy(update={"data_root": root})})
     fixed = [("--preset", preset, saved.name, preset and saved.name in (preset, Path(preset).stem)),
-             ("--task", ",".join(tasks or []), ",".join(saved.data.tasks), tasks == saved.data.tasks),
+             ("--task", ",".join(tasks or []), ",".join(saved.data.tasks or []), tasks == saved.data.tasks),
              ("--data-root", data_root, root, data_root and _same_path(data_root, root)),
              ("--backbone", backbone, saved.model.backbone, backbone and _same_path(backbone, saved.model.backbone))]
     for option, given, kept, same in fixed:
@@ -660,7 +660,8 @@ def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     try:
         return _run(session, resume, stop_after, changes)
     finally:
-        session.lock.release()
+        if session.lock is not None:
+            session.lock.release()
 
 
 def _run(session: Session, resume: bool, stop_after: int | None, changes: list[str] | None) -> TrainResult:

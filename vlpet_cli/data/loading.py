@@ -104,6 +104,7 @@ def check_feature_dims(root: Path, preset: Preset, splits=("train", "val")) -> N
 def check_annotations(root: Path, preset: Preset, splits=("train", "val")) -> None:
     """Every annotation file the preset's tasks read for these splits exists and can be read (cheap: opened, not
     parsed), so that a missing or unreadable file stops the command before the model loads."""
+    assert preset.data.tasks is not None, "resolve sets data.tasks"
     for name in preset.data.tasks:
         task = get_task(name, video=preset.data.video)
         paths = [task.split_path(root, split_name) for split in splits for split_name in task.split_names(split)]

@@ -187,7 +187,8 @@ class PetModules(nn.Module):
 
 
 class PetHost(Protocol):
-    """What the PET accounting reads of the model holding a PetModules (`vl.model.VLModel`, a layer above)."""
+    """What the PET accounting and the decay groups read of the model holding a PetModules (`vl.model.VLModel`, a
+    layer above)."""
 
     @property
     def backbone(self) -> PreTrainedModel: ...
@@ -199,6 +200,8 @@ class PetHost(Protocol):
     def pet(self) -> PetModules: ...
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+    def get_submodule(self, target: str) -> nn.Module: ...
 
 
 def set_trainable(backbone: PreTrainedModel, pet: PetModules, projector: nn.Module, policy: TrainablePolicy) -> None:

@@ -97,7 +97,8 @@ class VideoTask(Task):
         """Every split of a VALUE task uses one source's video features."""
         return self.source
 
-    def split_files_fix(self) -> str:
+    @property
+    def split_files_fix(self) -> str:  # type: ignore[override]  # Task: a class constant; here from the folder
         """The fix to print when a split file is missing."""
         names = ", ".join(f"{self.name}_{n}.jsonl" for v in self.splits.values() for n in v.split(","))
         return f"check --data-root: it must contain {self.folder}/ with VALUE's {names} (spec/pipeline.md §1.5)"
@@ -118,7 +119,7 @@ class VideoTask(Task):
 
     def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
         """Read one VALUE .jsonl split file into records (subtitles joined, errors naming file and line)."""
-        lines = self.read_lines(self.split_path(data_root, name), self.split_files_fix())
+        lines = self.read_lines(self.split_path(data_root, name), self.split_files_fix)
         subs = load_subtitles(subtitles_path(data_root, self.source))
         records: list[Record] = []
         for ref in lines:
