@@ -36,6 +36,7 @@ lock:
 
 test: install
 	$(BIN)/lint-imports
+	$(BIN)/mypy vlpet_cli
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 	$(BIN)/python -m pytest
 

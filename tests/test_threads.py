@@ -129,7 +129,9 @@ def test_extract_features_computes_on_the_chosen_count(tmp_path, monkeypatch):
 
     seen = {}
     monkeypatch.setenv("VLPET_THREADS", "3")
-    monkeypatch.setattr(extract, "extract_features", lambda *a, **k: seen.update(threads=torch.get_num_threads()))
+    from vlpet_cli.features.extract import images
+
+    monkeypatch.setattr(images, "extract", lambda *a, **k: seen.update(threads=torch.get_num_threads()))
     monkeypatch.setattr(extract, "images_from", lambda *a: {})
     extract.extract(tmp_path, "tiny-clip", tmp_path / "f.h5", workers=0)
     assert seen == {"threads": 3}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +30,9 @@ from vlpet_cli.pet import anatomy
 from vlpet_cli.presets import validate
 from vlpet_cli.vl.identity import backbone_identity
 from vlpet_cli.vl.model import build_model
+
+if TYPE_CHECKING:
+    from vlpet_cli.vl.model import VLModel
 
 ADAPTER_CONFIG = "vlpet_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -45,7 +49,7 @@ __all__ = ["backbone_identity"]  # re-exported: the identity is part of the adap
 
 
 # ---- adapter ----------------------------------------------------------------------------------------------
-def adapter_state(model) -> dict[str, torch.Tensor]:
+def adapter_state(model: VLModel) -> dict[str, torch.Tensor]:
     """Every trainable tensor, plus the frozen random object-order rows (they are not in the pretrained file)."""
     state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     words = anatomy.word_embedding(model.backbone).weight
@@ -55,7 +59,7 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_adapter_state(model, state: dict[str, torch.Tensor], source: str) -> None:
+def load_adapter_state(model: VLModel, state: dict[str, torch.Tensor], source: str) -> None:
     """Strictly load an adapter state: every trainable tensor present, nothing unknown, shapes equal."""
     expected = adapter_state(model)
     missing = sorted(set(expected) - set(state))
@@ -77,7 +81,7 @@ def load_adapter_state(model, state: dict[str, torch.Tensor], source: str) -> No
             target.copy_(tensor.to(target.dtype))
 
 
-def parameter_counts(model) -> dict:
+def parameter_counts(model: VLModel) -> dict:
     """{"trainable", "total", "percent"} of a model as built (the reference's percentage, pet/budget.py)."""
     from vlpet_cli.pet.budget import budget
 
@@ -85,7 +89,7 @@ def parameter_counts(model) -> dict:
     return {"trainable": info["trainable"], "total": info["total"], "percent": info["percent"]}
 
 
-def save_adapter(directory: Path, model, preset: Preset, extra: dict | None = None) -> int:
+def save_adapter(directory: Path, model: VLModel, preset: Preset, extra: dict | None = None) -> int:
     """Write <directory>/vlpet_config.json + adapter.safetensors + its model card atomically; returns the size in
     bytes."""
     with staged_dir(directory) as tmp:
@@ -150,7 +154,7 @@ def load_adapter(directory: Path, backbone: str | None = None):
 
 
 # ---- projector, folded model, bundle ----------------------------------------------------------------------
-def load_projector(model, directory: Path) -> None:
+def load_projector(model: VLModel, directory: Path) -> None:
     """Strictly load projector.safetensors into model.projector."""
     path = directory / PROJECTOR_WEIGHTS
     if not path.exists():

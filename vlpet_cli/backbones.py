@@ -5,18 +5,26 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from vlpet_cli.errors import VlpetError
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ASSETS = Path(__file__).parent / "assets" / "backbones"
 
+
+class Builtin(TypedDict):
+    hub_id: str
+    tokenizer_size: int
+    config: dict[str, Any]
+
+
 # Weight-free configs for counting, with the size of each model's own tokenizer (the vocabulary is resized to it
 # plus the added special tokens, spec modules §3).
-BUILTIN = {
+BUILTIN: dict[str, Builtin] = {
     "bart-base": {
         "hub_id": "facebook/bart-base", "tokenizer_size": 50265,
         "config": dict(model_type="bart", vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6,
@@ -144,6 +152,7 @@ def load_config(bb: Backbone):
 
     if bb.directory is not None:
         return AutoConfig.from_pretrained(bb.directory, local_files_only=True)
+    assert bb.builtin is not None, "a backbone without a directory is a built-in one"
     spec = dict(BUILTIN[bb.builtin]["config"])
     return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
@@ -190,7 +199,7 @@ def untie_head(model, rows: torch.Tensor | None = None) -> None:
     model.config.tie_word_embeddings = False
 
 
-def extend_tokenizer(tokenizer, family: str) -> None:
+def extend_tokenizer(tokenizer: PreTrainedTokenizerBase, family: str) -> None:
     """Add the reference's special tokens: BART <extra_id_99..0> then <vis_extra_id_99..0>; T5 the vis ones."""
     vocab = tokenizer.get_vocab()
     new = []
@@ -204,7 +213,7 @@ def extend_tokenizer(tokenizer, family: str) -> None:
 
 def vocab_size_without_weights(bb: Backbone, config) -> int:
     """Rows of the resized embedding for a weight-free build: tokenizer size plus the added tokens."""
-    if bb.builtin in BUILTIN:
+    if bb.builtin is not None and bb.builtin in BUILTIN:
         size = BUILTIN[bb.builtin]["tokenizer_size"]
         return size + (N_EXTRA if bb.family == "bart" else 0) + N_VIS
     tok = load_tokenizer(bb)
@@ -216,6 +225,7 @@ def load_tokenizer(bb: Backbone):
     from transformers import AutoTokenizer
 
     if bb.directory is None:
+        assert bb.builtin is not None, "a backbone without a directory is a built-in one"
         hub_id = BUILTIN[bb.builtin]["hub_id"]
         raise VlpetError(
             f"'{bb.name}' has no local weights or tokenizer (only its built-in config, enough for `vlpet params`). "
@@ -254,7 +264,8 @@ def dropout_rates(config, rate: float | None) -> dict[str, float]:
     return {} if rate is None else {k: rate for k in DROPOUT_RATES if hasattr(config, k)}
 
 
-def build(bb: Backbone, weights: bool = True, dropout: float | None = None):
+def build(bb: Backbone, weights: bool = True,
+          dropout: float | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """(model, tokenizer) with the vocabulary resized; weights=False builds on the meta device (no tokenizer).
     `dropout` sets every dropout rate of the config (None: the checkpoint's own)."""
     import torch
@@ -303,7 +314,7 @@ def build(bb: Backbone, weights: bool = True, dropout: float | None = None):
     return model, tokenizer
 
 
-def _mbart_language(model, tokenizer) -> None:
+def _mbart_language(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """mBART (cc25 convention): the decoder starts with the target language code (en_XX), not with </s>; labels
     stay `text </s>`. Where the tokenizer has no en_XX, the config's decoder start is kept."""
     lang = tokenizer.convert_tokens_to_ids(MBART_LANGUAGE)

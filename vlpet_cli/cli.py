@@ -14,6 +14,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import typer
 from rich import box
@@ -28,6 +29,9 @@ from vlpet_cli.extras import require_extra
 from vlpet_cli.features.tools import convert_features, describe_features, inspect_features
 from vlpet_cli.presets import list_presets, load_raw, preset_path, resolve, to_yaml
 from vlpet_cli.tasks import TASKS, annotation_images, default_tasks, task_class, tasks_of_kind
+
+if TYPE_CHECKING:
+    from typer._click.exceptions import ClickException
 
 # Commands (and anything that imports torch or transformers) are imported inside the command functions, so that
 # `vlpet --help` answers at once.
@@ -235,7 +239,7 @@ def params(preset: str = typer.Option(..., "--preset", "-p", help="preset name o
         return
     title = f"{resolved.name} on {resolved.model.backbone}"
     if task:
-        title += f" for {', '.join(resolved.data.tasks)} ({resolved.model.feat_dim}-d features)"
+        title += f" for {', '.join(resolved.data.tasks or [])} ({resolved.model.feat_dim}-d features)"
     table = Table("group", "trainable", "total", title=title)
     for row in result["groups"]:
         table.add_row(row["group"], f"{row['trainable']:,}", f"{row['total']:,}")
@@ -289,6 +293,7 @@ def extract_features(images: Path | None = typer.Option(None, help="folder of im
                                  device=device)
         console.print(summary.describe())
         return
+    assert images is not None  # exactly one of --images and --videos, checked above
     _on_interrupt(lambda: _extraction_kept(out, images, annotations, video=False))
     from vlpet_cli.extract import extract
 
@@ -375,7 +380,6 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
         if not preset:
             raise VlpetError("--preset is required (see `vlpet presets ls`)")
         resolved = resolve_train_preset(preset, tasks, data_root, backbone, overrides or [])
-        tasks = resolved.data.tasks
         run_dir = runs_dir / (name or _default_run_name(resolved))
     _on_interrupt(lambda: _train_kept(run_dir))
     with _warnings_to_stderr():
@@ -708,7 +712,8 @@ def report(runs: list[Path] = typer.Argument(..., help="run directories to compa
 
 # click's exception base class, from whichever click this typer uses: typer >= 0.2x bundles its own copy of click,
 # so `import click` gives another one (or none); typer's own BadParameter descends from the right one.
-_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_CLICK_ERROR = cast("type[ClickException]",
+                    next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"))
 
 
 def main() -> None:

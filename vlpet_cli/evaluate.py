@@ -7,6 +7,7 @@ import platform
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlpet_cli.atomic import signals_deferred, write_json, write_text
 from vlpet_cli.config import Preset
@@ -14,8 +15,13 @@ from vlpet_cli.errors import VlpetError
 from vlpet_cli.inference import decoding_settings, predict_all, score
 from vlpet_cli.progress import Progress
 from vlpet_cli.runs import Located, check_writable, checkpoints_dir, locate, recorded_path
-from vlpet_cli.tasks import TASKS, FileScoring, VideoTask, resolve_task, task_class
+from vlpet_cli.tasks import TASKS, FileScoring, Task, VideoTask, resolve_task, task_class
 from vlpet_cli.threads import configure_threads, requested_threads
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from vlpet_cli.vl.model import VLModel
 
 
 def score_predictions_file(
@@ -160,7 +166,7 @@ def check_eval_arguments(preset: Preset, split: str, metrics: list[str] | None, 
         cls.resolve_metrics(metrics)
 
 
-def check_split(cls: type, split: str) -> None:
+def check_split(cls: type[Task], split: str) -> None:
     """A split is one the task declares: a kind (train, val, test) or one of its split files by name."""
     files = {name.strip() for names in cls.splits.values() for name in names.split(",")}
     asked = [name.strip() for name in split.split(",") if name.strip()]
@@ -194,7 +200,7 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     check_annotations(resolve_data_root(settings.data.data_root), settings, (split,))
     out_dir = output_dir(out_dir, located)
     requested_threads(settings.train.threads)  # a bad VLPET_THREADS is refused before the model is built
-    untrained = [t for t in settings.data.tasks if t not in trained]
+    untrained = [t for t in settings.data.tasks or [] if t not in trained]
     if untrained:
         warnings.warn(f"{adapter_dir} was trained on {', '.join(trained) or 'no task'}, not on "
                       f"{', '.join(untrained)}: those scores do not measure what it learned (the eval files "
@@ -261,8 +267,9 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def evaluate_model(model, tokenizer, preset: Preset, split: str = "test", metrics: list[str] | dict | None = None,
-                   batch_size: int | None = None, progress: bool = True, state=None) -> dict:
+def evaluate_model(model: VLModel, tokenizer: PreTrainedTokenizerBase, preset: Preset, split: str = "test",
+                   metrics: list[str] | dict | None = None, batch_size: int | None = None, progress: bool = True,
+                   state=None) -> dict:
     """{task: {metrics, settings, predictions, n, limit, seconds, ...}} for the preset's tasks and data root.
     `metrics` is one list for every task, or {task: list}. With `state` (several processes) each process predicts
     its shard, the predictions are gathered in record order and the main process scores; every process returns

@@ -6,18 +6,28 @@ declarations (vlpet_cli/tasks/); this module runs the model and asks the task.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from vlpet_cli.config import GenerationSpec, Preset
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.tasks import ScoreChoices, VideoCaptionTask, primary_metrics, task_class
+from vlpet_cli.tasks import Generate, ScoreChoices, VideoCaptionTask, primary_metrics, task_class
 from vlpet_cli.vl.decoding import generation_kwargs
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from vlpet_cli.tasks import TaskDataset
+    from vlpet_cli.vl.model import VLModel
 
 
 def generation_spec(preset: Preset, task: str, family: str) -> GenerationSpec:
     """How a task generates on a backbone family: eval.generation.<task>, what it leaves open the task's own."""
-    return task_class(task).decoding.spec(family, preset.eval.generation.get(task))
+    decoding = task_class(task).decoding
+    assert isinstance(decoding, Generate), f"{task} scores fixed choices; it does not generate"
+    return decoding.spec(family, preset.eval.generation.get(task))
 
 
-def decoding_settings(model, tokenizer, preset: Preset, task: str) -> dict:
+def decoding_settings(model: VLModel, tokenizer: PreTrainedTokenizerBase, preset: Preset, task: str) -> dict:
     """The decoding settings of a task as recorded with its results: generation kwargs (`generation_spec` on the
     model's family), or the choices scored."""
     decoding = task_class(task).decoding
@@ -26,7 +36,7 @@ def decoding_settings(model, tokenizer, preset: Preset, task: str) -> dict:
     return generation_kwargs(generation_spec(preset, task, model.family), model.family, tokenizer)
 
 
-def generation_config(model, tokenizer, preset: Preset, task: str, **extra):
+def generation_config(model: VLModel, tokenizer: PreTrainedTokenizerBase, preset: Preset, task: str, **extra):
     """The transformers GenerationConfig a task generates with (`decoding_settings`); `extra` adds output options
     (`vlpet predict` asks for the scores)."""
     from transformers import GenerationConfig
@@ -35,8 +45,8 @@ def generation_config(model, tokenizer, preset: Preset, task: str, **extra):
                             **decoding_settings(model, tokenizer, preset, task), **extra)
 
 
-def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress=None, rank: int = 0,
-            world_size: int = 1, by_length: bool = False) -> list[dict]:
+def predict(model: VLModel, tokenizer: PreTrainedTokenizerBase, dataset: TaskDataset, preset: Preset,
+            batch_size: int, progress=None, rank: int = 0, world_size: int = 1, by_length: bool = False) -> list[dict]:
     """One prediction per record of this rank's shard, in record order: generated text, or the best-scored choice
     for tasks that score choices. The batches are those one process forms; rank r of world_size predicts
     batches r, r+W, ... (`shard_records` names its records), so every batch, and so every prediction, is the
@@ -66,6 +76,7 @@ def predict(model, tokenizer, dataset, preset: Preset, batch_size: int, progress
                 texts = [choices[i] for i in logits.argmax(1).tolist()]
             else:
                 ids = model.generate(batch, generation_config=gen_config)
+                assert isinstance(ids, torch.Tensor)  # gen_config does not return_dict_in_generate
                 texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
             out.extend({**meta, "prediction": text} for meta, text in zip(batch["meta"], texts))
             if progress is not None:
@@ -95,7 +106,8 @@ def processes(state) -> tuple[int, int]:
     return (0, 1) if state is None else (state.process_index, state.num_processes)
 
 
-def predict_all(model, tokenizer, dataset, preset: Preset, batch_size: int, progress=None, state=None) -> list[dict]:
+def predict_all(model: VLModel, tokenizer: PreTrainedTokenizerBase, dataset: TaskDataset, preset: Preset,
+                batch_size: int, progress=None, state=None) -> list[dict]:
     """Every record's prediction, in record order. Under several processes (`state`: an Accelerator or
     PartialState) each predicts its batches and every process receives all predictions (gather_object); the
     batches being those of one process, so are the predictions."""
@@ -119,7 +131,8 @@ def score(task: str, predictions: list[dict], metrics: list[str] | None = None,
     return scorer.score(predictions, metrics, vqa_variant)
 
 
-def validate(model, tokenizer, preset: Preset, datasets: dict, progress: bool = False, state=None) -> dict:
+def validate(model: VLModel, tokenizer: PreTrainedTokenizerBase, preset: Preset, datasets: dict, progress: bool = False,
+             state=None) -> dict:
     """Each task's validation metrics (its `validation_metrics`, e.g. CIDEr only for captions, spec §8). Under
     several processes every process predicts its shard and the main process scores ({} on the others)."""
     result = {}

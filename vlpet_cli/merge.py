@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from vlpet_cli.artifacts import (
     ADAPTER_CONFIG,
@@ -41,6 +41,13 @@ from vlpet_cli.artifacts import (
 )
 from vlpet_cli.atomic import staged_dir, write_json
 from vlpet_cli.errors import VlpetError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from vlpet_cli.config import Preset
+    from vlpet_cli.pet.inject import PetModules
+    from vlpet_cli.vl.model import VLModel
 
 PEFT_BASE = "base"
 
@@ -180,7 +187,7 @@ def refuse_existing_out(out: Path, overwrite: bool) -> None:
 
 
 def average_adapters(adapters: list[Path], out: Path, weights: list[float] | None = None,
-                     mode: Literal["mean", "sum"] = "mean", scale: float = 1.0, overwrite: bool = True) -> dict:
+                     mode: str = "mean", scale: float = 1.0, overwrite: bool = True) -> dict:
     """Combine adapters of one preset and backbone tensor by tensor: mean = Σ ŵ_i θ_i with ŵ = w / Σw;
     sum = Σ w_i θ_i (task-arithmetic style); both times `scale`. Writes a normal adapter directory; run
     directories mean their final adapter; an existing `out` is replaced only when `overwrite`."""
@@ -225,14 +232,14 @@ def average_adapters(adapters: list[Path], out: Path, weights: list[float] | Non
 
 
 # ---- folding --------------------------------------------------------------------------------------------
-def unfoldable_groups(pet) -> list[str]:
+def unfoldable_groups(pet: PetModules) -> list[str]:
     """Why each PET method present cannot be folded into plain backbone weights (each method's declaration)."""
     from vlpet_cli.pet.inject import unfoldable
 
     return unfoldable(pet)
 
 
-def fold_modules(model) -> list[str]:
+def fold_modules(model: VLModel) -> list[str]:
     """Detach the PET hooks and fold every foldable method (LoRA, IA3) into its Linears; returns what was folded."""
     from vlpet_cli.pet.inject import fold
 
@@ -255,14 +262,14 @@ def _pet_without(preset, pet, keep_unfoldable: bool):
     return validate(data, "folded preset")
 
 
-def _save_backbone(model, tokenizer, directory: Path) -> None:
+def _save_backbone(model: VLModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
     """save_pretrained of the backbone and its (extended) tokenizer."""
     directory.mkdir(parents=True, exist_ok=True)
     model.backbone.save_pretrained(str(directory))
     tokenizer.save_pretrained(str(directory))
 
 
-def _save_projector(model, preset, directory: Path) -> None:
+def _save_projector(model: VLModel, preset: Preset, directory: Path) -> None:
     """projector.safetensors (its full state) + projector.json (what builds it)."""
     from safetensors.torch import save_file
 

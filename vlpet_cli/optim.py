@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from vlpet_cli.config import Preset, TrainConfig
 from vlpet_cli.pet.decay import no_decay_names
+
+if TYPE_CHECKING:
+    from vlpet_cli.vl.model import VLModel
 
 
 class ReferenceAdamW(torch.optim.Optimizer):
@@ -87,7 +91,7 @@ class ReferenceAdamW(torch.optim.Optimizer):
     def _step_foreach(self, group: dict, params: list[torch.Tensor], states: list[dict]) -> None:
         """The same operations, each over all the group's tensors at once."""
         beta1, beta2 = group["betas"]
-        grads = [p.grad for p in params]
+        grads = cast("list[torch.Tensor]", [p.grad for p in params])  # step() passes the tensors with a gradient
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
         steps = [s["step"] for s in states]
@@ -103,12 +107,13 @@ class ReferenceAdamW(torch.optim.Optimizer):
             torch._foreach_add_(params, params, alpha=-group["lr"] * group["weight_decay"])
 
 
-def param_groups(model, preset: Preset) -> list[dict]:
+def param_groups(model: VLModel, preset: Preset) -> list[dict]:
     """The two AdamW groups: decayed, and exempt by `pet.decay.no_decay_names` under the preset's decay rule
     (reference: the reference's names holding 'bias' or 'LayerNorm.weight'; corrected: every bias, LayerNorm and
     the tensors each method declares)."""
     exempt = no_decay_names(model, preset.train.decay_rule)
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if name in exempt else decay).append(p)
@@ -116,11 +121,11 @@ def param_groups(model, preset: Preset) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model, preset: Preset, device: torch.device | str = "cpu") -> torch.optim.Optimizer:
+def build_optimizer(model: VLModel, preset: Preset, device: torch.device | str = "cpu") -> torch.optim.Optimizer:
     """The optimizer `train.optimizer` names over the model's trainable tensors, in `param_groups`."""
     groups, train = param_groups(model, preset), preset.train
     if train.optimizer == "torch":  # one kernel for all tensors on CUDA, one per operation elsewhere
-        form = {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
+        form: dict[str, Any] = {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
         return torch.optim.AdamW(groups, lr=train.lr, eps=train.adam_eps, **form)
     return ReferenceAdamW(groups, lr=train.lr, eps=train.adam_eps)
 

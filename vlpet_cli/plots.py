@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from vlpet_cli.atomic import atomic_file
 from vlpet_cli.errors import VlpetError
@@ -23,7 +23,7 @@ PRIMARY_METRIC = primary_metrics()
 Series = tuple[list[float], list[float]]
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[float]:
     """True for a finite int or float (bools and NaN are not numbers here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -84,7 +84,8 @@ def val_series(events: list[dict]) -> tuple[dict[str, Series], Series]:
     per_task: dict[str, Series] = {}
     score: Series = ([], [])
     for e in val_events(events):
-        x = e.get("step") if is_number(e.get("step")) else e.get("epoch")
+        step = e.get("step")
+        x = step if is_number(step) else e["epoch"]  # val_events keeps events with a numeric step or epoch
         for task, value in primary_scores(e["metrics"]).items():
             xs, ys = per_task.setdefault(task, ([], []))
             xs.append(x)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.extras import require_extra
@@ -32,6 +32,13 @@ from vlpet_cli.tasks import PredictInput, ScoreChoices, get_task, resolve_task, 
 from vlpet_cli.tasks.records import read_records
 from vlpet_cli.tasks.video.base import parse_ts
 from vlpet_cli.threads import configure_threads, requested_threads
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from vlpet_cli.config import Preset
+    from vlpet_cli.tasks import Task
+    from vlpet_cli.vl.model import VLModel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SCORE_KINDS = {"generate": "mean token log-probability", "choices": "choice probability"}
@@ -213,6 +220,7 @@ def task_records(spec: Any, inputs: list[PredictInput]) -> list[Any]:
     records = []
     for index, item in enumerate(inputs):
         if spec.inputs.moment and item.ts is None:
+            assert item.video is not None, "a task that reads a moment reads a video"
             item = replace(item, ts=f"{0.0:.2f}-{round(video_duration(Path(item.video)), 2):.2f}")
         records.append(spec.input_record(item, index))
     return records
@@ -233,7 +241,8 @@ def _scores_generated(model: Any, out: Any, eos: int | None) -> list[float]:
     return [float(s) for s in logp]
 
 
-def _decode(model: Any, tokenizer: Any, preset: Any, task: Any, batch: dict) -> tuple[list[str], list[float]]:
+def _decode(model: VLModel, tokenizer: PreTrainedTokenizerBase, preset: Preset, task: Task,
+            batch: dict) -> tuple[list[str], list[float]]:
     """The task's decoding on one batch: (answers, scores)."""
     import torch
 
@@ -247,6 +256,7 @@ def _decode(model: Any, tokenizer: Any, preset: Any, task: Any, batch: dict) -> 
         return [choices[i] for i in best], [float(probs[b, i]) for b, i in enumerate(best)]
     config = generation_config(model, tokenizer, preset, task.name, return_dict_in_generate=True, output_scores=True)
     out = model.generate(batch, generation_config=config)
+    assert not isinstance(out, torch.Tensor)  # return_dict_in_generate: the sequences and their scores
     texts = [t.strip() for t in tokenizer.batch_decode(out.sequences, skip_special_tokens=True)]
     return texts, _scores_generated(model, out, tokenizer.eos_token_id)
 

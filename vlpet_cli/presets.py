@@ -314,7 +314,9 @@ def _run_tasks(raw: dict, pairs: list[tuple[str, Any]]) -> list[str]:
 
 def is_video_run(tasks: list[str], task_kind: Callable[[str], str] | None) -> bool:
     """True when there are tasks and every one is a video task (`task_kind(name) == "video"`)."""
-    return bool(task_kind and tasks) and all(task_kind(t) == "video" for t in tasks)
+    if task_kind is None or not tasks:
+        return False
+    return all(task_kind(t) == "video" for t in tasks)
 
 
 def resolve(name: str, overrides: list[str] | None = None, backbone: str | None = None,

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlpet_cli.backbones import N_VIS
 from vlpet_cli.config import Preset
@@ -23,6 +24,9 @@ from vlpet_cli.pet import reference_names
 from vlpet_cli.pet.inject import METHODS, owner
 from vlpet_cli.pet.reference_names import rules  # noqa: F401  (re-exported: the rule table of both families)
 from vlpet_cli.runs import check_writable
+
+if TYPE_CHECKING:
+    from vlpet_cli.vl.model import VLModel
 
 # A frozen backbone tensor "differs" when torch.allclose(rtol, atol) fails; it differs "largely" when
 # ||ckpt - backbone|| / ||backbone|| exceeds LARGE_DIFFERENCE (a different or fine-tuned model, not float noise).
@@ -200,6 +204,7 @@ def task_embeddings(mapped: Mapped, preset: Preset, pth: Path) -> dict:
         return first  # check_fit names them as tensors the model lacks
     found = sorted(n.rsplit(".", 1)[-1] for n in first)
     order = preset.pet.hyperformer.tasks
+    assert order is not None, "resolve sets pet.hyperformer.tasks"
     if found != sorted(order):
         raise VlpetError(f"{pth}: the checkpoint has task embeddings for {found}, the preset's "
                          f"pet.hyperformer.tasks are {order}; set pet.hyperformer.tasks to the reference's --tasks")
@@ -257,7 +262,7 @@ def _fit_hint(preset: Preset, mapped: Mapped) -> str:
             f"pet.gate, pet.value, pet.lora, pet.prompt, pet.hyperformer, pet.trainable)")
 
 
-def check_fit(model, preset: Preset, mapped: Mapped, tensors: dict, pth: Path) -> dict:
+def check_fit(model: VLModel, preset: Preset, mapped: Mapped, tensors: dict, pth: Path) -> dict:
     """{model parameter name: checkpoint tensor} for every trainable tensor; refuses gaps, extras and shapes."""
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
@@ -293,7 +298,7 @@ def check_fit(model, preset: Preset, mapped: Mapped, tensors: dict, pth: Path) -
     return found
 
 
-def check_backbone_shapes(model, mapped: Mapped, pth: Path, backbone: str) -> None:
+def check_backbone_shapes(model: VLModel, mapped: Mapped, pth: Path, backbone: str) -> None:
     """Every backbone tensor of the checkpoint must have the vlpet backbone's shape."""
     state = model.backbone.state_dict()
     for key, tensor in mapped.backbone.items():
@@ -305,16 +310,18 @@ def check_backbone_shapes(model, mapped: Mapped, pth: Path, backbone: str) -> No
                 f"pass --backbone with that model")
 
 
-def compare_frozen(model, mapped: Mapped, original_vocab: int) -> dict:
+def compare_frozen(model: VLModel, mapped: Mapped, original_vocab: int) -> dict:
     """Compare the checkpoint's frozen backbone tensors with the user's backbone (tied tensors once).
 
     Vocabulary tables are compared over their pretrained rows only: the rows vlpet adds (extra ids, object-order
     codes) are random in both models."""
     import torch
 
+    from vlpet_cli.pet import anatomy
+
     state = model.backbone.state_dict()
     params = dict(model.backbone.named_parameters(remove_duplicate=False))
-    vocab = model.backbone.get_input_embeddings().weight.shape[0]
+    vocab = anatomy.word_embedding(model.backbone).weight.shape[0]
     rows = min(original_vocab, vocab - N_VIS)
     seen, differing, largest, compared = set(), [], 0.0, 0
     for key, tensor in mapped.backbone.items():

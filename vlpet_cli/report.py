@@ -124,8 +124,9 @@ def run_row(run_dir: Path, split: str = "test") -> dict[str, Any]:
     config = read_config(run_dir)
     events = read_events(run_dir)
     start = start_event(events)
-    data = config.get("data") if isinstance(config.get("data"), dict) else {}
-    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    data, model = config.get("data"), config.get("model")
+    data = data if isinstance(data, dict) else {}
+    model = model if isinstance(model, dict) else {}
     planned = [t for t in data.get("tasks") or [] if isinstance(t, str)]
     found: dict[str, Score] = {}
     vals = val_events(events)
@@ -138,7 +139,8 @@ def run_row(run_dir: Path, split: str = "test") -> dict[str, Any]:
     tasks = task_order(set(planned) | set(found))
     found = {t: found[t] for t in tasks if t in found}
     counted = [t for t, sc in found.items() if sc.comparable]
-    train = config.get("train") if isinstance(config.get("train"), dict) else {}
+    train = config.get("train")
+    train = train if isinstance(train, dict) else {}
     return {
         "name": run_dir.resolve().name,
         "seed": train.get("seed"),
@@ -356,7 +358,7 @@ def report_table(rows: list[dict], width: int | None = None) -> Table:
     table.add_column("avg", justify="right")
     used: set[str] = set()
     for r in rows:
-        cells = []
+        cells: list[str | Text] = []
         for t in tasks:
             if t not in r["scores"]:
                 cells.append("—")
@@ -369,14 +371,14 @@ def report_table(rows: list[dict], width: int | None = None) -> Table:
         if r["average"] is not None and "val" in r.get("average_splits", []) and split != "val":
             average += "*"
             used.add("*")
-        average = spread_cell(average, r, r.get("average_std"), r.get("average_n"))
+        average_cell = spread_cell(average, r, r.get("average_std"), r.get("average_n"))
         about = ", ".join(x for x in (r["method"], None if shared else r["backbone"] or "—") if x)
         if r.get("seeds"):
             about += f"{', ' if about else ''}seeds {', '.join(map(str, r['seeds']))}"
         name = Text(r["name"])
         if about:
             name.append(f"\n{about}", style="dim")
-        table.add_row(name, percent, *cells, average)
+        table.add_row(name, percent, *cells, average_cell)
     notes = [f"{mark} {text.format(split=split)}" for mark, text in MARKS.items() if mark in used]
     if any(r.get("seeds") for r in rows):
         notes.append("a row over seeds: the mean, and beneath it ±the sample standard deviation and n, the runs "

@@ -30,6 +30,10 @@ from vlpet_cli.presets import read_yaml, to_yaml, validate
 
 if TYPE_CHECKING:
     import torch
+    from filelock import BaseFileLock
+    from torch.optim.lr_scheduler import LRScheduler
+
+    from vlpet_cli.vl.model import VLModel
 
 MANIFEST = "files.json"  # sizes and sha256 of a checkpoint's other files, written last
 CONFIG = "config.yaml"
@@ -308,7 +312,7 @@ class RunLock:
     def __init__(self, run_dir: Path, command: str = "vlpet train"):
         self.run_dir = Path(run_dir)
         self.command = command
-        self._lock = None
+        self._lock: BaseFileLock | None = None
 
     def acquire(self) -> RunLock:
         from filelock import FileLock, Timeout
@@ -477,7 +481,7 @@ class Checkpointer:
         """The newest checkpoint whose files match their manifest, and the newer damaged ones with the reason."""
         candidates = sorted((p for p in self.directory.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
                             key=_step_of, reverse=True)
-        damaged = []
+        damaged: list[tuple[Path, str]] = []
         for path in candidates:
             why = damage(path)
             if why is None:
@@ -485,7 +489,7 @@ class Checkpointer:
             damaged.append((path, why))
         return None, damaged
 
-    def save(self, model, optimizer, scheduler, state: TrainState,
+    def save(self, model: VLModel, optimizer: torch.optim.Optimizer, scheduler: LRScheduler, state: TrainState,
              generators: dict[str, torch.Generator] | None = None) -> Path:
         """checkpoints/step-N/: trainable tensors, optimizer moments, scheduler, every RNG and the loop position."""
         from safetensors.torch import save_file
@@ -516,7 +520,7 @@ class Checkpointer:
         """The loop position a checkpoint holds (read without loading its tensors)."""
         return TrainState.from_dict(json.loads((path / "state.json").read_text())["progress"])
 
-    def load(self, path: Path, model, optimizer, scheduler,
+    def load(self, path: Path, model: VLModel, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
              generators: dict[str, torch.Generator] | None = None) -> TrainState:
         """Restore everything save() wrote into the given objects; returns the loop position."""
         from safetensors.torch import load_file

@@ -13,8 +13,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -60,6 +63,11 @@ from vlpet_cli.threads import Threads, configure_threads, requested_threads
 from vlpet_cli.toy.root import resolve_data_root, toy_feature_dim
 from vlpet_cli.vl.model import build_model
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from vlpet_cli.vl.model import VLModel
+
 __all__ = ["RESUMABLE", "TOY_DEFAULTS", "TrainResult", "TrainingInterrupted", "load_run_preset", "param_groups",
            "resolve_train_preset", "resume_preset", "train"]
 
@@ -86,6 +94,7 @@ def resolve_train_preset(name: str, tasks: list[str] | None = None, data_root: s
         chosen = resolve(name, overrides, backbone, defaults=TOY_DEFAULTS, task_kind=feature_kind).data.tasks
         defaults = [*TOY_DEFAULTS, f"model.feat_dim={toy_feature_dim(chosen)}"]
     preset = resolve(name, overrides, backbone, defaults=defaults, task_kind=feature_kind, run=True)
+    assert preset.data.tasks is not None, "resolve sets data.tasks"
     for task in preset.data.tasks:
         get_task(task)
     return absolute_paths(preset)
@@ -140,12 +149,12 @@ def resume_preset(run_dir: Path, preset: str | None = None, tasks: list[str] | N
         # an older run recorded its data root as typed, relative to where it was started: found from here, else
         # where --data-root says
         found = recorded_path(root, run_dir, "data root", "--data-root", required=data_root is None)
-        if found == root and not Path(root).expanduser().exists():
+        if data_root is not None and found == root and not Path(root).expanduser().exists():
             found = data_root
         root = str(_local_dir(found) or found)
         saved = saved.model_copy(update={"data": saved.data.model_copy(update={"data_root": root})})
     fixed = [("--preset", preset, saved.name, preset and saved.name in (preset, Path(preset).stem)),
-             ("--task", ",".join(tasks or []), ",".join(saved.data.tasks), tasks == saved.data.tasks),
+             ("--task", ",".join(tasks or []), ",".join(saved.data.tasks or []), tasks == saved.data.tasks),
              ("--data-root", data_root, root, data_root and _same_path(data_root, root)),
              ("--backbone", backbone, saved.model.backbone, backbone and _same_path(backbone, saved.model.backbone))]
     for option, given, kept, same in fixed:
@@ -188,10 +197,10 @@ class Session:
     run_dir: Path
     accelerator: Accelerator
     model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped under several processes)
-    unwrapped: torch.nn.Module
-    tokenizer: object
+    unwrapped: VLModel
+    tokenizer: PreTrainedTokenizerBase
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None  # set once the loader's length is known
     loader: MultitaskLoader
     data: TaskData
     sizes: dict[str, int]
@@ -237,7 +246,7 @@ class Interrupts:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def __enter__(self) -> Interrupts:
         if threading.current_thread() is threading.main_thread():  # a signal the shell made us ignore stays so
@@ -427,6 +436,7 @@ def checkpoint(session: Session) -> None:
     if session.state.step_in_epoch and session.epoch_rng is not None:
         generator = torch.Generator()
         generator.set_state(session.epoch_rng)
+    assert session.scheduler is not None, "setup sets the schedule"
     session.checkpointer.save(session.unwrapped, session.optimizer, session.scheduler,
                               TrainState(**vars(session.state)), {"train": generator})
 
@@ -463,6 +473,7 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
     interrupts = interrupts or Interrupts()
     preset, state, accelerator = session.preset, session.state, session.accelerator
     model, optimizer, scheduler = session.model, session.optimizer, session.scheduler
+    assert scheduler is not None, "setup sets the schedule"
     accum, steps_per_epoch = preset.train.grad_accum, session.steps_per_epoch
     trainable = [p for p in model.parameters() if p.requires_grad]
     device = accelerator.device
@@ -717,7 +728,8 @@ def train(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     try:
         return _run(session, resume, stop_after, changes)
     finally:
-        session.lock.release()
+        if session.lock is not None:
+            session.lock.release()
 
 
 def _run(session: Session, resume: bool, stop_after: int | None, changes: list[str] | None) -> TrainResult:

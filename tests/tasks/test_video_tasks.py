@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vlpet_cli import presets
 from vlpet_cli.backbones import load_tokenizer, resolve
 from vlpet_cli.config import VideoData
+from vlpet_cli.data.loading import check_annotations
 from vlpet_cli.errors import DataError
 from vlpet_cli.features.kinds import VIDEO
 from vlpet_cli.tasks import TaskDataset, annotation_images, get_task, task_class
@@ -301,3 +303,11 @@ def test_missing_files_say_what_to_put_where(tmp_path):
     write_jsonl(tmp_path / "video" / "ann" / "yc2c" / "yc2c_train_release.jsonl", [clip_line("v", 1, ["d"])])
     with pytest.raises(DataError, match=r"subtitles file not found: .*yc2_subtitles.jsonl"):
         get_task("yc2c").load(tmp_path, "train")
+
+
+def test_a_missing_video_split_is_refused_with_its_fix_before_the_model_loads(tmp_path):
+    """check_annotations (train, eval) prints the video task's fix as text, not as a bound method."""
+    preset = presets.resolve("vlpet-small", ["data.tasks=[tvqa]"], "tiny-bart")
+    with pytest.raises(DataError, match=r"^tvqa: annotation file not found: .*tvqa_train.jsonl. Fix: check "
+                                        r"--data-root: it must contain video/ann/tvqa/ with VALUE's tvqa_train.jsonl"):
+        check_annotations(tmp_path, preset)

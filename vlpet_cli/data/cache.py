@@ -20,10 +20,13 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlpet_cli.atomic import atomic_file
 from vlpet_cli.tasks.base import Record, Task
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 FORMAT = 3
 COLUMNS = ("file", "index", "fields", "text", "image_ids", "source", "input_ids")
@@ -47,7 +50,7 @@ def cache_root() -> Path:
     return base / "records"
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 of the tokenizer's full serialisation (vocabulary, merges, normaliser, added tokens)."""
     size = len(tokenizer)  # part of the memo's key: adding tokens changes the fingerprint
     memo = _FINGERPRINTS.get(id(tokenizer))
@@ -84,7 +87,7 @@ def content_hash(path: Path) -> str:
     return _HASHES[memo_key]
 
 
-def cache_key(task: Task, root: Path, split: str, for_eval: bool, tokenizer: Any) -> str:
+def cache_key(task: Task, root: Path, split: str, for_eval: bool, tokenizer: PreTrainedTokenizerBase) -> str:
     """The key of a split's cached records (see the module docstring for what it covers)."""
     files = [[str(path.resolve()), content_hash(path)] for path in annotation_files(task, root, split)]
     parts = {"format": FORMAT, "task": f"{type(task).__module__}.{type(task).__qualname__}", "name": task.name,
@@ -99,7 +102,7 @@ CHUNK = 2048
 until they are in numpy, so a first start-up's memory does not grow with the split's tokens."""
 
 
-def source_ids(task: Task, records: Sequence[Record], tokenizer: Any):
+def source_ids(task: Task, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase):
     """(flat token ids, offsets) of every record's encoder text: the task's own batched tokenisation
     (`Task.source_ids`, which TaskDataset.item asks too), `CHUNK` records a call."""
     import itertools
@@ -120,7 +123,7 @@ def source_ids(task: Task, records: Sequence[Record], tokenizer: Any):
     return flat, offsets
 
 
-def _table(task: Task, records: Sequence[Record], tokenizer: Any):
+def _table(task: Task, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase):
     """The Arrow table of a split's records and their token ids, or None when a record's id, label or extra
     would not come back unchanged from JSON (e.g. a tuple): such records are not cached."""
     import pyarrow as pa
@@ -160,7 +163,7 @@ class CachedRecords(Sequence):
         return {"path": self.path, "start": self.start, "stop": self.stop}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["path"], state["start"], state["stop"])
+        CachedRecords.__init__(self, state["path"], state["start"], state["stop"])
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -231,7 +234,7 @@ def _open(path: Path):
     return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()  # buffers keep the map alive
 
 
-def load_records(task: Task, root: Path, split: str, tokenizer: Any) -> Sequence[Record]:
+def load_records(task: Task, root: Path, split: str, tokenizer: PreTrainedTokenizerBase) -> Sequence[Record]:
     """A split's records: memory-mapped from the cache when it holds them under the current key; otherwise read
     from the annotation files (task.load, with all its checks) and written to the cache for the next run."""
     root = Path(root)

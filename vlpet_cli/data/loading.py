@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlpet_cli.config import Preset
 from vlpet_cli.data.cache import load_records
@@ -14,6 +14,9 @@ from vlpet_cli.features.hdf5 import missing_ids
 from vlpet_cli.features.kinds import feature_kind as kind_named
 from vlpet_cli.tasks import get_task, task_class
 from vlpet_cli.tasks.base import Record, Task, TaskDataset
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def feature_kind(task: str) -> str:
@@ -71,6 +74,7 @@ def check_feature_dims(root: Path, preset: Preset, splits=("train", "val")) -> N
     want = preset.model.feat_dim
     seen: set[Path] = set()
     found: list[tuple[str, str, str, Path, int]] = []  # (kind, task, split, path, dim)
+    assert preset.data.tasks is not None, "resolve sets data.tasks"
     for name in preset.data.tasks:
         task = get_task(name, video=preset.data.video)
         for split in splits:
@@ -83,7 +87,7 @@ def check_feature_dims(root: Path, preset: Preset, splits=("train", "val")) -> N
                 dim = kind.open(path).dim  # from the header; None for an empty video folder: check_features says
                 if dim is not None:
                     found.append((task.feature_kind, name, split_name, path, dim))
-    first = {}
+    first: dict[str, tuple[str, str, str, Path, int]] = {}
     for entry in found:
         first.setdefault(entry[0], entry)
     if len(first) > 1 and len({entry[4] for entry in found}) > 1:
@@ -100,6 +104,7 @@ def check_feature_dims(root: Path, preset: Preset, splits=("train", "val")) -> N
 def check_annotations(root: Path, preset: Preset, splits=("train", "val")) -> None:
     """Every annotation file the preset's tasks read for these splits exists and can be read (cheap: opened, not
     parsed), so that a missing or unreadable file stops the command before the model loads."""
+    assert preset.data.tasks is not None, "resolve sets data.tasks"
     for name in preset.data.tasks:
         task = get_task(name, video=preset.data.video)
         paths = [task.split_path(root, split_name) for split in splits for split_name in task.split_names(split)]
@@ -129,10 +134,12 @@ def check_record_features(task, records, stores) -> None:
     check_features(task, records, stores)
 
 
-def load_task_data(preset: Preset, root: Path, tokenizer, splits=("train", "val"), cache: bool = True) -> TaskData:
+def load_task_data(preset: Preset, root: Path, tokenizer: PreTrainedTokenizerBase, splits=("train", "val"),
+                   cache: bool = True) -> TaskData:
     """Records, feature stores and datasets per task; stops early on missing features or bad files. With `cache`,
     the records come from the memory-mapped record cache when it is current (data/cache.py)."""
     data = TaskData()
+    assert preset.data.tasks is not None, "resolve sets data.tasks"
     for name in preset.data.tasks:
         task = get_task(name, preset.data.prompts, preset.data.use_prompts, preset.data.video)
         store_name = kind_named(task.feature_kind).store_name(preset.data)

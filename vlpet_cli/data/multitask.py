@@ -19,6 +19,7 @@ from typing import Any
 
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.tasks import TASKS, TaskDataset, collate
+from vlpet_cli.tasks.base import is_flat
 
 
 def _fraction(value: Any, task: str) -> Fraction:
@@ -174,8 +175,10 @@ class MultitaskLoader:
 
             # Its own generator: starting a pass must not draw from the global RNG (dropout), or a resumed run
             # would diverge from an uninterrupted one.
+            # (torch's stub asks for a Dataset; DataLoader takes any map-style object: __getitem__, __len__)
             self._loader = DataLoader(
-                _Items(self.datasets), batch_sampler=self._sampler, collate_fn=partial(collate, pad_id=self.pad_id),
+                _Items(self.datasets),  # type: ignore[arg-type]
+                batch_sampler=self._sampler, collate_fn=partial(collate, pad_id=self.pad_id),
                 num_workers=self.num_workers, pin_memory=self.pin_memory,
                 persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.data_seed))
         return self._loader
@@ -203,7 +206,7 @@ class MultitaskLoader:
 
 def source_lengths(dataset: TaskDataset, indices: list[int]) -> list[int]:
     """Encoder length in tokens of each record (the task's batched tokenisation, as `item` tokenises)."""
-    if getattr(dataset.records, "flat", False):  # cached records know their token ids (data/cache.py)
+    if is_flat(dataset.records):  # cached records know their token ids (data/cache.py)
         return dataset.records.token_lengths(indices)
     return [len(ids) for ids in dataset.task.source_ids([dataset.records[i] for i in indices], dataset.tokenizer)]
 
@@ -244,6 +247,8 @@ def eval_batches(dataset: TaskDataset, batch_size: int, rank: int = 0, world_siz
         raise VlpetError(f"rank {rank} is outside world size {world_size}.")
     indices = list(range(rank, len(dataset), world_size)) if order is None else list(order)
     batches = _chunks(indices, batch_size)
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=partial(collate, pad_id=dataset.pad_id),
-                        num_workers=num_workers, generator=torch.Generator())
+    # torch's stub asks for a Dataset; DataLoader takes any map-style object (__getitem__, __len__)
+    loader: DataLoader[dict] = DataLoader(dataset,  # type: ignore[arg-type]
+                                          batch_sampler=batches, collate_fn=partial(collate, pad_id=dataset.pad_id),
+                                          num_workers=num_workers, generator=torch.Generator())
     return iter(loader)

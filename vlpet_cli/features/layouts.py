@@ -58,6 +58,11 @@ class Store(H5Handle):
         """All ids in the store."""
         raise NotImplementedError
 
+    @staticmethod
+    def describe(info: dict) -> list[str]:
+        """`features inspect`'s lines for this kind's `summary()` figures."""
+        raise NotImplementedError
+
     def __contains__(self, item_id: object) -> bool:
         raise NotImplementedError
 

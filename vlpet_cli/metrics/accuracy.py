@@ -6,10 +6,12 @@ Both follow the reference evaluators (spec/pipeline.md §5.2); results are x100.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.metrics import preview_ids
+
+K = TypeVar("K", bound=Hashable)  # a question id, of whatever type predictions and labels share
 
 
 def _soft_label(value: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -19,7 +21,7 @@ def _soft_label(value: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def soft_score_accuracy(
-    predictions: Mapping[Hashable, str], labels: Mapping[Hashable, Mapping[str, Any]], task: str = "GQA"
+    predictions: Mapping[K, str], labels: Mapping[K, Mapping[str, Any]], task: str = "GQA"
 ) -> float:
     """Mean of label.get(prediction, 0) x100: exact, case-sensitive match with no normalisation.
 
@@ -40,7 +42,7 @@ def soft_score_accuracy(
     return 100.0 * total / len(predictions)
 
 
-def gqa_accuracy(predictions: Mapping[Hashable, str], labels: Mapping[Hashable, Mapping[str, Any]]) -> float:
+def gqa_accuracy(predictions: Mapping[K, str], labels: Mapping[K, Mapping[str, Any]]) -> float:
     """GQA accuracy x100 as the reference computes it: label.get(prediction, 0), case-sensitive, unnormalised."""
     return soft_score_accuracy(predictions, labels, task="GQA")
 

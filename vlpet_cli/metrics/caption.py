@@ -17,7 +17,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.metrics import preview_ids
@@ -26,6 +26,7 @@ CAPTION_METRICS: tuple[str, ...] = ("cider", "bleu", "bleu1", "bleu2", "bleu3", 
 """The caption metrics a captioning task offers ('bleu' is shorthand for bleu1..bleu4)."""
 SCORERS: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider", "spice")
 TOKENIZERS: tuple[str, ...] = ("auto", "ptb", "python")
+K = TypeVar("K", bound=Hashable)  # a caption id: tokenising keeps the caller's ids
 _SCORER_ALIASES = {
     "bleu1": "bleu",
     "bleu2": "bleu",
@@ -106,12 +107,12 @@ def simple_tokenize(text: str) -> str:
     return " ".join(tok for tok in tokens if tok not in PTB_REMOVED_TOKENS and not set(tok) <= {"-"})
 
 
-def tokenize_python(captions: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, list[str]]:
+def tokenize_python(captions: Mapping[K, Sequence[str]]) -> dict[K, list[str]]:
     """Tokenise every caption with `simple_tokenize`, keeping ids and order."""
     return {key: [simple_tokenize(c) for c in caps] for key, caps in captions.items()}
 
 
-def tokenize_ptb(captions: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, list[str]]:
+def tokenize_ptb(captions: Mapping[K, Sequence[str]]) -> dict[K, list[str]]:
     """Tokenise with pycocoevalcap's PTBTokenizer (Java), keeping ids and order; errors become VlpetError."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -138,7 +139,7 @@ def tokenize_ptb(captions: Mapping[Hashable, Sequence[str]]) -> dict[Hashable, l
                 + (f" (java said: {java_log[-500:]})" if java_log else "")
                 + "; check the Java installation or use tokenizer='python'"
             )
-    out: dict[Hashable, list[str]] = {key: [] for key in captions}
+    out: dict[K, list[str]] = {key: [] for key in captions}
     for slot, text in flat.items():
         out[slot[0]].append(tokenized[slot][0] if text else "")
     return out

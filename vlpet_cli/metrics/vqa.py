@@ -166,7 +166,7 @@ def _percent_by_group(scores: Mapping[Hashable, float], groups: Mapping[Hashable
 def vqa_accuracy(
     predictions: Mapping[Hashable, str],
     annotations: Mapping[Hashable, Mapping[str, Any]],
-    variant: Variant = "reference",
+    variant: str = "reference",
 ) -> dict[str, Any]:
     """Score predicted answers against annotation records {"answers", "answer_type", "question_type"}.
 

@@ -6,6 +6,8 @@ modules §1.2). A ModuleSpec's `kind` picks the bottleneck: a plain adapter here
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -22,6 +24,9 @@ from vlpet_cli.pet.method import (
     bottleneck_hint,
     zero_layer_params,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 NON_LINEAR = "ΔH = up(gelu_new(down(H))) is non-linear"
 
@@ -137,7 +142,7 @@ class ValueAdapters(_Bottlenecks):
         if sub.stack == "decoder" and sub.kind == "cross":
             pet.value[sub.key] = bottleneck(spec, d)
 
-    def attachments(self, pet, backbone: nn.Module) -> list[Attachment]:
+    def attachments(self, pet, backbone: PreTrainedModel) -> list[Attachment]:
         out = []
         for sub in anatomy.sublayers(backbone):
             if sub.key in pet.value:

@@ -9,11 +9,15 @@ encoder/decoder LayerNorms (X of a sub-layer is then the normed input), T5 v1.1/
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
 
 from vlpet_cli.backbones import FAMILIES
 from vlpet_cli.errors import VlpetError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -49,7 +53,7 @@ class Projection:
         return f"{self.stack}_{self.layer}_{self.attention}_{self.which}"
 
 
-def family(model: nn.Module) -> str:
+def family(model: PreTrainedModel) -> str:
     """'bart' or 't5' (the family) from the model's config."""
     model_type = getattr(model.config, "model_type", "")
     if model_type in FAMILIES:
@@ -58,7 +62,7 @@ def family(model: nn.Module) -> str:
                      f"{', '.join(FAMILIES)}")
 
 
-def encoder_position_biases(model: nn.Module) -> list[nn.Module]:
+def encoder_position_biases(model: PreTrainedModel) -> list[nn.Module]:
     """The encoder self-attentions that compute a relative position bias: the first one for T5 v1.0/v1.1 and mT5
     (later layers reuse it), every one for UMT5; none for the BART family (learned absolute positions)."""
     if family(model) != "t5":
@@ -67,7 +71,7 @@ def encoder_position_biases(model: nn.Module) -> list[nn.Module]:
     return [a for a in attentions if getattr(a, "has_relative_attention_bias", False)]
 
 
-def shares_position_bias(model: nn.Module) -> bool:
+def shares_position_bias(model: PreTrainedModel) -> bool:
     """Whether later layers reuse the first layer's bias (T5, mT5: passed as `position_bias`) rather than each
     computing its own inside the attention (UMT5, whose attention takes no `position_bias`)."""
     return getattr(model.config, "model_type", "") != "umt5"
@@ -83,21 +87,22 @@ def final_norm(stack: nn.Module) -> nn.Module | None:
     return getattr(stack, "final_layer_norm", None) or getattr(stack, "layer_norm", None)
 
 
-def stacks(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(encoder, decoder) of a seq2seq LM."""
+def stacks(model: PreTrainedModel) -> tuple[Any, Any]:
+    """(encoder, decoder) of a seq2seq LM: BartEncoder, T5Stack, ..., whose children differ by family and are
+    reached by name (torch types a Module's attributes as `Tensor | Module`)."""
     return model.get_encoder(), model.get_decoder()
 
 
 def _layers(stack: nn.Module) -> nn.ModuleList:
-    return stack.layers if hasattr(stack, "layers") else stack.block
+    return cast(nn.ModuleList, stack.layers if hasattr(stack, "layers") else stack.block)
 
 
-def num_layers(model: nn.Module) -> tuple[int, int]:
+def num_layers(model: PreTrainedModel) -> tuple[int, int]:
     enc, dec = stacks(model)
     return len(_layers(enc)), len(_layers(dec))
 
 
-def sublayers(model: nn.Module) -> list[SubLayer]:
+def sublayers(model: PreTrainedModel) -> list[SubLayer]:
     """Every residual sub-layer of both stacks, in execution order."""
     enc, dec = stacks(model)
     out: list[SubLayer] = []
@@ -129,7 +134,7 @@ def projections_of(attention: nn.Module, family_name: str) -> dict[str, nn.Linea
     return {which: getattr(attention, attr) for which, attr in _PROJECTION_NAMES[family_name].items()}
 
 
-def projections(model: nn.Module) -> list[Projection]:
+def projections(model: PreTrainedModel) -> list[Projection]:
     """q/k/v/o Linears of every attention (encoder self, decoder self, decoder cross)."""
     fam = family(model)
     module_names = {id(m): n for n, m in model.named_modules()}
@@ -142,19 +147,19 @@ def projections(model: nn.Module) -> list[Projection]:
     return out
 
 
-def ffn_outputs(model: nn.Module) -> list[tuple[SubLayer, str, nn.Linear]]:
+def ffn_outputs(model: PreTrainedModel) -> list[tuple[SubLayer, str, nn.Linear]]:
     """(sub-layer, dotted name, Linear) of the second FFN Linear of every layer (BART fc2, T5 DenseReluDense.wo,
     the gated FFN's wo too), whose input is the FFN's inner activation."""
     module_names = {id(m): n for n, m in model.named_modules()}
     out = []
     for sub in sublayers(model):
         if sub.kind == "ffn":
-            linear = sub.h_module if family(model) == "bart" else sub.h_module.wo
+            linear = cast(nn.Linear, sub.h_module if family(model) == "bart" else sub.h_module.wo)
             out.append((sub, module_names[id(linear)], linear))
     return out
 
 
-def layer_norm_names(model: nn.Module) -> dict[str, list[str]]:
+def layer_norm_names(model: PreTrainedModel) -> dict[str, list[str]]:
     """Parameter names of the backbone's LayerNorms, split into encoder and decoder."""
     enc, dec = stacks(model)
     found: dict[str, list[str]] = {"encoder": [], "decoder": []}
@@ -176,7 +181,7 @@ def norm_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def bias_free_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """Linears without a bias where LST's T5 BitFit adds one: attention q/k/v/o, FFN wi/wo and lm_head."""
-    out = []
+    out: list[tuple[str, nn.Linear]] = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and module.bias is None:
             leaf = name.rsplit(".", 1)[-1]
@@ -185,7 +190,7 @@ def bias_free_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return out
 
 
-def text_embedding_modules(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+def text_embedding_modules(model: PreTrainedModel) -> tuple[nn.Module, nn.Module] | None:
     """The BART family's encoder (positions, layernorm_embedding), which the reference applies to text tokens
     only (mBART has both too, before its pre-LayerNorm layers)."""
     if family(model) != "bart":
@@ -194,9 +199,9 @@ def text_embedding_modules(model: nn.Module) -> tuple[nn.Module, nn.Module] | No
     return enc.embed_positions, enc.layernorm_embedding
 
 
-def word_embedding(model: nn.Module) -> nn.Embedding:
+def word_embedding(model: PreTrainedModel) -> nn.Embedding:
     """The shared token embedding (tied to the LM head)."""
-    return model.get_input_embeddings()
+    return cast(nn.Embedding, model.get_input_embeddings())
 
 
 # The role of each axis of a block's Linear weights, by leaf name, for pruning a block into a narrower one:
@@ -207,7 +212,7 @@ PRUNE_AXES = {"q": ("inner", "d"), "k": ("inner", "d"), "v": ("inner", "d"), "o"
               "fc1": ("ffn", "d"), "fc2": ("d", "ffn")}
 
 
-def narrow_config(stack: nn.Module, reduction: int):
+def narrow_config(stack: PreTrainedModel, reduction: int):
     """A copy of a stack's config with the width, FFN and per-head sizes divided by `reduction` (heads kept)."""
     import copy
 
@@ -236,7 +241,7 @@ def block_attentions(block: nn.Module) -> list[nn.Module]:
     return [layer[0].SelfAttention] if layer is not None else []
 
 
-def new_norm(model: nn.Module, d: int) -> nn.Module:
+def new_norm(model: PreTrainedModel, d: int) -> nn.Module:
     """A LayerNorm of the backbone family's kind (T5: RMS norm without bias) of width d."""
     norm = final_norm(model.get_encoder())
     if norm is not None and family(model) == "t5":
@@ -246,4 +251,4 @@ def new_norm(model: nn.Module, d: int) -> nn.Module:
 
 def dropout_rate(config) -> float:
     """The residual dropout of a family's config."""
-    return getattr(config, "dropout_rate", None) or getattr(config, "dropout", 0.0)
+    return getattr(config, "dropout_rate", 0.0) or getattr(config, "dropout", 0.0)

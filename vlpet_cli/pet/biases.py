@@ -3,11 +3,16 @@ lm_head, every T5LayerNorm incl. the projector's) and adds them to those layers'
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import nn
 
 from vlpet_cli.pet import anatomy
 from vlpet_cli.pet.method import Attachment, Method, pkey
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class AddedBiases(Method):
@@ -20,17 +25,17 @@ class AddedBiases(Method):
     def containers(self) -> dict:
         return {"added_biases": nn.ParameterDict()}
 
-    def build(self, pet, spec, backbone: nn.Module, extra_norms) -> None:
+    def build(self, pet, spec, backbone: PreTrainedModel, extra_norms) -> None:
         targets: list[tuple[str, nn.Module]] = list(anatomy.bias_free_linears(backbone))
         for name, norm in [*anatomy.norm_modules(backbone), *extra_norms]:
             if getattr(norm, "bias", None) is None:
                 targets.append((name, norm))
         for name, module in targets:
-            width = module.out_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+            width = module.out_features if isinstance(module, nn.Linear) else cast(torch.Tensor, module.weight).shape[0]
             pet.added_biases[pkey(name)] = nn.Parameter(torch.zeros(width))
         pet.targets["added_biases"] = targets
 
-    def attachments(self, pet, backbone: nn.Module) -> list[Attachment]:
+    def attachments(self, pet, backbone: PreTrainedModel) -> list[Attachment]:
         def add(key: str):
             return lambda module, args, output: output + pet.added_biases[key]
         return [Attachment(module, "hook", add(pkey(name))) for name, module in pet.targets["added_biases"]]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Any
 
 from vlpet_cli.pet import anatomy
-from vlpet_cli.pet.inject import METHODS, owner
+from vlpet_cli.pet.inject import METHODS, PetHost, owner
 
 ORDER = [*dict.fromkeys(m.group for m in METHODS), "visual projector", "encoder LayerNorms", "decoder LayerNorms",
          "biases", "word embeddings", "backbone (other)"]
@@ -19,7 +19,7 @@ def _added_group(name: str) -> str | None:
     return method.group if method is not None else None
 
 
-def classify(model: nn.Module) -> dict[str, str]:
+def classify(model: PetHost) -> dict[str, str]:
     """Parameter name -> group, for a VLModel (tied tensors appear once, under their first name)."""
     backbone = model.backbone
     norms = anatomy.layer_norm_names(backbone)
@@ -44,7 +44,7 @@ def classify(model: nn.Module) -> dict[str, str]:
     return groups
 
 
-def budget(model: nn.Module) -> dict:
+def budget(model: PetHost) -> dict:
     """Trainable and total parameters per group, the reference percentage and the saved-state size.
 
     percent = trainable / all parameters of the model as built (resized vocabulary, projector and added
@@ -52,7 +52,7 @@ def budget(model: nn.Module) -> dict:
     """
     groups = classify(model)
     params = dict(model.named_parameters())
-    rows = {g: {"group": g, "trainable": 0, "total": 0} for g in ORDER}
+    rows: dict[str, dict[str, Any]] = {g: {"group": g, "trainable": 0, "total": 0} for g in ORDER}
     for name, group in groups.items():
         p = params[name]
         rows[group]["total"] += p.numel()

@@ -42,7 +42,8 @@ class PHMLinear(nn.Module):
 
     def full_weight(self) -> torch.Tensor:
         """The (d_in, d_out) matrix this layer multiplies by."""
-        return sum(torch.kron(self.rule[i], self.weight[i]) for i in range(self.n))
+        terms = [torch.kron(self.rule[i], self.weight[i]) for i in range(self.n)]
+        return sum(terms[1:], terms[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.full_weight() + self.bias

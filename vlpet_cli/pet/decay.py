@@ -8,10 +8,13 @@ same declarations `vlpet import-reference` reads, and the groups cannot drift fr
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from vlpet_cli.pet import anatomy
 from vlpet_cli.pet.reference_names import reference_key
+
+if TYPE_CHECKING:
+    from vlpet_cli.pet.inject import PetHost
 
 # The reference's no-decay list, matched as substrings of its parameter names
 REFERENCE_NO_DECAY = ("bias", "LayerNorm.weight")
@@ -25,12 +28,12 @@ def reference_decays(name: str, family: str, layer: str | None = None) -> bool:
     return not any(word in key for word in REFERENCE_NO_DECAY)
 
 
-def layer_of(model: nn.Module, name: str) -> str | None:
+def layer_of(model: PetHost, name: str) -> str | None:
     """The `reference_layer` of the module holding parameter `name` (None: a plain layer)."""
     return getattr(model.get_submodule(name.rsplit(".", 1)[0]), "reference_layer", None) if "." in name else None
 
 
-def no_decay_names(model: nn.Module, rule: str) -> set[str]:
+def no_decay_names(model: PetHost, rule: str) -> set[str]:
     """Names of a VLModel's trainable parameters that AdamW should not decay.
 
     reference: the reference's rule on the reference's names (`reference_decays`): HF BART/T5 LayerNorms are named

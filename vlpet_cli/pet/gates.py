@@ -61,7 +61,7 @@ class Gate(nn.Module):
         # s = 1 (BART's presets): 1 · G is G bit for bit, so skip the product and the [B, L, d] copy backward keeps
         return (g if self.scale == 1 else self.scale * g) * h1
 
-    def output_layers(self) -> list[nn.Module]:
+    def output_layers(self) -> list[nn.Module | None]:
         """Layers zeroed by `zero_init_up` (so that G = σ(0) = 0.5, or 1 for middleY)."""
         return {"large": [getattr(self, "up", None)], "middlex": [getattr(self, "proj", None)],
                 "small": [getattr(self, "proj", None)]}.get(self.granularity, [])

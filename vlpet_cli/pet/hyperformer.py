@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -11,6 +13,9 @@ from vlpet_cli.errors import VlpetError
 from vlpet_cli.pet import anatomy
 from vlpet_cli.pet.activation import gelu_new
 from vlpet_cli.pet.method import REF_PARAM, REF_TASK, Method, ReferenceRule
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 LN_EPS = 1e-6  # the reference's hyper-network LayerNorm (issue 11, item 3); PyTorch's default is 1e-5
 # The reference's words for the sub-layer an adapter generator serves, per stack.
@@ -72,7 +77,7 @@ class HyperMethod(Method):
     def containers(self) -> dict:
         return {"hyper": None}
 
-    def build(self, pet, spec, backbone: nn.Module, extra_norms) -> None:
+    def build(self, pet, spec, backbone: PreTrainedModel, extra_norms) -> None:
         d = backbone.config.d_model
         n_enc, n_dec = anatomy.num_layers(backbone)
         # One parameter per task, as the reference holds them: a task absent from a batch gets no gradient, so the

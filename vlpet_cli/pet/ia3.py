@@ -5,12 +5,16 @@ FFN: input columns) and exports as a PEFT IA3 adapter."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from vlpet_cli.pet import anatomy
 from vlpet_cli.pet.method import Attachment, Method, PeftExport, peft_module_names
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -23,7 +27,7 @@ class Target:
     feedforward: bool
 
 
-def targets(backbone: nn.Module, spec) -> list[Target]:
+def targets(backbone: PreTrainedModel, spec) -> list[Target]:
     """The Linears `IA3Spec.targets` names, attention projections first, in execution order."""
     out = [Target(p.key, p.name, p.linear, False) for p in anatomy.projections(backbone) if p.which in spec.targets]
     if "ffn" in spec.targets:
@@ -42,14 +46,14 @@ class IA3Method(Method):
     def containers(self) -> dict:
         return {"ia3": nn.ParameterDict()}
 
-    def build(self, pet, spec, backbone: nn.Module, extra_norms) -> None:
+    def build(self, pet, spec, backbone: PreTrainedModel, extra_norms) -> None:
         found = targets(backbone, spec)
         for t in found:
             width = t.linear.in_features if t.feedforward else t.linear.out_features
             pet.ia3[t.key] = nn.Parameter(torch.ones(width))
         pet.targets["ia3"] = found
 
-    def attachments(self, pet, backbone: nn.Module) -> list[Attachment]:
+    def attachments(self, pet, backbone: PreTrainedModel) -> list[Attachment]:
         def scale_input(key: str):
             return lambda forward, x, *args, **kwargs: forward(x * pet.ia3[key], *args, **kwargs)
 
@@ -76,7 +80,7 @@ class IA3Method(Method):
                     t.linear.bias.mul_(scale)
         return f"IA3 ({len(found)} vectors)"
 
-    def peft(self, pet, spec, backbone: nn.Module, base: str) -> PeftExport:
+    def peft(self, pet, spec, backbone: PreTrainedModel, base: str) -> PeftExport:
         """peft's names: base_model.model.<module>.ia3_l, shaped (out, 1), or (1, in) for feed-forward modules."""
         import peft
 

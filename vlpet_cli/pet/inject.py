@@ -7,7 +7,8 @@ wrapped Linear (the instance's forward replaced, the class untouched) for method
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ from vlpet_cli.pet.lora import LORA
 from vlpet_cli.pet.lst import LST
 from vlpet_cli.pet.method import Attachment, Method
 from vlpet_cli.pet.prompt import PROMPT
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Every method, in the order they are built, registered and listed by `vlpet params`. A sub-layer's output goes
 # through the modifications in this order and then through the gate, its own axis.
@@ -71,7 +75,7 @@ class PetModules(nn.Module):
     task, the masked small gate the mask) and places `prompts(batch_size)` in front of the encoder's text.
     """
 
-    def __init__(self, cfg: PetConfig, backbone: nn.Module, extra_norms: list[tuple[str, nn.Module]] = ()):
+    def __init__(self, cfg: PetConfig, backbone: PreTrainedModel, extra_norms: Sequence[tuple[str, nn.Module]] = ()):
         """extra_norms: LayerNorms outside the backbone (the visual projector's) that `add_biases` also covers."""
         super().__init__()
         self.cfg = cfg
@@ -130,14 +134,14 @@ class PetModules(nn.Module):
                 if isinstance(module, (nn.Linear, nn.Embedding)):
                     nn.init.normal_(module.weight, 0.0, 0.02)
                     if getattr(module, "bias", None) is not None:
-                        nn.init.zeros_(module.bias)
+                        nn.init.zeros_(cast(torch.Tensor, module.bias))
         if self.cfg.zero_init_up:
             for method, _ in self.specs:
                 for tensor in method.zero_init(self):
                     nn.init.zeros_(tensor)
 
     # ---- hooks ------------------------------------------------------------------------------------------
-    def _attach(self, backbone: nn.Module, subs: list[anatomy.SubLayer]) -> None:
+    def _attach(self, backbone: PreTrainedModel, subs: list[anatomy.SubLayer]) -> None:
         for sub in subs:
             steps = [m for m in SUBLAYER_STEPS if m.on_sublayer(self, sub)]
             if not steps:
@@ -182,7 +186,25 @@ class PetModules(nn.Module):
         self._handles.clear()
 
 
-def set_trainable(backbone: nn.Module, pet: PetModules, projector: nn.Module, policy: TrainablePolicy) -> None:
+class PetHost(Protocol):
+    """What the PET accounting and the decay groups read of the model holding a PetModules (`vl.model.VLModel`, a
+    layer above)."""
+
+    @property
+    def backbone(self) -> PreTrainedModel: ...
+
+    @property
+    def projector(self) -> nn.Module: ...
+
+    @property
+    def pet(self) -> PetModules: ...
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+    def get_submodule(self, target: str) -> nn.Module: ...
+
+
+def set_trainable(backbone: PreTrainedModel, pet: PetModules, projector: nn.Module, policy: TrainablePolicy) -> None:
     """Freeze everything, then unfreeze what the policy names (spec modules §3 and §5)."""
     names: set[str] = set()
     if policy.layernorms != "none":

@@ -4,12 +4,16 @@ as a PEFT LoRA adapter."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from vlpet_cli.pet import anatomy
 from vlpet_cli.pet.method import REF_TASK, Attachment, Method, PeftExport, ReferenceRule, peft_module_names
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class LoRA(nn.Module):
@@ -46,14 +50,14 @@ class LoraMethod(Method):
     reference_preset_name = "lora"
     sizes = ((".A", "pet.lora.r", 0), (".B", "pet.lora.r", 1))
 
-    def build(self, pet, spec, backbone: nn.Module, extra_norms) -> None:
+    def build(self, pet, spec, backbone: PreTrainedModel, extra_norms) -> None:
         targets = [p for p in anatomy.projections(backbone) if p.which in spec.targets]
         for proj in targets:
             lin = proj.linear
             pet.lora[proj.key] = LoRA(lin.in_features, lin.out_features, spec.r, spec.alpha, spec.dropout)
         pet.targets["lora"] = targets
 
-    def attachments(self, pet, backbone: nn.Module) -> list[Attachment]:
+    def attachments(self, pet, backbone: PreTrainedModel) -> list[Attachment]:
         return [Attachment(p.linear, "hook", lambda lin, args, output, m=pet.lora[p.key]: output + m(args[0]))
                 for p in pet.targets["lora"]]
 
@@ -70,7 +74,7 @@ class LoraMethod(Method):
             weight.add_(pet.lora[proj.key].delta_weight().to(weight.dtype))
         return f"LoRA ({len(targets)} matrices)"
 
-    def peft(self, pet, spec, backbone: nn.Module, base: str) -> PeftExport:
+    def peft(self, pet, spec, backbone: PreTrainedModel, base: str) -> PeftExport:
         """peft's names: base_model.model.<module>.lora_A.weight (r, in) and lora_B.weight (out, r)."""
         import peft
 

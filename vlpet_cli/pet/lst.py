@@ -11,6 +11,7 @@ width, initialised from the backbone's weights by structured pruning (below).
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from torch import nn
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.pet import anatomy
 from vlpet_cli.pet.method import Attachment, Method
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # the PetConfig fields whose modules live in the backbone: under LST they would get no gradient
 BACKBONE_METHODS = ("encoder", "gate", "decoder", "value", "lora", "hyperformer", "ia3", "add_biases")
@@ -61,7 +65,7 @@ class LstMethod(Method):
     unfoldable = "a side network computes the output; no edit of the backbone's weights reproduces it"
 
     # ---- build --------------------------------------------------------------------------------------------
-    def build(self, pet, spec, backbone: nn.Module, extra_norms) -> None:
+    def build(self, pet, spec, backbone: PreTrainedModel, extra_norms) -> None:
         others = [f for f in BACKBONE_METHODS if getattr(pet.cfg, f)]
         if others:
             raise VlpetError(f"LST cannot be combined with pet.{', pet.'.join(others)}: LST never back-propagates "
@@ -95,7 +99,7 @@ class LstMethod(Method):
 
     # ---- structured pruning ---------------------------------------------------------------------------------
     @staticmethod
-    def _keep_residual(backbone: nn.Module, d_side: int) -> torch.Tensor | None:
+    def _keep_residual(backbone: PreTrainedModel, d_side: int) -> torch.Tensor | None:
         """The residual dims every side block keeps: largest L1 mass of the backbone's Linears that read or write
         the residual stream (one set for both stacks, since the side decoder reads the side encoder's output)."""
         weight = anatomy.word_embedding(backbone).weight
@@ -136,9 +140,9 @@ class LstMethod(Method):
                             idx = keep[(parent, role)]
                         value = value.index_select(axis, idx)
                     p.copy_(value)
-            final = anatomy.final_norm(stack)
-            if final is not None and getattr(final, "weight", None) is not None:
-                side.norm.weight.copy_(final.weight.detach()[keep_d])
+            final_weight = getattr(anatomy.final_norm(stack), "weight", None)
+            if final_weight is not None:
+                cast(torch.Tensor, side.norm.weight).copy_(final_weight.detach()[keep_d])
 
     @staticmethod
     def _keep_inner(modules: dict[str, nn.Module], parent: str, role: str, width: int) -> torch.Tensor:
@@ -153,6 +157,7 @@ class LstMethod(Method):
             s = w.sum(1) if axes[0] == role else w.sum(0)
             scores = s if scores is None else scores + s
             heads = getattr(modules.get(parent), "n_heads", None) or getattr(modules.get(parent), "num_heads", None)
+        assert scores is not None, f"no Linear of {parent!r} has a {role} axis"
         if role == "ffn" or not heads:
             return _top(scores, width)
         per_head = scores.view(heads, -1)
@@ -161,7 +166,7 @@ class LstMethod(Method):
         return (picks + torch.arange(heads)[:, None] * per_head.shape[1]).flatten()
 
     # ---- forward --------------------------------------------------------------------------------------------
-    def attachments(self, pet, backbone: nn.Module) -> list[Attachment]:
+    def attachments(self, pet, backbone: PreTrainedModel) -> list[Attachment]:
         out = []
         for name, stack in zip(("encoder", "decoder"), anatomy.stacks(backbone)):
             for i, block in enumerate(anatomy.layers(stack)):

@@ -11,12 +11,18 @@ which `vlpet import-reference` reads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from vlpet_cli.config import PetConfig
+    from vlpet_cli.pet.anatomy import SubLayer
 
 
 @dataclass
@@ -89,40 +95,40 @@ class Method:
     reference_preset_name: str | None = None  # the preset of a checkpoint holding only this family
     sizes: tuple[tuple[str, str, int], ...] = ()  # (name suffix, preset field, dimension of the tensor that holds it)
 
-    def spec(self, cfg) -> Any:
+    def spec(self, cfg: PetConfig) -> Any:
         return getattr(cfg, self.field)
 
     def containers(self) -> dict[str, Any]:
         """The empty slots registered on PetModules before anything is built."""
         return {slot: nn.ModuleDict() for slot in self.slots}
 
-    def build_site(self, pet, spec, sub, d: int) -> None:
+    def build_site(self, pet, spec: Any, sub: SubLayer, d: int) -> None:
         """Build this method's module for one residual sub-layer (called in execution order)."""
 
-    def build(self, pet, spec, backbone: nn.Module, extra_norms: list[tuple[str, nn.Module]]) -> None:
+    def build(self, pet, spec: Any, backbone: PreTrainedModel, extra_norms: list[tuple[str, nn.Module]]) -> None:
         """Build what is not per sub-layer (called once, after every sub-layer)."""
 
     def zero_init(self, pet) -> list[torch.Tensor]:
         """Tensors that `zero_init_up` zeroes (the layers producing the method's output)."""
         return []
 
-    def on_sublayer(self, pet, sub) -> bool:
+    def on_sublayer(self, pet, sub: SubLayer) -> bool:
         """Whether `transform` changes this sub-layer's output H."""
         return False
 
-    def transform(self, pet, sub, h: torch.Tensor) -> torch.Tensor:
+    def transform(self, pet, sub: SubLayer, h: torch.Tensor) -> torch.Tensor:
         """H -> H' for a sub-layer `on_sublayer` claims (module, HyperFormer, then the gate)."""
         return h
 
-    def attachments(self, pet, backbone: nn.Module) -> list[Attachment]:
+    def attachments(self, pet, backbone: PreTrainedModel) -> list[Attachment]:
         """Hooks and wraps on backbone modules other than the sub-layer outputs."""
         return []
 
-    def encoder_prefix(self, pet, spec, batch_size: int) -> torch.Tensor | None:
+    def encoder_prefix(self, pet, spec: Any, batch_size: int) -> torch.Tensor | None:
         """[B, P, d] vectors placed in front of the text in the encoder input (prompt tuning), or None."""
         return None
 
-    def prefix_length(self, spec) -> int:
+    def prefix_length(self, spec: Any) -> int:
         """P of `encoder_prefix`."""
         return 0
 
@@ -134,7 +140,7 @@ class Method:
         """Edit the backbone Linears so that they compute what the method adds; returns what was folded."""
         raise NotImplementedError(f"{self.label} cannot be folded: {self.unfoldable}")
 
-    def peft(self, pet, spec, backbone: nn.Module, base: str) -> PeftExport:
+    def peft(self, pet, spec: Any, backbone: PreTrainedModel, base: str) -> PeftExport:
         """The PEFT adapter holding this method, for `backbone` saved at `base` (only where `peft_type` is set)."""
         raise NotImplementedError(f"{self.label} has no PEFT format")
 
@@ -165,7 +171,7 @@ class Method:
     def size(self, pet) -> int | None:
         """How many modules it placed (None when it is one thing, like the prompts)."""
         value = getattr(pet, self.slots[0], None)
-        return len(value) if hasattr(value, "__len__") else None
+        return len(value) if isinstance(value, Sized) else None
 
     def owns(self, name: str) -> bool:
         """Whether a VLModel parameter name (`pet.<slot>…`) belongs to this method."""
@@ -204,7 +210,7 @@ def zero_layer_params(layers: list[nn.Module]) -> list[torch.Tensor]:
     return [p for layer in layers for p in layer.parameters(recurse=False)]
 
 
-def peft_module_names(backbone: nn.Module, names: list[str]) -> list[str]:
+def peft_module_names(backbone: PreTrainedModel, names: list[str]) -> list[str]:
     """PEFT target_modules: leaf names (q_proj, fc2) when they select exactly these Linears, else the full names."""
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     matched = {n for n, m in backbone.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in leaves}

@@ -5,10 +5,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from vlpet_cli.pet.method import REF_PARAM, REF_TASK, Method, ReferenceRule
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class PromptEncoder(nn.Module):
@@ -39,7 +44,7 @@ class PromptMethod(Method):
     def containers(self) -> dict:
         return {"prompt": None}
 
-    def build(self, pet, spec, backbone: nn.Module, extra_norms) -> None:
+    def build(self, pet, spec, backbone: PreTrainedModel, extra_norms) -> None:
         pet.prompt = PromptEncoder(backbone.config.d_model, spec.length, spec.mid_dim)
 
     def encoder_prefix(self, pet, spec, batch_size: int) -> torch.Tensor:

@@ -14,10 +14,17 @@ from __future__ import annotations
 import itertools
 import re
 import string
+import sys
 from functools import cache
-from re import _constants as sre  # the parsed form of a regex, to write a key a rule's pattern matches
-from re import _parser as sre_parse
 from typing import NamedTuple
+
+# the parsed form of a regex, to write a key a rule's pattern matches (Python 3.11 moved these modules into `re`)
+if sys.version_info >= (3, 11):
+    from re import _constants as sre
+    from re import _parser as sre_parse
+else:
+    import sre_constants as sre
+    import sre_parse
 
 from vlpet_cli.pet.inject import METHODS
 from vlpet_cli.pet.method import REF_PARAM, ReferenceRule
@@ -45,8 +52,9 @@ SITE_WORDS = {"kind": {"attn": "attn", "ff": "ffn"},
 ATTENTION = {("encoder", "self_attn"): "attn", ("encoder", "SelfAttention"): "attn",
              ("decoder", "self_attn"): "self", ("decoder", "SelfAttention"): "self",
              ("decoder", "encoder_attn"): "cross", ("decoder", "EncDecAttention"): "cross"}
-T5_SUBLAYER = {("encoder", "attn"): "0", ("encoder", "ffn"): "1",
-               ("decoder", "self"): "0", ("decoder", "cross"): "1", ("decoder", "ffn"): "2"}
+T5_SUBLAYER: dict[tuple[str, str | None], str] = {
+    ("encoder", "attn"): "0", ("encoder", "ffn"): "1", ("decoder", "self"): "0", ("decoder", "cross"): "1",
+    ("decoder", "ffn"): "2"}
 
 # The visual projector (the reference's `encoder.visual_embedding`), whose object-order table is the word embedding.
 VIS = r"{ROOT}encoder\.visual_embedding\."
@@ -119,17 +127,19 @@ def match(key: str, family: str) -> tuple[Rule, dict] | None:
 def vlpet_name(key: str, family: str) -> str | None:
     """The vlpet name a reference key maps onto (per-task copies and down heads: the tensor they form), or None."""
     found = match(key, family)
-    if found is None or found[0].target is None:
+    if found is None:
         return None
     rule, groups = found
-    return rule.target.format(**groups)
+    return None if rule.target is None else rule.target.format(**groups)
 
 
 # ---- back: vlpet name -> reference key ---------------------------------------------------------------------
 def _target_pattern(declared: ReferenceRule, pattern: str) -> re.Pattern:
     """The vlpet names a rule's target ('pet.x.{layer}_{kind}.{p}') can hold, as a regex: each field matches what
     its group in the reference's pattern matches, in vlpet's words."""
-    parts, seen = [], set()
+    assert declared.target is not None, "rules() compiles the back pattern of a rule with a target only"
+    parts: list[str] = []
+    seen: set[str] = set()
     for literal, field_name, _, _ in string.Formatter().parse(declared.target):
         parts.append(re.escape(literal))
         if field_name in seen:
@@ -216,7 +226,7 @@ def reference_key(name: str, family: str, layer: str | None = None) -> str | Non
     if name.startswith(BACKBONE):
         return name[len(BACKBONE):]
     for rule in rules(family):
-        if rule.target is None or rule.declared.layer != layer:
+        if rule.back is None or rule.declared.layer != layer:  # no back pattern: a rule without a target
             continue
         found = rule.back.fullmatch(name)
         if found is None:

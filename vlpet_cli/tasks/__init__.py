@@ -121,7 +121,9 @@ def annotation_images(annotations: Path) -> dict[str, str | None]:
             for key in present:
                 out.setdefault(str(ref.raw[key]), None)
         return out
-    own = [name for name, cls in TASKS.items() if cls.file_images.__func__ is not Task.file_images.__func__]
+    # a classmethod read on its class is a bound method (mypy types it as a plain Callable, without __func__)
+    own = [name for name, cls in TASKS.items()
+           if cls.file_images.__func__ is not Task.file_images.__func__]  # type: ignore[attr-defined]
     raise DataError(f"{path}: unrecognised annotation format. Fix: pass a {' or '.join(own)} annotation file "
                     f"(e.g. Karpathy's dataset_coco.json), or a list of records with {named}.")
 

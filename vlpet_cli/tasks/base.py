@@ -17,10 +17,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeGuard
 
 from vlpet_cli.config import GenerationSpec, VideoData
 from vlpet_cli.errors import DataError, VlpetError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _METRIC_ALIASES = {"rouge": "rougel", "accuracy": "acc", "vqaacc": "vqa"}
 
@@ -211,7 +214,7 @@ class Task:
         """The encoder text: prompt followed by the record's text."""
         return self.prompt + record.text
 
-    def source_ids(self, records: Sequence[Record], tokenizer: Any) -> list[list[int]]:
+    def source_ids(self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
         """The encoder token ids of records (one batched call): their source_text tokenised, cut at
         input_max_length. TaskDataset.item and the record cache both ask this, so there is one rule."""
         return tokenize_batch(tokenizer, [self.source_text(r) for r in records], self.input_max_length)
@@ -293,7 +296,7 @@ def sample_answer(label: dict[str, float] | None, rng: Any, train: bool) -> tupl
 _BACKENDS: dict[tuple[int, int, int | None], tuple[Any, Any]] = {}
 
 
-def _backend(tokenizer: Any, max_length: int | None) -> Any:
+def _backend(tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> Any:
     """A private copy of a fast tokenizer's Rust tokenizer that truncates as `tokenizer(..., max_length,
     truncation=True)` does (right side, special tokens kept), memoised per tokenizer and length; None for a slow
     tokenizer or one truncating on the left."""
@@ -316,7 +319,7 @@ def _backend(tokenizer: Any, max_length: int | None) -> Any:
     return own
 
 
-def tokenize_batch(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> list[list[int]]:
+def tokenize_batch(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int | None) -> list[list[int]]:
     """Token ids of texts with the tokenizer's own special tokens, truncated to max_length when given: the ids of
     `tokenizer(text, max_length=..., truncation=True)`, in one batched call of the Rust tokenizer when it has one."""
     if not texts:
@@ -329,17 +332,36 @@ def tokenize_batch(tokenizer: Any, texts: Sequence[str], max_length: int | None)
     return [list(ids) for ids in enc["input_ids"]]
 
 
+class FlatRecords(Protocol):
+    """Records that know their encoder token ids (data/cache.py's memory-mapped CachedRecords, `flat = True`)."""
+
+    flat: bool
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Record: ...
+
+    def token_ids(self, i: int) -> list[int]: ...
+
+    def token_lengths(self, indices: Sequence[int]) -> list[int]: ...
+
+
+def is_flat(records: object) -> TypeGuard[FlatRecords]:
+    """Whether `records` are cached records that carry their token ids."""
+    return bool(getattr(records, "flat", False))
+
+
 class TaskDataset:
     """Map-style dataset of one task split; item i at epoch e is deterministic given the seed."""
 
-    def __init__(self, task: Task, records: Sequence[Record], features: Any, tokenizer: Any,
+    def __init__(self, task: Task, records: Sequence[Record], features: Any, tokenizer: PreTrainedTokenizerBase,
                  split_kind: str = "train", seed: int = 0) -> None:
         if split_kind not in ("train", "eval"):
             raise VlpetError(f"split_kind must be 'train' or 'eval', not {split_kind!r}.")
         if seed < 0:
             raise VlpetError(f"the data seed must be >= 0, not {seed}.")
         self.task = task
-        self.records = records if getattr(records, "flat", False) else list(records)  # data/cache.py: mapped
+        self.records = records if is_flat(records) else list(records)  # data/cache.py: mapped
         self.features = features
         self.tokenizer = tokenizer
         self.split_kind = split_kind
@@ -394,7 +416,7 @@ class TaskDataset:
             target_ids = tokenize_batch(self.tokenizer, [text], task.target_max_length)[0]
         out = {
             "task": task.name,
-            "input_ids": (self.records.token_ids(i) if getattr(self.records, "flat", False) else
+            "input_ids": (self.records.token_ids(i) if is_flat(self.records) else
                           task.source_ids([record], self.tokenizer)[0]),
             "target": None if target is None else target[0],
             "target_ids": target_ids,

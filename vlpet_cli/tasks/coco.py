@@ -180,7 +180,7 @@ class CocoTask(Task):
             raise DataError(f"{path}: expected an object with an 'images' list. "
                             f"Fix: use Karpathy's dataset_coco.json.")
         source = self.feature_source(name)
-        records = []
+        records: list[Record] = []
         empty: list[str] = []  # images of this split with an empty caption
         n_images = 0
         for ref in record_refs(images, path, "Karpathy split file", "filename"):

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock, Timeout
 from PIL import Image, ImageDraw
@@ -467,7 +468,7 @@ def _nlvr(world: ToyWorld, seed: int) -> None:
     rng = _rng("nlvr", seed)
     world.nlvr = {}
     for split, n_sets in NLVR_SETS.items():
-        records = []
+        records: list[dict] = []
         set_ids = sorted(rng.sample(range(n_sets * 30), n_sets))
         for setid in set_ids:
             sents, pairs, combos = _nlvr_set(rng)
@@ -526,7 +527,7 @@ def toy_corpus(seed: int = SEED) -> list[str]:
 
 def _summary_of(world: ToyWorld) -> dict[str, dict[str, int]]:
     """Counts per task and split, and images per source."""
-    coco_rows = Counter()
+    coco_rows: Counter[str] = Counter()
     for e in world.coco:
         split = "train" if e["split"] in ("train", "restval") else e["split"]
         coco_rows[split] += len(e["sentences"]) if split == "train" else 1
@@ -616,7 +617,7 @@ def build_toy(dest: Path, seed: int = SEED, features: bool = True, model: Path |
     start = time.perf_counter()
     world = make_world(seed)
     images = write_world(world, dest)
-    manifest = {
+    manifest: dict[str, Any] = {
         "version": TOY_VERSION,
         "generator": _generator_hash(),
         "seed": seed,

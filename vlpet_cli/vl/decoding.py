@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from vlpet_cli.config import GenerationSpec
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
-def generation_kwargs(spec: GenerationSpec, family: str, tokenizer) -> dict:
+
+def generation_kwargs(spec: GenerationSpec, family: str, tokenizer: PreTrainedTokenizerBase) -> dict:
     """Every decoding setting spelled out, so nothing is inherited silently from a model's config.
 
     BART decodes as the reference did under transformers 4.2.1 with facebook/bart-base's config: no_repeat_ngram_size
@@ -13,6 +18,7 @@ def generation_kwargs(spec: GenerationSpec, family: str, tokenizer) -> dict:
     `</s>` forced at `max_length - 1` (BART's `adjust_logits_during_generation`); greedy decoding forces nothing.
     T5 has none of these.
     """
+    assert spec.num_beams is not None, "the task's own settings fill what eval.generation leaves open"
     ngram = spec.no_repeat_ngram_size
     beams = spec.num_beams > 1
     kwargs = {"num_beams": spec.num_beams, "max_length": spec.max_length, "do_sample": False,

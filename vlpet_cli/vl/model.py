@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from typing import TYPE_CHECKING, Literal, cast, overload
 
 import torch
 from torch import nn
@@ -15,6 +16,10 @@ from vlpet_cli.pet import anatomy
 from vlpet_cli.pet.inject import PetModules, set_trainable
 from vlpet_cli.vl.identity import backbone_identity
 from vlpet_cli.vl.projector import VisualProjector, pool_grid, visual_ids
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.generation.utils import GenerateOutput
 
 
 def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
@@ -35,7 +40,12 @@ def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Ten
 class VLModel(nn.Module):
     """The encoder sees [prompts ; text ; visual] through inputs_embeds, as the reference's forked encoders do."""
 
-    def __init__(self, backbone: nn.Module, projector: VisualProjector, pet: PetModules, n_boxes: int):
+    backbone: PreTrainedModel
+    projector: VisualProjector
+    pet: PetModules
+    carried_rows: int  # trailing vocabulary rows an adapter carries; set by artifacts.load_adapter_state, else absent
+
+    def __init__(self, backbone: PreTrainedModel, projector: VisualProjector, pet: PetModules, n_boxes: int):
         super().__init__()
         self.backbone = backbone
         self.projector = projector
@@ -109,7 +119,8 @@ class VLModel(nn.Module):
             bias[:, :, :n, :n] = block
             return bias
 
-        attention.compute_bias = compute_bias
+        # torch types Module.__setattr__'s value as Tensor | Module; a Module takes any attribute
+        attention.compute_bias = compute_bias  # type: ignore[assignment]
 
     @property
     def config(self):
@@ -193,8 +204,9 @@ class VLModel(nn.Module):
         return sequence_loss(out.logits, labels, batch.get("loss_weights"), batch.get("loss_reduction", "example"))
 
     @torch.no_grad()
-    def generate(self, batch: dict, **kwargs) -> torch.Tensor:
-        """Generated token ids; the encoder runs once per batch."""
+    def generate(self, batch: dict, **kwargs) -> torch.Tensor | GenerateOutput:
+        """Generated token ids (or, with return_dict_in_generate, transformers' output holding them and the scores);
+        the encoder runs once per batch."""
         enc, mask = self.encode(batch)
         if self.pet.recomputes_decoder():  # LST's side decoder keeps no cache: every step sees the whole prefix
             if kwargs.get("generation_config") is not None:
@@ -202,7 +214,9 @@ class VLModel(nn.Module):
                 kwargs["generation_config"].use_cache = False
             else:
                 kwargs = {**kwargs, "use_cache": False}
-        return self.backbone.generate(encoder_outputs=enc, attention_mask=mask, **kwargs)
+        # the backbone is a ...ForConditionalGeneration: a PreTrainedModel and a GenerationMixin
+        generator = cast("GenerationMixin", self.backbone)
+        return generator.generate(encoder_outputs=enc, attention_mask=mask, **kwargs)
 
     @torch.no_grad()
     def score_choices(self, batch: dict, choices: list[list[int]]) -> torch.Tensor:
@@ -219,7 +233,15 @@ class VLModel(nn.Module):
         return torch.stack([last[:, c[j]] for c in choices], dim=1)
 
 
-def build_model(preset: Preset, weights: bool = True):
+@overload
+def build_model(preset: Preset, weights: Literal[True] = True) -> tuple[VLModel, PreTrainedTokenizerBase]: ...
+
+
+@overload
+def build_model(preset: Preset, weights: bool) -> tuple[VLModel, PreTrainedTokenizerBase | None]: ...
+
+
+def build_model(preset: Preset, weights: bool = True) -> tuple[VLModel, PreTrainedTokenizerBase | None]:
     """(VLModel, tokenizer) for a resolved preset; weights=False builds on the meta device for counting."""
     bb = backbones.resolve(preset.model.backbone)
     backbone, tokenizer = backbones.build(bb, weights=weights, dropout=preset.model.dropout)

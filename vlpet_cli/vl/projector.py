@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ class VisualProjector(nn.Module):
                 if isinstance(module, (nn.Linear, nn.Embedding)):
                     nn.init.normal_(module.weight, 0.0, 0.02)
                     if getattr(module, "bias", None) is not None:
-                        nn.init.zeros_(module.bias)
+                        nn.init.zeros_(cast(torch.Tensor, module.bias))
 
     def forward(self, feats: torch.Tensor, img_ids: torch.Tensor, obj_ids: torch.Tensor,
                 word_embedding: torch.Tensor) -> torch.Tensor:

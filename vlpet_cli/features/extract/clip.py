@@ -60,7 +60,8 @@ def model_dir(model: str | Path) -> tuple[Path, str]:
 def preprocessor_stats(directory: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Normalisation mean/std from preprocessor_config.json when present, else CLIP's."""
     cfg_path = directory / "preprocessor_config.json"
-    mean, std = CLIP_MEAN, CLIP_STD
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
     if cfg_path.is_file():
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))

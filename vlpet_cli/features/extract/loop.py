@@ -191,9 +191,9 @@ def _write_report(path: Path, failed: list[tuple[str, str, str]], requested: set
 
 
 def _full_message(out: Path, noun: str, summary: ExtractSummary, kept: int, left: int, need: float) -> str:
-    need = f" need about {human_bytes(need)} more" if need else " still wait"
+    more = f" need about {human_bytes(need)} more" if need else " still wait"
     return (f"{out}: the disk is full after {summary.written} new {noun}s this run; the {kept} {noun}s in the store "
-            f"are kept and valid, and the {left} left{need}. Free space on that disk and run the same command again "
+            f"are kept and valid, and the {left} left{more}. Free space on that disk and run the same command again "
             f"to resume.")
 
 

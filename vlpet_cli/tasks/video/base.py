@@ -9,11 +9,11 @@ question, moment and choices (QA), the moment (TVC) or nothing (YC2C), and is ke
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlpet_cli.config import VideoData
 from vlpet_cli.errors import DataError, VlpetError
@@ -21,6 +21,9 @@ from vlpet_cli.metrics.caption import CAPTION_METRICS, scaled_caption_scores
 from vlpet_cli.tasks import files
 from vlpet_cli.tasks.base import FileScoring, Generate, Inputs, PredictInput, Record, Task, tokenize_batch
 from vlpet_cli.tasks.records import RecordModel, RecordRef, parse_record, read_json, read_records
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ANN_DIR = Path("video") / "ann"
 
@@ -94,7 +97,8 @@ class VideoTask(Task):
         """Every split of a VALUE task uses one source's video features."""
         return self.source
 
-    def split_files_fix(self) -> str:
+    @property
+    def split_files_fix(self) -> str:  # type: ignore[override]  # Task: a class constant; here from the folder
         """The fix to print when a split file is missing."""
         names = ", ".join(f"{self.name}_{n}.jsonl" for v in self.splits.values() for n in v.split(","))
         return f"check --data-root: it must contain {self.folder}/ with VALUE's {names} (spec/pipeline.md §1.5)"
@@ -115,14 +119,14 @@ class VideoTask(Task):
 
     def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
         """Read one VALUE .jsonl split file into records (subtitles joined, errors naming file and line)."""
-        lines = self.read_lines(self.split_path(data_root, name), self.split_files_fix())
+        lines = self.read_lines(self.split_path(data_root, name), self.split_files_fix)
         subs = load_subtitles(subtitles_path(data_root, self.source))
         records: list[Record] = []
         for ref in lines:
             records.extend(self.line_records(Path(data_root), ref, name, subs, for_eval))
         return records
 
-    def read_lines(self, path: Path, fix: str = "check --annotations") -> list[RecordRef]:
+    def read_lines(self, path: Path, fix: str = "check --annotations") -> Iterator[RecordRef]:
         """The lines of one of the task's VALUE annotation files (errors name the file and the line)."""
         return read_records(Path(path), f"{self.name} annotation file", fix, self.line_id)
 
@@ -145,7 +149,7 @@ class VideoTask(Task):
         """The subtitles file of the task's source."""
         return [subtitles_path(data_root, self.source)]
 
-    def source_ids(self, records: Sequence[Record], tokenizer: Any) -> list[list[int]]:
+    def source_ids(self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
         """Token ids within data.video.max_length: cut at the end (reference, may lose question, choices and
         prompt) or, with data.video.truncate 'subtitles', shorten the subtitles so the rest survives (the texts
         are tokenised whole in one batch; only those over the limit are shortened, record by record)."""
@@ -156,7 +160,7 @@ class VideoTask(Task):
         ids = tokenize_batch(tokenizer, texts, None)
         return [x if len(x) <= limit else self._shortened(r, tokenizer) for x, r in zip(ids, records)]
 
-    def _shortened(self, record: Record, tokenizer: Any) -> list[int]:
+    def _shortened(self, record: Record, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         """The ids with the most subtitle words that fit data.video.max_length (a binary search)."""
         limit = self.video.max_length
         words = (record.extra or {}).get("subs", "").split(" ")
@@ -279,6 +283,7 @@ class VideoQaTask(VideoTask):
     def input_record(self, given: PredictInput, index: int) -> Record:
         """A `vlpet predict` question as a line of VALUE's file would give it: the moment 's-e' as given (or
         rounded to 2 decimals), the choices formatted as the reader formats them, no show."""
+        assert given.ts is not None, "predict gives a moment task the whole video when no --ts is given"
         start, end = parse_ts(given.ts, given.where)
         ts = given.ts.strip() if "-" in given.ts and "," not in given.ts else f"{start:.2f}-{end:.2f}"
         extra = {"subs": given.subtitles, "type": self.qa_type}
@@ -420,7 +425,10 @@ class VideoCaptionTask(VideoTask):
 
     def input_record(self, given: PredictInput, index: int) -> Record:
         """A `vlpet predict` clip as a line of VALUE's file would give it: the moment [start, end] (TVC)."""
-        ts = list(parse_ts(given.ts, given.where)) if self.inputs.moment else None
+        ts = None
+        if self.inputs.moment:
+            assert given.ts is not None, "predict gives a moment task the whole video when no --ts is given"
+            ts = list(parse_ts(given.ts, given.where))
         extra = {"subs": given.subtitles, "clip_id": index, "ts": ts, "duration": None, "references": []}
         return Record(given.where, index, index, caption_text(ts), (str(given.video),), self.source, None, extra)
 
@@ -506,7 +514,7 @@ def grouped_references(predictions: Sequence[dict], mode: str) -> tuple[dict[Any
     refs: dict[Any, list[str]] = {}
     for p in predictions:
         if mode == "clip":
-            key = ("clip", p["clip_id"])
+            key: tuple[Any, ...] = ("clip", p["clip_id"])
             if key in preds or not p.get("references"):
                 continue
             preds[key], refs[key] = p["prediction"], list(p["references"])
