@@ -91,8 +91,8 @@ def _quota(directory: Path) -> float | None:
     """The CPU quota one cgroup directory sets, in CPUs, or None."""
     try:
         if (directory / "cpu.max").is_file():  # v2: "max 100000" or "150000 100000"
-            quota, period = ((directory / "cpu.max").read_text().split() + ["100000"])[:2]
-            return None if quota == "max" else int(quota) / int(period)
+            limit, every = ((directory / "cpu.max").read_text().split() + ["100000"])[:2]
+            return None if limit == "max" else int(limit) / int(every)
         if (directory / "cpu.cfs_quota_us").is_file():  # v1: -1 when unlimited
             quota = int((directory / "cpu.cfs_quota_us").read_text())
             period = int((directory / "cpu.cfs_period_us").read_text())
