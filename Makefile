@@ -41,7 +41,7 @@ test: install
 	$(BIN)/python -m pytest
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not cli"
 
 # The fast tests on the newest versions pyproject.toml's bounds allow (torch stays at constraints.txt's pin), in a
 # separate venv: run it before raising a bound or refreshing the lock.

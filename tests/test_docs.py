@@ -191,6 +191,7 @@ def command_words(line: str) -> tuple[tuple[str, ...], list[str]]:
     return path, OPTION.findall(line)
 
 
+@pytest.mark.cli
 def test_pages_show_vlpet_commands():
     """The collection below finds what the pages show (a guard against a parser that finds nothing)."""
     shown = {command_words(line)[0] for path in pages() for line in shown_commands(path)}
@@ -198,6 +199,7 @@ def test_pages_show_vlpet_commands():
             ("extract-features",), ("import-reference",), ("report",), ("params",), ("quickstart",)} <= shown
 
 
+@pytest.mark.cli
 def test_every_vlpet_command_shown_parses():
     """`vlpet CMD [SUB] --help` runs for every command a page shows, and its help lists every long option the pages
     pass to it (litgpt checks its docs' commands the same way)."""

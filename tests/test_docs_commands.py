@@ -205,6 +205,7 @@ SOURCES = sorted((ROOT / "vlpet_cli").rglob("*.py"))
 MARKDOWN = [p for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))] if p.is_file()]
 
 
+@pytest.mark.cli
 def test_every_command_the_messages_quote_exists():
     found = {p: commands_in_source(p.read_text(encoding="utf-8")) for p in SOURCES}
     quoted = {c for commands in found.values() for _, c in commands}
@@ -213,6 +214,7 @@ def test_every_command_the_messages_quote_exists():
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_command_the_documentation_quotes_exists(path):
     found = commands_in_markdown(path.read_text(encoding="utf-8"))
@@ -234,10 +236,12 @@ def test_every_command_the_documentation_quotes_exists(path):
     ("python benchmarks/no_such.py", "no file"),
     ("python -m vlpet_cli eval --splt val", "has no option --splt"),
 ])
+@pytest.mark.cli
 def test_the_checker_reports_a_command_that_does_not_exist(command, why):
     assert why in (check(command) or "")
 
 
+@pytest.mark.cli
 def test_the_checker_accepts_the_commands_that_exist():
     for command in ["hf download openai/clip-vit-base-patch32 --local-dir clip-vit-b32",
                     "vlpet train --preset vlpet-small --task coco --data-root toy train.lr=5e-4",
@@ -258,6 +262,7 @@ def test_markdown_commands_are_found_in_blocks_and_inline():
                                           (7, "vlpet eval $s")]
 
 
+@pytest.mark.cli
 def test_the_peft_load_command_survives_an_80_column_terminal(tiny_dirs, tmp_path):
     """`vlpet merge export-peft` prints how to load the export with PEFT: on one line (the terminal wraps it, a
     copy keeps it whole), never broken by rich at 80 columns."""

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from vlpet_cli.backbones import family_of
 from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError, file_error
+from vlpet_cli.features.kinds import VIDEO
 from vlpet_cli.tasks import default_tasks
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -313,10 +314,10 @@ def _run_tasks(raw: dict, pairs: list[tuple[str, Any]]) -> list[str]:
 
 
 def is_video_run(tasks: list[str], task_kind: Callable[[str], str] | None) -> bool:
-    """True when there are tasks and every one is a video task (`task_kind(name) == "video"`)."""
+    """True when there are tasks and every one reads video features (the feature-kind table's VIDEO)."""
     if task_kind is None or not tasks:
         return False
-    return all(task_kind(t) == "video" for t in tasks)
+    return all(task_kind(t) == VIDEO.name for t in tasks)
 
 
 def resolve(name: str, overrides: list[str] | None = None, backbone: str | None = None,

@@ -119,6 +119,7 @@ def test_bad_seeds_are_refused_before_anything_is_written(tmp_path, seeds, words
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_seeds_refuse_a_seed_override_and_an_existing_run_before_training(tmp_path):
     base = ["train", "--preset", "lora", "--task", "vqa", "--data-root", "toy", "--backbone", "tiny-bart",
             "--runs-dir", tmp_path / "runs", "--seeds", "42,43"]

@@ -82,6 +82,7 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
     ["predict", "run", "--task", "tvc", "--inputs", "inputs.jsonl"],
     ["quickstart", "--video", "--runs-dir", "out"],
 ], ids=lambda a: " ".join(a[:2]))
+@pytest.mark.cli
 def test_video_commands_without_av(args, tmp_path):
     (tmp_path / "videos").mkdir()
     result = vlpet(tmp_path, ("av",), *args)
@@ -90,6 +91,7 @@ def test_video_commands_without_av(args, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site", "videos"]  # nothing written
 
 
+@pytest.mark.cli
 def test_report_without_matplotlib(tmp_path):
     result = vlpet(tmp_path, ("matplotlib",), "report", "run-a", "run-b")
     assert result.returncode == 2 and result.stderr == f"error: {PLOTS}\n"

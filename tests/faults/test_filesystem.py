@@ -125,6 +125,7 @@ def test_a_read_only_output_is_one_line_before_any_work(world, monkeypatch, caps
 
 
 # ---- through the console script, as a user whose rights the file modes limit -------------------------------
+@pytest.mark.cli
 def test_the_console_script_names_an_unreadable_annotation_file():
     """The issue's case: an annotation file without read permission was a PermissionError traceback."""
     with shared_dir() as tmp:
@@ -141,6 +142,7 @@ def test_the_console_script_names_an_unreadable_annotation_file():
         assert line and list(runs.iterdir()) == []
 
 
+@pytest.mark.cli
 def test_the_console_script_names_unreadable_and_unwritable_files_of_report_and_presets():
     with shared_dir() as tmp:
         run = untrained_run(tmp / "runs" / "r", nlvr_root(tmp / "data"))
@@ -161,6 +163,7 @@ def test_the_console_script_names_unreadable_and_unwritable_files_of_report_and_
         assert list((tmp / "out").iterdir()) == []
 
 
+@pytest.mark.cli
 def test_the_console_script_names_unreadable_adapter_weights():
     with shared_dir() as tmp:
         run = untrained_run(tmp / "runs" / "r", nlvr_root(tmp / "data"))

@@ -57,6 +57,7 @@ def wait_for_reader(fifo: Path, proc: subprocess.Popen, seconds: float = 120) ->
     raise AssertionError("extraction never reached the blocking image")
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("signum, code, name", SIGNALS)
 def test_extract_features_stops_keeps_what_it_wrote_and_resumes(tmp_path, signum, code, name):
     from vlpet_cli.extract import extract
@@ -97,6 +98,7 @@ def torch_loaded(pid: int) -> bool:
         return False
 
 
+@pytest.mark.cli
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see the command at work")
 @pytest.mark.parametrize("signum, code, name", SIGNALS)
 def test_eval_stops_with_one_line_and_writes_nothing(tmp_path, signum, code, name):

@@ -19,6 +19,8 @@ import typer
 
 from vlpet_cli.cli import app
 
+pytestmark = pytest.mark.cli  # runs the installed console script in a subprocess
+
 ROOT = Path(__file__).resolve().parents[2]
 VLPET = Path(sys.executable).with_name("vlpet")
 
