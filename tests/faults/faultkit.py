@@ -29,7 +29,7 @@ def vlpet(monkeypatch, capsys, *args) -> tuple[int, str, str]:
 
     capsys.readouterr()
     monkeypatch.setattr(sys, "argv", ["vlpet", *map(str, args)])
-    monkeypatch.setenv("COLUMNS", "300")
+    monkeypatch.setenv("COLUMNS", "400")
     try:
         main()
         code = 0

@@ -11,27 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from faultkit import vlpet
 
-from vlpet_cli.cli import main
 from vlpet_cli.config import Preset
 from vlpet_cli.presets import to_yaml
 
 HEADER = "name: mine\nmethod: VL-PET-small\ndescription: a copy\n"
 TRAIN = ["train", "--preset", "vlpet-small", "--task", "coco", "--backbone", "tiny-bart"]
-
-
-def vlpet(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run the `vlpet` entry point in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["vlpet", *map(str, args)])
-    monkeypatch.setenv("COLUMNS", "400")
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code: int, err: str, *needles: str) -> str:

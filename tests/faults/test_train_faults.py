@@ -5,57 +5,23 @@ half-written, no temp files."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from faultkit import one_line_error, snapshot, vlpet
 from safetensors.torch import load_file
 
-from vlpet_cli.cli import main
 from vlpet_cli.train import resolve_train_preset, train
 
 pytestmark = pytest.mark.slow  # end-to-end runs: `make test-fast` skips them
 
 SMALL = ["data.limit=200", "train.epochs=2", "eval.every=0", "train.batch_size=48"]  # 5 steps/epoch
 TOY = ["--preset", "vlpet-small", "--task", "coco", "--data-root", "toy", "--backbone", "tiny-bart"]
-
-
-def vlpet(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run the `vlpet` entry point in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["vlpet", *map(str, args)])
-    monkeypatch.setenv("COLUMNS", "300")
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(code: int, err: str, *needles: str) -> str:
-    """Exit 2 and a single `error:` line holding every needle; returns the line."""
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, err
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    """Every file under `directory` with its sha256 (to show a refused command changed nothing)."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def temp_leftovers(directory: Path) -> list[str]:
