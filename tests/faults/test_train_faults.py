@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from faultkit import one_line_error, snapshot, vlpet
+from faultkit import one_line_error, read_only, snapshot, vlpet
 from safetensors.torch import load_file
 
 from vlpet_cli.train import resolve_train_preset, train
@@ -166,27 +166,6 @@ def test_wrong_sized_features_of_a_later_task_stop_before_anything_is_written(mo
 
 
 # ---- item 8: file-system and runtime faults ---------------------------------------------------------------
-def read_only(monkeypatch, under: Path) -> None:
-    """Make everything under `under` behave as a read-only mount (EROFS for creating files or directories)."""
-    real_open, real_mkdir = os.open, os.mkdir
-
-    def refuse(path) -> None:
-        if str(Path(os.fsdecode(path)).absolute()).startswith(str(under)):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(path))
-
-    def fake_open(path, flags, *args, **kwargs):
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
-            refuse(path)
-        return real_open(path, flags, *args, **kwargs)
-
-    def fake_mkdir(path, *args, **kwargs):
-        refuse(path)
-        return real_mkdir(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", fake_open)
-    monkeypatch.setattr(os, "mkdir", fake_mkdir)
-
-
 def test_runs_dir_on_a_read_only_mount(monkeypatch, capsys, tmp_path):
     import vlpet_cli.train as train_module
 
