@@ -129,6 +129,18 @@ class FileScoring:
         return pooled if self.allow_missing is None else self.allow_missing
 
 
+@dataclass(frozen=True)
+class Review:
+    """One row of the results page (`vlpet eval --html`): the record's text as the model was asked (question,
+    statement or prompt), its reference answers or captions, its answer type where the task has them, and the ids
+    of its images (or video), resolved to files under `Task.image_folder()` or `--images DIR`."""
+
+    text: str
+    references: tuple[str, ...]
+    image_ids: tuple[str, ...]
+    answer_type: str | None = None
+
+
 class Task:
     """One task: files, splits, records, prompt, targets, loss, metrics, decoding, scoring and file formats."""
 
@@ -264,6 +276,21 @@ class Task:
     def score_files(self, job: FileScoring) -> dict:
         """Score a predictions file against an annotation file (`vlpet eval --predictions`)."""
         raise NotImplementedError
+
+    # ---- looking at results (`vlpet eval --html`) ----------------------------------------------------------
+    def record_scores(self, predictions: list[dict], vqa_variant: str = "reference") -> list[float]:
+        """Each prediction's own score, in order, on its primary metric's 0-100 scale (VQA's soft score, exact
+        match, a caption's CIDEr against its own references): what the results page shows and sorts by."""
+        raise NotImplementedError
+
+    def review(self, prediction: dict) -> Review:
+        """What the results page shows of one prediction (it carries its record's `eval_info`)."""
+        raise NotImplementedError
+
+    def image_folder(self) -> Path | None:
+        """Where this task's raw images (or videos) are, when the task knows (a task file's `images:`); None for
+        built-in tasks, whose datasets ship features only (`vlpet eval --html --images DIR` names the folder)."""
+        return None
 
     @classmethod
     def file_images(cls, data: Any, path: Path) -> dict[str, str | None] | None:
