@@ -14,11 +14,12 @@ from __future__ import annotations
 import base64
 import io
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlpet_cli.atomic import atomic_file
+from vlpet_cli.atomic import write_text
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.tasks import Task
 
@@ -27,6 +28,7 @@ CORRECT_AT = 100.0
 THUMBNAIL_PX = 160
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg"})
 TEMPLATE = "results.html.j2"
+_TRAILING_NUMBER = re.compile(r"_(\d+)$")
 
 
 def is_correct(score: float) -> bool:
@@ -54,12 +56,14 @@ def check_images_folder(images: Path | None) -> None:
 
 
 class ImageFinder:
-    """An image id's file under a folder: the exact relative path, else a file whose stem is the id (the folder is
-    searched once, recursively; the first path in sorted order wins)."""
+    """An image id's file under a folder: the exact relative path, else a file whose stem is the id, else for a
+    numeric id (COCO's 391895) a file whose stem ends in that number (COCO_val2014_000000391895.jpg). The folder is
+    searched once, recursively; the first path in sorted order wins."""
 
     def __init__(self, folder: Path | None) -> None:
         self.folder = None if folder is None else Path(folder)
         self._stems: dict[str, Path] | None = None
+        self._numbers: dict[str, Path] = {}
 
     def find(self, image_id: str) -> Path | None:
         """The file of an image id, or None where it is not there (or no folder is known)."""
@@ -73,7 +77,13 @@ class ImageFinder:
             for path in sorted(self.folder.rglob("*")):
                 if path.is_file():
                     self._stems.setdefault(path.stem, path)
-        return self._stems.get(Path(image_id).stem if Path(image_id).suffix else image_id)
+                    number = _TRAILING_NUMBER.search(path.stem)
+                    if number:
+                        self._numbers.setdefault(str(int(number.group(1))), path)
+        found = self._stems.get(Path(image_id).stem if Path(image_id).suffix else image_id)
+        if found is None and image_id.isdigit():
+            found = self._numbers.get(str(int(image_id)))
+        return found
 
 
 def thumbnail(path: Path) -> str | None:
@@ -154,7 +164,7 @@ def rows_of(task: Task, predictions: list[dict], vqa_variant: str, images: Path 
         scored = None if math.isnan(score) else float(score)
         status = "unscored" if scored is None else "correct" if is_correct(scored) else "wrong"
         rows.append(Row(i, scored, status, review.text, str(pred.get("prediction", "")), review.references,
-                        review.answer_type, [thumbs.picture(str(x)) for x in review.image_ids]))
+                        review.answer_type, [thumbs.picture(str(x)) for x in review.image_ids if str(x)]))
     rows.sort(key=lambda r: (r.score is None, r.score if r.score is not None else 0.0, r.index))
     return rows, thumbs.uris
 
@@ -201,11 +211,11 @@ def page_path(out_dir: Path, task: str, split: str) -> Path:
 
 def write_page(task: Task, split: str, predictions: list[dict], out_dir: Path, *, metrics: dict | None = None,
                images: Path | None = None, vqa_variant: str = "reference", source: str = "") -> Path:
-    """Write the results page (atomically, UTF-8) and return its path."""
+    """Write the results page (atomically) and return its path. Characters beyond ASCII are written as character
+    references, so the file reads the same whatever the locale's encoding."""
     path = page_path(out_dir, task.name, split)
     html = render_page(task, split, predictions, metrics=metrics, images=images, vqa_variant=vqa_variant,
                        source=source)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as f:
-        f.write(html.encode("utf-8"))
+    write_text(path, html.encode("ascii", "xmlcharrefreplace").decode("ascii"))
     return path

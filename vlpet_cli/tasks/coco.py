@@ -248,6 +248,13 @@ class CocoTask(Task):
                                      explicit=job.metrics is not None, tokenizer=job.tokenizer)
 
     # ---- looking at results -------------------------------------------------------------------------------
+    def file_predictions(self, job: FileScoring) -> list[dict]:
+        """Captions with their image's references, keyed by the image (its COCO id)."""
+        preds = load_predictions(job.predictions)
+        refs, pooled = load_references(job.annotations, job.split)
+        ids = files.check_ids(preds, refs, job.predictions, job.annotations, job.allowed_missing(pooled))
+        return [{"img_id": i, "cocoid": i, "references": refs[i], "prediction": preds[i]} for i in ids]
+
     def record_scores(self, predictions: list[dict], vqa_variant: str = "reference") -> list[float]:
         """Each caption's own CIDEr x100 against its image's references (their mean is the task's CIDEr)."""
         scores = cider_per_caption({i: p["prediction"] for i, p in enumerate(predictions)},

@@ -213,6 +213,21 @@ class VqaTask(Task):
                 "per_question_type": result["per_question_type"], "n": result["n"]}
 
     # ---- looking at results -------------------------------------------------------------------------------
+    def file_predictions(self, job: FileScoring) -> list[dict]:
+        """Predictions with their answers and types; the question and image where the annotation records hold
+        them (a Karpathy split file does; the official annotations name the image only)."""
+        preds = files.load_qa_predictions(job.predictions)
+        records, pooled = load_annotations(job.annotations)
+        ids = files.check_ids(preds, records, job.predictions, job.annotations, job.allowed_missing(pooled))
+        shown = files.shown_fields(job.annotations, ("question_id",), ("sent", "question"), ("img_id", "image_id"))
+        out = []
+        for i in ids:
+            text, images = shown.get(i, ("", ()))
+            out.append({"question_id": i, "img_id": images[0] if images else "", "sent": text,
+                        "answers": records[i]["answers"], "answer_type": records[i].get("answer_type"),
+                        "prediction": preds[i]})
+        return out
+
     def record_scores(self, predictions: list[dict], vqa_variant: str = "reference") -> list[float]:
         """Each question's VQA soft score x100 (100 when at least 3 of its annotators gave the answer)."""
         from vlpet_cli.metrics.vqa import question_accuracy

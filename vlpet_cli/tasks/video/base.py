@@ -356,6 +356,18 @@ class VideoQaTask(VideoTask):
         return typed_accuracy((preds[i], *answers[i]) for i in ids)
 
     # ---- looking at results -------------------------------------------------------------------------------
+    def file_predictions(self, job: FileScoring) -> list[dict]:
+        """Predicted 'a{idx}' with the answer, type, question text (moment and choices) and video of each."""
+        preds = self.load_predictions(job.predictions)
+        answers = self.load_answers(job.annotations)
+        ids = files.check_ids(preds, answers, job.predictions, job.annotations, job.allowed_missing(False))
+        shown: dict[str, tuple[str, str]] = {}
+        for ref in self.read_lines(job.annotations):
+            rec, choices = self.parse_line(ref.raw, ref, for_eval=True)
+            shown.setdefault(str(rec.qid), (qa_text(rec.q, rec.ts, choices), rec.vid_name))
+        return [{"question_id": i, "vid_name": shown[i][1], "type": answers[i][1], "answer": answers[i][0],
+                 "sent": shown[i][0], "prediction": preds[i]} for i in ids]
+
     def record_scores(self, predictions: list[dict], vqa_variant: str = "reference") -> list[float]:
         """100 where the predicted 'a{idx}' is the answer, else 0; NaN where the answer is hidden (test)."""
         return [math.nan if not p.get("answer") else 100.0 if p["prediction"] == p["answer"] else 0.0
@@ -519,6 +531,19 @@ class VideoCaptionTask(VideoTask):
                                      explicit=job.metrics is not None, tokenizer=job.tokenizer)
 
     # ---- looking at results -------------------------------------------------------------------------------
+    def file_predictions(self, job: FileScoring) -> list[dict]:
+        """One description per clip with every description of the clip as its references, its video and moment."""
+        preds = self.load_predictions(job.predictions)
+        refs = self.load_references(job.annotations)
+        ids = files.check_ids(preds, refs, job.predictions, job.annotations, job.allowed_missing(False))
+        clips = {}
+        for ref in self.read_lines(job.annotations):
+            rec = self.parse_line(ref.raw, ref)
+            clips.setdefault(str(rec.clip_id), rec)
+        return [{"question_id": i, "clip_id": i, "vid_name": clips[i].vid_name, "reference": None,
+                 "references": refs[i], "prediction": preds[i],
+                 **({"ts": clips[i].ts} if self.inputs.moment else {})} for i in ids]
+
     def record_scores(self, predictions: list[dict], vqa_variant: str = "reference") -> list[float]:
         """Each row's own CIDEr x100 against its own description (a clip row without one: all the clip's
         descriptions), as 'row' scoring counts it; NaN where the descriptions are hidden (test)."""
