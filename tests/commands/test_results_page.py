@@ -173,3 +173,30 @@ def test_eval_predictions_html_writes_the_page_beside_the_file(tmp_path, monkeyp
     code, _, err = vlpet(monkeypatch, capsys, "eval", "--task", "gqa", "--predictions", pred, "--annotations", ann,
                          "--images", tmp_path / "toy")
     assert code == 2 and "--images" in err and "--html" in err
+
+
+@pytest.mark.slow  # builds a (tiny, untrained) model and evaluates it
+def test_eval_run_html_writes_the_page_beside_the_eval_files(tmp_path, monkeypatch, capsys):
+    from tests.faults.faultkit import nlvr_root, no_model, one_line_error, untrained_run, vlpet
+
+    root = nlvr_root(tmp_path / "data", test=3)
+    raw = tmp_path / "raw"
+    for i in range(3):
+        for side, (kind, color) in enumerate([("circle", "red"), ("square", "blue")]):
+            raw.mkdir(exist_ok=True)
+            render_scene(Scene(f"test-{i}-img{side}", "nlvr", "cream",
+                               (Shape(kind, color, "small", "left"),))).save(raw / f"test-{i}-img{side}.png")
+    run = untrained_run(tmp_path / "run", root)
+    with monkeypatch.context() as m:  # a wrong --images is refused before the model is built
+        no_model(m)
+        code, _, err = vlpet(m, capsys, "eval", run, "--html", "--images", tmp_path / "nowhere")
+        one_line_error(code, err, "--images", "nowhere", "not a folder")
+    code, out, err = vlpet(monkeypatch, capsys, "eval", run, "--html", "--images", raw)
+    assert code == 0, err
+    page = run / "eval" / "nlvr-test.html"
+    assert f"results page: {page}" in out.replace("\n", "")
+    html = page.read_text()
+    predictions = json.loads((run / "eval" / "nlvr-test.predictions.json").read_text())
+    record = json.loads((run / "eval" / "nlvr-test.json").read_text())
+    assert sorted(i for i, _ in parse(html).rows) == [0, 1, 2] and len(predictions) == 3
+    assert html.count("data-thumb=") == 6 and f'id="metric"><b>{record["metrics"]["acc"]:.2f}</b>' in html
