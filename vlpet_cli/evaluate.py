@@ -208,9 +208,8 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
 
     Every argument is checked against the stored preset before the model is built. Each record says how many
     records were scored (`n`, `limit`) and whether the adapter was trained on the task (`trained`)."""
-    from vlpet_cli.pages import check_images_folder
-
     from vlpet_cli.data.loading import check_annotations
+    from vlpet_cli.pages import check_images_folder
     from vlpet_cli.toy.root import resolve_data_root
 
     located = locate(path)

@@ -213,7 +213,7 @@ def _normalise_scorers(metrics: Iterable[str], spice: bool) -> list[str]:
     return chosen
 
 
-def _check_inputs(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> None:
+def _check_inputs(predictions: Mapping[K, str], references: Mapping[K, Sequence[str]]) -> None:
     """Same ids on both sides, one string per prediction, at least one string reference per id."""
     if not predictions:
         raise VlpetError("no caption predictions to score")
@@ -307,7 +307,7 @@ _RUNNERS: dict[str, Callable[[dict, dict], dict[str, float]]] = {
 }
 
 
-def _tokenized(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]],
+def _tokenized(predictions: Mapping[K, str], references: Mapping[K, Sequence[str]],
                used: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """(references, predictions) tokenised with "ptb" or "python", keyed "0", "1", ... in the order of
     `predictions`: internal string keys keep the scorers happy (SPICE sorts ids; Java tools see them as text)."""

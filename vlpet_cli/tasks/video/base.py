@@ -536,7 +536,7 @@ class VideoCaptionTask(VideoTask):
         preds = self.load_predictions(job.predictions)
         refs = self.load_references(job.annotations)
         ids = files.check_ids(preds, refs, job.predictions, job.annotations, job.allowed_missing(False))
-        clips = {}
+        clips: dict[str, VideoCaptionRecord] = {}
         for ref in self.read_lines(job.annotations):
             rec = self.parse_line(ref.raw, ref)
             clips.setdefault(str(rec.clip_id), rec)
