@@ -275,10 +275,14 @@ def write_results(results: dict, out_dir: Path, split: str, trained: list[str], 
 
 def write_pages(results: dict, predictions: dict[str, list[dict]], preset: Preset, out_dir: Path,
                 images: Path | None, source: str) -> None:
-    """Each task's results page beside its eval record (`--html`); its path is added to the result as 'page'."""
+    """Each task's results page beside its eval record (`--html`); its path is added to the result as 'page'. On
+    the toy world the raw images are known without --images: they lie under its data root."""
     from vlpet_cli.pages import write_page
     from vlpet_cli.tasks import get_task
+    from vlpet_cli.toy.root import resolve_data_root
 
+    if images is None and preset.data.data_root == "toy":
+        images = resolve_data_root("toy")
     for task, record in results.items():
         spec = get_task(task, preset.data.prompts, preset.data.use_prompts, preset.data.video)
         record["page"] = str(write_page(spec, record["split"], predictions[task], out_dir, metrics=record["metrics"],
