@@ -464,7 +464,8 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
              batch_size: int | None = typer.Option(None, help="evaluation batch size"),
              data_root: str | None = typer.Option(None, help="dataset folder or 'toy' (default: the run's)"),
              backbone: str | None = typer.Option(None, help="the backbone directory, if it moved"),
-             out: Path | None = typer.Option(None, help="output folder (default: RUN/eval)"),
+             out: Path | None = typer.Option(None, help="output folder (default: RUN/eval; with --predictions "
+                                                         "--html: beside the predictions file)"),
              limit: int | None = typer.Option(None, help="evaluate at most this many records per task"),
              predictions: Path | None = typer.Option(None, help="score this predictions file (no model)"),
              annotations: Path | None = typer.Option(None, help="annotation file for --predictions"),
@@ -592,8 +593,11 @@ def _score_file(task, predictions, annotations, split, metric, vqa_variant, allo
 
     if not (task and predictions and annotations):
         raise VlpetError("scoring a file needs --task, --predictions and --annotations")
-    if page is not None:
+    if page is not None:  # refused before anything is scored
+        from vlpet_cli.runs import check_writable
+
         check_images_folder(page[1])
+        check_writable(page[0] if page[0] is not None else Path(predictions).parent, "--out")
     with _warnings_to_stderr():
         result = score_predictions_file(task, predictions, annotations, split, metric or None, vqa_variant,
                                         allow_missing or None)

@@ -180,8 +180,7 @@ def summary(task: Task, rows: list[Row], metrics: dict | None) -> dict:
     for r in rows:
         if r.answer_type is not None and r.score is not None:
             types.setdefault(r.answer_type, []).append(r.score)
-    others = {k: v for k, v in (metrics or {}).items()
-              if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in (task.primary_metric, "n")}
+    others = {k: v for k, v in (metrics or {}).items() if isinstance(v, float) and k != task.primary_metric}
     return {
         "metric": task.primary_metric, "label": task.label, "value": value, "others": others,
         "n": len(rows), "correct": sum(r.status == "correct" for r in rows),
