@@ -70,7 +70,7 @@ class ImageFinder:
         if self.folder is None:
             return None
         exact = self.folder / image_id
-        if exact.is_file():
+        if exact.is_file() and exact.resolve().is_relative_to(self.folder.resolve()):  # never outside the folder
             return exact
         if self._stems is None:
             self._stems = {}
@@ -126,7 +126,7 @@ class Row:
 
 
 class Thumbnails:
-    """The page's thumbnails, one per image file, keyed 't0', 't1', ..."""
+    """The page's thumbnails, one per image id, keyed 't0', 't1', ..."""
 
     def __init__(self, finder: ImageFinder) -> None:
         self.finder = finder

@@ -135,6 +135,7 @@ def test_image_finder_and_the_images_option(tmp_path):
     assert finder.find("COCO_val2014_000000391895") == finder.find("391895") == \
         tmp_path / "a/b/COCO_val2014_000000391895.jpg"  # a COCO id names its file
     assert finder.find("missing") is None and ImageFinder(None).find("x") is None
+    assert ImageFinder(tmp_path / "a").find("../clip.mp4") is None  # an id never reaches outside the folder
     with pytest.raises(VlpetError, match="--images .*not a folder"):
         check_images_folder(tmp_path / "clip.mp4")
 
