@@ -464,17 +464,25 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
              batch_size: int | None = typer.Option(None, help="evaluation batch size"),
              data_root: str | None = typer.Option(None, help="dataset folder or 'toy' (default: the run's)"),
              backbone: str | None = typer.Option(None, help="the backbone directory, if it moved"),
-             out: Path | None = typer.Option(None, help="output folder (default: RUN/eval)"),
+             out: Path | None = typer.Option(None, help="output folder (default: RUN/eval; with --predictions "
+                                                         "--html: beside the predictions file)"),
              limit: int | None = typer.Option(None, help="evaluate at most this many records per task"),
              predictions: Path | None = typer.Option(None, help="score this predictions file (no model)"),
              annotations: Path | None = typer.Option(None, help="annotation file for --predictions"),
              vqa_variant: str = typer.Option("reference", help="reference (VL-T5) | official"),
              allow_missing: bool = typer.Option(False, help="with --predictions: allow unpredicted ids"),
              as_json: bool = typer.Option(False, "--json", help="print the metrics as one JSON object"),
+             html: bool = typer.Option(False, "--html", help="also write a results page per task, "
+                                                              "<task>-<split>.html beside the eval files"),
+             images: Path | None = typer.Option(None, help="with --html: the folder of the raw images (built-in "
+                                                            "tasks ship features only)"),
              overrides: list[str] | None = OVERRIDES) -> None:
     """Generate and score (CIDEr, VQA accuracy, ...) a trained model, or score a predictions file."""
+    if images is not None and not html:
+        raise VlpetError(f"--images {images} applies to the results page; add --html, or leave --images out")
     if predictions or annotations:
-        _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json)
+        _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json,
+                    (out, images) if html else None)
         return
     if path is None:
         raise VlpetError("give a run or adapter directory, or --predictions FILE --annotations FILE --task T")
@@ -485,7 +493,7 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
     with _warnings_to_stderr():
         results = evaluate(path, _tasks_option(task) or None, split or "test", metric or None, batch_size,
                            data_root, backbone, out, [*(overrides or []), f"eval.vqa_variant={vqa_variant}"],
-                           progress=not as_json, limit=limit)
+                           progress=not as_json, limit=limit, html=html, images=images)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch the main process reports
         return
     if as_json:
@@ -497,6 +505,9 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
         table.add_row(t, r["split"], str(r["n"]), shown, f"{r['samples_per_s']:.1f}")
     console.print(table)
     console.print(f"files written to {next(iter(results.values()))['out_dir']}")
+    for r in results.values():
+        if "page" in r:
+            console.print(f"results page: {r['page']}")
 
 
 # ---- predict ----------------------------------------------------------------------------------------------
@@ -574,14 +585,26 @@ def _warnings_to_stderr():
                 err_console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-def _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json) -> None:
-    from vlpet_cli.evaluate import score_predictions_file
+def _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json,
+                page: tuple[Path | None, Path | None] | None = None) -> None:
+    """Score a predictions file; with `page` ((--out, --images) of --html) also write its results page."""
+    from vlpet_cli.evaluate import predictions_page, score_predictions_file
+    from vlpet_cli.pages import check_images_folder
 
     if not (task and predictions and annotations):
         raise VlpetError("scoring a file needs --task, --predictions and --annotations")
+    if page is not None:  # refused before anything is scored
+        from vlpet_cli.runs import check_writable
+
+        check_images_folder(page[1])
+        check_writable(page[0] if page[0] is not None else Path(predictions).parent, "--out")
     with _warnings_to_stderr():
         result = score_predictions_file(task, predictions, annotations, split, metric or None, vqa_variant,
                                         allow_missing or None)
+        if page is not None:
+            written = predictions_page(task, predictions, annotations, split, vqa_variant, allow_missing or None,
+                                       out=page[0], images=page[1], metrics=result)
+            err_console.print(f"results page: {written}")
     flat = _flat(result)
     if as_json:
         print(json.dumps(flat))

@@ -50,6 +50,27 @@ def score_predictions_file(
                                          allow_missing, tokenizer))
 
 
+def predictions_page(task: str, predictions: Path, annotations: Path, split: str | None = None,
+                     vqa_variant: str = "reference", allow_missing: bool | None = None, tokenizer: str = "auto",
+                     out: Path | None = None, images: Path | None = None, metrics: dict | None = None) -> Path:
+    """The results page of a predictions file (`vlpet eval --predictions --html`): <task>-<name>.html in `out`,
+    else beside the predictions file; <name> is --split, else the file's name less '<task>-' and '.predictions'
+    (vqa-test.predictions.json gives vqa-test.html; gqa.json gives gqa-predictions.html)."""
+    from vlpet_cli.pages import check_images_folder, write_page
+    from vlpet_cli.tasks import get_task
+
+    folder = Path(out) if out is not None else Path(predictions).parent
+    check_writable(folder, "--out")
+    check_images_folder(images)
+    spec = get_task(task)
+    name = split or Path(predictions).stem.removesuffix(".predictions").removeprefix(f"{spec.name}-")
+    name = "predictions" if name == spec.name else name
+    rows = spec.file_predictions(FileScoring(Path(predictions), Path(annotations), None, split, vqa_variant,
+                                             allow_missing, tokenizer))
+    return write_page(spec, name, rows, folder, metrics=metrics, images=images, vqa_variant=vqa_variant,
+                      source=str(predictions))
+
+
 def versions() -> dict:
     import torch
     import transformers
@@ -181,12 +202,14 @@ def check_split(cls: type[Task], split: str) -> None:
 def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", metrics: list[str] | None = None,
              batch_size: int | None = None, data_root: str | None = None, backbone: str | None = None,
              out_dir: Path | None = None, overrides: list[str] | None = None, progress: bool = True,
-             limit: int | None = None) -> dict:
-    """Generate and score each task's split; writes eval/<task>-<split>.json, predictions and submissions.
+             limit: int | None = None, html: bool = False, images: Path | None = None) -> dict:
+    """Generate and score each task's split; writes eval/<task>-<split>.json, predictions and submissions, and
+    with `html` the results page eval/<task>-<split>.html (thumbnails from `images` or the task's own folder).
 
     Every argument is checked against the stored preset before the model is built. Each record says how many
     records were scored (`n`, `limit`) and whether the adapter was trained on the task (`trained`)."""
     from vlpet_cli.data.loading import check_annotations
+    from vlpet_cli.pages import check_images_folder
     from vlpet_cli.toy.root import resolve_data_root
 
     located = locate(path)
@@ -199,6 +222,7 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     # refused before the model is built: a missing data root, annotation files and an output that cannot be written
     check_annotations(resolve_data_root(settings.data.data_root), settings, (split,))
     out_dir = output_dir(out_dir, located)
+    check_images_folder(images)
     requested_threads(settings.train.threads)  # a bad VLPET_THREADS is refused before the model is built
     untrained = [t for t in settings.data.tasks or [] if t not in trained]
     if untrained:
@@ -213,7 +237,10 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     try:
         results = evaluate_model(model, tokenizer, preset, split, metrics, batch_size, progress, state=state)
         if state is None or state.is_main_process:  # the main process writes the files
+            predictions = {task: record["predictions"] for task, record in results.items()}
             write_results(results, out_dir, split, trained, str(path))
+            if html:
+                write_pages(results, predictions, preset, out_dir, images, str(path))
             if located.checkpoint is None:  # never write inside a checkpoint, which training replaces
                 from vlpet_cli.artifacts import refresh_model_card
 
@@ -244,6 +271,22 @@ def write_results(results: dict, out_dir: Path, split: str, trained: list[str], 
             write_json(out_dir / f"{task}-{split}.predictions.json", preds)
             suffix, content = task_class(task)().submission(preds)
             write_text(out_dir / submission_name(task, split, suffix), content)
+
+
+def write_pages(results: dict, predictions: dict[str, list[dict]], preset: Preset, out_dir: Path,
+                images: Path | None, source: str) -> None:
+    """Each task's results page beside its eval record (`--html`); its path is added to the result as 'page'. On
+    the toy world the raw images are known without --images: they lie under its data root."""
+    from vlpet_cli.pages import write_page
+    from vlpet_cli.tasks import get_task
+    from vlpet_cli.toy.root import resolve_data_root
+
+    if images is None and preset.data.data_root == "toy":
+        images = resolve_data_root("toy")
+    for task, record in results.items():
+        spec = get_task(task, preset.data.prompts, preset.data.use_prompts, preset.data.video)
+        record["page"] = str(write_page(spec, record["split"], predictions[task], out_dir, metrics=record["metrics"],
+                                        images=images, vqa_variant=preset.eval.vqa_variant, source=source))
 
 
 def submission_name(task: str, split: str, suffix: str) -> str:

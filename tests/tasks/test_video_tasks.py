@@ -199,7 +199,9 @@ def test_dataset_items_use_the_tasks_truncation(world, bart):
     assert item["input_ids"] == task.source_ids([records[0]], bart)[0]
     assert item["target"] == "a2" and item["target_ids"] == bart("a2", max_length=20, truncation=True)["input_ids"]
     assert item["weight"] == 1.0 and item["loss_reduction"] == "example"
-    assert item["meta"] == {"question_id": 9, "vid_name": "long", "type": "House M.D.", "answer": "a2"}
+    assert item["meta"] == {"question_id": 9, "vid_name": "long", "type": "House M.D.", "answer": "a2",
+                            "sent": item["meta"]["sent"]}
+    assert item["meta"]["sent"].startswith("[Q] ")
 
 
 # ---- targets, rows and splits -------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ def _normalise_scorers(metrics: Iterable[str], spice: bool) -> list[str]:
     return chosen
 
 
-def _check_inputs(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]) -> None:
+def _check_inputs(predictions: Mapping[K, str], references: Mapping[K, Sequence[str]]) -> None:
     """Same ids on both sides, one string per prediction, at least one string reference per id."""
     if not predictions:
         raise VlpetError("no caption predictions to score")
@@ -307,6 +307,18 @@ _RUNNERS: dict[str, Callable[[dict, dict], dict[str, float]]] = {
 }
 
 
+def _tokenized(predictions: Mapping[K, str], references: Mapping[K, Sequence[str]],
+               used: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(references, predictions) tokenised with "ptb" or "python", keyed "0", "1", ... in the order of
+    `predictions`: internal string keys keep the scorers happy (SPICE sorts ids; Java tools see them as text)."""
+    keys = {key: str(i) for i, key in enumerate(predictions)}
+    raw = {f"r{keys[k]}": list(references[k]) for k in predictions}
+    raw.update({f"p{keys[k]}": [predictions[k]] for k in predictions})
+    tokenized = tokenize_ptb(raw) if used == "ptb" else tokenize_python(raw)
+    return ({keys[k]: tokenized[f"r{keys[k]}"] for k in predictions},
+            {keys[k]: tokenized[f"p{keys[k]}"] for k in predictions})
+
+
 def caption_scores(
     predictions: Mapping[Hashable, str],
     references: Mapping[Hashable, Sequence[str]],
@@ -329,13 +341,7 @@ def caption_scores(
         if name == "spice" and (problem := spice_problem()):
             raise VlpetError(problem)
     used = resolve_tokenizer(tokenizer)
-    # Internal string keys keep the scorers happy (SPICE sorts ids; Java tools see them as text).
-    keys = {key: str(i) for i, key in enumerate(predictions)}
-    raw = {f"r{keys[k]}": list(references[k]) for k in predictions}
-    raw.update({f"p{keys[k]}": [predictions[k]] for k in predictions})
-    tokenized = tokenize_ptb(raw) if used == "ptb" else tokenize_python(raw)
-    gts = {keys[k]: tokenized[f"r{keys[k]}"] for k in predictions}
-    res = {keys[k]: tokenized[f"p{keys[k]}"] for k in predictions}
+    gts, res = _tokenized(predictions, references, used)
     out: dict[str, Any] = {}
     for name in scorers:
         out.update(_RUNNERS[name](gts, res))
@@ -361,3 +367,16 @@ def scaled_caption_scores(predictions: Mapping[Hashable, str], references: Mappi
     wanted = computable_metrics(metrics, explicit)
     raw = caption_scores(predictions, references, metrics=wanted, tokenizer=tokenizer)
     return {**{m: 100.0 * raw[m] for m in wanted}, "tokenizer": raw["tokenizer"], "n": raw["n"]}
+
+
+def cider_per_caption(predictions: Mapping[K, str], references: Mapping[K, Sequence[str]],
+                      tokenizer: str = "auto") -> dict[K, float]:
+    """Each caption's own CIDEr-D x100 against its references (pycocoevalcap's per-image scores, the IDF taken
+    from all the references given, so their mean is the corpus CIDEr that `caption_scores` reports)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    _check_inputs(predictions, references)
+    used = resolve_tokenizer(tokenizer)
+    gts, res = _tokenized(predictions, references, used)
+    _, scores = Cider().compute_score(gts, res)
+    return {key: 100.0 * float(s) for key, s in zip(predictions, scores)}

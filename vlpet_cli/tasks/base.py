@@ -287,6 +287,13 @@ class Task:
         """What the results page shows of one prediction (it carries its record's `eval_info`)."""
         raise NotImplementedError
 
+    def file_predictions(self, job: FileScoring) -> list[dict]:
+        """The predictions of a predictions file joined with their annotations, shaped as `vlpet eval`'s own
+        predictions (`eval_info` plus "prediction"), in the file's order: what `vlpet eval --predictions --html`
+        shows. Files are checked as `score_files` checks them."""
+        raise VlpetError(f"{self.name}: --html with --predictions is not available for this task. Fix: write the "
+                         f"page from a run with `vlpet eval RUN --html`.")
+
     def image_folder(self) -> Path | None:
         """Where this task's raw images (or videos) are, when the task knows (a task file's `images:`); None for
         built-in tasks, whose datasets ship features only (`vlpet eval --html --images DIR` names the folder)."""

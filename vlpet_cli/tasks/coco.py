@@ -17,9 +17,9 @@ from typing import Any, ClassVar, Literal
 from pydantic import field_validator
 
 from vlpet_cli.errors import DataError, VlpetError
-from vlpet_cli.metrics.caption import CAPTION_METRICS, scaled_caption_scores
+from vlpet_cli.metrics.caption import CAPTION_METRICS, cider_per_caption, scaled_caption_scores
 from vlpet_cli.tasks import files
-from vlpet_cli.tasks.base import FileScoring, Generate, Record, Task
+from vlpet_cli.tasks.base import FileScoring, Generate, Record, Review, Task
 from vlpet_cli.tasks.records import RecordModel, parse_record, read_json, record_refs, warn_empty
 
 KARPATHY_FILE = "dataset_coco.json"
@@ -246,3 +246,21 @@ class CocoTask(Task):
         ids = files.check_ids(preds, refs, job.predictions, job.annotations, job.allowed_missing(pooled))
         return scaled_caption_scores({i: preds[i] for i in ids}, {i: refs[i] for i in ids}, wanted,
                                      explicit=job.metrics is not None, tokenizer=job.tokenizer)
+
+    # ---- looking at results -------------------------------------------------------------------------------
+    def file_predictions(self, job: FileScoring) -> list[dict]:
+        """Captions with their image's references, keyed by the image (its COCO id)."""
+        preds = load_predictions(job.predictions)
+        refs, pooled = load_references(job.annotations, job.split)
+        ids = files.check_ids(preds, refs, job.predictions, job.annotations, job.allowed_missing(pooled))
+        return [{"img_id": i, "cocoid": i, "references": refs[i], "prediction": preds[i]} for i in ids]
+
+    def record_scores(self, predictions: list[dict], vqa_variant: str = "reference") -> list[float]:
+        """Each caption's own CIDEr x100 against its image's references (their mean is the task's CIDEr)."""
+        scores = cider_per_caption({i: p["prediction"] for i, p in enumerate(predictions)},
+                                   {i: p["references"] for i, p in enumerate(predictions)})
+        return [scores[i] for i in range(len(predictions))]
+
+    def review(self, prediction: dict) -> Review:
+        """The prompt, the image's reference captions and the image."""
+        return Review(self.prompt.strip(), tuple(prediction.get("references") or ()), (str(prediction["img_id"]),))

@@ -67,3 +67,26 @@ def load_qa_predictions(path: Path) -> dict[str, str]:
         key = str(ref.field("question_id", "questionId"))
         put(out, key, as_text(ref.field("answer", "prediction"), path, key, "answer"), path)
     return out
+
+
+def shown_fields(path: Path, id_keys: tuple[str, ...], text_keys: tuple[str, ...],
+                 image_keys: tuple[str, ...]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """{id: (text, image ids)} of an annotation file, for the results page of `vlpet eval --predictions --html`:
+    the first of `text_keys` and every one of `image_keys` a record holds (nothing where it holds none). Reads a
+    list of records, JSON lines, {"annotations": [...]} or {id: record}; anything else gives {}."""
+    from vlpet_cli.tasks.records import read_json
+
+    data = read_json(Path(path), "annotation file", "check --annotations")
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        data = data["annotations"]
+    pairs = (list(data.items()) if isinstance(data, dict) else
+             [(next((r[k] for k in id_keys if k in r), None), r) for r in data if isinstance(r, dict)]
+             if isinstance(data, list) else [])
+    out: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for key, raw in pairs:
+        if key is None or not isinstance(raw, dict):
+            continue
+        text = next((raw[k] for k in text_keys if isinstance(raw.get(k), str)), "")
+        images = tuple(str(raw[k]) for k in image_keys if isinstance(raw.get(k), (str, int)))
+        out.setdefault(str(key), (text, images))
+    return out

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from vlpet_cli.tasks import files
-from vlpet_cli.tasks.base import FileScoring, Generate, Inputs, Record, Task, sample_answer
+from vlpet_cli.tasks.base import FileScoring, Generate, Inputs, Record, Review, Task, sample_answer
 from vlpet_cli.tasks.records import (
     RecordModel,
     RecordRef,
@@ -138,3 +138,28 @@ class GqaTask(Task):
         labels = load_labels(job.annotations)
         ids = files.check_ids(preds, labels, job.predictions, job.annotations, job.allowed_missing(False))
         return {"acc": gqa_accuracy({i: preds[i] for i in ids}, labels), "n": len(ids)}
+
+    # ---- looking at results -------------------------------------------------------------------------------
+    def file_predictions(self, job: FileScoring) -> list[dict]:
+        """Predictions with their labels, questions and images (reference records or the official file)."""
+        preds = files.load_qa_predictions(job.predictions)
+        labels = load_labels(job.annotations)
+        ids = files.check_ids(preds, labels, job.predictions, job.annotations, job.allowed_missing(False))
+        shown = files.shown_fields(job.annotations, ("question_id", "questionId"), ("sent", "question"),
+                                   ("img_id", "imageId"))
+        out = []
+        for i in ids:
+            text, images = shown.get(i, ("", ()))
+            out.append({"question_id": i, "img_id": images[0] if images else "", "sent": text, "label": labels[i],
+                        "prediction": preds[i]})
+        return out
+
+    def record_scores(self, predictions: list[dict], vqa_variant: str = "reference") -> list[float]:
+        """Each question's exact match x100: label.get(prediction, 0), as the accuracy counts it."""
+        return [100.0 * float((p["label"] or {}).get(p["prediction"], 0.0)) for p in predictions]
+
+    def review(self, prediction: dict) -> Review:
+        """The question, its labelled answers (highest score first) and its image."""
+        label = prediction.get("label") or {}
+        return Review(prediction.get("sent") or "", tuple(sorted(label, key=lambda a: -label[a])),
+                      (str(prediction["img_id"]),))

@@ -13,7 +13,7 @@ from pydantic import field_validator
 
 from vlpet_cli.errors import DataError
 from vlpet_cli.tasks import files
-from vlpet_cli.tasks.base import FileScoring, Inputs, Record, ScoreChoices, Task
+from vlpet_cli.tasks.base import FileScoring, Inputs, Record, Review, ScoreChoices, Task
 from vlpet_cli.tasks.records import (
     RecordModel,
     parse_records,
@@ -169,3 +169,30 @@ class NlvrTask(Task):
         ids = files.check_ids(preds, labels, job.predictions, job.annotations, job.allowed_missing(False))
         result = dict(nlvr_scores(preds, {i: labels[i] for i in ids}))
         return {k: v for k, v in result.items() if k in metrics or k == "n"}
+
+    # ---- looking at results -------------------------------------------------------------------------------
+    def file_predictions(self, job: FileScoring) -> list[dict]:
+        """Predictions ('true'/'false') with their labels, statements and image pairs (img0/img1, else NLVR2's
+        names from the identifier: 'dev-850-0-1' -> 'dev-850-0-img0', 'dev-850-0-img1')."""
+        preds = load_predictions(job.predictions)
+        labels = load_labels(job.annotations)
+        ids = files.check_ids(preds, labels, job.predictions, job.annotations, job.allowed_missing(False))
+        shown = files.shown_fields(job.annotations, ("identifier",), ("sent", "sentence"), ("img0", "img1"))
+        out = []
+        for i in ids:
+            text, images = shown.get(i, ("", ()))
+            if len(images) != 2:
+                stem = i.rsplit("-", 1)[0]
+                images = (f"{stem}-img0", f"{stem}-img1")
+            out.append({"identifier": i, "img0": images[0], "img1": images[1], "sent": text,
+                        "label": int(labels[i]), "prediction": CHOICES[0] if preds[i] else CHOICES[1]})
+        return out
+
+    def record_scores(self, predictions: list[dict], vqa_variant: str = "reference") -> list[float]:
+        """100 where the statement was judged right ('true' for label 1, 'false' for 0), else 0."""
+        return [100.0 if (p["prediction"] == CHOICES[0]) == bool(p["label"]) else 0.0 for p in predictions]
+
+    def review(self, prediction: dict) -> Review:
+        """The statement, its true/false answer and the image pair."""
+        return Review(prediction.get("sent") or "", (CHOICES[0] if prediction["label"] else CHOICES[1],),
+                      (str(prediction["img0"]), str(prediction["img1"])))

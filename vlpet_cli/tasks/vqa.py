@@ -4,6 +4,7 @@ targets, VQA accuracy, the submission and the predictions/annotation files of `v
 from __future__ import annotations
 
 import json
+from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,7 +13,7 @@ from pydantic import field_validator
 
 from vlpet_cli.errors import DataError
 from vlpet_cli.tasks import files
-from vlpet_cli.tasks.base import FileScoring, Generate, Inputs, Record, Task, sample_answer
+from vlpet_cli.tasks.base import FileScoring, Generate, Inputs, Record, Review, Task, sample_answer
 from vlpet_cli.tasks.records import (
     Answers,
     RecordModel,
@@ -210,3 +211,33 @@ class VqaTask(Task):
         result = vqa_accuracy({i: preds[i] for i in ids}, records, variant=job.vqa_variant)  # type: ignore[arg-type]
         return {"vqa": result["overall"], "per_answer_type": result["per_answer_type"],
                 "per_question_type": result["per_question_type"], "n": result["n"]}
+
+    # ---- looking at results -------------------------------------------------------------------------------
+    def file_predictions(self, job: FileScoring) -> list[dict]:
+        """Predictions with their answers and types; the question and image where the annotation records hold
+        them (a Karpathy split file does; the official annotations name the image only)."""
+        preds = files.load_qa_predictions(job.predictions)
+        records, pooled = load_annotations(job.annotations)
+        ids = files.check_ids(preds, records, job.predictions, job.annotations, job.allowed_missing(pooled))
+        shown = files.shown_fields(job.annotations, ("question_id",), ("sent", "question"), ("img_id", "image_id"))
+        out = []
+        for i in ids:
+            text, images = shown.get(i, ("", ()))
+            out.append({"question_id": i, "img_id": images[0] if images else "", "sent": text,
+                        "answers": records[i]["answers"], "answer_type": records[i].get("answer_type"),
+                        "prediction": preds[i]})
+        return out
+
+    def record_scores(self, predictions: list[dict], vqa_variant: str = "reference") -> list[float]:
+        """Each question's VQA soft score x100 (100 when at least 3 of its annotators gave the answer)."""
+        from vlpet_cli.metrics.vqa import question_accuracy
+
+        return [100.0 * question_accuracy(p["prediction"], p["answers"], vqa_variant)  # type: ignore[arg-type]
+                for p in predictions]
+
+    def review(self, prediction: dict) -> Review:
+        """The question, its distinct answers, most given first ('yes (7)'), its image and answer type."""
+        answers = Counter(a.get("answer") if isinstance(a, dict) else a for a in prediction.get("answers") or ())
+        refs = tuple(f"{a} ({n})" if n > 1 else str(a) for a, n in answers.most_common())
+        return Review(prediction.get("sent") or "", refs, (str(prediction["img_id"]),),
+                      prediction.get("answer_type"))

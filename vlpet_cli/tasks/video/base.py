@@ -9,6 +9,7 @@ question, moment and choices (QA), the moment (TVC) or nothing (YC2C), and is ke
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from functools import lru_cache
@@ -17,9 +18,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlpet_cli.config import VideoData
 from vlpet_cli.errors import DataError, VlpetError
-from vlpet_cli.metrics.caption import CAPTION_METRICS, scaled_caption_scores
+from vlpet_cli.metrics.caption import CAPTION_METRICS, cider_per_caption, scaled_caption_scores
 from vlpet_cli.tasks import files
-from vlpet_cli.tasks.base import FileScoring, Generate, Inputs, PredictInput, Record, Task, tokenize_batch
+from vlpet_cli.tasks.base import FileScoring, Generate, Inputs, PredictInput, Record, Review, Task, tokenize_batch
 from vlpet_cli.tasks.records import RecordModel, RecordRef, parse_record, read_json, read_records
 
 if TYPE_CHECKING:
@@ -291,10 +292,11 @@ class VideoQaTask(VideoTask):
                       self.source, None, extra)
 
     def eval_info(self, record: Record) -> dict:
-        """question_id, video, type (show) and the answer ('a{idx}', None when hidden)."""
+        """question_id, video, type (show), the answer ('a{idx}', None when hidden) and the question text (its
+        moment and choices: what the results page shows)."""
         extra = record.extra or {}
         return {"question_id": record.id, "vid_name": record.image_ids[0], "type": extra.get("type"),
-                "answer": record.label}
+                "answer": record.label, "sent": record.text}
 
     # ---- scoring and files ------------------------------------------------------------------------------
     def score(self, predictions: list[dict], metrics: list[str] | None = None,
@@ -352,6 +354,31 @@ class VideoQaTask(VideoTask):
         answers = self.load_answers(job.annotations)
         ids = files.check_ids(preds, answers, job.predictions, job.annotations, job.allowed_missing(False))
         return typed_accuracy((preds[i], *answers[i]) for i in ids)
+
+    # ---- looking at results -------------------------------------------------------------------------------
+    def file_predictions(self, job: FileScoring) -> list[dict]:
+        """Predicted 'a{idx}' with the answer, type, question text (moment and choices) and video of each."""
+        preds = self.load_predictions(job.predictions)
+        answers = self.load_answers(job.annotations)
+        ids = files.check_ids(preds, answers, job.predictions, job.annotations, job.allowed_missing(False))
+        shown: dict[str, tuple[str, str]] = {}
+        for ref in self.read_lines(job.annotations):
+            rec, choices = self.parse_line(ref.raw, ref, for_eval=True)
+            shown.setdefault(str(rec.qid), (qa_text(rec.q, rec.ts, choices), rec.vid_name))
+        return [{"question_id": i, "vid_name": shown[i][1], "type": answers[i][1], "answer": answers[i][0],
+                 "sent": shown[i][0], "prediction": preds[i]} for i in ids]
+
+    def record_scores(self, predictions: list[dict], vqa_variant: str = "reference") -> list[float]:
+        """100 where the predicted 'a{idx}' is the answer, else 0; NaN where the answer is hidden (test)."""
+        return [math.nan if not p.get("answer") else 100.0 if p["prediction"] == p["answer"] else 0.0
+                for p in predictions]
+
+    def review(self, prediction: dict) -> Review:
+        """The question with its moment and choices, the answer, the video and its type (the show)."""
+        answer = prediction.get("answer")
+        kind = prediction.get("type")
+        return Review(prediction.get("sent") or "", (answer,) if answer else (), (str(prediction["vid_name"]),),
+                      None if kind is None else str(kind))
 
 
 # ---- video captioning -------------------------------------------------------------------------------------
@@ -502,6 +529,35 @@ class VideoCaptionTask(VideoTask):
         ids = files.check_ids(preds, refs, job.predictions, job.annotations, job.allowed_missing(False))
         return scaled_caption_scores({i: preds[i] for i in ids}, {i: refs[i] for i in ids}, wanted,
                                      explicit=job.metrics is not None, tokenizer=job.tokenizer)
+
+    # ---- looking at results -------------------------------------------------------------------------------
+    def file_predictions(self, job: FileScoring) -> list[dict]:
+        """One description per clip with every description of the clip as its references, its video and moment."""
+        preds = self.load_predictions(job.predictions)
+        refs = self.load_references(job.annotations)
+        ids = files.check_ids(preds, refs, job.predictions, job.annotations, job.allowed_missing(False))
+        clips: dict[str, VideoCaptionRecord] = {}
+        for ref in self.read_lines(job.annotations):
+            rec = self.parse_line(ref.raw, ref)
+            clips.setdefault(str(rec.clip_id), rec)
+        return [{"question_id": i, "clip_id": i, "vid_name": clips[i].vid_name, "reference": None,
+                 "references": refs[i], "prediction": preds[i],
+                 **({"ts": clips[i].ts} if self.inputs.moment else {})} for i in ids]
+
+    def record_scores(self, predictions: list[dict], vqa_variant: str = "reference") -> list[float]:
+        """Each row's own CIDEr x100 against its own description (a clip row without one: all the clip's
+        descriptions), as 'row' scoring counts it; NaN where the descriptions are hidden (test)."""
+        preds, refs = grouped_references(predictions, "row")
+        scores = iter(cider_per_caption(preds, refs).values()) if preds else iter(())
+        own = [p.get("reference") is not None or bool(p.get("references")) for p in predictions]
+        return [next(scores) if has else math.nan for has in own]
+
+    def review(self, prediction: dict) -> Review:
+        """The moment asked about (TVC) or the prompt, the row's description (else the clip's) and the video."""
+        ts = prediction.get("ts")
+        own = prediction.get("reference")
+        refs = (own,) if own is not None else tuple(prediction.get("references") or ())
+        return Review(caption_text(ts) or self.prompt.strip(), refs, (str(prediction["vid_name"]),))
 
 
 def grouped_references(predictions: Sequence[dict], mode: str) -> tuple[dict[Any, str], dict[Any, list[str]]]:
