@@ -77,19 +77,19 @@ def dry_run(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool
     per_epoch = sum(batches.values())
     train = preset.train
     updates = total_updates(per_epoch, train)
-    resumed = None
+    start = 0  # the update a resumed run continues after
     if checked.last is not None:
         _check_resume_room(checked.checkpointer, checked.last, preset, per_epoch)
-        resumed = {"checkpoint": str(checked.last), "update": checked.checkpointer.progress(checked.last).global_step}
+        start = checked.checkpointer.progress(checked.last).global_step
     saves, validations = save_points(per_epoch, preset)
-    start = resumed["update"] if resumed else 0
     decayed, exempt = param_groups(model, preset)
     device = checked.accelerator.device
     config = model.backbone.config
     val_limit = preset.eval.limit or sys.maxsize
     plan = {
         "preset": preset.name, "backbone": preset.model.backbone, "tasks": list(records), "run_dir": str(run_dir),
-        "new_run": not resume, "replaces": bool(overwrite and run_contents(run_dir)), "resume": resumed,
+        "new_run": not resume, "replaces": bool(overwrite and run_contents(run_dir)),
+        "resume": {"checkpoint": str(checked.last), "update": start} if checked.last is not None else None,
         "device": device.type, "processes": world, "parameters": budget(model),
         "records": {"train": records, "val": {t: min(len(ds), val_limit) for t, ds in checked.data.val.items()}},
         "batch_sizes": sizes, "steps_per_epoch": per_epoch, "steps_per_epoch_by_task": batches,
@@ -104,7 +104,8 @@ def dry_run(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool
         "checkpoints": {"directory": str(checkpoints_dir(run_dir)), "updates": [u for u in saves if u > start],
                         "every": train.checkpoint_every, "keep": train.keep_checkpoints},
         "validations": {"epochs": [e for e, u in validations if u > start],
-                        "updates": [u for _, u in validations if u > start], "metric": preset.eval.best_metric,
+                        "updates": [u for _, u in validations if u > start], "every": preset.eval.every,
+                        "metric": preset.eval.best_metric,
                         "best": str(best_dir(run_dir))},
         "files": {"config": str(run_dir / CONFIG), "metrics": str(run_dir / METRICS),
                   "adapter": str(run_dir / ADAPTER), "plot": str(run_dir / "plots" / "loss.png")},
@@ -218,7 +219,9 @@ def describe_plan(plan: dict) -> list[str]:
                      f"(updates {_listed(checks['updates'])}), logged to {plan['files']['metrics']}; the best "
                      f"({checks['metric']}) adapter in {checks['best']}")
     else:
-        lines.append("validation: none (eval.every=0)")
+        why = "eval.every=0" if not checks["every"] else \
+            f"eval.every={checks['every']}, {'the rest of ' if plan['resume'] else ''}the run ends first"
+        lines.append(f"validation: none ({why})")
     files = plan["files"]
     lines.append(f"also written: {files['config']}, {files['metrics']}, the final adapter {files['adapter']} and "
                  f"{files['plot']}")

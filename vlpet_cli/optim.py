@@ -121,8 +121,8 @@ def param_groups(model: VLModel, preset: Preset) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def optimizer_choice(train: TrainConfig, device: torch.device | str = "cpu") -> tuple[type[torch.optim.Optimizer],
-                                                                                     dict[str, Any]]:
+def optimizer_choice(train: TrainConfig, device: torch.device | str = "cpu") \
+        -> tuple[type[ReferenceAdamW] | type[torch.optim.AdamW], dict[str, Any]]:
     """The optimizer class `train.optimizer` names and its form on `device`: torch's AdamW is one kernel for all
     tensors on CUDA and one per operation elsewhere; the reference AdamW is one per operation."""
     if train.optimizer == "torch":
