@@ -431,8 +431,7 @@ def _dry_run(resolved, run_dir: Path, resume: bool, overwrite: bool, time_steps:
     if as_json:
         print(json.dumps(plan))
         return
-    console.print(_budget_table(plan["parameters"], f"{resolved.name} on {resolved.model.backbone}: trainable "
-                                                     f"parameters per group"))
+    console.print(_budget_table(plan["parameters"], f"{resolved.name} on {resolved.model.backbone}"))
     for line in describe_plan(plan):
         console.print(line, highlight=False, soft_wrap=True)
 

@@ -129,10 +129,12 @@ def test_installed_vlpet_prints_the_plan_as_json(tmp_path):
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(VLPET), "train", "--dry-run", "--json", *TOY, "--runs-dir", "runs"], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([str(VLPET), "train", "--dry-run", "--json", *TOY, "--runs-dir", "runs",
+                             "train.batch_size=2000"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["run_dir"] == str(Path("runs") / "vlpet-small-multitask") and plan["new_run"]
-    assert plan["updates"] == plan["steps_per_epoch"] * plan["epochs"] and plan["parameters"]["trainable"] > 0
+    assert plan["steps_per_epoch_by_task"] == {"coco": 1, "vqa": 1} and plan["updates"] == 2 * plan["epochs"]
+    assert plan["warnings"][0].startswith("an epoch is 2 updates")  # what `vlpet train` would warn about
     assert sorted(p.name for p in tmp_path.iterdir()) == []
