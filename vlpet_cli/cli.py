@@ -240,15 +240,20 @@ def params(preset: str = typer.Option(..., "--preset", "-p", help="preset name o
     title = f"{resolved.name} on {resolved.model.backbone}"
     if task:
         title += f" for {', '.join(resolved.data.tasks or [])} ({resolved.model.feat_dim}-d features)"
+    console.print(_budget_table(result, title))
+    console.print(f"trainable: [bold]{result['percent']:.2f} %[/bold] "
+                  f"({result['trainable']:,} / {result['total']:,}; denominator: {result['denominator']})")
+    console.print(f"saved trainable state: {result['saved_mb']:.1f} MB (fp32)")
+
+
+def _budget_table(result: dict, title: str) -> Table:
+    """A `pet.budget` result as a table: trainable and total parameters per group, then all of them."""
     table = Table("group", "trainable", "total", title=title)
     for row in result["groups"]:
         table.add_row(row["group"], f"{row['trainable']:,}", f"{row['total']:,}")
     table.add_section()
     table.add_row("all", f"{result['trainable']:,}", f"{result['total']:,}", style="bold")
-    console.print(table)
-    console.print(f"trainable: [bold]{result['percent']:.2f} %[/bold] "
-                  f"({result['trainable']:,} / {result['total']:,}; denominator: {result['denominator']})")
-    console.print(f"saved trainable state: {result['saved_mb']:.1f} MB (fp32)")
+    return table
 
 
 # ---- features ---------------------------------------------------------------------------------------------
@@ -357,8 +362,14 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
           stop_after: int | None = typer.Option(None, help="pause after N updates (continue with --resume)"),
           seeds: str | None = typer.Option(None, help="one run per seed, e.g. 42,43,9595 (the paper's): NAME-s42, "
                                                       "... one after the other, then their mean ± std per task"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="check everything and print what the run would do "
+                                                                "(parameters, steps, checkpoints); write nothing"),
+          time_steps: int | None = typer.Option(None, "--time", help="with --dry-run: time N real steps (in a "
+                                                                     "temporary directory) and estimate the run"),
+          as_json: bool = typer.Option(False, "--json", help="with --dry-run: print the plan as one JSON object"),
           overrides: list[str] | None = OVERRIDES) -> None:
     """Train PET modules on a frozen backbone, on one task or several at once."""
+    _check_dry_run_options(dry_run, time_steps, as_json, seeds)
     if seeds is not None:
         _train_seeds(dict(locals()))
         return
@@ -381,6 +392,9 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
             raise VlpetError("--preset is required (see `vlpet presets ls`)")
         resolved = resolve_train_preset(preset, tasks, data_root, backbone, overrides or [])
         run_dir = runs_dir / (name or _default_run_name(resolved))
+    if dry_run:
+        _dry_run(resolved, run_dir, resume, overwrite, time_steps, as_json)
+        return
     _on_interrupt(lambda: _train_kept(run_dir))
     with _warnings_to_stderr():
         summary = run_training(resolved, run_dir, resume=resume, overwrite=overwrite, stop_after=stop_after,
@@ -388,6 +402,38 @@ def train(preset: str | None = typer.Option(None, "--preset", "-p", help="preset
     if "adapter" in summary:
         console.print(f"done in {summary['seconds']:.0f} s, {summary['updates']} updates; adapter: "
                       f"{summary['adapter']} ({summary['adapter_bytes'] / 1e6:.2f} MB); run: {run_dir}")
+
+
+def _check_dry_run_options(dry_run: bool, time_steps: int | None, as_json: bool, seeds: str | None) -> None:
+    """--time and --json go with --dry-run, which plans one run (not --seeds); --time counts at least 1 step."""
+    if not dry_run:
+        for given, option in ((time_steps is not None, "--time N"), (as_json, "--json")):
+            if given:
+                raise VlpetError(f"{option} goes with --dry-run (vlpet train --dry-run {option} ...); add --dry-run "
+                                 f"or drop {option.split()[0]}")
+    elif seeds is not None:
+        raise VlpetError("--dry-run plans one run and --seeds runs several that differ only in train.seed; drop "
+                         "--seeds to see the plan")
+    if time_steps is not None and time_steps < 1:
+        raise VlpetError(f"--time {time_steps}: time at least 1 step (--time 2 or more leaves out the first, "
+                         f"warm-up step)")
+
+
+def _dry_run(resolved, run_dir: Path, resume: bool, overwrite: bool, time_steps: int | None, as_json: bool) -> None:
+    """`vlpet train --dry-run`: the checks, then the plan as text (or JSON); nothing is written under run_dir."""
+    from vlpet_cli.dryrun import describe_plan, dry_run
+
+    _on_interrupt(lambda: f"a dry run writes nothing under {run_dir.parent}; run the same command again")
+    with _warnings_to_stderr():
+        plan = dry_run(resolved, run_dir, resume=resume, overwrite=overwrite, time_steps=time_steps)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate launch the main process reports
+        return
+    if as_json:
+        print(json.dumps(plan))
+        return
+    console.print(_budget_table(plan["parameters"], f"{resolved.name} on {resolved.model.backbone}"))
+    for line in describe_plan(plan):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 def _default_run_name(resolved) -> str:

@@ -121,22 +121,29 @@ def param_groups(model: VLModel, preset: Preset) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def optimizer_choice(train: TrainConfig, device: torch.device | str = "cpu") \
+        -> tuple[type[ReferenceAdamW] | type[torch.optim.AdamW], dict[str, Any]]:
+    """The optimizer class `train.optimizer` names and its form on `device`: torch's AdamW is one kernel for all
+    tensors on CUDA and one per operation elsewhere; the reference AdamW is one per operation."""
+    if train.optimizer == "torch":
+        return torch.optim.AdamW, {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
+    return ReferenceAdamW, {"foreach": True}
+
+
 def build_optimizer(model: VLModel, preset: Preset, device: torch.device | str = "cpu") -> torch.optim.Optimizer:
     """The optimizer `train.optimizer` names over the model's trainable tensors, in `param_groups`."""
-    groups, train = param_groups(model, preset), preset.train
-    if train.optimizer == "torch":  # one kernel for all tensors on CUDA, one per operation elsewhere
-        form: dict[str, Any] = {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=train.lr, eps=train.adam_eps, **form)
-    return ReferenceAdamW(groups, lr=train.lr, eps=train.adam_eps)
+    cls, form = optimizer_choice(preset.train, device)
+    return cls(param_groups(model, preset), lr=preset.train.lr, eps=preset.train.adam_eps, **form)
 
 
-def describe(optimizer: torch.optim.Optimizer) -> str:
-    """The optimizer in words, for the run's log (the start event of metrics.jsonl)."""
-    if isinstance(optimizer, ReferenceAdamW):
-        form = "multi-tensor" if optimizer.defaults["foreach"] else "per tensor"
+def describe(optimizer: torch.optim.Optimizer | tuple[type[torch.optim.Optimizer], dict[str, Any]]) -> str:
+    """The optimizer in words, for the run's log (the start event of metrics.jsonl): a built one, or an
+    `optimizer_choice` (what `vlpet train --dry-run` says a run would use)."""
+    cls, settings = optimizer if isinstance(optimizer, tuple) else (type(optimizer), optimizer.defaults)
+    if issubclass(cls, ReferenceAdamW):
+        form = "multi-tensor" if settings["foreach"] else "per tensor"
         return f"reference AdamW (transformers 4.2.1 math, {form})"
-    form = "fused" if optimizer.defaults.get("fused") else "multi-tensor" if optimizer.defaults.get("foreach") else \
-        "per tensor"
+    form = "fused" if settings.get("fused") else "multi-tensor" if settings.get("foreach") else "per tensor"
     return f"torch.optim.AdamW ({form})"
 
 

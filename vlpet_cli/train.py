@@ -34,7 +34,7 @@ from vlpet_cli.data.loading import (
     feature_kind,
     load_task_data,
 )
-from vlpet_cli.data.multitask import MultitaskLoader, task_batch_sizes
+from vlpet_cli.data.multitask import MultitaskLoader, epoch_batches, task_batch_sizes
 from vlpet_cli.errors import DataError, Interrupted, VlpetError
 from vlpet_cli.inference import best_score, validate
 from vlpet_cli.optim import build_optimizer, clip_gradients, describe, param_groups, schedule, total_updates
@@ -308,9 +308,21 @@ def _check_resume_room(checkpointer: Checkpointer, path: Path, preset: Preset, s
                          f"give at least train.epochs={state.epoch + (1 if state.step_in_epoch else 0)}")
 
 
-def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool = False) -> Session:
-    """Check the run directory, the backbone and the data, build model, data, optimizer and schedule; restore a
-    checkpoint when resuming. Nothing is written before everything that can be checked is known to be good."""
+@dataclass
+class Preflight:
+    """What `preflight` checked and loaded: the run's Accelerator, its data, and the checkpoint a resume starts
+    from."""
+
+    accelerator: Accelerator
+    data: TaskData
+    checkpointer: Checkpointer
+    last: Path | None  # the intact checkpoint a resumed run continues from
+
+
+def preflight(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool = False) -> Preflight:
+    """Every check before the model loads, writing nothing: the run directory and --runs-dir, the backbone's
+    files, the annotations and features, the records each split holds, and the checkpoint a resume continues
+    from (`setup` and `vlpet train --dry-run` both start here)."""
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # so that processes started by `accelerate launch` join over gloo
         mixed_precision="bf16" if preset.train.precision == "bf16" else "no",
@@ -328,7 +340,14 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     # the data first (it needs only the tokenizer): what the annotations hold is known before the model loads
     data = load_task_data(preset, root, backbones.load_tokenizer(bb), splits=splits)
     check_records(data)
+    return Preflight(accelerator, data, checkpointer, last)
 
+
+def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool = False) -> Session:
+    """Check the run directory, the backbone and the data, build model, data, optimizer and schedule; restore a
+    checkpoint when resuming. Nothing is written before everything that can be checked is known to be good."""
+    checked = preflight(preset, run_dir, resume, overwrite)
+    accelerator, data, checkpointer, last = checked.accelerator, checked.data, checked.checkpointer, checked.last
     set_seed(preset.train.seed)
     model, tokenizer = build_model(preset, weights=True)
     chosen_threads = configure_threads(model, preset.train.threads)
@@ -651,8 +670,7 @@ def updates_per_epoch(preset: Preset, records: dict[str, int], world_size: int =
     """Optimiser updates in one epoch of `records` training records per task (at `batch_size`, default the
     preset's), as MultitaskLoader batches them over `world_size` processes."""
     sizes = task_batch_sizes(batch_size or preset.train.batch_size, list(records), preset.train.task_ratios)
-    steps = sum(math.ceil(math.ceil(n / world_size) / sizes[task]) for task, n in records.items())
-    return math.ceil(steps / preset.train.grad_accum)
+    return math.ceil(sum(epoch_batches(records, sizes, world_size).values()) / preset.train.grad_accum)
 
 
 def schedule_warnings(preset: Preset, records: dict[str, int], world_size: int = 1) -> list[str]:

@@ -52,6 +52,13 @@ def task_batch_sizes(base: int, tasks: Iterable[str],
     return sizes
 
 
+def epoch_batches(records: Mapping[str, int], batch_sizes: Mapping[str, int], world_size: int = 1) -> dict[str, int]:
+    """Batches per epoch per process, by task, for `records` training records per task: each task's records are
+    shared out over the processes (padded, as shard_indices pads them) and cut into batches of the task's size,
+    the last one possibly shorter: ceil(ceil(records / world_size) / batch size)."""
+    return {task: math.ceil(math.ceil(n / world_size) / batch_sizes[task]) for task, n in records.items()}
+
+
 def shard_indices(n: int, epoch: int, data_seed: int = 0, rank: int = 0, world_size: int = 1,
                   shuffle: bool = True) -> list[int]:
     """This rank's indices for an epoch, exactly as DistributedSampler(seed=data_seed, drop_last=False)."""
@@ -146,8 +153,7 @@ class MultitaskLoader:
 
     def n_batches(self) -> dict[str, int]:
         """Batches per epoch per process, by task."""
-        return {t: math.ceil(math.ceil(len(self.datasets[t]) / self.world_size) / self.batch_sizes[t])
-                for t in self.tasks}
+        return epoch_batches({t: len(self.datasets[t]) for t in self.tasks}, self.batch_sizes, self.world_size)
 
     def __len__(self) -> int:
         return sum(self.n_batches().values())
