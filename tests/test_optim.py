@@ -16,6 +16,7 @@ from vlpet_cli.optim import (
     param_groups,
     schedule,
     total_updates,
+    update_due,
 )
 from vlpet_cli.presets import resolve
 from vlpet_cli.vl.model import build_model
@@ -161,7 +162,8 @@ def test_schedule_is_the_references_linear_warmup(tmp_path):
 
 def test_accumulation_and_max_steps_shorten_the_schedule_to_the_real_updates():
     preset = resolve("vlpet-small", ["train.grad_accum=4", "train.epochs=2"], backbone="tiny-bart")
-    assert total_updates(10, preset.train) == 5  # ceil(20 / 4): a partial group at the end is an update
+    assert total_updates(10, preset.train) == 6  # ceil(10 / 4) an epoch: each epoch's partial group is an update
+    assert [step for step in range(10) if update_due(step, 10, 4)] == [3, 7, 9]
     capped = resolve("vlpet-small", ["train.grad_accum=4", "train.epochs=2", "train.max_steps=3"], backbone="tiny-bart")
     assert total_updates(10, capped.train) == 3
 

@@ -23,7 +23,7 @@ import torch
 from vlpet_cli.backbones import DROPOUT_RATES
 from vlpet_cli.config import Preset
 from vlpet_cli.data.multitask import epoch_batches, task_batch_sizes
-from vlpet_cli.optim import describe, optimizer_choice, param_groups, total_updates
+from vlpet_cli.optim import describe, optimizer_choice, param_groups, total_updates, update_due
 from vlpet_cli.pet.budget import budget
 from vlpet_cli.progress import Progress, clock
 from vlpet_cli.runs import ADAPTER, CONFIG, METRICS, best_dir, checkpoints_dir, run_contents
@@ -39,19 +39,18 @@ def save_points(batches_per_epoch: int, preset: Preset) -> tuple[list[int], list
     stops the run; validation after every eval.every-th whole epoch (1-based epochs)."""
     train, every_eval = preset.train, preset.eval.every
     total = total_updates(batches_per_epoch, train)
-    every, accum = train.checkpoint_every, train.grad_accum
+    every = train.checkpoint_every
     saves: list[int] = []
     validations: list[tuple[int, int]] = []
-    done = update = 0
+    update = 0
     for epoch in range(train.epochs):
         whole = False
         for step in range(batches_per_epoch):
-            done += 1
             whole = step + 1 == batches_per_epoch
-            if done % accum == 0 or whole:
-                update += 1
+            updated = update_due(step, batches_per_epoch, train.grad_accum)
+            update += updated
             finished = update >= total
-            if not whole and (finished or (every and done % (every * accum) == 0)):
+            if not whole and (finished or (every and updated and update % every == 0)):
                 saves.append(update)
             if finished:
                 break

@@ -147,10 +147,15 @@ def describe(optimizer: torch.optim.Optimizer | tuple[type[torch.optim.Optimizer
     return f"torch.optim.AdamW ({form})"
 
 
+def update_due(step: int, batches_per_epoch: int, accum: int) -> bool:
+    """Whether the batch at `step` (0-based, within its epoch) ends an accumulation group and so is followed by an
+    optimizer update: every `accum` batches of an epoch, and the epoch's last batch (a partial group counts)."""
+    return (step + 1) % accum == 0 or step + 1 == batches_per_epoch
+
+
 def total_updates(batches_per_epoch: int, train: TrainConfig) -> int:
-    """Optimizer updates of a whole run: one per `grad_accum` batches (a partial group at the end counts), at
-    most `max_steps`."""
-    total = math.ceil(batches_per_epoch * train.epochs / train.grad_accum)
+    """Optimizer updates of a whole run (`update_due`): ceil(batches / grad_accum) an epoch, at most `max_steps`."""
+    total = math.ceil(batches_per_epoch / train.grad_accum) * train.epochs
     return min(total, train.max_steps) if train.max_steps else total
 
 

@@ -37,7 +37,15 @@ from vlpet_cli.data.loading import (
 from vlpet_cli.data.multitask import MultitaskLoader, epoch_batches, task_batch_sizes
 from vlpet_cli.errors import DataError, Interrupted, VlpetError
 from vlpet_cli.inference import best_score, validate
-from vlpet_cli.optim import build_optimizer, clip_gradients, describe, param_groups, schedule, total_updates
+from vlpet_cli.optim import (
+    build_optimizer,
+    clip_gradients,
+    describe,
+    param_groups,
+    schedule,
+    total_updates,
+    update_due,
+)
 from vlpet_cli.pet.budget import budget
 from vlpet_cli.plots import plot_run
 from vlpet_cli.presets import T5_PREFIX, VIDEO_PREFIX, apply, check_key, parse_overrides, resolve
@@ -526,7 +534,7 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
             samples += batch["input_ids"].shape[0] * accelerator.num_processes
             window.setdefault(task, []).append((epoch, step, loss.detach()))
             last_in_epoch = step + 1 == steps_per_epoch
-            updated = done_batches % accum == 0 or last_in_epoch
+            updated = update_due(step, steps_per_epoch, accum)
             if updated:
                 clip_gradients(trainable, preset.train.clip_grad_norm, accelerator.clip_grad_norm_)
                 optimizer.step()
@@ -543,7 +551,7 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
             # under several processes the ranks agree through an all-reduce (a host sync): every 20 updates only
             asked = updated and (accelerator.num_processes == 1 or finished or paused or last_in_epoch
                                  or state.global_step % 20 == 0) and interrupts.requested(accelerator)
-            due = bool(every) and done_batches % (every * accum) == 0
+            due = bool(every) and updated and state.global_step % every == 0
             saving = not last_in_epoch and (finished or paused or asked or due)
             # the losses since the last line are logged before every checkpoint, so a resumed run neither loses
             # nor repeats any (runs.rewind_events drops what came after the checkpoint it resumes from)

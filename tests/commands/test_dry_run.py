@@ -57,6 +57,8 @@ def test_save_points_follow_the_training_loop():
     assert save_points(5, preset(epochs=2, checkpoint_every=2, max_steps=7)) == ([2, 4, 5, 6, 7], [(1, 5)])
     assert save_points(3, preset(every=2, epochs=4)) == ([3, 6, 9, 12], [(2, 6), (4, 12)])
     assert save_points(3, preset(every=0, epochs=1)) == ([3], [])
+    # accumulation groups restart every epoch: 3 batches in groups of 2 are 2 updates an epoch, every epoch trained
+    assert save_points(3, preset(epochs=2, grad_accum=2)) == ([2, 4], [(1, 2), (2, 4)])
 
 
 @pytest.mark.parametrize(("args", "said"), [
