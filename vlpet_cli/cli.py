@@ -470,9 +470,15 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
              annotations: Path | None = typer.Option(None, help="annotation file for --predictions"),
              vqa_variant: str = typer.Option("reference", help="reference (VL-T5) | official"),
              allow_missing: bool = typer.Option(False, help="with --predictions: allow unpredicted ids"),
+             check_submission: Path | None = typer.Option(None, help="check this leaderboard submission file "
+                                                                     "(vqa, gqa) against --questions (no model)"),
+             questions: Path | None = typer.Option(None, help="the server's question file for --check-submission"),
              as_json: bool = typer.Option(False, "--json", help="print the metrics as one JSON object"),
              overrides: list[str] | None = OVERRIDES) -> None:
     """Generate and score (CIDEr, VQA accuracy, ...) a trained model, or score a predictions file."""
+    if check_submission or questions:
+        _check_submission(task, check_submission, questions, as_json)
+        return
     if predictions or annotations:
         _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json)
         return
@@ -590,6 +596,19 @@ def _score_file(task, predictions, annotations, split, metric, vqa_variant, allo
     for k, v in flat.items():
         table.add_row(k, f"{v:.2f}" if isinstance(v, float) else str(v))
     console.print(table)
+
+
+def _check_submission(task, submission, questions, as_json) -> None:
+    from vlpet_cli.evaluate import check_submission_file
+
+    if not (task and submission and questions):
+        raise VlpetError("checking a submission needs --task, --check-submission FILE and --questions FILE")
+    result = check_submission_file(task, submission, questions)
+    if as_json:
+        print(json.dumps(result))
+        return
+    console.print(f"{submission}: valid: answers each of the {result['questions']:,} questions of {questions} "
+                  f"once", highlight=False)
 
 
 @app.command("import-reference")
