@@ -608,7 +608,7 @@ def _check_submission(task, submission, questions, as_json) -> None:
         print(json.dumps(result))
         return
     console.print(f"{submission}: valid: answers each of the {result['questions']:,} questions of {questions} "
-                  f"once", highlight=False)
+                  f"once", highlight=False, soft_wrap=True)
 
 
 @app.command("import-reference")
