@@ -137,7 +137,8 @@ def test_gqa_challenge_questions_are_a_split_and_its_submission_is_checked(tmp_p
     sub = write(tmp_path / "sub.json", json.loads(content))
     assert check_submission_file("gqa", sub, questions)["questions"] == 2
     lxmert = write(tmp_path / "lxmert.json", [{"question_id": "201307251", "img_id": "n1", "sent": "?"}])
-    assert "questionId '201640614' is not a question of" in one_line_error(lambda: check_submission_file("gqa", sub, lxmert))
+    assert "questionId '201640614' is not a question of" in one_line_error(
+        lambda: check_submission_file("gqa", sub, lxmert))
     numbers = write(tmp_path / "numbers.json", [{"questionId": 201307251, "prediction": "no"}])
     assert "field 'questionId' should be a string, found int" in one_line_error(
         lambda: check_submission_file("gqa", numbers, questions))
