@@ -187,3 +187,32 @@ def test_toy_world_vqa_and_gqa_submissions_validate(tmp_path):
              progress=False)
     assert check_submission_file("gqa", tmp_path / "out" / "gqa-submit.submission.json",
                                  gqa_questions)["questions"] == len(testdev)
+
+
+def test_the_command_checks_a_file_in_one_line(root, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from vlpet_cli.cli import main
+
+    def vlpet(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["vlpet", *map(str, args)])
+        monkeypatch.setenv("COLUMNS", "400")
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        return (code, *capsys.readouterr())
+
+    rows = [{"question_id": q, "answer": "yes"} for q in (1000, 1001, 2000, 2001, 3000, 3001)]
+    good = write(tmp_path / "good.json", rows)
+    code, out, _ = vlpet("eval", "--task", "vqa", "--check-submission", good, "--questions", full(root))
+    assert code == 0 and "valid: answers each of the 6 questions" in out
+    code, out, _ = vlpet("eval", "--task", "vqa", "--check-submission", good, "--questions", full(root), "--json")
+    assert code == 0 and json.loads(out)["questions"] == 6
+    bad = write(tmp_path / "bad.json", rows[:-1])
+    code, _, err = vlpet("eval", "--task", "vqa", "--check-submission", bad, "--questions", full(root))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "bad.json: no answer for 1 of 6 questions" in err and "the first question_id 3001" in err
+    code, _, err = vlpet("eval", "--task", "vqa", "--check-submission", good)
+    assert code == 2 and "needs --task, --check-submission FILE and --questions FILE" in err
