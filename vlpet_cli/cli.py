@@ -517,6 +517,9 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
              annotations: Path | None = typer.Option(None, help="annotation file for --predictions"),
              vqa_variant: str = typer.Option("reference", help="reference (VL-T5) | official"),
              allow_missing: bool = typer.Option(False, help="with --predictions: allow unpredicted ids"),
+             check_submission: Path | None = typer.Option(None, help="check this leaderboard submission file "
+                                                                     "(vqa, gqa) against --questions (no model)"),
+             questions: Path | None = typer.Option(None, help="the server's question file for --check-submission"),
              as_json: bool = typer.Option(False, "--json", help="print the metrics as one JSON object"),
              html: bool = typer.Option(False, "--html", help="also write a results page per task, "
                                                               "<task>-<split>.html beside the eval files"),
@@ -526,6 +529,9 @@ def eval_cmd(path: Path | None = typer.Argument(None, help="run directory, adapt
     """Generate and score (CIDEr, VQA accuracy, ...) a trained model, or score a predictions file."""
     if images is not None and not html:
         raise VlpetError(f"--images {images} applies to the results page; add --html, or leave --images out")
+    if check_submission or questions:
+        _check_submission(task, check_submission, questions, as_json)
+        return
     if predictions or annotations:
         _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json,
                     (out, images) if html else None)
@@ -659,6 +665,19 @@ def _score_file(task, predictions, annotations, split, metric, vqa_variant, allo
     for k, v in flat.items():
         table.add_row(k, f"{v:.2f}" if isinstance(v, float) else str(v))
     console.print(table)
+
+
+def _check_submission(task, submission, questions, as_json) -> None:
+    from vlpet_cli.evaluate import check_submission_file
+
+    if not (task and submission and questions):
+        raise VlpetError("checking a submission needs --task, --check-submission FILE and --questions FILE")
+    result = check_submission_file(task, submission, questions)
+    if as_json:
+        print(json.dumps(result))
+        return
+    console.print(f"{submission}: valid: answers each of the {result['questions']:,} questions of {questions} "
+                  f"once", highlight=False, soft_wrap=True)
 
 
 @app.command("import-reference")

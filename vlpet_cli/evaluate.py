@@ -16,6 +16,7 @@ from vlpet_cli.inference import decoding_settings, predict_all, score
 from vlpet_cli.progress import Progress
 from vlpet_cli.runs import Located, check_writable, checkpoints_dir, locate, recorded_path
 from vlpet_cli.tasks import TASKS, FileScoring, Task, VideoTask, resolve_task, task_class
+from vlpet_cli.tasks.submissions import Questions
 from vlpet_cli.threads import configure_threads, requested_threads
 
 if TYPE_CHECKING:
@@ -69,6 +70,16 @@ def predictions_page(task: str, predictions: Path, annotations: Path, split: str
                                              allow_missing, tokenizer))
     return write_page(spec, name, rows, folder, metrics=metrics, images=images, vqa_variant=vqa_variant,
                       source=str(predictions))
+
+
+def check_submission_file(task: str, submission: Path, questions: Path) -> dict:
+    """Check a leaderboard submission file against its server's question file (no model): every question
+    answered exactly once, nothing else, in the server's format; one DataError naming the first bad id if not."""
+    cls = task_class(task)
+    if cls.check_submission is Task.check_submission:
+        takes = ", ".join(name for name, c in TASKS.items() if c.check_submission is not Task.check_submission)
+        raise VlpetError(f"task {cls.name!r} has no leaderboard submission check; the tasks with one: {takes}")
+    return {"task": cls.name, "file": str(submission), **cls().check_submission(Path(submission), Path(questions))}
 
 
 def versions() -> dict:
@@ -220,7 +231,9 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     settings = eval_preset(stored, tasks, data_root, overrides, limit, split)
     check_eval_arguments(settings, split, metrics, batch_size)
     # refused before the model is built: a missing data root, annotation files and an output that cannot be written
-    check_annotations(resolve_data_root(settings.data.data_root), settings, (split,))
+    root = resolve_data_root(settings.data.data_root)
+    check_annotations(root, settings, (split,))
+    covers = submission_covers(root, settings.data.tasks or [], split)
     out_dir = output_dir(out_dir, located)
     check_images_folder(images)
     requested_threads(settings.train.threads)  # a bad VLPET_THREADS is refused before the model is built
@@ -238,7 +251,7 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
         results = evaluate_model(model, tokenizer, preset, split, metrics, batch_size, progress, state=state)
         if state is None or state.is_main_process:  # the main process writes the files
             predictions = {task: record["predictions"] for task, record in results.items()}
-            write_results(results, out_dir, split, trained, str(path))
+            write_results(results, out_dir, split, trained, str(path), covers)
             if html:
                 write_pages(results, predictions, preset, out_dir, images, str(path))
             if located.checkpoint is None:  # never write inside a checkpoint, which training replaces
@@ -258,19 +271,39 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     return results
 
 
-def write_results(results: dict, out_dir: Path, split: str, trained: list[str], source: str) -> None:
+def submission_covers(root: Path, tasks: list[str], split: str) -> dict[str, Questions]:
+    """{task: the questions its submission must answer in full} (VQA's server splits: every test2015 question),
+    read and checked before the model is built."""
+    covers = {}
+    for name in tasks:
+        questions = task_class(name)().submission_questions(root, split)
+        if questions is not None:
+            covers[resolve_task(name)] = questions
+    return covers
+
+
+def write_results(results: dict, out_dir: Path, split: str, trained: list[str], source: str,
+                  covers: dict[str, Questions] | None = None) -> None:
     """Each task's eval record, predictions and submission file under out_dir; a signal waits until all are
-    written (each file is written atomically, so a failure leaves every file whole)."""
+    written (each file is written atomically, so a failure leaves every file whole). A submission that must answer
+    questions not predicted (`covers`) is completed by the task, and the record says how many it filled in."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with signals_deferred():
         for task, record in results.items():
             preds = record.pop("predictions")
+            cover = (covers or {}).get(task)
+            if cover is None:
+                suffix, content = task_class(task)().submission(preds)
+            else:
+                suffix, content, filled = task_class(task)().complete_submission(preds, cover)
+                record["submission"] = {"questions": str(cover.path), "answered": len(cover.ids),
+                                        "predicted": len(cover.ids) - filled, "filled": filled}
+            name = submission_name(task, split, suffix)
             record.update(trained=task in trained, trained_tasks=trained, source=source, versions=versions(),
                           out_dir=str(out_dir))
             write_json(out_dir / f"{task}-{split}.json", record)
             write_json(out_dir / f"{task}-{split}.predictions.json", preds)
-            suffix, content = task_class(task)().submission(preds)
-            write_text(out_dir / submission_name(task, split, suffix), content)
+            write_text(out_dir / name, content)
 
 
 def write_pages(results: dict, predictions: dict[str, list[dict]], preset: Preset, out_dir: Path,

@@ -42,6 +42,9 @@ def test_gqa_exact_match_and_nlvr_right_or_wrong():
     preds = [{"question_id": "q1", "img_id": "n1", "sent": "what is it?", "label": {"cat": 1.0}, "prediction": "cat"},
              {"question_id": "q2", "img_id": "n2", "sent": "where?", "label": {"left": 1.0}, "prediction": "Left"}]
     assert gqa.record_scores(preds) == [100.0, 0.0]  # case-sensitive, as the accuracy counts it
+    # questions whose answers the leaderboard server holds (GQA submit, VQA test2015) are unscored, not wrong
+    assert math.isnan(gqa.record_scores([{"prediction": "no", "label": None}])[0])
+    assert math.isnan(get_task("vqa").record_scores([{"prediction": "no", "question_id": 1}])[0])
     assert gqa.review(preds[0]) == Review("what is it?", ("cat",), ("n1",))
 
     nlvr = get_task("nlvr")

@@ -237,7 +237,7 @@ def test_build_is_deterministic(root, tmp_path):
     assert toy.make_world() == toy.make_world()
     toy.write_world(toy.make_world(), tmp_path)
     files = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    assert len(files) == sum(toy.toy_summary()["images"].values()) + 1 + 3 + 2 + 2 + 3 + 3
+    assert len(files) == sum(toy.toy_summary()["images"].values()) + 1 + 3 + 2 + 2 + 2 + 3 + 3
     for rel in files:
         assert (root / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
     some = {p.stem: p for p in sorted((tmp_path / "nlvr" / "images").glob("*.png"))[:4]}

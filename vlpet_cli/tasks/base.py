@@ -25,6 +25,8 @@ from vlpet_cli.errors import DataError, VlpetError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from vlpet_cli.tasks.submissions import Questions
+
 _METRIC_ALIASES = {"rouge": "rougel", "accuracy": "acc", "vqaacc": "vqa"}
 
 
@@ -275,6 +277,22 @@ class Task:
 
     def score_files(self, job: FileScoring) -> dict:
         """Score a predictions file against an annotation file (`vlpet eval --predictions`)."""
+        raise NotImplementedError
+
+    # ---- leaderboard submissions (tasks/submissions.py) ------------------------------------------------------
+    def submission_questions(self, data_root: Path, split: str) -> Questions | None:
+        """The questions a split's submission must answer in full though only some may be predicted (VQA
+        test-dev2015: every test2015 question), read before the model is built; None: the predictions are the
+        submission."""
+        return None
+
+    def complete_submission(self, predictions: list[dict], questions: Questions) -> tuple[str, str, int]:
+        """(suffix, content, answers filled in) of the submission answering every question of `questions`."""
+        raise NotImplementedError
+
+    def check_submission(self, submission: Path, questions: Path) -> dict:
+        """Check a leaderboard submission file against its server's question file (`vlpet eval
+        --check-submission`): every question answered exactly once, nothing else; one DataError otherwise."""
         raise NotImplementedError
 
     # ---- looking at results (`vlpet eval --html`) ----------------------------------------------------------

@@ -1,9 +1,12 @@
 """VQA v2 on the Karpathy split (spec/pipeline.md §1.1, §3.3, §5.1): records, official answers, sampled
-targets, VQA accuracy, the submission and the predictions/annotation files of `vlpet eval --predictions`."""
+targets, VQA accuracy, the submission and the predictions/annotation files of `vlpet eval --predictions`; and the
+official test2015 / test-dev2015 question files of the VQA v2 server, whose submission answers every test2015
+question (`submissions.py`)."""
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -12,7 +15,7 @@ from typing import Any, ClassVar
 from pydantic import field_validator
 
 from vlpet_cli.errors import DataError
-from vlpet_cli.tasks import files
+from vlpet_cli.tasks import files, submissions
 from vlpet_cli.tasks.base import FileScoring, Generate, Inputs, Record, Review, Task, sample_answer
 from vlpet_cli.tasks.records import (
     Answers,
@@ -30,7 +33,8 @@ OFFICIAL_ANNOTATIONS = ("v2_mscoco_train2014_annotations.json", "v2_mscoco_val20
 
 
 SPLIT_FILES_FIX = ("check --data-root: it must contain vqa/karpathy_{train,val,test}.json (VL-T5's VQA Karpathy "
-                   "split files)")
+                   "split files), and for --split test2015 or test-dev2015 the official "
+                   "vqa/v2_OpenEnded_mscoco_test{,-dev}2015_questions.json (visualqa.org)")
 
 class VqaRecord(RecordModel):
     """One record of vqa/karpathy_*.json (VL-T5's format); the question is 'sent' (or 'question')."""
@@ -110,7 +114,8 @@ class VqaTask(Task):
     name = "vqa"
     folder = "vqa"
     default_prompt = "vqa: "
-    splits: ClassVar[dict[str, str]] = {"train": "karpathy_train", "val": "karpathy_val", "test": "karpathy_test"}
+    splits: ClassVar[dict[str, str]] = {"train": "karpathy_train", "val": "karpathy_val", "test": "karpathy_test",
+                                        **submissions.VQA_QUESTION_FILES}
     input_max_length = 20
     target_max_length = 10
     loss_reduction = "example"
@@ -124,13 +129,17 @@ class VqaTask(Task):
     inputs = Inputs(text="question")
 
     def feature_source(self, split_name: str) -> str:
-        """Every VQA image is a COCO image."""
+        """Every VQA image is a COCO image, test2015's too: the reference's COCO/clip_features holds the
+        train2014, val2014 and test2015 images (spec/pipeline.md §2.1)."""
         return "COCO"
 
     def read_split(self, data_root: Path, name: str, for_eval: bool) -> list[Record]:
-        """Read vqa/<name>.json; for evaluation, join the 10 official answers by question_id."""
+        """Read vqa/<name>.json; for evaluation, join the 10 official answers by question_id. An official
+        question file (the server's test splits) gives records without answers."""
         path = self.split_path(data_root, name)
         source = self.feature_source(name)
+        if name in submissions.VQA_QUESTION_FILES.values():
+            return self.read_questions(path, source)
         parsed = []
         for ref, rec in parse_records(path, VqaRecord, "VQA split file", SPLIT_FILES_FIX, "question_id"):
             sent = rec.sent if rec.sent is not None else rec.question
@@ -167,6 +176,27 @@ class VqaTask(Task):
                                   rec.label, extra))
         return records
 
+    def read_questions(self, path: Path, source: str) -> list[Record]:
+        """The records of an official v2_OpenEnded_mscoco_*_questions.json: question, image, no answers."""
+        questions, subset = submissions.read_vqa_questions(path)
+        folder = submissions.vqa_image_folder(subset)
+        warn_empty(path, "question", [q.question_id for _, q in questions if not q.question.strip()], len(questions))
+        return [Record(str(path), ref.index, q.question_id, q.question,
+                       (submissions.vqa_image_id(folder, q.image_id),), source) for ref, q in questions]
+
+    @classmethod
+    def file_images(cls, data: Any, path: Path) -> dict[str, str | None] | None:
+        """The images of an official VQA question file: COCO_<folder>_<image_id:012d>.jpg (test-dev2015's are
+        test2015 images)."""
+        if not submissions.is_vqa_question_file(data):
+            return None
+        folder = submissions.vqa_image_folder(data.get("data_subtype"))
+        out: dict[str, str | None] = {}
+        for ref in record_refs(data["questions"], path, "VQA question file", "question_id"):
+            image = submissions.vqa_image_id(folder, parse_record(submissions.VqaQuestion, ref.raw, ref).image_id)
+            out.setdefault(image, f"{image}.jpg")
+        return out
+
     def target(self, record: Record, rng: Any, train: bool) -> tuple[str, float] | None:
         """Answer sampled ∝ score (train) or the best answer (eval); weight = its score."""
         return sample_answer(record.label, rng, train)
@@ -185,6 +215,8 @@ class VqaTask(Task):
         from vlpet_cli.metrics.vqa import topk_score, vqa_accuracy
 
         self.resolve_metrics(metrics)
+        if not any("answers" in p for p in predictions):  # the server's test splits: answers hidden
+            return {"n": len(predictions), "scored": 0}
         preds = {p["question_id"]: p["prediction"] for p in predictions}
         annotations = {p["question_id"]: p for p in predictions}
         result = vqa_accuracy(preds, annotations, variant=vqa_variant)
@@ -199,6 +231,59 @@ class VqaTask(Task):
         """The official VQA results format: [{"question_id", "answer"}]."""
         return "json", json.dumps([{"question_id": p["question_id"], "answer": p["prediction"]}
                                    for p in predictions])
+
+    def submission_questions(self, data_root: Path, split: str) -> submissions.Questions | None:
+        """For the server's splits (test2015, test-dev2015): every test2015 question, which the server wants
+        answered even in its test-dev phase; read here, before any prediction, with a test-dev file's questions
+        checked to be among them."""
+        names = self.split_names(split)
+        if not set(names) <= set(submissions.VQA_QUESTION_FILES.values()):
+            return None
+        full = self.split_path(data_root, submissions.VQA_QUESTION_FILES[submissions.VQA_TEST])
+        if not full.is_file():
+            raise DataError(f"{full}: not found; a VQA server submission answers every test2015 question, even "
+                            f"for --split test-dev2015. Fix: {submissions.QUESTIONS_FIX} into {full.parent}.")
+        questions = submissions.vqa_questions(full)
+        known = set(questions.ids)
+        for name in names:
+            path = self.split_path(data_root, name)
+            if path == full:
+                continue
+            outside = [q for q in submissions.vqa_questions(path).ids if q not in known]
+            if outside:
+                raise DataError(f"{path}: question_id {outside[0]} (and {len(outside) - 1} more) is not a question "
+                                f"of {full}. Fix: use question files of one release, both from visualqa.org.")
+        return questions
+
+    def complete_submission(self, predictions: list[dict],
+                            questions: submissions.Questions) -> tuple[str, str, int]:
+        """The server's file: every question of `questions` in its order, predicted or answered VQA_FILLER."""
+        answers = {p["question_id"]: p["prediction"] for p in predictions}
+        outside = set(answers) - set(questions.ids)
+        if outside:
+            raise DataError(f"{questions.path}: lacks the predicted question_id {min(outside)}. Fix: use question "
+                            f"files of one release, both from visualqa.org.")
+        rows = [{"question_id": q, "answer": answers.get(q, submissions.VQA_FILLER)} for q in questions.ids]
+        filled = len(rows) - len(answers)
+        if filled:
+            warnings.warn(f"vqa: {filled} of the {len(rows)} {submissions.VQA_TEST} questions were not predicted and "
+                          f"are answered {submissions.VQA_FILLER!r} in the submission file: submit it to the VQA "
+                          f"server's test-dev phase only (--split {submissions.VQA_TEST} predicts them all, for "
+                          f"test-std)", UserWarning, stacklevel=2)
+        return "json", json.dumps(rows), filled
+
+    def check_submission(self, submission: Path, questions: Path) -> dict:
+        """A VQA server submission answers every question of the test2015 question file exactly once."""
+        asked = submissions.vqa_questions(questions)
+        if asked.subset == "test-dev2015":
+            raise DataError(f"{questions}: the test-dev2015 questions; the VQA server wants an answer to every "
+                            f"test2015 question, in its test-dev phase too. Fix: check against "
+                            f"{submissions.VQA_QUESTION_FILES[submissions.VQA_TEST]}.json.")
+        n = submissions.check_submission(
+            submission, asked, submissions.VQA_FORMAT,
+            "predict them all (vlpet eval RUN --task vqa --split test2015), or write the test-dev phase's file with "
+            "--split test-dev2015, which answers the questions outside test-dev with an empty string")
+        return {"questions": n, "split": asked.subset}
 
     def score_files(self, job: FileScoring) -> dict:
         """VQA accuracy x100 of [{"question_id", "answer"}] against the official annotations (a pool)."""
@@ -229,11 +314,12 @@ class VqaTask(Task):
         return out
 
     def record_scores(self, predictions: list[dict], vqa_variant: str = "reference") -> list[float]:
-        """Each question's VQA soft score x100 (100 when at least 3 of its annotators gave the answer)."""
+        """Each question's VQA soft score x100 (100 when at least 3 of its annotators gave the answer); NaN for a
+        question without answers (test2015: the server holds them)."""
         from vlpet_cli.metrics.vqa import question_accuracy
 
         return [100.0 * question_accuracy(p["prediction"], p["answers"], vqa_variant)  # type: ignore[arg-type]
-                for p in predictions]
+                if p.get("answers") else float("nan") for p in predictions]
 
     def review(self, prediction: dict) -> Review:
         """The question, its distinct answers, most given first ('yes (7)'), its image and answer type."""

@@ -42,6 +42,8 @@ COCO_SPLITS = {"train": 160, "restval": 40, "val": 30, "test": 30}
 VG_SPLITS = {"train": 170, "valid": 30}
 GQA_TESTDEV_IMAGES = 40
 NLVR_SETS = {"train": 200, "valid": 10, "test": 20}
+VQA_TEST_IMAGES = {"test2015": 30, "test-dev2015": 12}
+"""COCO test2015 images of the VQA server's question files (test-dev2015's are some of test2015's)."""
 QUESTIONS_PER_IMAGE = 3
 PAIRS_PER_SET = 4
 
@@ -88,6 +90,8 @@ class ToyWorld:
     vqa_official: dict[str, list[dict]] = field(default_factory=dict)
     gqa: dict[str, list[dict]] = field(default_factory=dict)
     nlvr: dict[str, list[dict]] = field(default_factory=dict)
+    vqa_questions: dict[str, list[dict]] = field(default_factory=dict)
+    """The VQA server's official question files (test2015, test-dev2015): questions without answers."""
 
 
 # ----------------------------------------------------------------------------------------------- scenes
@@ -338,6 +342,24 @@ def _vqa(world: ToyWorld, seed: int) -> None:
             )
 
 
+def _vqa_test(world: ToyWorld, seed: int) -> None:
+    """The VQA server's question files over COCO test2015 images, drawn last with a generator of their own (so
+    the other parts of the world are as before): test2015 and its test-dev2015 subset, in the official format."""
+    rng = _rng("vqa-test2015", seed)
+    image_ids = sorted(rng.sample(range(1, 600_000), VQA_TEST_IMAGES["test2015"]))
+    dev = set(rng.sample(image_ids, VQA_TEST_IMAGES["test-dev2015"]))
+    world.vqa_questions = {"test2015": [], "test-dev2015": []}
+    for image_id in image_ids:
+        scene = random_scene(rng, f"COCO_test2015_{image_id:012d}", "COCO")
+        world.scenes.append(scene)
+        cands = _vqa_candidates(rng, scene)
+        for k, key in enumerate(rng.sample(sorted(cands), QUESTIONS_PER_IMAGE)):
+            question = {"image_id": image_id, "question": cands[key][0], "question_id": image_id * 1000 + k}
+            world.vqa_questions["test2015"].append(question)
+            if image_id in dev:
+                world.vqa_questions["test-dev2015"].append(question)
+
+
 # ------------------------------------------------------------------------------------------------- GQA
 
 
@@ -501,6 +523,7 @@ def make_world(seed: int = SEED) -> ToyWorld:
     _vqa(world, seed)
     _gqa(world, seed)
     _nlvr(world, seed)
+    _vqa_test(world, seed)
     return world
 
 
@@ -532,7 +555,8 @@ def _summary_of(world: ToyWorld) -> dict[str, dict[str, int]]:
         split = "train" if e["split"] in ("train", "restval") else e["split"]
         coco_rows[split] += len(e["sentences"]) if split == "train" else 1
     return {
-        "vqa": {k.replace("karpathy_", ""): len(v) for k, v in world.vqa.items()},
+        "vqa": {**{k.replace("karpathy_", ""): len(v) for k, v in world.vqa.items()},
+                **{k: len(v) for k, v in world.vqa_questions.items()}},
         "gqa": {k: len(v) for k, v in world.gqa.items()},
         "nlvr": {k: len(v) for k, v in world.nlvr.items()},
         "coco": dict(coco_rows),
@@ -599,6 +623,12 @@ def write_world(world: ToyWorld, dest: Path) -> dict[str, dict[str, Path]]:
             dest / "vqa" / f"v2_mscoco_{folder}_annotations.json",
             {"info": {"description": "vlpet toy world"}, "data_subtype": folder, "annotations": anns},
         )
+    for subset, questions in world.vqa_questions.items():
+        _write_json(
+            dest / "vqa" / f"v2_OpenEnded_mscoco_{subset}_questions.json",
+            {"info": {"description": "vlpet toy world"}, "task_type": "Open-Ended", "data_type": "mscoco",
+             "data_subtype": subset, "questions": questions, "license": {"name": "vlpet toy world"}},
+        )
     answers = sorted({a for r in world.vqa["karpathy_train"] + world.vqa["karpathy_val"] for a in r["label"]})
     _write_json(dest / "vqa" / "trainval_ans2label.json", {a: i for i, a in enumerate(answers)})
     _write_json(dest / "vqa" / "trainval_label2ans.json", answers)
@@ -631,10 +661,14 @@ def build_toy(dest: Path, seed: int = SEED, features: bool = True, model: Path |
         for source, paths in images.items():
             out = dest / source / FEATURE_FILE
             out.parent.mkdir(parents=True, exist_ok=True)
-            summary = IMAGE.extraction().extract(paths, name, out, layout="packed", progress=False)
-            if summary.failed:
-                _, path, reason = summary.failed[0]
-                raise VlpetError(f"toy world: feature extraction failed for {path} ({reason})")
+            # the test2015 images are appended in a second pass, so the other images keep the batches (and so
+            # the features, to the last bit) they had before the world held test2015
+            later = {k: v for k, v in paths.items() if k.startswith("COCO_test2015_")}
+            for part in ({k: v for k, v in paths.items() if k not in later}, later):
+                summary = IMAGE.extraction().extract(part, name, out, layout="packed", progress=False) if part else None
+                if summary is not None and summary.failed:
+                    _, path, reason = summary.failed[0]
+                    raise VlpetError(f"toy world: feature extraction failed for {path} ({reason})")
         manifest["features"] = {"model": model.name, "fingerprint": _fingerprint(model), "file": FEATURE_FILE}
     manifest["video"] = None  # without PyAV (vlpet[video]) the world has no videos, until av is installed
     if has_extra("video"):
