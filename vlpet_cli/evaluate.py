@@ -166,6 +166,17 @@ def check_eval_arguments(preset: Preset, split: str, metrics: list[str] | None, 
         cls.resolve_metrics(metrics)
 
 
+def check_eval_precision(precision: str, backbone: str | None) -> None:
+    """eval.precision works on this machine and the adapter's backbone (inference.check_precision)."""
+    import torch
+
+    from vlpet_cli import backbones
+    from vlpet_cli.inference import check_precision
+
+    if precision == "fp16" or (precision == "bf16" and torch.cuda.is_available()):
+        check_precision("eval.precision", precision, backbones.family_of(backbone) if backbone else "bart")
+
+
 def check_split(cls: type[Task], split: str) -> None:
     """A split is one the task declares: a kind (train, val, test) or one of its split files by name."""
     files = {name.strip() for names in cls.splits.values() for name in names.split(",")}
@@ -200,6 +211,7 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     check_annotations(resolve_data_root(settings.data.data_root), settings, (split,))
     out_dir = output_dir(out_dir, located)
     requested_threads(settings.train.threads)  # a bad VLPET_THREADS is refused before the model is built
+    check_eval_precision(settings.eval.precision, backbone or settings.model.backbone)
     untrained = [t for t in settings.data.tasks or [] if t not in trained]
     if untrained:
         warnings.warn(f"{adapter_dir} was trained on {', '.join(trained) or 'no task'}, not on "

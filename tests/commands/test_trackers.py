@@ -1,0 +1,148 @@
+"""train.report_to: a toy run logs to TensorBoard and MLflow at once, into RUN/logs/, read back with each tracker's
+own reader (TensorBoard's EventAccumulator, MLflow's client); a paused run resumed goes on logging to the same
+TensorBoard folder and the same MLflow run; metrics.jsonl, the plot and config.yaml are as without trackers. A
+tracker whose package is missing is refused in one line naming the extra, before anything is written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlpet_cli.extras import MissingExtraError
+from vlpet_cli.presets import resolve
+from vlpet_cli.trackers import build, check_trackers, hyperparameters, read_state
+
+TENSORBOARD = ("logging to TensorBoard (train.report_to) needs tensorboard, which is not installed; install it "
+               "with: pip install 'vlpet[tensorboard]'")
+
+
+def events(run: Path, kind: str) -> list[dict]:
+    return [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
+
+
+@pytest.mark.slow
+def test_tensorboard_and_mlflow_hold_the_run_and_a_resume_continues_them(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vlpet_cli.train import resolve_train_preset, train
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # MLflow must not fall back to ./mlruns
+    overrides = ["data.limit=96", "eval.limit=16", "train.epochs=2", "eval.every=1", "train.batch_size=24",
+                 "train.report_to=[tensorboard,mlflow]"]
+    preset = resolve_train_preset("vlpet-small", ["vqa", "gqa"], "toy", "tiny-bart", overrides)
+    run = tmp_path / "run"
+    first = train(preset, run, stop_after=3)
+    assert first.summary["paused"]
+    train(preset, run, resume=True)
+
+    spe = events(run, "start")[0]["steps_per_epoch"]
+    batches, updates = 2 * spe, events(run, "end")[0]["updates"]
+    logs = run / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["mlflow", "tensorboard", "trackers.json"]
+
+    board = EventAccumulator(str(logs / "tensorboard"))
+    board.Reload()
+    scalars = board.Tags()["scalars"]
+    steps = {tag: [e.step for e in board.Scalars(tag)] for tag in scalars}
+    # a series per task loss, one point per batch of that task, every batch once across the pause
+    assert sorted(steps["train/vqa/loss"] + steps["train/gqa/loss"]) == list(range(1, batches + 1))
+    assert len(steps["train/lr"]) == len(steps["train/grad_norm"]) == updates
+    assert "train/samples_per_s" in scalars
+    validations = [e["step"] for e in events(run, "val")]
+    assert len(validations) == 2
+    for task in ("vqa", "gqa"):
+        for metric, value in events(run, "val")[-1]["metrics"][task].items():
+            series = board.Scalars(f"val/{task}/{metric}")
+            assert [e.step for e in series] == [spe, 2 * spe]
+            assert series[-1].value == pytest.approx(value)
+    assert [e.step for e in board.Scalars("val/score")] == [spe, 2 * spe]
+
+    state = read_state(run)
+    assert state["started"] == ["mlflow", "tensorboard"]
+    client = MlflowClient(state["mlflow"]["tracking_uri"])
+    assert state["mlflow"]["tracking_uri"] == (logs / "mlflow").resolve().as_uri()
+    experiment = client.get_experiment_by_name("vlpet")
+    [found] = client.search_runs([experiment.experiment_id])  # the resumed leg logged to the same run
+    assert found.info.run_id == state["mlflow"]["run_id"] and found.info.run_name == "run"
+    params = found.data.params
+    assert params["train.lr"] == str(preset.train.lr) and params["method"] == preset.method
+    assert params["train.report_to"] == '["tensorboard", "mlflow"]' and params["data.tasks"] == '["vqa", "gqa"]'
+    history = {key: client.get_metric_history(found.info.run_id, key) for key in found.data.metrics}
+    assert sorted(m.step for m in history["train/vqa/loss"] + history["train/gqa/loss"]) == \
+        list(range(1, batches + 1))
+    assert [m.step for m in history["val/vqa/vqa"]] == [m.step for m in history["val/gqa/acc"]] == [spe, 2 * spe]
+    assert len(history["train/lr"]) == updates
+
+    # what does not depend on the trackers is as it was: the loss log, the plot, the recorded settings
+    assert events(run, "train") and (run / "plots" / "loss.png").is_file()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["train"]["report_to"] == ["tensorboard", "mlflow"]
+    assert config["train"]["precision"] == "fp32" and config["eval"]["precision"] == "fp32"
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_trackers_are_placed_in_the_run_and_resumed_by_id(tmp_path):
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    tensorboard, mlflow, wandb, aim = build(["tensorboard", "mlflow", "wandb", "aim"], run)
+    assert tensorboard.logging_dir_param == str(run / "logs") and tensorboard.run_name == "tensorboard"
+    assert mlflow.run_id is None and mlflow.run_name == "run" and aim == "aim"
+    assert wandb.init_kwargs["dir"] == str(run / "logs") and wandb.init_kwargs["resume"] == "allow"
+    assert not any((run / "logs").iterdir())  # building writes nothing
+
+    (run / "logs" / "trackers.json").write_text(json.dumps({"mlflow": {"run_id": "abc"}, "wandb": {"id": "w1"}}))
+    _, mlflow, wandb = build(["tensorboard", "mlflow", "wandb"], run, resume=True)
+    assert mlflow.run_id == "abc" and wandb.init_kwargs["id"] == "w1"
+    assert build([], run) == []
+
+
+def test_hyperparameters_are_the_flattened_preset():
+    preset = resolve("vlpet-small", ["train.report_to=[tensorboard]"], "tiny-bart")
+    params = hyperparameters(preset)
+    assert params["train.lr"] == preset.train.lr and params["train.report_to"] == '["tensorboard"]'
+    assert params["model.backbone"] == "tiny-bart" and params["train.max_steps"] == "null"
+    assert all(isinstance(v, (bool, int, float, str)) for v in params.values())
+
+
+def test_an_unknown_tracker_is_refused_by_the_preset():
+    from vlpet_cli.errors import VlpetError
+
+    with pytest.raises(VlpetError, match="tensorbord"):
+        resolve("vlpet-small", ["train.report_to=[tensorbord]"], "tiny-bart")
+
+
+@pytest.mark.parametrize("tracker,extra", [("tensorboard", "tensorboard"), ("mlflow", "mlflow"),
+                                           ("wandb", "wandb")])
+def test_a_missing_tracker_names_its_extra(tracker, extra, monkeypatch):
+    monkeypatch.setitem(sys.modules, extra, None)
+    with pytest.raises(MissingExtraError, match=rf"^logging to .* needs {extra}, which is not installed; install it "
+                                                rf"with: pip install 'vlpet\[{extra}\]'$"):
+        check_trackers([tracker])
+
+
+def test_a_tracker_that_is_not_an_extra_names_its_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "aim", None)
+    with pytest.raises(MissingExtraError, match=r"^logging to aim \(train.report_to\) needs aim, which does not "
+                                                r"import \(.*\); install it with: pip install aim$"):
+        check_trackers(["aim"])
+
+
+def test_train_without_the_package_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from vlpet_cli.cli import main
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.setattr(sys, "argv", ["vlpet", "train", "--preset", "vlpet-small", "--task", "vqa", "--backbone",
+                                      "tiny-bart", "--data-root", "toy", "--runs-dir", str(tmp_path / "runs"),
+                                      "train.report_to=[tensorboard]"])
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and err == f"error: {TENSORBOARD}\n"
+    assert not (tmp_path / "runs").exists()
