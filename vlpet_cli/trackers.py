@@ -134,6 +134,7 @@ class Tracking:
         try:
             self.accelerator.init_trackers(PROJECT)
         except Exception as exc:  # a tracker's own failure (not logged in, server unreachable) as one line
+            self.accelerator.trackers = []  # not all of them started: none is finished
             raise VlpetError(f"train.report_to: a tracker did not start ({type(exc).__name__}: {exc}); fix its "
                              f"settings (W&B: `wandb login`, or WANDB_MODE=offline to log into {logs}) and start "
                              f"the run again with --overwrite, or leave the tracker out of train.report_to") from None

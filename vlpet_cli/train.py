@@ -72,10 +72,10 @@ if TYPE_CHECKING:
 __all__ = ["RESUMABLE", "TOY_DEFAULTS", "TrainResult", "TrainingInterrupted", "load_run_preset", "param_groups",
            "resolve_train_preset", "resume_preset", "train"]
 
-# What `--resume` may change: how long the run goes on, how often it checkpoints, and every evaluation setting
-# (keys under eval.). Everything else shapes what was already trained and is refused.
+# What `--resume` may change: how long the run goes on, how often it checkpoints, where it logs, and every evaluation
+# setting (keys under eval.). Everything else shapes what was already trained and is refused.
 RESUMABLE = ("train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
-             "train.threads", "data.num_workers")
+             "train.threads", "data.num_workers", "train.report_to")
 
 # The toy world is small: smaller batches give the PET modules enough updates, and a higher rate suits them.
 TOY_DEFAULTS = ["train.batch_size=24", "train.lr=3e-3", "train.epochs=8", "eval.every=4", "eval.batch_size=64"]
@@ -803,5 +803,6 @@ def _run(session: Session, resume: bool, stop_after: int | None, changes: list[s
 def _start_tracking(session: Session, resume: bool) -> None:
     """Start the trackers of train.report_to in the main process; a resumed run continues its trackers' runs."""
     if session.main and session.preset.train.report_to:
-        session.tracking = Tracking(session.accelerator, session.run_dir)
-        session.tracking.start(session.preset, session.done_batches + 1 if resume else 1)
+        tracking = Tracking(session.accelerator, session.run_dir)
+        tracking.start(session.preset, session.done_batches + 1 if resume else 1)
+        session.tracking = tracking

@@ -146,3 +146,34 @@ def test_train_without_the_package_is_one_line_and_writes_nothing(tmp_path, monk
     out, err = capsys.readouterr()
     assert exit_.value.code == 2 and err == f"error: {TENSORBOARD}\n"
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_tracker_that_fails_to_start_is_one_line(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.tracking import TensorBoardTracker
+
+    from vlpet_cli.errors import VlpetError
+    from vlpet_cli.trackers import Tracking
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "logs" / "tensorboard"))
+
+    monkeypatch.setattr(TensorBoardTracker, "start", refuse)
+    accelerator = Accelerator(cpu=True, log_with=build(["tensorboard"], tmp_path / "run"))
+    with pytest.raises(VlpetError, match=r"^train.report_to: a tracker did not start \(PermissionError: .*Permission "
+                                         r"denied.*\); fix its settings .* start the run again with --overwrite, or "
+                                         r"leave the tracker out of train.report_to$"):
+        Tracking(accelerator, tmp_path / "run").start(resolve("vlpet-small", [], "tiny-bart"), 1)
+    assert accelerator.trackers == []
+
+
+def test_a_resumed_run_may_add_or_drop_a_tracker(tmp_path):
+    from vlpet_cli.runs import write_config
+    from vlpet_cli.train import resume_preset
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_config(run, resolve("vlpet-small", ["train.report_to=[tensorboard]"], "tiny-bart"))
+    preset, changes = resume_preset(run, overrides=["train.report_to=[tensorboard,mlflow]"])
+    assert preset.train.report_to == ["tensorboard", "mlflow"]
+    assert changes == ["train.report_to: ['tensorboard'] -> ['tensorboard', 'mlflow']"]
