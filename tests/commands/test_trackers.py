@@ -177,3 +177,24 @@ def test_a_resumed_run_may_add_or_drop_a_tracker(tmp_path):
     preset, changes = resume_preset(run, overrides=["train.report_to=[tensorboard,mlflow]"])
     assert preset.train.report_to == ["tensorboard", "mlflow"]
     assert changes == ["train.report_to: ['tensorboard'] -> ['tensorboard', 'mlflow']"]
+
+
+@pytest.mark.slow
+def test_tensorboard_drops_what_an_interrupted_run_logged_after_its_checkpoint(tmp_path):
+    """The first leg logged batches 1-10 but its last checkpoint was at batch 5: the resumed leg logs from 6 on, and
+    TensorBoard's reader shows every batch once, the resumed leg's values from 6."""
+    from accelerate import Accelerator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vlpet_cli.trackers import Tracking
+
+    run, preset = tmp_path / "run", resolve("vlpet-small", ["train.report_to=[tensorboard]"], "tiny-bart")
+    for first, last, resume in ((1, 10, False), (6, 8, True)):
+        tracking = Tracking(Accelerator(cpu=True, log_with=build(["tensorboard"], run, resume)), run)
+        tracking.start(preset, first)
+        tracking.log_train({"vqa": [(step, float(resume)) for step in range(first, last + 1)]}, 1.0, last)
+        tracking.finish()
+    board = EventAccumulator(str(run / "logs" / "tensorboard"))
+    board.Reload()
+    assert [(e.step, e.value) for e in board.Scalars("train/vqa/loss")] == \
+        [(step, 0.0) for step in range(1, 6)] + [(step, 1.0) for step in range(6, 9)]
