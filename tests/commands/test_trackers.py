@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vlpet_cli.errors import VlpetError
 from vlpet_cli.extras import MissingExtraError
 from vlpet_cli.presets import resolve
 from vlpet_cli.trackers import build, check_trackers, hyperparameters, read_state
@@ -86,6 +87,17 @@ def test_tensorboard_and_mlflow_hold_the_run_and_a_resume_continues_them(tmp_pat
     assert config["train"]["precision"] == "fp32" and config["eval"]["precision"] == "fp32"
     assert not (tmp_path / "mlruns").exists()
 
+    # eval.precision (tested here on a trained run): bf16 autocast generates on the CPU; fp16 is refused before the
+    # model loads
+    from vlpet_cli.evaluate import evaluate
+
+    scored = evaluate(run, ["vqa"], split="val", overrides=["eval.precision=bf16"], limit=8, progress=False,
+                      out_dir=tmp_path / "eval-bf16")
+    assert scored["vqa"]["n"] == 8 and "vqa" in scored["vqa"]["metrics"]
+    with pytest.raises(VlpetError, match=r"^eval.precision=fp16: fp16 needs a CUDA GPU"):
+        evaluate(run, ["vqa"], split="val", overrides=["eval.precision=fp16"], out_dir=tmp_path / "eval-fp16")
+    assert not (tmp_path / "eval-fp16").exists()
+
 
 def test_trackers_are_placed_in_the_run_and_resumed_by_id(tmp_path):
     run = tmp_path / "run"
@@ -111,8 +123,6 @@ def test_hyperparameters_are_the_flattened_preset():
 
 
 def test_an_unknown_tracker_is_refused_by_the_preset():
-    from vlpet_cli.errors import VlpetError
-
     with pytest.raises(VlpetError, match="tensorbord"):
         resolve("vlpet-small", ["train.report_to=[tensorbord]"], "tiny-bart")
 
@@ -152,7 +162,6 @@ def test_a_tracker_that_fails_to_start_is_one_line(tmp_path, monkeypatch):
     from accelerate import Accelerator
     from accelerate.tracking import TensorBoardTracker
 
-    from vlpet_cli.errors import VlpetError
     from vlpet_cli.trackers import Tracking
 
     def refuse(self):
