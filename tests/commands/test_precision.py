@@ -5,6 +5,7 @@ faked), and the reference optimizer skipping the steps the scaler skips."""
 
 from __future__ import annotations
 
+import json
 import math
 from contextlib import contextmanager
 from unittest import mock
@@ -136,3 +137,59 @@ def test_eval_precision_generates_under_autocast(precision, dtype):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
     with autocast("fp32", "cpu"):
         assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.slow
+def test_the_loop_with_a_gradient_scaler_skips_an_overflowing_update_and_checkpoints_the_scale(tmp_path,
+                                                                                             monkeypatch):
+    """The training loop as fp16 runs it, on the CPU: Accelerate's fp16 path (its loss scaling, its unscaling
+    clip, its scaler-driven optimizer step) with a CPU GradScaler. The first update's gradients overflow: that
+    update is counted but skipped by the reference optimizer and by the schedule, the scale halves, and the
+    checkpoint holds the scaler's state for a resume."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from vlpet_cli import train as train_mod
+    from vlpet_cli.progress import Progress
+
+    preset = train_mod.resolve_train_preset("vlpet-small", ["vqa"], "toy", "tiny-bart",
+                                            ["data.limit=32", "train.batch_size=8", "train.epochs=1",
+                                             "eval.every=0"])
+    session = train_mod.setup(preset, tmp_path / "run")
+    accelerator = session.accelerator
+    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu")
+    session.optimizer = AcceleratedOptimizer(session.optimizer.optimizer, device_placement=False,
+                                             scaler=accelerator.scaler)
+    accelerator._optimizers = [session.optimizer]
+    first = next(p for p in session.model.parameters() if p.requires_grad)
+    overflowed = []
+
+    def overflow_once(grad):
+        if overflowed:
+            return grad
+        overflowed.append(True)
+        return grad * math.inf
+
+    first.register_hook(overflow_once)
+    norms = []
+    clip = accelerator.clip_grad_norm_
+
+    def recorded_clip(*args, **kwargs):
+        norms.append(float(clip(*args, **kwargs)))
+        return norms[-1]
+
+    accelerator.clip_grad_norm_ = recorded_clip
+    train_mod.fit(session, Progress(session.steps_per_epoch, enabled=False))
+
+    updates = session.state.global_step
+    assert updates == session.steps_per_epoch >= 3 and overflowed
+    assert session.scheduler.last_epoch == updates - 1  # the skipped update did not advance the schedule
+    inner = session.optimizer.optimizer
+    assert {int(s["step"]) for s in inner.state.values()} == {updates - 1}  # nor the optimizer's step counts
+    assert accelerator.scaler.get_scale() == 2.0 ** 15  # halved once from 2^16
+    # clipping saw unscaled gradients (norms of 100-150 here; scaled ones would be 2^15 times larger)
+    assert math.isinf(norms[0]) and len(norms) == updates and all(0 < n < 10_000 for n in norms[1:]), norms
+    saved = json.loads((tmp_path / "run" / "checkpoints" / f"step-{updates}" / "state.json").read_text())
+    assert saved["progress"]["grad_scaler"] == accelerator.scaler.state_dict()
