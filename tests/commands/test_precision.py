@@ -193,3 +193,16 @@ def test_the_loop_with_a_gradient_scaler_skips_an_overflowing_update_and_checkpo
     assert math.isinf(norms[0]) and len(norms) == updates and all(0 < n < 10_000 for n in norms[1:]), norms
     saved = json.loads((tmp_path / "run" / "checkpoints" / f"step-{updates}" / "state.json").read_text())
     assert saved["progress"]["grad_scaler"] == accelerator.scaler.state_dict()
+
+    session.lock.release()
+
+    def with_scaler(**kwargs):  # the Accelerator an fp16 resume builds, as far as the scaler goes
+        made = Accelerator(**kwargs)
+        made.scaler = torch.amp.GradScaler("cpu")
+        return made
+
+    monkeypatch.setattr(train_mod, "Accelerator", with_scaler)
+    resumed = train_mod.setup(preset.model_copy(update={"train": preset.train.model_copy(update={"epochs": 2})}),
+                              tmp_path / "run", resume=True)
+    resumed.lock.release()
+    assert resumed.accelerator.scaler.get_scale() == 2.0 ** 15  # the resumed run goes on with the scale it had
