@@ -147,9 +147,10 @@ def test_train_without_the_package_is_one_line_and_writes_nothing(tmp_path, monk
     from vlpet_cli.cli import main
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)
+    (tmp_path / "data").mkdir()  # refused before the data root is read
     monkeypatch.setattr(sys, "argv", ["vlpet", "train", "--preset", "vlpet-small", "--task", "vqa", "--backbone",
-                                      "tiny-bart", "--data-root", "toy", "--runs-dir", str(tmp_path / "runs"),
-                                      "train.report_to=[tensorboard]"])
+                                      "tiny-bart", "--data-root", str(tmp_path / "data"), "--runs-dir",
+                                      str(tmp_path / "runs"), "train.report_to=[tensorboard]"])
     monkeypatch.setenv("COLUMNS", "400")
     with pytest.raises(SystemExit) as exit_:
         main()
