@@ -73,15 +73,19 @@ def measure(name: str, work: Path, steps: int, preset_name: str, precision: str 
     batches = [{k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()} for b in batches]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(model, preset, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16's loss scaling, as Accelerate's
     model.train()
     start = time.perf_counter()
     for batch in batches:
         with autocast:
             loss = model(batch)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         clip_gradients(params, preset.train.clip_grad_norm)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -96,7 +100,8 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=4000, help="training questions in the synthetic root")
     parser.add_argument("--images", type=int, default=400, help="images (feature rows) in the synthetic root")
     parser.add_argument("--preset", default="vlpet-large")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="fp16 needs a CUDA GPU (vlpet refuses it on the CPU)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vlpet-bench-loop",
                         help="where the synthetic root and backbone are built (reused)")
     parser.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)

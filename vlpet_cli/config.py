@@ -146,6 +146,10 @@ class DataConfig(Strict):
     video: VideoData = VideoData()
 
 
+# The experiment trackers Accelerate offers (accelerate.utils.LoggerType, less "all"); vlpet_cli/trackers.py uses them.
+Tracker = Literal["tensorboard", "mlflow", "wandb", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio"]
+
+
 class TrainConfig(Strict):
     lr: float = 1e-3
     epochs: int = Field(20, gt=0)
@@ -166,7 +170,9 @@ class TrainConfig(Strict):
                                  "'LayerNorm.weight' (LayerNorm weights, gate vectors and Compacter's PHM biases "
                                  "decay); corrected: no decay for every bias, LayerNorm, gate vector and IA3 vector")
     adam_eps: float = 1e-6
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32; bf16: bfloat16 autocast; fp16: float16 autocast with loss scaling (Accelerate's "
+                            "gradient scaler), on a CUDA GPU and BART-family backbones only (T5 overflows in fp16)")
     seed: int = 42
     data_seed: int = Field(0, description="data order seed (reference: 0, independent of seed)")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: epoch ends only)")
@@ -176,6 +182,11 @@ class TrainConfig(Strict):
                                                             "(less memory, same results)")
     threads: int | None = Field(None, gt=0, description="CPU threads per process (None: chosen from the CPUs this "
                                                         "process may use and the model's size; VLPET_THREADS too)")
+    report_to: list[Tracker] = Field(
+        default_factory=list, description="experiment trackers logging into the run's logs/ folder: tensorboard, "
+                                          "mlflow (a file store in logs/mlflow unless MLFLOW_TRACKING_URI is set), "
+                                          "wandb (WANDB_MODE=offline: files in logs/wandb), or any other tracker "
+                                          "Accelerate offers that is installed")
 
 
 class GenerationSpec(Strict):
@@ -195,6 +206,9 @@ class EvalConfig(Strict):
     caption_references: Literal["row", "clip"] = Field(
         "row", description="TVC/YC2C validation: one reference per row (reference) or every description of the "
                            "clip (VALUE's scoring)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="generation and scoring (vlpet eval, validation) under bf16 or fp16 autocast; fp16 on a "
+                            "CUDA GPU and BART-family backbones only")
     generation: dict[str, GenerationSpec] = Field(
         default_factory=dict, description="decoding per task; a task or setting not given decodes as the task "
                                           "declares (e.g. COCO 5 beams, VQA greedy)")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from vlpet_cli.atomic import signals_deferred, write_json, write_text
 from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError
-from vlpet_cli.inference import decoding_settings, predict_all, score
+from vlpet_cli.inference import check_precision, decoding_settings, predict_all, score
 from vlpet_cli.progress import Progress
 from vlpet_cli.runs import Located, check_writable, checkpoints_dir, locate, recorded_path
 from vlpet_cli.tasks import TASKS, FileScoring, Task, VideoTask, resolve_task, task_class
@@ -198,6 +198,21 @@ def check_eval_arguments(preset: Preset, split: str, metrics: list[str] | None, 
         cls.resolve_metrics(metrics)
 
 
+def check_eval_precision(precision: str, backbone: str) -> None:
+    """eval.precision works on this machine and the adapter's backbone (inference.check_precision), checked before
+    the model loads; a backbone that cannot be resolved yet (a folded model's) is checked once loaded."""
+    import torch
+
+    from vlpet_cli import backbones
+
+    if precision == "fp16" or (precision == "bf16" and torch.cuda.is_available()):
+        try:
+            family = backbones.family_of(backbone)
+        except VlpetError:
+            family = "unknown"
+        check_precision("eval.precision", precision, family)
+
+
 def check_split(cls: type[Task], split: str) -> None:
     """A split is one the task declares: a kind (train, val, test) or one of its split files by name."""
     files = {name.strip() for names in cls.splits.values() for name in names.split(",")}
@@ -237,6 +252,7 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     out_dir = output_dir(out_dir, located)
     check_images_folder(images)
     requested_threads(settings.train.threads)  # a bad VLPET_THREADS is refused before the model is built
+    check_eval_precision(settings.eval.precision, backbone or settings.model.backbone)
     untrained = [t for t in settings.data.tasks or [] if t not in trained]
     if untrained:
         warnings.warn(f"{adapter_dir} was trained on {', '.join(trained) or 'no task'}, not on "
@@ -245,6 +261,7 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
                       stacklevel=1)
     model, tokenizer, loaded, _ = load_for_eval(adapter_dir, backbone)
     preset = eval_preset(loaded.model_dump(mode="json"), tasks, data_root, overrides, limit, split)
+    check_precision("eval.precision", preset.eval.precision, model.family)  # the loaded model's own family
     configure_threads(model, preset.train.threads)
     state = process_state()
     try:

@@ -1,5 +1,6 @@
 """Optional dependencies, installed with an extra of the vlpet package: `vlpet[video]` (PyAV, to read and write
-videos) and `vlpet[plots]` (matplotlib, to draw plots). Code that needs one calls `require_extra` just before it
+videos), `vlpet[plots]` (matplotlib, to draw plots) and the experiment trackers of `train.report_to`
+(`vlpet[tensorboard]`, `vlpet[mlflow]`, `vlpet[wandb]`). Code that needs one calls `require_extra` just before it
 imports it, and commands call it before any expensive work, so a missing one is one line naming the extra."""
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from vlpet_cli.errors import VlpetError
 EXTRAS = {
     "video": ("av", "reading and writing videos"),
     "plots": ("matplotlib", "drawing plots"),
+    "tensorboard": ("tensorboard", "logging to TensorBoard (train.report_to)"),
+    "mlflow": ("mlflow", "logging to MLflow (train.report_to)"),  # the mlflow-skinny package installs it
+    "wandb": ("wandb", "logging to Weights & Biases (train.report_to)"),
 }
 
 

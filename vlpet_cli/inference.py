@@ -20,6 +20,33 @@ if TYPE_CHECKING:
     from vlpet_cli.vl.model import VLModel
 
 
+def check_precision(key: str, precision: str, family: str, cuda: bool | None = None) -> None:
+    """A precision setting (train.precision, eval.precision) that cannot work here, refused in one line: fp16 on a
+    T5-family backbone or without a CUDA GPU, bf16 on a GPU without it. `cuda`: whether a GPU is used (default:
+    whether one is available)."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if precision == "fp16" and family == "t5":
+        raise VlpetError(f"{key}=fp16: T5-family backbones overflow in fp16 (their activations exceed its range, "
+                         f"a known transformers problem, giving inf/nan losses); use {key}=bf16 or {key}=fp32")
+    if precision == "fp16" and not cuda:
+        raise VlpetError(f"{key}=fp16: fp16 needs a CUDA GPU and this run has none (on the CPU it is slow and "
+                         f"unsupported by Accelerate's loss scaling); use {key}=bf16 or {key}=fp32")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        name = torch.cuda.get_device_name()
+        fix = f"{key}=fp16 or {key}=fp32" if family == "bart" else f"{key}=fp32"
+        raise VlpetError(f"{key}=bf16: this GPU ({name}) does not support bf16; use {fix}")
+
+
+def autocast(precision: str, device):
+    """The autocast context of a precision setting on a device (fp32: none)."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
 def generation_spec(preset: Preset, task: str, family: str) -> GenerationSpec:
     """How a task generates on a backbone family: eval.generation.<task>, what it leaves open the task's own."""
     decoding = task_class(task).decoding
@@ -68,7 +95,7 @@ def predict(model: VLModel, tokenizer: PreTrainedTokenizerBase, dataset: TaskDat
         choice_ids = [tokenizer(c)["input_ids"] for c in choices]
     mine = [i for b in shard_batches(eval_order(dataset, by_length=by_length), batch_size, rank, world_size)
             for i in b]
-    with torch.no_grad():
+    with torch.no_grad(), autocast(preset.eval.precision, device):
         for batch in eval_batches(dataset, batch_size, num_workers=preset.data.num_workers, order=mine):
             batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
             if choices is not None:

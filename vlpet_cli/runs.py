@@ -55,6 +55,7 @@ class TrainState:
     global_step: int = 0
     best: float | None = None
     pending_validation: bool = False  # saved before an epoch's validation, so a failed best-adapter save loses nothing
+    grad_scaler: dict | None = None  # train.precision=fp16: the gradient scaler's state (loss scale, growth tracker)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainState:
@@ -505,8 +506,9 @@ class Checkpointer:
             tensors.update(rng)
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             progress = asdict(state)
-            if not progress["pending_validation"]:  # only written when set, so other checkpoints keep their format
-                del progress["pending_validation"]
+            for key in ("pending_validation", "grad_scaler"):  # only written when set: other checkpoints keep their
+                if not progress[key]:  # format
+                    del progress[key]
             write_json(tmp / "state.json", {"progress": progress, "param_groups": opt["param_groups"],
                                             "scheduler": scheduler.state_dict(), "rng": rng_meta})
             write_manifest(tmp)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
 from vlpet_cli import backbones
 from vlpet_cli.artifacts import save_adapter
@@ -36,7 +36,7 @@ from vlpet_cli.data.loading import (
 )
 from vlpet_cli.data.multitask import MultitaskLoader, epoch_batches, task_batch_sizes
 from vlpet_cli.errors import DataError, Interrupted, VlpetError
-from vlpet_cli.inference import best_score, validate
+from vlpet_cli.inference import best_score, check_precision, validate
 from vlpet_cli.optim import (
     build_optimizer,
     clip_gradients,
@@ -69,6 +69,7 @@ from vlpet_cli.runs import (
 from vlpet_cli.tasks import get_task
 from vlpet_cli.threads import Threads, configure_threads, requested_threads
 from vlpet_cli.toy.root import resolve_data_root, toy_feature_dim
+from vlpet_cli.trackers import Tracking, build, check_trackers, log_dir
 from vlpet_cli.vl.model import build_model
 
 if TYPE_CHECKING:
@@ -79,10 +80,10 @@ if TYPE_CHECKING:
 __all__ = ["RESUMABLE", "TOY_DEFAULTS", "TrainResult", "TrainingInterrupted", "load_run_preset", "param_groups",
            "resolve_train_preset", "resume_preset", "train"]
 
-# What `--resume` may change: how long the run goes on, how often it checkpoints, and every evaluation setting
-# (keys under eval.). Everything else shapes what was already trained and is refused.
+# What `--resume` may change: how long the run goes on, how often it checkpoints, where it logs, and every evaluation
+# setting (keys under eval.). Everything else shapes what was already trained and is refused.
 RESUMABLE = ("train.epochs", "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
-             "train.threads", "data.num_workers")
+             "train.threads", "data.num_workers", "train.report_to")
 
 # The toy world is small: smaller batches give the PET modules enough updates, and a higher rate suits them.
 TOY_DEFAULTS = ["train.batch_size=24", "train.lr=3e-3", "train.epochs=8", "eval.every=4", "eval.batch_size=64"]
@@ -220,6 +221,7 @@ class Session:
     features: dict = field(default_factory=dict)  # feature-store attributes per source (feature_attrs)
     lock: RunLock | None = None  # held by the main process until training ends
     threads: Threads | None = None  # the CPU thread count chosen for this process
+    tracking: Tracking | None = None  # the main process's experiment trackers (train.report_to)
 
     @property
     def main(self) -> bool:
@@ -316,6 +318,28 @@ def _check_resume_room(checkpointer: Checkpointer, path: Path, preset: Preset, s
                          f"give at least train.epochs={state.epoch + (1 if state.step_in_epoch else 0)}")
 
 
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # train.precision -> Accelerate's mixed_precision
+
+
+def accelerator_kwargs(preset: Preset, run_dir: Path, resume: bool = False) -> dict:
+    """The Accelerator's arguments: the device, train.precision as Accelerate's mixed precision (fp16 with its
+    gradient scaler), DDP's settings, and the trackers of train.report_to logging under RUN/logs/."""
+    return {"cpu": not torch.cuda.is_available(),  # so that processes started by `accelerate launch` join over gloo
+            "mixed_precision": MIXED_PRECISION[preset.train.precision],
+            "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)],
+            "log_with": build(preset.train.report_to, run_dir, resume) or None,
+            "project_config": ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(log_dir(run_dir)))}
+
+
+def check_precisions(preset: Preset) -> None:
+    """train.precision and eval.precision work on this machine and backbone (fp16: a CUDA GPU and a BART-family
+    backbone; bf16 on a GPU: one that supports it); refused in one line before anything is loaded."""
+    if "fp16" in (preset.train.precision, preset.eval.precision) or torch.cuda.is_available():
+        family = backbones.family_of(preset.model.backbone)
+        for key, value in (("train.precision", preset.train.precision), ("eval.precision", preset.eval.precision)):
+            check_precision(key, value, family)
+
+
 @dataclass
 class Preflight:
     """What `preflight` checked and loaded: the run's Accelerator, its data, and the checkpoint a resume starts
@@ -331,10 +355,7 @@ def preflight(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bo
     """Every check before the model loads, writing nothing: the run directory and --runs-dir, the backbone's
     files, the annotations and features, the records each split holds, and the checkpoint a resume continues
     from (`setup` and `vlpet train --dry-run` both start here)."""
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # so that processes started by `accelerate launch` join over gloo
-        mixed_precision="bf16" if preset.train.precision == "bf16" else "no",
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator = Accelerator(**accelerator_kwargs(preset, run_dir, resume))
     check_run_dir(run_dir, resume, overwrite)
     check_runs_dir(run_dir)
     bb = backbones.resolve(preset.model.backbone)
@@ -398,6 +419,8 @@ def _prepare(preset: Preset, run_dir: Path, accelerator: Accelerator, model, tok
         session.state = session.checkpointer.load(last, model, optimizer, session.scheduler,
                                                   {"train": loader.generator})
         session.resumed_from = last
+        if accelerator.scaler is not None and session.state.grad_scaler:
+            accelerator.scaler.load_state_dict(session.state.grad_scaler)
     elif accelerator.is_main_process:
         write_config(run_dir, preset)
     session.model, session.optimizer = accelerator.prepare(model, optimizer)
@@ -464,6 +487,8 @@ def checkpoint(session: Session) -> None:
         generator = torch.Generator()
         generator.set_state(session.epoch_rng)
     assert session.scheduler is not None, "setup sets the schedule"
+    if session.accelerator.scaler is not None:  # fp16: the loss scale goes on where it was
+        session.state.grad_scaler = session.accelerator.scaler.state_dict()
     session.checkpointer.save(session.unwrapped, session.optimizer, session.scheduler,
                               TrainState(**vars(session.state)), {"train": generator})
 
@@ -536,9 +561,14 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
             last_in_epoch = step + 1 == steps_per_epoch
             updated = update_due(step, steps_per_epoch, accum)
             if updated:
-                clip_gradients(trainable, preset.train.clip_grad_norm, accelerator.clip_grad_norm_)
+                # Accelerate's clipping unscales fp16 gradients first; its optimizer skips a step whose scaled
+                # gradients overflowed (the scaler then lowers the scale), and so does the schedule
+                norm = clip_gradients(trainable, preset.train.clip_grad_norm, accelerator.clip_grad_norm_)
+                if session.tracking is not None:
+                    session.tracking.update(done_batches, scheduler.get_last_lr()[0], norm, trainable)
                 optimizer.step()
-                scheduler.step()
+                if not getattr(optimizer, "step_was_skipped", False):
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.global_step += 1
             state.epoch, state.step_in_epoch = epoch, step + 1
@@ -557,6 +587,8 @@ def fit(session: Session, progress: Progress, stop_after: int | None = None,
             # nor repeats any (runs.rewind_events drops what came after the checkpoint it resumes from)
             if time.time() - last_log > 5 or last_in_epoch or saving or asked:
                 losses = read_losses(window, preset.train.precision, session.checkpointer)
+                if session.tracking is not None:
+                    session.tracking.log_train(batch_losses(window, losses, steps_per_epoch), rate, done_batches)
                 recent.update({t: v[-1] for t, v in losses.items() if v})
                 shown = " ".join(f"{t} {v:.3f}" for t, v in recent.items())
                 progress.update(done_batches, f"epoch {epoch + 1}/{preset.train.epochs} | {shown} | lr {lr:.1e} | "
@@ -613,6 +645,13 @@ def read_losses(window: dict[str, list[tuple[int, int, torch.Tensor]]], precisio
     return out
 
 
+def batch_losses(window: dict[str, list[tuple[int, int, torch.Tensor]]], losses: dict[str, list[float]],
+                 steps_per_epoch: int) -> dict[str, list[tuple[int, float]]]:
+    """read_losses' values per task with the batch number each came from (metrics.jsonl's `step` axis)."""
+    return {task: [(epoch * steps_per_epoch + step + 1, value) for (epoch, step, _), value in zip(window[task], values)]
+            for task, values in losses.items()}
+
+
 def validate_epoch(session: Session, epoch: int, progress: Progress) -> dict:
     """Predict every task's validation split (sharded over the processes), score it and log it (main process),
     and keep the best adapter."""
@@ -626,6 +665,8 @@ def validate_epoch(session: Session, epoch: int, progress: Progress) -> dict:
         shown = "  ".join(f"{t}: " + ", ".join(f"{k} {v:.2f}" for k, v in m.items() if isinstance(v, float))
                           for t, m in result.items())
         progress.print(f"epoch {epoch + 1} validation: {shown}  (selection score {score:.2f})")
+        if session.tracking is not None:
+            session.tracking.log_validation(result, score, session.done_batches)
         if state.best is None or score > state.best:
             state.best = score
             save_adapter(best_dir(session.run_dir), session.unwrapped, preset,
@@ -733,6 +774,8 @@ def check_options(preset: Preset, stop_after: int | None) -> None:
         raise VlpetError(f"--stop-after {stop_after}: pause after at least 1 update (--stop-after 1), or leave "
                          f"--stop-after out to train to the end")
     requested_threads(preset.train.threads)  # a bad VLPET_THREADS is refused now, not after the model loads
+    check_precisions(preset)
+    check_trackers(preset.train.report_to)
 
 
 def _write_failed(session: Session, exc: WriteError) -> VlpetError:
@@ -765,6 +808,7 @@ def _run(session: Session, resume: bool, stop_after: int | None, changes: list[s
                         enabled=session.main, done=session.done_batches, every_s=10.0, final_line=False)
     try:
         _resumed(session, changes or [], progress)
+        _start_tracking(session, resume)
         _announce(session, resume, progress)
         if not resume:
             _warn_schedule(session)
@@ -774,7 +818,17 @@ def _run(session: Session, resume: bool, stop_after: int | None, changes: list[s
         raise _write_failed(session, exc) from None
     finally:
         progress.close()
+        if session.tracking is not None:
+            session.tracking.finish()
     try:
         return TrainResult(finish(session, fitted, progress), session.unwrapped)
     except WriteError as exc:
         raise _write_failed(session, exc) from None
+
+
+def _start_tracking(session: Session, resume: bool) -> None:
+    """Start the trackers of train.report_to in the main process; a resumed run continues its trackers' runs."""
+    if session.main and session.preset.train.report_to:
+        tracking = Tracking(session.accelerator, session.run_dir)
+        tracking.start(session.preset, session.done_batches + 1 if resume else 1)
+        session.tracking = tracking
