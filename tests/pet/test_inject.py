@@ -165,7 +165,7 @@ def test_reference_rules_name_their_own_methods_tensors(family):
     from vlpet_cli.reference import rules
 
     compiled = rules(family)
-    declared = [(m, r) for m in METHODS for r in m.reference_rules()]
+    declared = [(m, r) for m in METHODS for r in m.reference.rules]
     assert len(compiled) == len(declared) + 2  # + the projector and its tied object-order table
     for method, rule in declared:
         fields = {f: "0" for f in ("layer", "kind", "dkind", "which", "p", "stack", "att", "proj", "ab", "idx",
