@@ -103,11 +103,14 @@ class SequentialAdapters(_Bottlenecks):
     def __init__(self, stack: str, allowed: tuple[str, ...]):
         self.stack, self.allowed = stack, allowed
         self.field = stack
-        self.slots = (f"{stack}_modules",)
         self.group = f"{stack} modules"
         self.label = f"{stack} adapters"
         self.reference = ReferenceNaming(_sequential_rules(stack, self.slots[0]), f"{stack} adapters", tag="adapter",
                                          identify=_adapter_preset, hint=partial(bottleneck_hint, stack))
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        return (f"{self.stack}_modules",)
 
     def sites(self, spec: ModuleSpec) -> tuple[str, ...]:
         """The sub-layer kinds the spec names (all by default); an unknown one is the user's error."""
@@ -132,7 +135,6 @@ class ValueAdapters(_Bottlenecks):
     """The decoder's parallel value adapter (VPA): v(E) -> v(E) + ΔH(E) in every cross-attention."""
 
     field = "value"
-    slots = ("value",)
     group = "decoder value modules"
     label = "cross-attention value adapters"
     unfoldable = "a gelu_new bottleneck parallel to v is non-linear"

@@ -48,7 +48,6 @@ class LoraMethod(Method):
     """LoRA on the q/k/v/o projections `LoraSpec.targets` names, in every attention of both stacks."""
 
     field = "lora"
-    slots = ("lora",)
     group = "LoRA"
     label = "LoRA"
     peft_type = "LORA"

@@ -123,13 +123,17 @@ class Method:
     """One modification. The defaults describe a method that does nothing at that step."""
 
     field: str = ""  # the PetConfig field holding its spec (None or False: the method is off)
-    slots: tuple[str, ...] = ()  # PetModules attributes it fills, in registration order
     group: str = ""  # its row in the `vlpet params` table
     label: str = ""  # how messages name it
     unfoldable: str | None = None  # why no edit of a Linear's weights reproduces it; None: `fold` does it
     peft_type: str | None = None  # the PEFT adapter type it exports to, if any
     peft_unit: str = ""  # what an export counts ("LoRA modules")
     reference: ReferenceNaming = ReferenceNaming()  # how the reference's checkpoints name its tensors (none: no layout)
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """The PetModules attributes it fills, in registration order: one named as its field unless it says."""
+        return (self.field,)
 
     def spec(self, cfg: PetConfig) -> Any:
         return getattr(cfg, self.field)
@@ -199,6 +203,18 @@ class Method:
         """'label (count): reason' for messages."""
         count = self.size(pet)
         return f"{self.label}{f' ({count})' if count is not None else ''}: {self.unfoldable}"
+
+
+class Vectors(Method):
+    """A method whose tensors are bare vectors in one ParameterDict slot (the added biases, IA3's scales); the
+    corrected decay rule exempts every one (a bias, or a scale initialised to 1 that decay would pull to zero)."""
+
+    def containers(self) -> dict[str, Any]:
+        return {self.slots[0]: nn.ParameterDict()}
+
+    def no_decay(self, pet) -> list[str]:
+        slot = self.slots[0]
+        return [f"{slot}.{key}" for key in getattr(pet, slot)]
 
 
 def bottleneck_width(name: str, shape: tuple) -> int | None:

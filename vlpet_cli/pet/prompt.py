@@ -32,7 +32,6 @@ class PromptEncoder(nn.Module):
 
 class PromptMethod(Method):
     field = "prompt"
-    slots = ("prompt",)
     group = "prompts"
     label = "prompts"
     unfoldable = "extra encoder tokens, not weights of any layer"
