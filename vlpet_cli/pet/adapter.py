@@ -105,8 +105,8 @@ class SequentialAdapters(_Bottlenecks):
         self.field = stack
         self.group = f"{stack} modules"
         self.label = f"{stack} adapters"
-        self.reference = ReferenceNaming(_sequential_rules(stack, self.slots[0]), f"{stack} adapters", tag="adapter",
-                                         identify=_adapter_preset, hint=partial(bottleneck_hint, stack))
+        self.reference = ReferenceNaming(_sequential_rules(stack, self.slots[0]), label=f"{stack} adapters",
+                                         tag="adapter", identify=_adapter_preset, hint=partial(bottleneck_hint, stack))
 
     @property
     def slots(self) -> tuple[str, ...]:
@@ -142,7 +142,7 @@ class ValueAdapters(_Bottlenecks):
     # gates name the preset)
     reference = ReferenceNaming(
         tuple(_per_task(r"{CROSS}", "attn_value_parallel", "pet.value.decoder_{layer}_cross", "vlpet")),
-        "value adapters", tag="vlpet", hint=partial(bottleneck_hint, "value"))
+        label="value adapters", tag="vlpet", hint=partial(bottleneck_hint, "value"))
 
     def build_site(self, pet, spec: ModuleSpec, sub, d: int) -> None:
         if sub.stack == "decoder" and sub.kind == "cross":
