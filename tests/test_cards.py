@@ -13,12 +13,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from vlpet_cli.artifacts import refresh_model_card, save_adapter, write_model_card
+from vlpet_cli.artifacts import refresh_model_card, save_adapter, write_model_card, write_peft_card
 from vlpet_cli.atomic import WriteError
 from vlpet_cli.cards import CARD, read_front_matter
 from vlpet_cli.cli import app
 from vlpet_cli.merge import average_adapters, export_peft, fold_adapter
 from vlpet_cli.presets import resolve
+from vlpet_cli.runs import locate
 from vlpet_cli.vl.model import build_model
 
 FEAT = 16
@@ -126,13 +127,34 @@ def test_evaluations_refresh_the_scores_and_leave_out_subsets_untrained_tasks_an
 
 
 def test_new_weights_start_a_card_without_the_old_scores(tiny_dirs, tmp_path):
+    (tmp_path / "config.yaml").write_text("name: lora\n")
     adapter = adapter_dir(tmp_path / "adapter", tiny_dirs["bart"])
-    old = write_eval(tmp_path / "eval", "vqa", "test", {"vqa": 50.0})  # an adapter/ folder: ../eval
+    old = write_eval(tmp_path / "eval", "vqa", "test", {"vqa": 50.0})  # a run's adapter/: RUN/eval
     write_model_card(adapter)
     assert scores(card(adapter)[0]) == {("vqa", "test", "vqa"): 50.0}
     os.utime(old, (1_000_000, 1_000_000))  # as if scored before the weights below were written
     adapter_dir(tmp_path / "adapter", tiny_dirs["bart"], "lora", "train.lr=5e-4")
     assert "model-index" not in card(adapter)[0]
+
+
+def test_a_best_checkpoints_cards_show_the_scores_where_vlpet_eval_writes_them(tiny_dirs, tmp_path):
+    """`vlpet eval RUN/checkpoints/best` writes RUN/eval/best (never inside the checkpoint); the checkpoint's card and
+    the card of a PEFT export made from it read its scores there, not the final adapter's in RUN/eval."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: lora\n")
+    best = adapter_dir(run / "checkpoints" / "best", tiny_dirs["bart"])
+    assert locate(best).eval_dir == run / "eval" / "best"  # where `vlpet eval` writes without --out
+    write_eval(locate(best).eval_dir, "vqa", "val", {"vqa": 44.0})
+    write_eval(run / "eval", "vqa", "test", {"vqa": 12.0})  # the final adapter's scores
+    write_model_card(best)
+    meta, _ = card(best)
+    assert scores(meta) == {("vqa", "val", "vqa"): 44.0} and meta["model-index"][0]["name"] == "run-best"
+    export = tmp_path / "peft"
+    export.mkdir()
+    preset = resolve("lora", [f"model.feat_dim={FEAT}"], backbone=str(tiny_dirs["bart"]))
+    write_peft_card(best, export, export, preset, "bart", {}, "LORA, 12 LoRA modules", None)
+    assert scores(card(export)[0]) == {("vqa", "val", "vqa"): 44.0}
 
 
 def test_a_card_that_cannot_be_written_is_a_warning(tiny_dirs, tmp_path, monkeypatch):

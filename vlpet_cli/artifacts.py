@@ -26,6 +26,7 @@ from vlpet_cli.backbones import N_VIS
 from vlpet_cli.cards import CardFacts, read_evaluations, write_card
 from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError, file_error
+from vlpet_cli.layout import place
 from vlpet_cli.pet import anatomy
 from vlpet_cli.presets import validate
 from vlpet_cli.vl.identity import backbone_identity
@@ -215,20 +216,12 @@ def load_any(path: Path, backbone: str | None = None):
 
 
 # ---- model cards ------------------------------------------------------------------------------------------
-def home_eval_dir(directory: Path) -> Path:
-    """Where `vlpet eval` writes a directory's scores by default: a run's eval/ for its adapter/, else DIR/eval."""
-    directory = Path(directory)
-    return directory.parent / "eval" if directory.name == "adapter" else directory / "eval"
-
-
 def model_name(directory: Path) -> str:
     """The name a card gives: the run's for a run's adapter/ (RUN-best for checkpoints/best), else the folder's."""
-    directory = Path(directory).resolve()
-    if directory.name == "adapter" and (directory.parent / "config.yaml").exists():
-        return directory.parent.name
-    if directory.name == "best" and directory.parent.name == "checkpoints":
-        return f"{directory.parent.parent.name}-best"
-    return directory.name
+    located = place(Path(directory).resolve())
+    if located.run is None:
+        return located.directory.name
+    return f"{located.run.name}-{located.checkpoint}" if located.checkpoint else located.run.name
 
 
 def _notes(meta: dict) -> list[str]:
@@ -282,11 +275,12 @@ def weights_time(files: Path) -> float:
 
 def write_model_card(directory: Path, eval_dir: Path | None = None, files: Path | None = None) -> Path:
     """(Re)write the README.md of an adapter, bundle or folded directory: its facts and every evaluation of these
-    weights in its default eval folder and in `eval_dir` (`vlpet eval` passes the folder it wrote). `files` is
-    the staged copy being written, when the directory is not in place yet."""
+    weights in the folder `vlpet eval` writes them to by default (`layout.place`: RUN/eval for a run's adapter,
+    RUN/eval/best for its best checkpoint, DIR/eval otherwise) and in `eval_dir` (`vlpet eval --out` passes the
+    folder it wrote). `files` is the staged copy being written, when the directory is not in place yet."""
     files = Path(files) if files is not None else Path(directory)
     facts = card_facts(directory, files)
-    facts.evaluations = read_evaluations(home_eval_dir(directory), eval_dir, newer_than=weights_time(files))
+    facts.evaluations = read_evaluations(place(directory).eval_dir, eval_dir, newer_than=weights_time(files))
     return write_card(files, facts)
 
 
@@ -307,7 +301,7 @@ def write_peft_card(adapter: Path, out: Path, files: Path, preset: Preset, model
                     exported: str, base: str | None) -> Path:
     """The README.md of a PEFT export (written into `files`, the staged `out`): vlpet cannot evaluate a PEFT
     export, so it shows the scores of the adapter it came from; `base` is the base model folder shipped with it."""
-    scores = read_evaluations(home_eval_dir(adapter), newer_than=weights_time(adapter))
+    scores = read_evaluations(place(adapter).eval_dir, newer_than=weights_time(adapter))
     name = Path(out).resolve().name
     return write_card(files, CardFacts(
         kind="peft", name=name, preset=preset.model_dump(mode="json"), base_model=preset.model.backbone,

@@ -22,56 +22,48 @@ class Builtin(TypedDict):
     config: dict[str, Any]
 
 
+# What every published config.json of a family says alike; each model below adds its own sizes and settings.
+_BART = dict(model_type="bart", vocab_size=50265, max_position_embeddings=1024, activation_function="gelu",
+             dropout=0.1, scale_embedding=False, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+             decoder_start_token_id=2, forced_bos_token_id=0, forced_eos_token_id=2)
+_T5 = dict(model_type="t5", vocab_size=32128, d_kv=64, relative_attention_num_buckets=32, dropout_rate=0.1,
+           pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+_T5_V1_1 = dict(_T5, relative_attention_max_distance=128, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+
+
+def _bart(d_model: int, layers: int, heads: int, ffn: int, dropout: float) -> dict[str, Any]:
+    """A BART config with these sizes in both stacks; `dropout`: its attention and activation dropout."""
+    return dict(_BART, d_model=d_model, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
+                decoder_attention_heads=heads, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, attention_dropout=dropout,
+                activation_dropout=dropout)
+
+
+def _t5(base: dict[str, Any], d_model: int, d_ff: int, layers: int, heads: int, **settings: Any) -> dict[str, Any]:
+    """A T5-family config with these sizes in both stacks."""
+    return dict(base, d_model=d_model, d_ff=d_ff, num_layers=layers, num_decoder_layers=layers, num_heads=heads,
+                **settings)
+
+
 # Weight-free configs for counting, with the size of each model's own tokenizer (the vocabulary is resized to it
-# plus the added special tokens, spec modules §3).
+# plus the added special tokens, spec modules §3). All but bart-base and t5-base are written from the published
+# config.json of each hub id (and its tokenizer's length).
 BUILTIN: dict[str, Builtin] = {
-    "bart-base": {
-        "hub_id": "facebook/bart-base", "tokenizer_size": 50265,
-        "config": dict(model_type="bart", vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6,
-                       encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072,
-                       decoder_ffn_dim=3072, max_position_embeddings=1024, activation_function="gelu",
-                       dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, scale_embedding=False,
-                       pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-                       forced_bos_token_id=0, forced_eos_token_id=2),
-    },
-    "t5-base": {
-        "hub_id": "google-t5/t5-base", "tokenizer_size": 32100,
-        "config": dict(model_type="t5", vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
-                       num_decoder_layers=12, num_heads=12, relative_attention_num_buckets=32, dropout_rate=0.1,
-                       feed_forward_proj="relu", tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
-                       decoder_start_token_id=0),
-    },
-    # The four below are written from the published config.json of each hub id (and its tokenizer's length).
-    "bart-large": {
-        "hub_id": "facebook/bart-large", "tokenizer_size": 50265,
-        "config": dict(model_type="bart", vocab_size=50265, d_model=1024, encoder_layers=12, decoder_layers=12,
-                       encoder_attention_heads=16, decoder_attention_heads=16, encoder_ffn_dim=4096,
-                       decoder_ffn_dim=4096, max_position_embeddings=1024, activation_function="gelu",
-                       dropout=0.1, attention_dropout=0.0, activation_dropout=0.0, scale_embedding=False,
-                       pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
-                       forced_bos_token_id=0, forced_eos_token_id=2),
-    },
-    "t5-large": {
-        "hub_id": "google-t5/t5-large", "tokenizer_size": 32100,
-        "config": dict(model_type="t5", vocab_size=32128, d_model=1024, d_kv=64, d_ff=4096, num_layers=24,
-                       num_decoder_layers=24, num_heads=16, relative_attention_num_buckets=32, dropout_rate=0.1,
-                       feed_forward_proj="relu", tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
-                       decoder_start_token_id=0),
-    },
-    "flan-t5-base": {  # T5 v1.1 architecture: gated-GELU FFN (wi_0, wi_1), untied LM head, no head scaling
-        "hub_id": "google/flan-t5-base", "tokenizer_size": 32100,
-        "config": dict(model_type="t5", vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12,
-                       num_decoder_layers=12, num_heads=12, relative_attention_num_buckets=32,
-                       relative_attention_max_distance=128, dropout_rate=0.1, feed_forward_proj="gated-gelu",
-                       tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
-    },
-    "mt5-base": {
-        "hub_id": "google/mt5-base", "tokenizer_size": 250100,
-        "config": dict(model_type="mt5", vocab_size=250112, d_model=768, d_kv=64, d_ff=2048, num_layers=12,
-                       num_decoder_layers=12, num_heads=12, relative_attention_num_buckets=32,
-                       relative_attention_max_distance=128, dropout_rate=0.1, feed_forward_proj="gated-gelu",
-                       tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
-    },
+    "bart-base": {"hub_id": "facebook/bart-base", "tokenizer_size": 50265,
+                  "config": _bart(d_model=768, layers=6, heads=12, ffn=3072, dropout=0.1)},
+    "t5-base": {"hub_id": "google-t5/t5-base", "tokenizer_size": 32100,
+                "config": _t5(_T5, d_model=768, d_ff=3072, layers=12, heads=12, feed_forward_proj="relu",
+                              tie_word_embeddings=True)},
+    "bart-large": {"hub_id": "facebook/bart-large", "tokenizer_size": 50265,
+                   "config": _bart(d_model=1024, layers=12, heads=16, ffn=4096, dropout=0.0)},
+    "t5-large": {"hub_id": "google-t5/t5-large", "tokenizer_size": 32100,
+                 "config": _t5(_T5, d_model=1024, d_ff=4096, layers=24, heads=16, feed_forward_proj="relu",
+                               tie_word_embeddings=True)},
+    # T5 v1.1 architecture: gated-GELU FFN (wi_0, wi_1), untied LM head, no head scaling
+    "flan-t5-base": {"hub_id": "google/flan-t5-base", "tokenizer_size": 32100,
+                     "config": _t5(_T5_V1_1, d_model=768, d_ff=2048, layers=12, heads=12)},
+    "mt5-base": {"hub_id": "google/mt5-base", "tokenizer_size": 250100,
+                 "config": _t5(_T5_V1_1, d_model=768, d_ff=2048, layers=12, heads=12, model_type="mt5",
+                               vocab_size=250112)},
 }
 TINY = ("tiny-bart", "tiny-t5")
 ALIASES = {"facebook/bart-base": "bart-base", "t5-base": "t5-base", "google-t5/t5-base": "t5-base",

@@ -2,10 +2,12 @@
 
 The reference saves `torch.save(model.state_dict())` of a DDP-wrapped model (spec pipeline §6): every key carries
 `module.`, the frozen backbone is included, and the added modules use the reference's names (spec modules §1-§3).
-Each PET method declares how the reference names its tensors (`pet.method.ReferenceRule`, compiled per backbone
-family by `pet.reference_names`, which also gives training the reference's decay groups); this module sorts every key
-into module tensors, backbone tensors and ignored keys, checks the backbone against the one the user gives, and writes
-a normal adapter directory (`artifacts.save_adapter`), so `vlpet eval DIR` evaluates a published checkpoint.
+Each PET method declares how the reference names its tensors in one record, `pet.method.ReferenceNaming` (its
+`ReferenceRule`s, compiled per backbone family by `pet.reference_names`, which also gives training the reference's
+decay groups; the labels, flag, sizes and preset its messages and guesses use), which only this module and
+`pet.reference_names` read. This module sorts every key into module tensors, backbone tensors and ignored keys, checks
+the backbone against the one the user gives, and writes a normal adapter directory (`artifacts.save_adapter`), so
+`vlpet eval DIR` evaluates a published checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError, file_error
 from vlpet_cli.pet import reference_names
 from vlpet_cli.pet.inject import METHODS, owner
+from vlpet_cli.pet.method import ReferenceNaming
 from vlpet_cli.pet.reference_names import rules  # noqa: F401  (re-exported: the rule table of both families)
 from vlpet_cli.runs import check_writable
 
@@ -175,8 +178,8 @@ def merge_tasks(values: dict, pth: Path) -> tuple[dict, list[str]]:
         for task in names[1:]:
             if per_task[task].shape != first.shape or not torch.equal(per_task[task], first):
                 method = owner(name)
-                what = method.reference_label if method else "modules"
-                flag = method.single_flag if method else "--use_single_adapter"
+                naming = method.reference if method else ReferenceNaming()
+                what, flag = naming.label, naming.single_flag
                 where = name.split(".")[2].split("_") if name.count(".") > 2 else []
                 site = f"{where[0]} layer {where[1]}" if len(where) > 1 and where[1].isdigit() else "the encoder"
                 raise VlpetError(
@@ -229,7 +232,7 @@ def guess_preset(mapped: Mapped) -> str | None:
 
     Sizes are not guessed: a preset whose sizes differ is refused with the override to pass (`_override_hint`)."""
     names = {*mapped.tensors, *mapped.values, *mapped.heads}
-    return next((p for m in METHODS if (p := m.reference_preset(mapped.methods, mapped.gates, names))), None)
+    return next((p for m in METHODS if (p := m.reference.preset_of(mapped.methods, mapped.gates, names))), None)
 
 
 # ---- checking --------------------------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ def _override_hint(name: str, shape: tuple) -> str:
     if name == "projector.feat_embedding.0.weight":
         return f"set model.feat_dim={shape[1]} (2048: CLIP RN101 image features, 512: video)"
     method = owner(name)
-    hint = method.size_hint(name, tuple(shape)) if method is not None else None
+    hint = method.reference.size_hint(name, tuple(shape)) if method is not None else None
     return hint or "check the preset and its overrides"
 
 

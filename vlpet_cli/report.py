@@ -29,6 +29,7 @@ from rich.text import Text
 
 from vlpet_cli.errors import VlpetError, file_error
 from vlpet_cli.extras import require_extra
+from vlpet_cli.layout import CONFIG, EVAL, is_run
 from vlpet_cli.plots import (
     is_number,
     primary_scores,
@@ -37,7 +38,7 @@ from vlpet_cli.plots import (
     task_order,
     val_events,
 )
-from vlpet_cli.runs import CONFIG, EVAL, check_writable, is_run, read_config, read_events
+from vlpet_cli.runs import check_writable, read_config, read_events
 from vlpet_cli.tasks import primary_metrics
 
 SPLITS: tuple[str, ...] = ("test", "val")

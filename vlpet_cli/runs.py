@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from vlpet_cli.atomic import append_line, staged_dir, write_failure_reason, write_json, write_text
 from vlpet_cli.config import Preset
 from vlpet_cli.errors import VlpetError, file_error
+from vlpet_cli.layout import ADAPTER, BEST, CHECKPOINTS, CONFIG, METRICS, Located, is_run, place
 from vlpet_cli.presets import read_yaml, to_yaml, validate
 
 if TYPE_CHECKING:
@@ -36,12 +37,6 @@ if TYPE_CHECKING:
     from vlpet_cli.vl.model import VLModel
 
 MANIFEST = "files.json"  # sizes and sha256 of a checkpoint's other files, written last
-CONFIG = "config.yaml"
-METRICS = "metrics.jsonl"
-CHECKPOINTS = "checkpoints"
-BEST = "best"
-ADAPTER = "adapter"
-EVAL = "eval"
 LOCK = ".lock"  # held by the process writing the run (train); removed when it ends
 HOLDER = ".lock.json"  # who holds the lock: pid, host, command, since
 
@@ -65,11 +60,6 @@ class TrainState:
 
 
 # ---- the run directory ------------------------------------------------------------------------------------
-def is_run(path: Path) -> bool:
-    """Whether `path` is a run directory (it holds config.yaml)."""
-    return (Path(path) / CONFIG).is_file()
-
-
 def write_config(run_dir: Path, preset: Preset) -> None:
     """config.yaml: the resolved preset the run was started with."""
     write_text(Path(run_dir) / CONFIG, to_yaml(preset))
@@ -185,23 +175,6 @@ def best_dir(run_dir: Path) -> Path:
 
 
 # ---- what a path given to eval, predict or merge means ------------------------------------------------------
-@dataclass(frozen=True)
-class Located:
-    """The directory to load for a path a user gave, and the run it belongs to (None for a lone adapter)."""
-
-    directory: Path  # an adapter, bundle or folded-model directory
-    run: Path | None = None
-    checkpoint: str | None = None  # 'best' for a run's best-validation adapter
-
-    @property
-    def eval_dir(self) -> Path:
-        """Where evaluation files go unless --out says otherwise: the run's eval/ (eval/best/ for its best
-        checkpoint, never inside a checkpoint, which training replaces), else <adapter>/eval."""
-        if self.run is None:
-            return self.directory / EVAL
-        return self.run / EVAL / self.checkpoint if self.checkpoint else self.run / EVAL
-
-
 def locate(path: Path) -> Located:
     """What a path means to `vlpet eval`, `predict` and `merge`: a run directory means its final adapter/ (a run
     without one is refused, saying whether it is training now), RUN/checkpoints/best the best-validation adapter;
@@ -216,11 +189,10 @@ def locate(path: Path) -> Located:
         if (path / ADAPTER / ADAPTER_CONFIG).is_file():
             return Located(path / ADAPTER, path)
         raise VlpetError(unfinished(path))
-    if path.name == ADAPTER and is_run(path.parent):
-        return Located(path, path.parent)
+    located = place(path)  # a run's adapter/ or checkpoints/best, or a directory of its own
+    if located.run is not None:
+        return located
     if path.parent.name == CHECKPOINTS and is_run(path.parent.parent):
-        if path.name == BEST:
-            return Located(path, path.parent.parent, BEST)
         raise VlpetError(f"{path} is a resumable training checkpoint, not an adapter; give the run "
                          f"{path.parent.parent} (its final adapter) or {path.parent / BEST} (its best validation "
                          f"adapter)")

@@ -165,7 +165,7 @@ def test_reference_rules_name_their_own_methods_tensors(family):
     from vlpet_cli.reference import rules
 
     compiled = rules(family)
-    declared = [(m, r) for m in METHODS for r in m.reference_rules()]
+    declared = [(m, r) for m in METHODS for r in m.reference.rules]
     assert len(compiled) == len(declared) + 2  # + the projector and its tied object-order table
     for method, rule in declared:
         fields = {f: "0" for f in ("layer", "kind", "dkind", "which", "p", "stack", "att", "proj", "ab", "idx",
@@ -183,7 +183,21 @@ def test_no_pet_attribute_name_outside_pet():
 
     slots = "|".join(sorted({s for m in METHODS for s in m.slots}))
     pattern = re.compile(rf"(\w*model|self)\.pet\.({slots})\b|[\"']pet\.({slots})[.\"']|\._lora_targets")
-    package = Path(__file__).resolve().parents[1] / "vlpet_cli"
+    package = Path(__file__).resolve().parents[2] / "vlpet_cli"
     found = [f"{path.relative_to(package)}:{i}" for path in package.rglob("*.py") if "pet" not in path.parts
              for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
-    assert not found
+    assert package.is_dir() and not found
+
+
+def test_only_the_import_and_the_reference_names_read_a_methods_reference_naming():
+    """Issue 24: what `vlpet import-reference` needs of a method is one record, `Method.reference`; the importer and
+    `pet.reference_names` (which also gives training the reference's decay groups) are its only readers."""
+    import re
+    from pathlib import Path
+
+    pattern = re.compile(r"\.reference\.(rules|label|single_flag|tag|preset|preset_of|identify|sizes|size_hint|hint)\b"
+                         r"|\b(method|m)\.reference\b")
+    package = Path(__file__).resolve().parents[2] / "vlpet_cli"
+    readers = {str(path.relative_to(package)) for path in package.rglob("*.py")
+               if any(pattern.search(line) for line in path.read_text().splitlines())}
+    assert readers == {"reference.py", "pet/reference_names.py"}

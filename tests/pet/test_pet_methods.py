@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from vlpet_cli.config import PetConfig
 from vlpet_cli.pet.budget import ORDER, budget, classify
 from vlpet_cli.pet.decay import no_decay_names
 from vlpet_cli.pet.gates import GATES
 from vlpet_cli.pet.inject import METHODS, SUBLAYER_STEPS, fold, foldable, unfoldable, wrap
 from vlpet_cli.pet.lst import LST
 from vlpet_cli.pet.method import Method
+from vlpet_cli.pet.specs import PetConfig
 from vlpet_cli.presets import resolve
 from vlpet_cli.vl.model import build_model
 

@@ -9,21 +9,18 @@ import torch
 from torch import nn
 
 from vlpet_cli.pet import anatomy
-from vlpet_cli.pet.method import Attachment, Method, pkey
+from vlpet_cli.pet.method import Attachment, Vectors, pkey
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 
-class AddedBiases(Method):
+class AddedBiases(Vectors):
     field = "add_biases"
     slots = ("added_biases",)
     group = "added biases"
     label = "added biases"
     unfoldable = "the backbone's Linear and LayerNorm layers have no bias to hold them (T5)"
-
-    def containers(self) -> dict:
-        return {"added_biases": nn.ParameterDict()}
 
     def build(self, pet, spec, backbone: PreTrainedModel, extra_norms) -> None:
         targets: list[tuple[str, nn.Module]] = list(anatomy.bias_free_linears(backbone))
@@ -39,9 +36,6 @@ class AddedBiases(Method):
         def add(key: str):
             return lambda module, args, output: output + pet.added_biases[key]
         return [Attachment(module, "hook", add(pkey(name))) for name, module in pet.targets["added_biases"]]
-
-    def no_decay(self, pet) -> list[str]:
-        return [f"added_biases.{key}" for key in pet.added_biases]
 
 
 BIASES = AddedBiases()

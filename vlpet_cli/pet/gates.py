@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from vlpet_cli.pet import compacter
 from vlpet_cli.pet.activation import gelu_new
-from vlpet_cli.pet.method import REF_PARAM, Method, ReferenceRule, bottleneck_hint, zero_layer_params
+from vlpet_cli.pet.method import REF_PARAM, Method, ReferenceNaming, ReferenceRule, bottleneck_hint, zero_layer_params
+from vlpet_cli.pet.specs import GateSpec
 
 # The reference's gate modules after `encoder_{attn,ff}_adapter_gating_`, and the vlpet tensor each one holds.
 REFERENCE_GATES = {"large": (r"large_x_(?P<which>down|up)\." + REF_PARAM, "{which}.{p}"),
@@ -67,6 +70,21 @@ class Gate(nn.Module):
                 "small": [getattr(self, "proj", None)]}.get(self.granularity, [])
 
 
+def _reference_rules() -> tuple[ReferenceRule, ...]:
+    """`encoder_{attn,ff}_adapter_gating_<granularity>*` in every encoder sub-layer; each reveals its gate."""
+    return tuple(ReferenceRule(r"{ENC}encoder_(?P<kind>attn|ff)_adapter_gating_" + pattern,
+                               f"pet.gates.encoder_{{layer}}_{{kind}}.{target}", "tensor", "vlpet", gate)
+                 for gate, (pattern, target) in REFERENCE_GATES.items())
+
+
+def _reference_preset(tags: set[str], gates: set[str], names: set[str]) -> str | None:
+    """VL-PET's modules with one gate: vlpet-<gate>, or the Table 9 combination when the modules are PHM."""
+    if "vlpet" in tags and len(gates) == 1:
+        gate = next(iter(gates))
+        return f"compacter-g{gate}-lw" if compacter.holds_phm(names) else f"vlpet-{gate}"
+    return None
+
+
 class Gates(Method):
     """The gate axis: one Gate per encoder sub-layer, applied after the modification (spec modules §1.1)."""
 
@@ -76,8 +94,9 @@ class Gates(Method):
     label = "VL-PET gates"
     unfoldable = ("G ⊙ (H + ΔH(H)) multiplies a non-linear adapter's output (and, except "
                   "middleY, G reads the input through a sigmoid)")
+    reference = ReferenceNaming(_reference_rules(), identify=_reference_preset, hint=partial(bottleneck_hint, "gate"))
 
-    def build_site(self, pet, spec, sub, d: int) -> None:
+    def build_site(self, pet, spec: GateSpec, sub, d: int) -> None:
         if sub.stack == "encoder":
             pet.gates[sub.key] = Gate(spec.granularity, d, spec.r, spec.scale, spec.masked_mean)
 
@@ -95,22 +114,6 @@ class Gates(Method):
 
     def no_decay(self, pet) -> list[str]:
         return [f"gates.{key}.z" for key, g in pet.gates.items() if g.granularity == "middley"]
-
-    def reference_rules(self) -> list[ReferenceRule]:
-        """`encoder_{attn,ff}_adapter_gating_<granularity>*` in every encoder sub-layer; each reveals its gate."""
-        return [ReferenceRule(r"{ENC}encoder_(?P<kind>attn|ff)_adapter_gating_" + pattern,
-                              f"pet.{self.slots[0]}.encoder_{{layer}}_{{kind}}.{target}", "tensor", "vlpet", gate)
-                for gate, (pattern, target) in REFERENCE_GATES.items()]
-
-    def reference_preset(self, tags: set[str], gates: set[str], names: set[str]) -> str | None:
-        """VL-PET's modules with one gate: vlpet-<gate>, or the Table 9 combination when the modules are PHM."""
-        if "vlpet" in tags and len(gates) == 1:
-            gate = next(iter(gates))
-            return f"compacter-g{gate}-lw" if compacter.holds_phm(names) else f"vlpet-{gate}"
-        return None
-
-    def size_hint(self, name: str, shape: tuple) -> str | None:
-        return bottleneck_hint(self.field, name, shape)
 
 
 GATES = Gates()

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vlpet_cli.config import DECODER_SITES, ENCODER_SITES
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.pet import anatomy
 from vlpet_cli.pet.activation import gelu_new
-from vlpet_cli.pet.method import REF_PARAM, REF_TASK, Method, ReferenceRule
+from vlpet_cli.pet.method import REF_PARAM, REF_TASK, Method, ReferenceNaming, ReferenceRule
+from vlpet_cli.pet.specs import DECODER_SITES, ENCODER_SITES, HyperSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -43,7 +43,7 @@ class AdapterGenerator(nn.Module):
 class HyperNetwork(nn.Module):
     """HyperFormer for one stack: (task embedding ; layer embedding) → MLP → LN → per-block adapter generators."""
 
-    def __init__(self, spec, d: int, n_layers: int, blocks: tuple[str, ...]):
+    def __init__(self, spec: HyperSpec, d: int, n_layers: int, blocks: tuple[str, ...]):
         super().__init__()
         self.layer_embedding = nn.Embedding(n_layers, spec.layer_dim)
         self.mlp = nn.Sequential(
@@ -60,6 +60,35 @@ class HyperNetwork(nn.Module):
         return self.generators[block](z, h)
 
 
+def _reference_rules() -> tuple[ReferenceRule, ...]:
+    """The task embeddings, one per task (shared, or one table per stack: all must be equal; the reference's
+    caption task is vlpet's coco) and each stack's `adapter_layers_hyper_net` (layer embeddings, task MLP, its
+    LayerNorm, per-sub-layer generators)."""
+    tag = "hyperformer"
+    rules = [ReferenceRule(r"{ROOT}(?:shared_task_embed|(?:encoder|decoder)\.task_embed)\.task_to_embeddings\."
+                           + REF_TASK, "pet.task_embeddings.{task}", "task embedding", tag,
+                           words={"task": {"caption": "coco"}})]
+    for stack, blocks in REFERENCE_BLOCKS.items():
+        net, ours = r"{ROOT}" + stack + r"\.adapter_layers_hyper_net\.", f"pet.hyper.{stack}."
+        rules += [
+            ReferenceRule(net + r"layer_id_embeddings\.weight", ours + "layer_embedding.weight", tag=tag),
+            ReferenceRule(net + r"task_hypernet\.task_embeding_generator\.(?P<idx>[02])\." + REF_PARAM,
+                          ours + "mlp.{idx}.{p}", tag=tag),
+            ReferenceRule(net + r"LayerNorm\." + REF_PARAM, ours + "mlp.3.{p}", tag=tag),
+            ReferenceRule(net + f"(?P<block>{'|'.join(blocks)})" + r"_(?P<which>up|down)_sampler_hyper_net\."
+                          r"(?P<gen>weight|bias)_generator\.0\." + REF_PARAM,
+                          ours + "generators.{block}.{which}_{gen}.{p}", tag=tag, words={"block": blocks}),
+        ]
+    return tuple(rules)
+
+
+def _task_dim_hint(name: str, shape: tuple) -> str | None:
+    """A task embedding's length is the preset's task_dim."""
+    if name.startswith("pet.task_embeddings.") and len(shape) == 1:
+        return f"set pet.hyperformer.task_dim={shape[0]}"
+    return None
+
+
 class HyperMethod(Method):
     """Adds the generated adapter after every sub-layer of both stacks; needs `PetModules.task` set."""
 
@@ -68,20 +97,21 @@ class HyperMethod(Method):
     group = "hyper-networks"
     label = "HyperFormer hyper-networks"
     unfoldable = "they generate the adapters per task at run time"
-    reference_tag = "hyperformer"
-    reference_preset_name = "hyperformer"
-    sizes = (("layer_embedding.weight", "pet.hyperformer.layer_dim", 1),
-             ("mlp.0.weight", "pet.hyperformer.hidden", 0), ("mlp.2.weight", "pet.hyperformer.projected", 0),
-             ("down_bias.weight", "pet.hyperformer.r", 0))
+    reference = ReferenceNaming(
+        _reference_rules(), tag="hyperformer", preset="hyperformer", hint=_task_dim_hint,
+        sizes=(("layer_embedding.weight", "pet.hyperformer.layer_dim", 1),
+               ("mlp.0.weight", "pet.hyperformer.hidden", 0), ("mlp.2.weight", "pet.hyperformer.projected", 0),
+               ("down_bias.weight", "pet.hyperformer.r", 0)))
 
     def containers(self) -> dict:
         return {"hyper": None}
 
-    def build(self, pet, spec, backbone: PreTrainedModel, extra_norms) -> None:
+    def build(self, pet, spec: HyperSpec, backbone: PreTrainedModel, extra_norms) -> None:
         d = backbone.config.d_model
         n_enc, n_dec = anatomy.num_layers(backbone)
         # One parameter per task, as the reference holds them: a task absent from a batch gets no gradient, so the
         # optimizer leaves its embedding alone (no moment update, no decay, its own step count).
+        assert spec.tasks is not None, "resolving a preset sets pet.hyperformer.tasks"
         rows = torch.randn(len(spec.tasks), spec.task_dim)
         pet.task_embeddings = nn.ParameterDict({task: nn.Parameter(row.clone()) for task, row in zip(spec.tasks, rows)})
         pet.hyper = nn.ModuleDict({
@@ -98,33 +128,6 @@ class HyperMethod(Method):
     def no_decay(self, pet) -> list[str]:
         """Biases and the hyper-networks' LayerNorms (mlp.3)."""
         return [f"hyper.{n}" for n, _ in pet.hyper.named_parameters() if "bias" in n or ".mlp.3." in n]
-
-    def size_hint(self, name: str, shape: tuple) -> str | None:
-        if name.startswith(f"pet.{self.slots[1]}."):
-            return f"set pet.hyperformer.task_dim={shape[0]}" if len(shape) == 1 else None
-        return super().size_hint(name, shape)
-
-    def reference_rules(self) -> list[ReferenceRule]:
-        """The task embeddings, one per task (shared, or one table per stack: all must be equal; the reference's
-        caption task is vlpet's coco) and each stack's `adapter_layers_hyper_net` (layer embeddings, task MLP, its
-        LayerNorm, per-sub-layer generators)."""
-        hyper, embeddings = self.slots
-        tag = self.reference_tag
-        rules = [ReferenceRule(r"{ROOT}(?:shared_task_embed|(?:encoder|decoder)\.task_embed)\.task_to_embeddings\."
-                               + REF_TASK, f"pet.{embeddings}.{{task}}", "task embedding", tag,
-                               words={"task": {"caption": "coco"}})]
-        for stack, blocks in REFERENCE_BLOCKS.items():
-            net, ours = r"{ROOT}" + stack + r"\.adapter_layers_hyper_net\.", f"pet.{hyper}.{stack}."
-            rules += [
-                ReferenceRule(net + r"layer_id_embeddings\.weight", ours + "layer_embedding.weight", tag=tag),
-                ReferenceRule(net + r"task_hypernet\.task_embeding_generator\.(?P<idx>[02])\." + REF_PARAM,
-                              ours + "mlp.{idx}.{p}", tag=tag),
-                ReferenceRule(net + r"LayerNorm\." + REF_PARAM, ours + "mlp.3.{p}", tag=tag),
-                ReferenceRule(net + f"(?P<block>{'|'.join(blocks)})" + r"_(?P<which>up|down)_sampler_hyper_net\."
-                              r"(?P<gen>weight|bias)_generator\.0\." + REF_PARAM,
-                              ours + "generators.{block}.{which}_{gen}.{p}", tag=tag, words={"block": blocks}),
-            ]
-        return rules
 
 
 def task_embedding(pet) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from vlpet_cli.pet import anatomy
-from vlpet_cli.pet.method import Attachment, Method, PeftExport, peft_module_names
+from vlpet_cli.pet.method import Attachment, PeftExport, Vectors, peft_module_names
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -35,16 +35,12 @@ def targets(backbone: PreTrainedModel, spec) -> list[Target]:
     return out
 
 
-class IA3Method(Method):
+class IA3Method(Vectors):
     field = "ia3"
-    slots = ("ia3",)
     group = "IA3"
     label = "IA3 vectors"
     peft_type = "IA3"
     peft_unit = "IA3 vectors"
-
-    def containers(self) -> dict:
-        return {"ia3": nn.ParameterDict()}
 
     def build(self, pet, spec, backbone: PreTrainedModel, extra_norms) -> None:
         found = targets(backbone, spec)
@@ -62,10 +58,6 @@ class IA3Method(Method):
 
         return [Attachment(t.linear, "wrap", (scale_input if t.feedforward else scale_output)(t.key))
                 for t in pet.targets["ia3"]]
-
-    def no_decay(self, pet) -> list[str]:
-        """Scales initialised to 1: decaying them pulls the layer's output towards zero."""
-        return [f"ia3.{key}" for key in pet.ia3]
 
     def fold(self, pet) -> str:
         """k, v: W ← diag(l) W, b ← l ⊙ b; FFN: W ← W diag(l) (the input columns)."""

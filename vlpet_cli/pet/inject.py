@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Protocol, cast
 import torch
 from torch import nn
 
-from vlpet_cli.config import PetConfig, TrainablePolicy
 from vlpet_cli.pet import anatomy
 from vlpet_cli.pet.adapter import DECODER, ENCODER, VALUE
 from vlpet_cli.pet.biases import BIASES
@@ -24,6 +23,7 @@ from vlpet_cli.pet.lora import LORA
 from vlpet_cli.pet.lst import LST
 from vlpet_cli.pet.method import Attachment, Method
 from vlpet_cli.pet.prompt import PROMPT
+from vlpet_cli.pet.specs import PetConfig, TrainablePolicy
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -10,7 +10,16 @@ import torch
 from torch import nn
 
 from vlpet_cli.pet import anatomy
-from vlpet_cli.pet.method import REF_TASK, Attachment, Method, PeftExport, ReferenceRule, peft_module_names
+from vlpet_cli.pet.method import (
+    REF_TASK,
+    Attachment,
+    Method,
+    PeftExport,
+    ReferenceNaming,
+    ReferenceRule,
+    peft_module_names,
+)
+from vlpet_cli.pet.specs import LoraSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -39,18 +48,19 @@ class LoraMethod(Method):
     """LoRA on the q/k/v/o projections `LoraSpec.targets` names, in every attention of both stacks."""
 
     field = "lora"
-    slots = ("lora",)
     group = "LoRA"
     label = "LoRA"
     peft_type = "LORA"
     peft_unit = "LoRA modules"
-    reference_label = "LoRA matrices"
-    single_flag = "--use_single_lora"
-    reference_tag = "lora"
-    reference_preset_name = "lora"
-    sizes = ((".A", "pet.lora.r", 0), (".B", "pet.lora.r", 1))
+    # `<projection>.lora_As.<task>` / `lora_Bs.<task>` on the attention projections (BART; the reference's T5 has
+    # no LoRA layers)
+    reference = ReferenceNaming(
+        (ReferenceRule(r"{ATT}lora_(?P<ab>A|B)s\." + REF_TASK, "pet.lora.{stack}_{layer}_{att}_{proj}.{ab}", "task",
+                       "lora"),),
+        label="LoRA matrices", single_flag="--use_single_lora", tag="lora", preset="lora",
+        sizes=((".A", "pet.lora.r", 0), (".B", "pet.lora.r", 1)))
 
-    def build(self, pet, spec, backbone: PreTrainedModel, extra_norms) -> None:
+    def build(self, pet, spec: LoraSpec, backbone: PreTrainedModel, extra_norms) -> None:
         targets = [p for p in anatomy.projections(backbone) if p.which in spec.targets]
         for proj in targets:
             lin = proj.linear
@@ -60,12 +70,6 @@ class LoraMethod(Method):
     def attachments(self, pet, backbone: PreTrainedModel) -> list[Attachment]:
         return [Attachment(p.linear, "hook", lambda lin, args, output, m=pet.lora[p.key]: output + m(args[0]))
                 for p in pet.targets["lora"]]
-
-    def reference_rules(self) -> list[ReferenceRule]:
-        """`<projection>.lora_As.<task>` / `lora_Bs.<task>` on the attention projections (BART; the reference's T5
-        has no LoRA layers)."""
-        return [ReferenceRule(r"{ATT}lora_(?P<ab>A|B)s\." + REF_TASK,
-                              f"pet.{self.slots[0]}.{{stack}}_{{layer}}_{{att}}_{{proj}}.{{ab}}", "task", "lora")]
 
     def fold(self, pet) -> str:
         targets = pet.targets["lora"]

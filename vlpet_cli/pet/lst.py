@@ -59,7 +59,6 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 class LstMethod(Method):
     field = "lst"
-    slots = ("lst",)
     group = "side network (LST)"
     label = "LST side network"
     unfoldable = "a side network computes the output; no edit of the backbone's weights reproduces it"

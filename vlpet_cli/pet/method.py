@@ -4,9 +4,10 @@ A method owns one PetConfig field (its spec) and one or more PetModules attribut
 names of its tensors are `pet.<slot>.…`). It says how its modules are built (per sub-layer and/or once per
 backbone), how they enter the backbone (an output hook, or a wrapped Linear for methods that are not additive),
 its row in the `vlpet params` table, its tensors that skip weight decay under the corrected rule, and whether it
-folds into a Linear (and how) or why it cannot, its PEFT export mapping where one exists, and how the reference
-code's checkpoints name its tensors (`ReferenceRule`s, the preset fields that size them, the preset it identifies),
-which `vlpet import-reference` reads.
+folds into a Linear (and how) or why it cannot, its PEFT export mapping where one exists, and one
+`ReferenceNaming` record: how the reference code's checkpoints name its tensors (`ReferenceRule`s, the preset fields
+that size them, the preset it identifies), which `vlpet import-reference` reads, and from whose rules training takes
+the reference's weight-decay groups. Its spec (the PetConfig field's model) is in `pet/specs.py`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from torch import nn
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from vlpet_cli.config import PetConfig
     from vlpet_cli.pet.anatomy import SubLayer
+    from vlpet_cli.pet.specs import PetConfig
 
 
 @dataclass
@@ -79,21 +80,60 @@ class ReferenceRule:
     layer: str | None = None
 
 
+@dataclass(frozen=True)
+class ReferenceNaming:
+    """How the reference code's checkpoints name one method's tensors: read by `vlpet import-reference`
+    (`reference.py`) and, for its rules, by `reference_names`, which also gives training the reference's decay groups.
+
+    rules:       a `ReferenceRule` per kind of tensor; none: the method has no reference layout (IA3, LST, biases).
+    label:       how import messages name the reference's copies of its modules.
+    single_flag: the reference flag that shares its modules between tasks.
+    tag:         the module family its keys reveal (`ReferenceRule.tag`).
+    preset:      the preset of a checkpoint holding only this family.
+    identify:    `(tags, gates, names) -> preset or None`, for a method that tells its preset otherwise.
+    sizes:       (name suffix, preset field, dimension of the tensor that holds it), for the override hints.
+    hint:        `(name, shape) -> 'set FIELD=VALUE' or None`, for the sizes a suffix cannot tell.
+    """
+
+    rules: tuple[ReferenceRule, ...] = ()
+    label: str = "modules"
+    single_flag: str = "--use_single_adapter"
+    tag: str = ""
+    preset: str | None = None
+    identify: Callable[[set[str], set[str], set[str]], str | None] | None = None
+    sizes: tuple[tuple[str, str, int], ...] = ()
+    hint: Callable[[str, tuple], str | None] | None = None
+
+    def preset_of(self, tags: set[str], gates: set[str], names: set[str]) -> str | None:
+        """The preset of a checkpoint whose keys revealed `tags` and `gates` and mapped onto `names`, when this
+        method identifies it."""
+        if self.identify is not None:
+            return self.identify(tags, gates, names)
+        return self.preset if self.tag and tags == {self.tag} else None
+
+    def size_hint(self, name: str, shape: tuple) -> str | None:
+        """'set FIELD=VALUE' giving the method's tensor `name` the checkpoint's `shape`, or None."""
+        for suffix, key, dim in self.sizes:
+            if name.endswith(suffix):
+                return f"set {key}={shape[dim]}"
+        return self.hint(name, shape) if self.hint is not None else None
+
+
 class Method:
     """One modification. The defaults describe a method that does nothing at that step."""
 
     field: str = ""  # the PetConfig field holding its spec (None or False: the method is off)
-    slots: tuple[str, ...] = ()  # PetModules attributes it fills, in registration order
     group: str = ""  # its row in the `vlpet params` table
     label: str = ""  # how messages name it
     unfoldable: str | None = None  # why no edit of a Linear's weights reproduces it; None: `fold` does it
     peft_type: str | None = None  # the PEFT adapter type it exports to, if any
     peft_unit: str = ""  # what an export counts ("LoRA modules")
-    reference_label: str = "modules"  # how import messages name the reference's copies of its modules
-    single_flag: str = "--use_single_adapter"  # the reference flag that shares its modules between tasks
-    reference_tag: str = ""  # the module family its reference keys reveal (ReferenceRule.tag)
-    reference_preset_name: str | None = None  # the preset of a checkpoint holding only this family
-    sizes: tuple[tuple[str, str, int], ...] = ()  # (name suffix, preset field, dimension of the tensor that holds it)
+    reference: ReferenceNaming = ReferenceNaming()  # how the reference's checkpoints name its tensors (none: no layout)
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """The PetModules attributes it fills, in registration order: one named as its field unless it says."""
+        return (self.field,)
 
     def spec(self, cfg: PetConfig) -> Any:
         return getattr(cfg, self.field)
@@ -144,24 +184,6 @@ class Method:
         """The PEFT adapter holding this method, for `backbone` saved at `base` (only where `peft_type` is set)."""
         raise NotImplementedError(f"{self.label} has no PEFT format")
 
-    def reference_rules(self) -> list[ReferenceRule]:
-        """How the reference code's checkpoints name this method's tensors (none: it has no reference layout)."""
-        return []
-
-    def reference_preset(self, tags: set[str], gates: set[str], names: set[str]) -> str | None:
-        """The preset of a checkpoint whose keys revealed `tags` and `gates` and mapped onto `names`, when this
-        method identifies it."""
-        if self.reference_tag and tags == {self.reference_tag}:
-            return self.reference_preset_name
-        return None
-
-    def size_hint(self, name: str, shape: tuple) -> str | None:
-        """'set FIELD=VALUE' giving this method's tensor `name` the checkpoint's `shape`, or None."""
-        for suffix, key, dim in self.sizes:
-            if name.endswith(suffix):
-                return f"set {key}={shape[dim]}"
-        return None
-
     # ---- derived from the slots -------------------------------------------------------------------------
     def present(self, pet) -> bool:
         """Whether this PetModules holds any of the method's tensors."""
@@ -181,6 +203,18 @@ class Method:
         """'label (count): reason' for messages."""
         count = self.size(pet)
         return f"{self.label}{f' ({count})' if count is not None else ''}: {self.unfoldable}"
+
+
+class Vectors(Method):
+    """A method whose tensors are bare vectors in one ParameterDict slot (the added biases, IA3's scales); the
+    corrected decay rule exempts every one (a bias, or a scale initialised to 1 that decay would pull to zero)."""
+
+    def containers(self) -> dict[str, Any]:
+        return {self.slots[0]: nn.ParameterDict()}
+
+    def no_decay(self, pet) -> list[str]:
+        slot = self.slots[0]
+        return [f"{slot}.{key}" for key in getattr(pet, slot)]
 
 
 def bottleneck_width(name: str, shape: tuple) -> int | None:

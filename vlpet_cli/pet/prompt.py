@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from vlpet_cli.pet.method import REF_PARAM, REF_TASK, Method, ReferenceRule
+from vlpet_cli.pet.method import REF_PARAM, REF_TASK, Method, ReferenceNaming, ReferenceRule
+from vlpet_cli.pet.specs import PromptSpec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -31,37 +32,31 @@ class PromptEncoder(nn.Module):
 
 class PromptMethod(Method):
     field = "prompt"
-    slots = ("prompt",)
     group = "prompts"
     label = "prompts"
     unfoldable = "extra encoder tokens, not weights of any layer"
-    reference_label = "prompts"
-    single_flag = "--use_single_prompt"
-    reference_tag = "prompt"
-    reference_preset_name = "prompt-tuning"
-    sizes = (("embedding.weight", "pet.prompt.length", 0), ("mlp.0.weight", "pet.prompt.mid_dim", 0))
+    # `encoder.prompt_modules.prompts.<task>.prefix_embedding.{0,1,3}`: Embedding, Linear, (Tanh), Linear
+    reference = ReferenceNaming(
+        (ReferenceRule(r"{ROOT}encoder\.prompt_modules\.prompts\." + REF_TASK + r"\.prefix_embedding\.(?P<idx>[013])\."
+                       + REF_PARAM, "pet.prompt.{idx}.{p}", "task", "prompt",
+                       words={"idx": {"0": "embedding", "1": "mlp.0", "3": "mlp.2"}}),),
+        label="prompts", single_flag="--use_single_prompt", tag="prompt", preset="prompt-tuning",
+        sizes=(("embedding.weight", "pet.prompt.length", 0), ("mlp.0.weight", "pet.prompt.mid_dim", 0)))
 
     def containers(self) -> dict:
         return {"prompt": None}
 
-    def build(self, pet, spec, backbone: PreTrainedModel, extra_norms) -> None:
+    def build(self, pet, spec: PromptSpec, backbone: PreTrainedModel, extra_norms) -> None:
         pet.prompt = PromptEncoder(backbone.config.d_model, spec.length, spec.mid_dim)
 
-    def encoder_prefix(self, pet, spec, batch_size: int) -> torch.Tensor:
+    def encoder_prefix(self, pet, spec: PromptSpec, batch_size: int) -> torch.Tensor:
         return pet.prompt(batch_size)
 
-    def prefix_length(self, spec) -> int:
+    def prefix_length(self, spec: PromptSpec) -> int:
         return spec.length
 
     def no_decay(self, pet) -> list[str]:
         return [f"prompt.{n}" for n, _ in pet.prompt.named_parameters() if n.endswith("bias")]
-
-    def reference_rules(self) -> list[ReferenceRule]:
-        """`encoder.prompt_modules.prompts.<task>.prefix_embedding.{0,1,3}`: Embedding, Linear, (Tanh), Linear."""
-        return [ReferenceRule(r"{ROOT}encoder\.prompt_modules\.prompts\." + REF_TASK
-                              + r"\.prefix_embedding\.(?P<idx>[013])\." + REF_PARAM,
-                              f"pet.{self.slots[0]}.{{idx}}.{{p}}", "task", "prompt",
-                              words={"idx": {"0": "embedding", "1": "mlp.0", "3": "mlp.2"}})]
 
 
 PROMPT = PromptMethod()

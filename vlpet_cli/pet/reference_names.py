@@ -1,12 +1,12 @@
 """The reference code's tensor names, both ways: a reference checkpoint key -> vlpet's name (`vlpet import-reference`)
 and a vlpet name -> a reference key that maps onto it (the reference's weight-decay groups, decided by name).
 
-Each PET method declares how the reference names its tensors (`method.ReferenceRule`); this module fills in the
-backbone family's module paths and translates the reference's sub-layer words into vlpet's. Backbone tensors keep
-their names (the reference's VLBart / VLT5 keep the stock layouts); the visual projector is the reference's
-`encoder.visual_embedding`. Going back needs no second declaration: a vlpet name is matched against a rule's target,
-the groups are turned back into the reference's words and written into the rule's own pattern, and the key is kept
-only when the forward mapping turns it into the same vlpet name.
+Each PET method declares how the reference names its tensors (the `ReferenceRule`s of its `method.ReferenceNaming`);
+this module fills in the backbone family's module paths and translates the reference's sub-layer words into vlpet's.
+Backbone tensors keep their names (the reference's VLBart / VLT5 keep the stock layouts); the visual projector is the
+reference's `encoder.visual_embedding`. Going back needs no second declaration: a vlpet name is matched against a rule's
+target, the groups are turned back into the reference's words and written into the rule's own pattern, and the key is
+kept only when the forward mapping turns it into the same vlpet name.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def rules(family: str) -> tuple[Rule, ...]:
     """The projector's rules and every method's, with the family's module paths filled in."""
     sites = SITES[family]
     out = []
-    for declared in [*PROJECTOR_RULES, *(r for m in METHODS for r in m.reference_rules())]:
+    for declared in [*PROJECTOR_RULES, *(r for m in METHODS for r in m.reference.rules)]:
         pattern = declared.pattern
         for name, path in sites.items():
             pattern = pattern.replace("{" + name + "}", path)
