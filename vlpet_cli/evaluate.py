@@ -15,7 +15,16 @@ from vlpet_cli.errors import VlpetError
 from vlpet_cli.inference import decoding_settings, predict_all, score
 from vlpet_cli.progress import Progress
 from vlpet_cli.runs import Located, check_writable, checkpoints_dir, locate, recorded_path
-from vlpet_cli.tasks import TASKS, FileScoring, Task, VideoTask, resolve_task, task_class
+from vlpet_cli.tasks import (
+    TASKS,
+    FileScoring,
+    Task,
+    VideoTask,
+    own_task,
+    register_run_tasks,
+    resolve_task,
+    task_class,
+)
 from vlpet_cli.threads import configure_threads, requested_threads
 
 if TYPE_CHECKING:
@@ -24,10 +33,22 @@ if TYPE_CHECKING:
     from vlpet_cli.vl.model import VLModel
 
 
+def own_annotations(task: str, split: str | None) -> Path:
+    """The split file a task file's predictions are scored against when no annotation file is given."""
+    cls = own_task(resolve_task(task))
+    if cls is None:
+        raise VlpetError(f"scoring a predictions file of task {task!r} needs its annotation file: pass --annotations")
+    split = split or "test"
+    if split not in cls.spec.splits:
+        raise VlpetError(f"{cls.spec.path}: no {split!r} split to score against; pass --split "
+                         f"({', '.join(cls.spec.splits)}) or --annotations FILE")
+    return cls.spec.splits[split]
+
+
 def score_predictions_file(
     task: str,
     predictions: Path,
-    annotations: Path,
+    annotations: Path | None,
     split: str | None = None,
     metrics: list[str] | None = None,
     vqa_variant: str = "reference",
@@ -38,10 +59,13 @@ def score_predictions_file(
 
     allow_missing=None lets annotation files that cover a whole pool (official VQA v2 annotations, COCO
     captions_*.json) hold ids without a prediction; split-sized files must be predicted completely. Only tasks
-    whose annotation files hold several splits (Karpathy's dataset_coco.json) take a split.
+    whose annotation files hold several splits (Karpathy's dataset_coco.json) take a split. A task file's
+    predictions need no annotation file: they are scored against its split (`split`, default test).
     """
     cls = task_class(task)
     cls.resolve_metrics(metrics)  # an unknown metric is refused before any file is read
+    if annotations is None:
+        annotations, split = own_annotations(task, split), None
     if split is not None and not cls.split_option:
         takes = ", ".join(name for name, c in TASKS.items() if c.split_option)
         raise VlpetError(f"split applies only to {takes} (annotation files holding several splits, such as "
@@ -187,17 +211,20 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     Every argument is checked against the stored preset before the model is built. Each record says how many
     records were scored (`n`, `limit`) and whether the adapter was trained on the task (`trained`)."""
     from vlpet_cli.data.loading import check_annotations
+    from vlpet_cli.data.own_features import prepare_task_features
     from vlpet_cli.toy.root import resolve_data_root
 
     located = locate(path)
     adapter_dir = located.directory
     stored = stored_preset(adapter_dir)
+    register_run_tasks(stored.get("data"), located.run)
     trained = [resolve_task(t) for t in (stored.get("data") or {}).get("tasks") or []]
     data_root, backbone = recorded_settings(stored, located, data_root, backbone, overrides)
     settings = eval_preset(stored, tasks, data_root, overrides, limit, split)
     check_eval_arguments(settings, split, metrics, batch_size)
     # refused before the model is built: a missing data root, annotation files and an output that cannot be written
-    check_annotations(resolve_data_root(settings.data.data_root), settings, (split,))
+    check_annotations(resolve_data_root(settings.data.data_root, settings.data.tasks), settings, (split,))
+    prepare_task_features(settings.data.tasks, progress)
     out_dir = output_dir(out_dir, located)
     requested_threads(settings.train.threads)  # a bad VLPET_THREADS is refused before the model is built
     untrained = [t for t in settings.data.tasks or [] if t not in trained]
@@ -279,7 +306,7 @@ def evaluate_model(model: VLModel, tokenizer: PreTrainedTokenizerBase, preset: P
     from vlpet_cli.data.loading import load_task_data
     from vlpet_cli.toy.root import resolve_data_root
 
-    root = resolve_data_root(preset.data.data_root)
+    root = resolve_data_root(preset.data.data_root, preset.data.tasks)
     device = state.device if state is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     main = state is None or state.is_main_process
     model.to(device)

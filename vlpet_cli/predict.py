@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.extras import require_extra
 from vlpet_cli.progress import Progress
-from vlpet_cli.tasks import PredictInput, ScoreChoices, get_task, resolve_task, task_class, tasks_of_kind
+from vlpet_cli.tasks import (
+    PredictInput,
+    ScoreChoices,
+    get_task,
+    register_run_tasks,
+    resolve_task,
+    task_class,
+    tasks_of_kind,
+)
 from vlpet_cli.tasks.records import read_records
 from vlpet_cli.tasks.video.base import parse_ts
 from vlpet_cli.threads import configure_threads, requested_threads
@@ -261,8 +269,17 @@ def _decode(model: VLModel, tokenizer: PreTrainedTokenizerBase, preset: Preset, 
     return texts, _scores_generated(model, out, tokenizer.eos_token_id)
 
 
-def _recorded_features(directory: Path) -> tuple[dict, list[str]]:
-    """(the adapter's recorded feature attributes per source, the tasks it was trained on), read without a model."""
+def register_tasks(path: Path) -> None:
+    """Register the task files the model at `path` (a run, adapter, bundle or folded model) was trained on, from
+    the run's copies where it has them, so that `--task NAME` names them."""
+    from vlpet_cli.runs import locate
+
+    located = locate(path)
+    register_run_tasks((_model_meta(located.directory).get("preset") or {}).get("data"), located.run)
+
+
+def _model_meta(directory: Path) -> dict:
+    """The vlpet config of an adapter, bundle or folded model."""
     from vlpet_cli.artifacts import ADAPTER_CONFIG, FOLDED_CONFIG, read_adapter_config
 
     if (directory / FOLDED_CONFIG).is_file():
@@ -272,6 +289,12 @@ def _recorded_features(directory: Path) -> tuple[dict, list[str]]:
     else:
         raise VlpetError(f"{directory} is neither a run with a final adapter, an adapter, a bundle nor a folded "
                          f"model; give one written by `vlpet train` or `vlpet merge`")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _recorded_features(directory: Path) -> tuple[dict, list[str]]:
+    """(the adapter's recorded feature attributes per source, the tasks it was trained on), read without a model."""
+    meta = _model_meta(directory)
     tasks = ((meta.get("preset") or {}).get("data") or {}).get("tasks") or []
     features = meta.get("features")
     return (features if isinstance(features, dict) else {}), [resolve_task(t) for t in tasks]
