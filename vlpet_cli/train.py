@@ -101,11 +101,13 @@ def resolve_train_preset(name: str, tasks: list[str] | None = None, data_root: s
         extra.append(f"data.data_root={data_root}")
     overrides = [*extra, *(overrides or [])]
     defaults = []
+    own = any(own_task(t) for t in tasks)
+    if own:  # features on first use, before anything else reads them
+        prepare_task_features(tasks)
     if data_root == "toy":  # the toy features' size depends on the tasks (image or video) the run ends up with
         chosen = resolve(name, overrides, backbone, defaults=TOY_DEFAULTS, task_kind=feature_kind).data.tasks
         defaults = [*TOY_DEFAULTS, f"model.feat_dim={toy_feature_dim(chosen)}"]
-    elif any(own_task(t) for t in tasks):  # task files: their features' size (extracted on first use)
-        prepare_task_features(tasks)
+    elif own:  # task files: their features' size
         defaults = feature_defaults(tasks)
     preset = resolve(name, overrides, backbone, defaults=defaults, task_kind=feature_kind, run=True)
     assert preset.data.tasks is not None, "resolve sets data.tasks"

@@ -60,7 +60,7 @@ LAYOUT = {"qa": "{question}", "caption": "", "choice": "{question} [Choices] {ch
 """The encoder text after a plain prompt; a prompt naming a placeholder replaces it."""
 PLACEHOLDERS = {"qa": ("question",), "caption": (), "choice": ("question", "choices"), "classify": ("text",)}
 LIST_SEPARATOR = "|"  # a CSV cell holding a list (choices, several images): its items joined by '|'
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 FILE_FIX = "see docs/own-data.md for the task file's keys"
 
 
@@ -93,7 +93,8 @@ class TaskFile:
     def as_yaml(self) -> dict[str, Any]:
         """The file's settings with every path absolute and the labels spelled out (the copy a run keeps)."""
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "images": str(self.images),
-                               "splits": {k: str(v) for k, v in self.splits.items()}, "columns": self.columns}
+                               "splits": {k: str(v) for k, v in self.splits.items()},
+                               "columns": {role: self.columns[role] for role in self.required}}
         if self.prompt is not None:
             out["prompt"] = self.prompt
         if self.vision is not None:
@@ -139,7 +140,7 @@ def read_task_file(path: Path, reserved: Collection[str] = ()) -> TaskFile:
     name = str(raw["name"]).strip().lower()
     if not _NAME.match(name) or is_task_file(name):
         raise DataError(f"{path}: name {raw['name']!r} is not a task name. Fix: use lower-case letters, digits, "
-                        f"'-', '_' or '.', e.g. name: colors-qa.")
+                        f"'-' or '_', e.g. name: colors-qa.")
     if name in reserved:
         raise DataError(f"{path}: name {name!r} is a built-in task's. Fix: choose another name, e.g. "
                         f"name: my-{name}.")
