@@ -101,9 +101,12 @@ def check_inputs(task: str, inputs: list[PredictInput]) -> None:
         check_video_inputs(task, inputs)
         return
     for item in inputs:
-        if item.video is not None or item.choices or item.subtitles or item.ts is not None:
+        if item.video is not None or (item.choices and not takes.choices) or item.subtitles or item.ts is not None:
             raise VlpetError(f"{item.where}: task {task} takes images; --video, --choices, --subtitles and --ts "
                              f"are for the video tasks ({', '.join(tasks_of_kind('video'))})")
+        if takes.choices and len(item.choices) < 2:  # a task file's choice task: as many choices as the input has
+            raise VlpetError(f"{item.where}: task {task} chooses among answers: give --choices once per choice "
+                             f"(at least two)")
         if len(item.images) != takes.images:
             raise VlpetError(f"{item.where}: task {task} takes {takes.images} image(s) per input, got "
                              f"{len(item.images)}; " + ("give --image twice (left, right)" if takes.images == 2
@@ -292,6 +295,16 @@ def _model_meta(directory: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def _chosen(answer: str, item: PredictInput) -> dict:
+    """For an input with choices, the chosen one's index and text (read from 'a<index>' as VALUE reads it)."""
+    if not item.choices:
+        return {}
+    from vlpet_cli.tasks.video.base import choice_index
+
+    k = choice_index(answer)
+    return {"choice_index": k, "choice": item.choices[k] if k < len(item.choices) else None}
+
+
 def _recorded_features(directory: Path) -> tuple[dict, list[str]]:
     """(the adapter's recorded feature attributes per source, the tasks it was trained on), read without a model."""
     meta = _model_meta(directory)
@@ -362,7 +375,7 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
                 item = inputs[record.index]
                 if not video:
                     results.append({"task": task, "images": list(record.image_ids), "text": record.text,
-                                    "answer": answer, "score": value, "score_kind": kind})
+                                    "answer": answer, "score": value, "score_kind": kind, **_chosen(answer, item)})
                     continue
                 row = {"task": task, "video": record.image_ids[0], "text": item.text, "answer": answer,
                        "score": value, "score_kind": kind}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
@@ -226,8 +227,10 @@ class Row:
         return self.values.get(self.columns.get(role, role))
 
 
-def read_rows(spec: TaskFile, path: Path) -> list[Row]:
-    """The rows of one split file, read with `datasets` (CSV, JSON list, JSON lines, Parquet); its columns checked."""
+@lru_cache(maxsize=16)
+def _table(path: Path, stamp: tuple[int, int]) -> tuple[tuple[str, ...], tuple[dict, ...]]:
+    """(column names, rows) of a split file, read with `datasets`; cached per file version (a command reads a
+    split when it registers the task, when it checks its images and when it loads its records)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -239,16 +242,26 @@ def read_rows(spec: TaskFile, path: Path) -> list[Row]:
         text = " ".join(str(cause).split())[:200]
         raise DataError(f"{path}: cannot be read as a table ({type(cause).__name__}: {text}). Fix: write one "
                         f"record per row, each giving every column the same type.") from None
-    names = list(table.column_names)
+    return tuple(table.column_names), tuple(table.to_list())
+
+
+def read_rows(spec: TaskFile, path: Path) -> list[Row]:
+    """The rows of one split file (CSV, JSON list, JSON lines, Parquet, read with `datasets`); its columns checked."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the split file ({exc.strerror or exc}). Fix: check the task file's "
+                        f"splits.") from None
+    names, rows = _table(path, (st.st_mtime_ns, st.st_size))
     for role in spec.required:
         column = spec.columns[role]
         if column not in names:
             raise DataError(f"{path}: column '{column}' ({role}) is missing; the file has {', '.join(names)}. "
                             f"Fix: add the column, or name the one to use in the task file (columns: "
                             f"{{{role}: NAME}}).")
-    if len(table) == 0:
+    if not rows:
         raise DataError(f"{path}: the split is empty. Fix: add rows, or drop the split from the task file.")
-    return [Row(path, i, dict(values), spec.columns) for i, values in enumerate(table.to_list(), start=1)]
+    return [Row(path, i, dict(values), spec.columns) for i, values in enumerate(rows, start=1)]
 
 
 def image_key(rel: str) -> str:
@@ -586,12 +599,14 @@ def task_class_of(spec: TaskFile) -> type[OwnTask]:
     n_images = len(_items(first, "image", "image path", csv))
     base = BASES[spec.kind]
     has_text = spec.kind != "classify" or spec.columns["text"] in first.values
+    choices = len(_items(first, "choices", "choice", csv)) if spec.kind == "choice" else 0
     attrs: dict[str, Any] = {
         "name": spec.name, "spec": spec, "store": spec.features, "batch_ratio": spec.ratio,
         "default_prompt": spec.prompt if spec.prompt is not None else f"{spec.name}: ",
         "splits": {split: split for split in spec.splits},
         "inputs": Inputs(images=n_images, text={"qa": "question", "caption": None, "choice": "question",
-                                                "classify": "statement" if has_text else None}[spec.kind]),
+                                                "classify": "statement" if has_text else None}[spec.kind],
+                         choices=choices),
         "__module__": __name__,
     }
     if spec.kind == "classify":
