@@ -238,6 +238,8 @@ def _table(path: Path, stamp: tuple[int, int]) -> tuple[tuple[str, ...], tuple[d
     try:
         table = datasets.load_dataset(FORMATS[path.suffix.lower()], data_files=str(path), split="train")
     except Exception as exc:  # noqa: BLE001 - datasets and pyarrow raise many kinds; the cause is named
+        if "corresponds to no data" in str(exc) or path.stat().st_size == 0:
+            return (), ()  # a file of no rows (a CSV header alone, an empty JSON list)
         cause = exc.__cause__ or exc.__context__ or exc
         text = " ".join(str(cause).split())[:200]
         raise DataError(f"{path}: cannot be read as a table ({type(cause).__name__}: {text}). Fix: write one "
@@ -253,14 +255,14 @@ def read_rows(spec: TaskFile, path: Path) -> list[Row]:
         raise DataError(f"{path}: cannot read the split file ({exc.strerror or exc}). Fix: check the task file's "
                         f"splits.") from None
     names, rows = _table(path, (st.st_mtime_ns, st.st_size))
+    if not rows:
+        raise DataError(f"{path}: the split is empty. Fix: add rows, or drop the split from the task file.")
     for role in spec.required:
         column = spec.columns[role]
         if column not in names:
             raise DataError(f"{path}: column '{column}' ({role}) is missing; the file has {', '.join(names)}. "
                             f"Fix: add the column, or name the one to use in the task file (columns: "
                             f"{{{role}: NAME}}).")
-    if not rows:
-        raise DataError(f"{path}: the split is empty. Fix: add rows, or drop the split from the task file.")
     return [Row(path, i, dict(values), spec.columns) for i, values in enumerate(rows, start=1)]
 
 
