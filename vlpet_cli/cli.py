@@ -590,7 +590,6 @@ def _warnings_to_stderr():
 
 def _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json) -> None:
     from vlpet_cli.evaluate import score_predictions_file
-
     from vlpet_cli.tasks import is_task_file
 
     if not (task and predictions and (annotations or is_task_file(task))):

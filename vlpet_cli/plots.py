@@ -18,7 +18,6 @@ from vlpet_cli.extras import require_extra
 from vlpet_cli.runs import METRICS, read_config, read_events
 from vlpet_cli.tasks import TASKS, primary_metrics
 
-
 Series = tuple[list[float], list[float]]
 
 

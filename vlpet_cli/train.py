@@ -35,6 +35,7 @@ from vlpet_cli.data.loading import (
     load_task_data,
 )
 from vlpet_cli.data.multitask import MultitaskLoader, task_batch_sizes
+from vlpet_cli.data.own_features import feature_defaults, prepare_task_features
 from vlpet_cli.errors import DataError, Interrupted, VlpetError
 from vlpet_cli.inference import best_score, validate
 from vlpet_cli.optim import build_optimizer, clip_gradients, describe, param_groups, schedule, total_updates
@@ -58,7 +59,6 @@ from vlpet_cli.runs import (
     run_contents,
     write_config,
 )
-from vlpet_cli.data.own_features import feature_defaults, prepare_task_features
 from vlpet_cli.tasks import (
     get_task,
     is_task_file,

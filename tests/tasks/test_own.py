@@ -197,16 +197,15 @@ def test_each_kind_of_the_example_trains_evaluates_predicts_and_is_reported(exam
     """From nothing: features extracted once on first use, a few steps of training per kind, `vlpet eval RUN`,
     predictions scored from the file, `vlpet predict` and `vlpet report`; then the task with VQA in one run."""
     from tests.faults.faultkit import vlpet
-
     from vlpet_cli.data.own_features import feature_defaults
 
     runs = tmp_path / "runs"
     store = example / "features" / "images.tiny-clip.h5"
     assert feature_defaults([resolve_task(str(example / "qa.yaml"))]) == ["model.feat_dim=64"]  # before extraction
     for kind in KINDS:
-        code, _, err = vlpet(monkeypatch, capsys, "train", "--preset", "vlpet-small", "--task", example / f"{kind}.yaml",
-                             "--backbone", "tiny-bart", "--runs-dir", runs, "--name", kind, "train.batch_size=8",
-                             "train.max_steps=3", "eval.every=0")
+        code, _, err = vlpet(monkeypatch, capsys, "train", "--preset", "vlpet-small", "--task",
+                             example / f"{kind}.yaml", "--backbone", "tiny-bart", "--runs-dir", runs, "--name", kind,
+                             "train.batch_size=8", "train.max_steps=3", "eval.every=0")
         assert code == 0, err
         assert ("extracting the features of 48 images" in err) == (kind == "qa")  # once: the store is shared
         for name in [n for n in TASKS if own_task(n)]:  # as a new process: `vlpet eval` reads the run's copy

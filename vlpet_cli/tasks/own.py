@@ -24,8 +24,8 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from fractions import Fraction
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
@@ -293,11 +293,11 @@ class OwnTask(Task):
     kind: ClassVar[str]
     spec: ClassVar[TaskFile]
     store: ClassVar[Path]
-    aliases = ()
+    aliases: ClassVar[tuple[str, ...]] = ()
     folder = ""
     split_files_fix = "check the task file's splits"
-    input_max_length = 128
-    target_max_length = 40
+    input_max_length: ClassVar[int | None] = 128
+    target_max_length: ClassVar[int | None] = 40
     batch_ratio = Fraction(1)
     valid_metrics: ClassVar[tuple[str, ...]] = ("acc",)
     default_metrics: ClassVar[tuple[str, ...]] = ("acc",)
@@ -451,7 +451,7 @@ class QaTask(OwnTask):
         return list(prediction.get("answers") or ())
 
 
-class CaptionTask(OwnTask, CocoTask):
+class CaptionTask(OwnTask, CocoTask):  # type: ignore[misc]  # CocoTask infers narrower class constants
     """Captions: one caption or a list of references per row, scored as COCO's (`CocoTask.score`)."""
 
     kind = "caption"
@@ -548,9 +548,9 @@ class ClassifyTask(OwnTask):
         text = row.get("text")
         text = "" if text is None else str(text).strip()
         label = _items(row, "label", "label", False)[0]
-        if label not in self.decoding.choices:  # type: ignore[attr-defined]
-            raise row.error("label", f"label {label!r} is not in the task's labels "
-                                     f"({', '.join(self.decoding.choices)})",  # type: ignore[attr-defined]
+        labels = self.spec.labels  # the file's, or those inferred from train (`task_class_of`)
+        if label not in labels:
+            raise row.error("label", f"label {label!r} is not in the task's labels ({', '.join(labels)})",
                             "correct the label, or add it to the task file's labels")
         return [self.record(row, ident, text, images, label, {"label": label})]
 
