@@ -277,8 +277,12 @@ def register_tasks(path: Path) -> None:
     the run's copies where it has them, so that `--task NAME` names them."""
     from vlpet_cli.runs import locate
 
-    located = locate(path)
-    register_run_tasks((_model_meta(located.directory).get("preset") or {}).get("data"), located.run)
+    try:
+        located = locate(path)
+        meta = _model_meta(located.directory)
+    except VlpetError:
+        return  # `predict` names the problem, after the inputs are checked
+    register_run_tasks((meta.get("preset") or {}).get("data"), located.run)
 
 
 def _model_meta(directory: Path) -> dict:
