@@ -89,5 +89,5 @@ def check_store(cls: type[OwnTask]) -> None:
     """A task file without `vision:` needs its `features:` store to exist."""
     if cls.spec.vision is None and not cls.store.is_file():
         raise DataError(f"{cls.spec.path}: features: {cls.store} not found. Fix: extract them with `vlpet "
-                        f"extract-features --images {cls.spec.images} --out {cls.store}`, or name a vision "
-                        f"model (vision: tiny-clip) to extract them on first use.")
+                        f"extract-features --images {cls.spec.images} --model MODEL --out {cls.store}`, or name a "
+                        f"vision model (vision: tiny-clip) to extract them on first use.")

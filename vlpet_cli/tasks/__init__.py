@@ -108,7 +108,8 @@ def resolve_task(name: str) -> str:
     hint = f" Did you mean '{ALIASES.get(close[0], close[0])}'?" if close else ""
     aliases = ", ".join(f"{a} ({t})" for a, t in ALIASES.items())
     raise VlpetError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(TASKS)}; aliases: {aliases}. "
-                     f"Fix: pass one of the valid tasks: {', '.join(TASKS)}. Your own data: the path of its task file (.yaml).")
+                     f"Fix: pass one of the valid tasks: {', '.join(TASKS)}. Your own data: the path of its task "
+                     f"file (.yaml).")
 
 
 def task_class(name: str) -> type[Task]:
