@@ -9,6 +9,7 @@ adapter by `artifacts`.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -102,7 +103,7 @@ def resolve_train_preset(name: str, tasks: list[str] | None = None, data_root: s
     overrides = [*extra, *(overrides or [])]
     defaults = []
     own = any(own_task(t) for t in tasks)
-    if own:  # features on first use, before anything else reads them
+    if own and int(os.environ.get("RANK", "0")) == 0:  # features on first use (other processes wait in `setup`)
         prepare_task_features(tasks)
     if data_root == "toy":  # the toy features' size depends on the tasks (image or video) the run ends up with
         chosen = resolve(name, overrides, backbone, defaults=TOY_DEFAULTS, task_kind=feature_kind).data.tasks
@@ -344,7 +345,9 @@ def setup(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bool =
     backbones.check_weights(bb)
     root = resolve_data_root(preset.data.data_root, preset.data.tasks)
     splits = ("train", "val") if preset.eval.every else ("train",)
-    prepare_task_features(preset.data.tasks, progress=accelerator.is_main_process)
+    if accelerator.is_main_process:  # a task file's features on first use, written by one process
+        prepare_task_features(preset.data.tasks)
+    accelerator.wait_for_everyone()
     check_annotations(root, preset, splits)
     check_feature_dims(root, preset, splits)
     checkpointer = Checkpointer(run_dir, preset.train.keep_checkpoints)
