@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 import warnings
@@ -224,7 +225,8 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     check_eval_arguments(settings, split, metrics, batch_size)
     # refused before the model is built: a missing data root, annotation files and an output that cannot be written
     check_annotations(resolve_data_root(settings.data.data_root, settings.data.tasks), settings, (split,))
-    prepare_task_features(settings.data.tasks, progress)
+    if int(os.environ.get("RANK", "0")) == 0:  # a task file's features on first use (training made them already)
+        prepare_task_features(settings.data.tasks, progress)
     out_dir = output_dir(out_dir, located)
     requested_threads(settings.train.threads)  # a bad VLPET_THREADS is refused before the model is built
     untrained = [t for t in settings.data.tasks or [] if t not in trained]
