@@ -286,7 +286,6 @@ def submission_name(task: str, split: str, suffix: str) -> str:
 
 def process_state():
     """accelerate's PartialState when started by `accelerate launch`/torchrun with several processes, else None."""
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     import torch
