@@ -397,6 +397,12 @@ class OwnTask(Task):
 
     def score_files(self, job: FileScoring) -> dict:
         """Score [{"id", "prediction"}] (or "answer", "caption", "label") against one of the task's split files."""
+        scored = self.file_predictions(job)
+        return {**self.score(scored, job.metrics, job.vqa_variant), "n": len(scored)}
+
+    def file_predictions(self, job: FileScoring) -> list[dict]:
+        """The predictions of a file joined with their rows of the split file (`eval_info` plus "prediction"), in
+        the file's order, as `vlpet eval` predicts them."""
         records = self.read_file(Path(job.annotations), True)
         info = {str(r.id): self.eval_info(r) for r in records}
         preds: dict[str, Any] = {}
@@ -404,8 +410,7 @@ class OwnTask(Task):
             key = str(ref.field("id"))
             files.put(preds, key, ref.field("prediction", "answer", "caption", "label"), Path(job.predictions))
         ids = files.check_ids(preds, info, job.predictions, job.annotations, job.allowed_missing(False))
-        scored = [{**info[i], "prediction": self.file_prediction(preds[i], info[i])} for i in ids]
-        return {**self.score(scored, job.metrics, job.vqa_variant), "n": len(scored)}
+        return [{**info[i], "prediction": self.file_prediction(preds[i], info[i])} for i in ids]
 
     def file_prediction(self, value: Any, info: dict) -> str:
         """A prediction as read from a file, as the model would have given it."""
