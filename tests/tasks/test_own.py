@@ -143,6 +143,28 @@ def test_choice_and_classify_score_review_and_results_page_values(example):
     assert classify.image_folder() == example / "images"
 
 
+def test_classify_labels_must_differ_where_the_model_compares_them(tmp_path):
+    from tests.conftest import make_tokenizer
+
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(EXAMPLE / "images" / "red-circle-0.png", images / "a.png")
+    write(tmp_path, "train.csv", "image,label\na.png,red circle\na.png,red square\na.png,blue\n")
+    path = write(tmp_path, "t.yaml", "name: t\nkind: classify\nimages: images\nsplits: {train: train.csv}\n"
+                                     "features: f.h5\n")
+    task = get_task(resolve_task(str(path)))
+    records = task.load(Path(), "train")
+    tokenizer = make_tokenizer("bart")
+    with pytest.raises(DataError, match="labels 'red circle' and 'red square' begin alike"):
+        task.source_ids(records, tokenizer)
+    write(tmp_path, "t.yaml", path.read_text() + "labels: [red circle, red square]\n")
+    task = get_task(resolve_task(str(path)))  # two labels: 'circle' and 'square' are compared
+    with pytest.raises(DataError, match="'blue' is not in the task's labels"):
+        task.load(Path(), "train")
+    write(tmp_path, "train.csv", "image,label\na.png,red circle\na.png,red square\n")
+    assert len(get_task(resolve_task(str(path))).source_ids(records[:2], tokenizer)) == 2
+
+
 @pytest.mark.skipif(CocoTask.record_scores is Task.record_scores,
                     reason="CocoTask.record_scores (the results page's, another branch) is not merged yet")
 def test_caption_record_scores_are_cocos(example):

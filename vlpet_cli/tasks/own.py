@@ -22,12 +22,12 @@ problem of the task file or of a split file is one DataError naming the file, th
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from vlpet_cli.errors import DataError
 from vlpet_cli.tasks import files
@@ -45,6 +45,9 @@ from vlpet_cli.tasks.base import (
 from vlpet_cli.tasks.coco import CocoTask
 from vlpet_cli.tasks.records import read_records
 from vlpet_cli.tasks.video.base import choice_index
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 KINDS = ("qa", "caption", "choice", "classify")
 KEYS = ("name", "kind", "images", "splits", "columns", "prompt", "vision", "features", "labels", "ratio")
@@ -562,7 +565,32 @@ class ClassifyTask(OwnTask):
     def target(self, record: Record, rng: Any, train: bool) -> tuple[str, float] | None:
         return None if record.label is None else (record.label, 1.0)
 
+    def source_ids(self, records: Sequence[Record], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+        """The encoder ids; the first time the task meets the tokenizer, its labels are checked to be told apart."""
+        if getattr(self, "_checked_with", None) is not tokenizer:
+            self.check_labels(tokenizer)
+            self._checked_with = tokenizer
+        return super().source_ids(records, tokenizer)
+
+    def check_labels(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """The labels are compared by the model's score of one token each: the first token after the prefix all of
+        them share (`VLModel.score_choices`); two labels with the same token there could never be told apart."""
+        labels = self.spec.labels
+        ids = [tokenizer(label)["input_ids"] for label in labels]
+        j = 0
+        while all(len(x) > j for x in ids) and len({x[j] for x in ids}) == 1:
+            j += 1
+        first: dict[int | None, str] = {}
+        for label, x in zip(labels, ids):
+            token = x[j] if len(x) > j else None
+            if token in first:
+                raise self.spec.error(f"labels {first[token]!r} and {label!r} begin alike, and the model tells labels "
+                                      f"apart by one token after what they all share",
+                                      "give labels that differ in their first word (e.g. 'car, red' and 'bike, red')")
+            first[token] = label
+
     def record_scores(self, predictions: list[dict], vqa_variant: str = "reference") -> list[float]:
+        """100 when the label scored highest is the row's label, else 0."""
         return [100.0 * (str(p["prediction"]) == str(p["label"])) for p in predictions]
 
     def score(self, predictions: list[dict], metrics: list[str] | None = None,
