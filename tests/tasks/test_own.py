@@ -260,3 +260,58 @@ def test_each_kind_of_the_example_trains_evaluates_predicts_and_is_reported(exam
     code, out, err = vlpet(monkeypatch, capsys, "eval", runs / "mixed", "--json", "--limit", "8")
     assert code == 0, err
     assert set(json.loads(out)) == {"shapes-qa", "vqa"}
+
+
+def video_task(folder: Path, videos: bool = False) -> Path:
+    """A qa task over a `video` column (clips made with PyAV when `videos`, else empty files)."""
+    (folder / "clips").mkdir(parents=True)
+    rows = [(f"v{i}.mp4", ("red", "blue")[i % 2]) for i in range(6)]
+    for name, color in rows:
+        if videos:
+            import numpy as np
+
+            from vlpet_cli.toy.videos import write_video
+
+            rgb = {"red": (220, 40, 40), "blue": (40, 80, 220)}[color]
+            write_video(folder / "clips" / name, [np.full((32, 32, 3), rgb, dtype=np.uint8)] * 4)
+        else:
+            (folder / "clips" / name).write_bytes(b"")
+    write(folder, "train.csv", "clip,question,answer\n" + "".join(f"{n},what colour?,{c}\n" for n, c in rows))
+    return write(folder, "v.yaml", "name: clips-qa\nkind: qa\nimages: clips\nsplits: {train: train.csv, test: "
+                                   "train.csv}\ncolumns: {video: clip}\nvision: tiny-clip-proj\n")
+
+
+def test_a_video_column_makes_a_video_task(tmp_path):
+    cls = type(get_task(resolve_task(str(video_task(tmp_path)))))
+    assert cls.feature_kind == "video" and cls.inputs.video and cls.inputs.text == "question"
+    assert cls().load(Path(), "train")[0].image_ids == ("v0",)
+    save_task_files(tmp_path / "run", ["clips-qa"])
+    assert "columns:\n  video: clip\n" in (tmp_path / "run" / "tasks" / "clips-qa.yaml").read_text()
+    path = write(tmp_path, "bad.yaml", "name: b\nkind: classify\nimages: clips\nsplits: {train: train.csv}\n"
+                                       "columns: {video: clip}\nvision: tiny-clip-proj\n")
+    with pytest.raises(DataError, match="a video column is for qa, caption and choice tasks"):
+        resolve_task(str(path))
+
+
+@pytest.mark.slow
+def test_a_video_task_extracts_its_frames_trains_evaluates_and_predicts(tmp_path, capsys, monkeypatch):
+    from tests.faults.faultkit import vlpet
+    from vlpet_cli.extras import has_extra
+
+    if not has_extra("video"):
+        pytest.skip("PyAV (vlpet[video]) is not installed")
+    task = video_task(tmp_path, videos=True)
+    runs = tmp_path / "runs"
+    code, _, err = vlpet(monkeypatch, capsys, "train", "--preset", "vlpet-small", "--task", task, "--backbone",
+                         "tiny-bart", "--runs-dir", runs, "--name", "v", "train.batch_size=3", "train.max_steps=2",
+                         "eval.every=0")
+    assert code == 0, err
+    assert "extracting the features of 6 videos" in err
+    assert (tmp_path / "features" / "clips.tiny-clip-proj.h5").is_file()
+    code, out, err = vlpet(monkeypatch, capsys, "eval", runs / "v", "--json")
+    assert code == 0, err
+    assert "acc" in json.loads(out)["clips-qa"]
+    code, out, err = vlpet(monkeypatch, capsys, "predict", runs / "v", "--task", "clips-qa", "--video",
+                           tmp_path / "clips" / "v1.mp4", "--question", "what colour?", "--json")
+    assert code == 0, err
+    assert json.loads(out)["video"].endswith("v1.mp4")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vlpet_cli.errors import DataError
 from vlpet_cli.features.hdf5 import missing_ids
-from vlpet_cli.features.kinds import IMAGE
+from vlpet_cli.features.kinds import feature_kind
 from vlpet_cli.tasks import OwnTask, own_task
 
 
@@ -39,29 +39,30 @@ def prepare_task_features(names: list[str] | None, progress: bool = True) -> Non
             check_store(cls)
             continue
         images = task_images(cls)
-        store = cls.store
-        missing = missing_ids(IMAGE.open(store), list(images)) if store.is_file() else list(images)
+        store, kind = cls.store, feature_kind(cls.feature_kind)
+        missing = missing_ids(kind.open(store), list(images)) if store.is_file() else list(images)
         if not missing:
             continue
         if progress:
-            print(f"{name}: extracting the features of {len(missing)} images with {cls.spec.vision} into {store} "
-                  f"(once)", file=sys.stderr, flush=True)
+            print(f"{name}: extracting the features of {len(missing)} {kind.name}s with {cls.spec.vision} into "
+                  f"{store} (once)", file=sys.stderr, flush=True)
         store.parent.mkdir(parents=True, exist_ok=True)
-        summary = IMAGE.extraction().extract({i: images[i][0] for i in missing}, cls.spec.vision, store,
-                                             layout="packed", progress=progress)
+        summary = kind.extraction().extract({i: images[i][0] for i in missing}, cls.spec.vision, store,
+                                            layout="packed", progress=progress)
         if summary.failed:
             image, path, reason = summary.failed[0]
             _, file, row = images[image]
-            more = f"; {len(summary.failed)} images failed, listed in {summary.report}" if len(summary.failed) > 1 \
+            noun = kind.name
+            more = f"; {len(summary.failed)} {noun}s failed, listed in {summary.report}" if len(summary.failed) > 1 \
                 else ""
-            raise DataError(f"{file}: row {row}, column '{cls.spec.columns['image']}': image {path} cannot be read "
-                            f"({reason}){more}. Fix: replace the image with a readable one, or remove the row.")
+            raise DataError(f"{file}: row {row}, column '{cls.spec.columns['image']}': {noun} {path} cannot be read "
+                            f"({reason}){more}. Fix: replace the {noun} with a readable one, or remove the row.")
 
 
 def task_feature_dim(cls: type[OwnTask]) -> int | None:
     """The size of a task file's features: its store's, else its vision model's (config.json), None if unknown."""
     if cls.store.is_file():
-        return IMAGE.open(cls.store).dim
+        return feature_kind(cls.feature_kind).open(cls.store).dim
     if cls.spec.vision is None:
         return None
     from vlpet_cli.features.extract.clip import model_dir
@@ -70,7 +71,10 @@ def task_feature_dim(cls: type[OwnTask]) -> int | None:
         config = json.loads((model_dir(cls.spec.vision)[0] / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # e.g. a CLIP ResNet checkpoint: the features' size is known once they are extracted
-    size = config.get("hidden_size") or (config.get("vision_config") or {}).get("hidden_size")
+    if cls.feature_kind == "video":  # VALUE's features: the projected image embeddings of the frames
+        size = config.get("projection_dim")
+    else:
+        size = config.get("hidden_size") or (config.get("vision_config") or {}).get("hidden_size")
     return int(size) if isinstance(size, int) else None
 
 
@@ -88,6 +92,7 @@ def feature_defaults(names: list[str] | None) -> list[str]:
 def check_store(cls: type[OwnTask]) -> None:
     """A task file without `vision:` needs its `features:` store to exist."""
     if cls.spec.vision is None and not cls.store.is_file():
+        option = "--videos" if cls.spec.video else "--images"
         raise DataError(f"{cls.spec.path}: features: {cls.store} not found. Fix: extract them with `vlpet "
-                        f"extract-features --images {cls.spec.images} --model MODEL --out {cls.store}`, or name a "
+                        f"extract-features {option} {cls.spec.images} --model MODEL --out {cls.store}`, or name a "
                         f"vision model (vision: tiny-clip) to extract them on first use.")

@@ -90,6 +90,8 @@ class TaskFile:
     ratio: Fraction = Fraction(1)
     required: tuple[str, ...] = field(default=())
     """The column roles every split file must have (the kind's, less the optional ones the file does not name)."""
+    video: bool = False
+    """Whether the visual column holds videos (`columns: {video: COLUMN}`; its role is still 'image')."""
 
     def error(self, problem: str, fix: str = FILE_FIX) -> DataError:
         return DataError(f"{self.path}: {problem}. Fix: {fix}.")
@@ -98,7 +100,8 @@ class TaskFile:
         """The file's settings with every path absolute and the labels spelled out (the copy a run keeps)."""
         out: dict[str, Any] = {"name": self.name, "kind": self.kind, "images": str(self.images),
                                "splits": {k: str(v) for k, v in self.splits.items()},
-                               "columns": {role: self.columns[role] for role in self.required}}
+                               "columns": {("video" if role == "image" and self.video else role): self.columns[role]
+                                           for role in self.required}}
         if self.prompt is not None:
             out["prompt"] = self.prompt
         if self.vision is not None:
@@ -176,11 +179,15 @@ def read_task_file(path: Path, reserved: Collection[str] = ()) -> TaskFile:
     given = raw.get("columns") or {}
     if not isinstance(given, dict):
         raise DataError(f"{path}: columns must map a role to a column name. Fix: e.g. columns: {{image: file}}.")
+    video = "video" in given
+    if video and (kind == "classify" or "image" in given):
+        raise DataError(f"{path}: columns: a video column is for qa, caption and choice tasks, instead of an image "
+                        f"column. Fix: name one of them.")
     for role, column in given.items():
-        if role not in (*COLUMNS[kind], "id"):
+        if role not in (*COLUMNS[kind], "id", *(("video",) if kind != "classify" else ())):
             raise DataError(f"{path}: columns: {role!r} is not a column of a {kind} task. Fix: name "
                             f"{', '.join([*COLUMNS[kind], 'id'])}.")
-        columns[role] = str(column)
+        columns["image" if role == "video" else role] = str(column)
     prompt = raw.get("prompt")
     if prompt is not None:
         prompt = str(prompt)
@@ -209,7 +216,7 @@ def read_task_file(path: Path, reserved: Collection[str] = ()) -> TaskFile:
         raise DataError(f"{path}: ratio {raw.get('ratio')!r} is not a positive number. Fix: e.g. ratio: 0.5.")
     required = tuple(role for role in columns if role not in OPTIONAL or role in given)
     return TaskFile(path, name, kind, images, splits, columns, prompt, vision, store,
-                    tuple(str(x) for x in labels), ratio, required)
+                    tuple(str(x) for x in labels), ratio, required, video)
 
 
 # ---- split files --------------------------------------------------------------------------------------------
@@ -333,14 +340,15 @@ class OwnTask(Task):
         records: list[Record] = []
         seen: set[str] = set()
         for row in read_rows(self.spec, path):
-            images = tuple(_items(row, "image", "image path", csv))
+            noun = "video" if self.spec.video else "image"
+            images = tuple(_items(row, "image", f"{noun} path", csv))
             for rel in images:
                 if not (self.spec.images / rel).is_file():
-                    raise row.error("image", f"image {rel!r} not found in {self.spec.images}",
-                                    "put the image there, or correct the path (relative to the images folder)")
+                    raise row.error("image", f"{noun} {rel!r} not found in {self.spec.images}",
+                                    f"put the {noun} there, or correct the path (relative to the images folder)")
             if len(images) != self.inputs.images:
-                raise row.error("image", f"{len(images)} image(s) where the task's first row has "
-                                         f"{self.inputs.images}", "give every row the same number of images")
+                raise row.error("image", f"{len(images)} {noun}(s) where the task's first row has "
+                                         f"{self.inputs.images}", f"give every row the same number of {noun}s")
             keys = tuple(image_key(rel) for rel in images)
             ident = row.get("id")
             ident = row.number if ident is None else ident
@@ -373,8 +381,9 @@ class OwnTask(Task):
         return template.strip()
 
     def input_record(self, given: PredictInput, index: int) -> Record:
-        """A `vlpet predict` input: its images (paths) and text."""
-        return Record(given.where, index, index, given.text, tuple(str(p) for p in given.images), str(self.store),
+        """A `vlpet predict` input: its images or video (paths) and text."""
+        files = (given.video,) if given.video is not None else tuple(given.images)
+        return Record(given.where, index, index, given.text, tuple(str(p) for p in files), str(self.store),
                       None, {"choices": list(given.choices)})
 
     def eval_info(self, record: Record) -> dict:
@@ -635,13 +644,16 @@ def task_class_of(spec: TaskFile) -> type[OwnTask]:
     base = BASES[spec.kind]
     has_text = spec.kind != "classify" or spec.columns["text"] in first.values
     choices = len(_items(first, "choices", "choice", csv)) if spec.kind == "choice" else 0
+    if spec.video and n_images != 1:
+        raise first.error("image", f"{n_images} videos in one row", "give each row one video")
     attrs: dict[str, Any] = {
         "name": spec.name, "spec": spec, "store": spec.features, "batch_ratio": spec.ratio,
+        "feature_kind": "video" if spec.video else "image",
         "default_prompt": spec.prompt if spec.prompt is not None else f"{spec.name}: ",
         "splits": {split: split for split in spec.splits},
-        "inputs": Inputs(images=n_images, text={"qa": "question", "caption": None, "choice": "question",
-                                                "classify": "statement" if has_text else None}[spec.kind],
-                         choices=choices),
+        "inputs": Inputs(images=n_images, video=spec.video, choices=choices,
+                         text={"qa": "question", "caption": None, "choice": "question",
+                               "classify": "statement" if has_text else None}[spec.kind]),
         "__module__": __name__,
     }
     if spec.kind == "classify":
