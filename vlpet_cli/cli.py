@@ -184,11 +184,22 @@ def presets_ls() -> None:
 
 
 def _with_tasks(task: str | None, overrides: list[str] | None) -> list[str]:
-    """The overrides with `data.tasks` set from a --task option (so that a video task's settings apply)."""
-    tasks = _tasks_option(task)
+    """The overrides with `data.tasks` set from a --task option (so that a video task's settings apply); a task
+    file is read and named by its task's name."""
+    from vlpet_cli.tasks import is_task_file, resolve_task
+
+    tasks = [resolve_task(t) if is_task_file(t) else t for t in _tasks_option(task)]
     if task is not None and not tasks:
         raise VlpetError(f"--task {task!r} names no task; give one or a comma list, e.g. coco or tvqa,tvc")
     return [*([f"data.tasks=[{','.join(tasks)}]"] if tasks else []), *(overrides or [])]
+
+
+def _task_file_defaults(task: str | None) -> list[str]:
+    """The features' size of the task files among --task (model.feat_dim), as `vlpet train` resolves it."""
+    from vlpet_cli.data.own_features import feature_defaults
+    from vlpet_cli.tasks import resolve_task
+
+    return feature_defaults([resolve_task(t) for t in _tasks_option(task)])
 
 
 def _task_kind(name: str) -> str:
@@ -230,7 +241,8 @@ def params(preset: str = typer.Option(..., "--preset", "-p", help="preset name o
     from vlpet_cli.pet.budget import budget
     from vlpet_cli.vl.model import build_model
 
-    resolved = resolve(preset, _with_tasks(task, overrides), backbone, task_kind=_task_kind)
+    resolved = resolve(preset, _with_tasks(task, overrides), backbone, task_kind=_task_kind,
+                       defaults=_task_file_defaults(task))
     model, _ = build_model(resolved, weights=False)
     result = {"preset": resolved.name, "backbone": resolved.model.backbone, "tasks": resolved.data.tasks,
               "feat_dim": resolved.model.feat_dim, **budget(model)}
@@ -593,8 +605,10 @@ def predict(path: Path = typer.Argument(..., help="run directory, adapter, bundl
             backbone: str | None = typer.Option(None, help="the backbone directory, if it moved"),
             as_json: bool = typer.Option(False, "--json", help="one JSON object per input, with its score")) -> None:
     """Answer a question, caption or judge a statement about your own images or videos with a trained model."""
-    from vlpet_cli.predict import gather_inputs
+    from vlpet_cli.predict import gather_inputs, register_tasks
     from vlpet_cli.predict import predict as run_predict
+
+    register_tasks(path)  # the task files it was trained on, so that --task names them
 
     if question and statement:
         raise VlpetError(f"give --question ({_tasks_where(lambda c: c.inputs.text == 'question')}) or --statement "
@@ -642,9 +656,11 @@ def _score_file(task, predictions, annotations, split, metric, vqa_variant, allo
     """Score a predictions file; with `page` ((--out, --images) of --html) also write its results page."""
     from vlpet_cli.evaluate import predictions_page, score_predictions_file
     from vlpet_cli.pages import check_images_folder
+    from vlpet_cli.tasks import is_task_file
 
-    if not (task and predictions and annotations):
-        raise VlpetError("scoring a file needs --task, --predictions and --annotations")
+    if not (task and predictions and (annotations or is_task_file(task))):
+        raise VlpetError("scoring a file needs --task, --predictions and --annotations (a task file's own split "
+                         "needs none)")
     if page is not None:  # refused before anything is scored
         from vlpet_cli.runs import check_writable
 

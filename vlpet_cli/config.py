@@ -47,6 +47,8 @@ class DataConfig(Strict):
     use_prompts: bool = True
     prompts: dict[str, str] | None = Field(None, description="per-task prompt overrides")
     feature_name: str = "data_clip_RN101_att"
+    task_files: dict[str, str] = Field(default_factory=dict, description="the task files of the run's own tasks "
+                                       "(name -> file); the run keeps a copy of each in tasks/<name>.yaml")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0: load in the training process)")
     limit: int | None = Field(None, gt=0, description="use at most this many records per task and split")
     video: VideoData = VideoData()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 import warnings
@@ -15,7 +16,16 @@ from vlpet_cli.errors import VlpetError
 from vlpet_cli.inference import check_precision, decoding_settings, predict_all, score
 from vlpet_cli.progress import Progress
 from vlpet_cli.runs import Located, check_writable, checkpoints_dir, locate, recorded_path
-from vlpet_cli.tasks import TASKS, FileScoring, Task, VideoTask, resolve_task, task_class
+from vlpet_cli.tasks import (
+    TASKS,
+    FileScoring,
+    Task,
+    VideoTask,
+    own_task,
+    register_run_tasks,
+    resolve_task,
+    task_class,
+)
 from vlpet_cli.tasks.submissions import Questions
 from vlpet_cli.threads import configure_threads, requested_threads
 
@@ -25,10 +35,22 @@ if TYPE_CHECKING:
     from vlpet_cli.vl.model import VLModel
 
 
+def own_annotations(task: str, split: str | None) -> Path:
+    """The split file a task file's predictions are scored against when no annotation file is given."""
+    cls = own_task(resolve_task(task))
+    if cls is None:
+        raise VlpetError(f"scoring a predictions file of task {task!r} needs its annotation file: pass --annotations")
+    split = split or "test"
+    if split not in cls.spec.splits:
+        raise VlpetError(f"{cls.spec.path}: no {split!r} split to score against; pass --split "
+                         f"({', '.join(cls.spec.splits)}) or --annotations FILE")
+    return cls.spec.splits[split]
+
+
 def score_predictions_file(
     task: str,
     predictions: Path,
-    annotations: Path,
+    annotations: Path | None,
     split: str | None = None,
     metrics: list[str] | None = None,
     vqa_variant: str = "reference",
@@ -39,10 +61,13 @@ def score_predictions_file(
 
     allow_missing=None lets annotation files that cover a whole pool (official VQA v2 annotations, COCO
     captions_*.json) hold ids without a prediction; split-sized files must be predicted completely. Only tasks
-    whose annotation files hold several splits (Karpathy's dataset_coco.json) take a split.
+    whose annotation files hold several splits (Karpathy's dataset_coco.json) take a split. A task file's
+    predictions need no annotation file: they are scored against its split (`split`, default test).
     """
     cls = task_class(task)
     cls.resolve_metrics(metrics)  # an unknown metric is refused before any file is read
+    if annotations is None:
+        annotations, split = own_annotations(task, split), None
     if split is not None and not cls.split_option:
         takes = ", ".join(name for name, c in TASKS.items() if c.split_option)
         raise VlpetError(f"split applies only to {takes} (annotation files holding several splits, such as "
@@ -51,7 +76,7 @@ def score_predictions_file(
                                          allow_missing, tokenizer))
 
 
-def predictions_page(task: str, predictions: Path, annotations: Path, split: str | None = None,
+def predictions_page(task: str, predictions: Path, annotations: Path | None, split: str | None = None,
                      vqa_variant: str = "reference", allow_missing: bool | None = None, tokenizer: str = "auto",
                      out: Path | None = None, images: Path | None = None, metrics: dict | None = None) -> Path:
     """The results page of a predictions file (`vlpet eval --predictions --html`): <task>-<name>.html in `out`,
@@ -63,6 +88,8 @@ def predictions_page(task: str, predictions: Path, annotations: Path, split: str
     folder = Path(out) if out is not None else Path(predictions).parent
     check_writable(folder, "--out")
     check_images_folder(images)
+    if annotations is None:  # a task file's own split
+        annotations = own_annotations(task, split)
     spec = get_task(task)
     name = split or Path(predictions).stem.removesuffix(".predictions").removeprefix(f"{spec.name}-")
     name = "predictions" if name == spec.name else name
@@ -235,24 +262,28 @@ def evaluate(path: Path, tasks: list[str] | None = None, split: str = "test", me
     Every argument is checked against the stored preset before the model is built. Each record says how many
     records were scored (`n`, `limit`) and whether the adapter was trained on the task (`trained`)."""
     from vlpet_cli.data.loading import check_annotations
+    from vlpet_cli.data.own_features import prepare_task_features
     from vlpet_cli.pages import check_images_folder
     from vlpet_cli.toy.root import resolve_data_root
 
     located = locate(path)
     adapter_dir = located.directory
     stored = stored_preset(adapter_dir)
+    register_run_tasks(stored.get("data"), located.run)
     trained = [resolve_task(t) for t in (stored.get("data") or {}).get("tasks") or []]
     data_root, backbone = recorded_settings(stored, located, data_root, backbone, overrides)
     settings = eval_preset(stored, tasks, data_root, overrides, limit, split)
     check_eval_arguments(settings, split, metrics, batch_size)
     # refused before the model is built: a missing data root, annotation files and an output that cannot be written
-    root = resolve_data_root(settings.data.data_root)
+    root = resolve_data_root(settings.data.data_root, settings.data.tasks)
     check_annotations(root, settings, (split,))
     covers = submission_covers(root, settings.data.tasks or [], split)
     out_dir = output_dir(out_dir, located)
     check_images_folder(images)
     requested_threads(settings.train.threads)  # a bad VLPET_THREADS is refused before the model is built
     check_eval_precision(settings.eval.precision, backbone or settings.model.backbone)
+    if int(os.environ.get("RANK", "0")) == 0:  # a task file's features on first use (training made them already)
+        prepare_task_features(settings.data.tasks, progress)
     untrained = [t for t in settings.data.tasks or [] if t not in trained]
     if untrained:
         warnings.warn(f"{adapter_dir} was trained on {', '.join(trained) or 'no task'}, not on "
@@ -350,8 +381,6 @@ def submission_name(task: str, split: str, suffix: str) -> str:
 
 def process_state():
     """accelerate's PartialState when started by `accelerate launch`/torchrun with several processes, else None."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     import torch
@@ -372,7 +401,7 @@ def evaluate_model(model: VLModel, tokenizer: PreTrainedTokenizerBase, preset: P
     from vlpet_cli.data.loading import load_task_data
     from vlpet_cli.toy.root import resolve_data_root
 
-    root = resolve_data_root(preset.data.data_root)
+    root = resolve_data_root(preset.data.data_root, preset.data.tasks)
     device = state.device if state is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     main = state is None or state.is_main_process
     model.to(device)

@@ -18,8 +18,6 @@ from vlpet_cli.extras import require_extra
 from vlpet_cli.runs import METRICS, read_config, read_events
 from vlpet_cli.tasks import TASKS, primary_metrics
 
-PRIMARY_METRIC = primary_metrics()
-
 Series = tuple[list[float], list[float]]
 
 
@@ -68,7 +66,7 @@ def primary_scores(metrics: dict) -> dict[str, float]:
     """Task -> its primary metric (vqa: vqa, gqa/nlvr: acc, coco: cider) from a {task: {metric: value}} map."""
     scores = {}
     for task, values in metrics.items():
-        name = PRIMARY_METRIC.get(task)
+        name = primary_metrics().get(task)  # at call time: task files' tasks are registered as runs are read
         if isinstance(values, dict) and name and is_number(values.get(name)):
             scores[task] = float(values[name])
     return scores
@@ -147,7 +145,7 @@ def plot_run(run_dir: Path) -> Path:
         ax = axes[1]
         for task in task_order(set(val_tasks)):
             xs, ys = val_tasks[task]
-            ax.plot(xs, ys, marker="o", markersize=4, label=f"{task} ({PRIMARY_METRIC[task]})")
+            ax.plot(xs, ys, marker="o", markersize=4, label=f"{task} ({primary_metrics()[task]})")
         if score[0]:
             ax.plot(score[0], score[1], color="black", linestyle="--", marker="s", markersize=3,
                     label="selection score")

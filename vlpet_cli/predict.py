@@ -28,7 +28,15 @@ from typing import TYPE_CHECKING, Any
 from vlpet_cli.errors import VlpetError
 from vlpet_cli.extras import require_extra
 from vlpet_cli.progress import Progress
-from vlpet_cli.tasks import PredictInput, ScoreChoices, get_task, resolve_task, task_class, tasks_of_kind
+from vlpet_cli.tasks import (
+    PredictInput,
+    ScoreChoices,
+    get_task,
+    register_run_tasks,
+    resolve_task,
+    task_class,
+    tasks_of_kind,
+)
 from vlpet_cli.tasks.records import read_records
 from vlpet_cli.tasks.video.base import parse_ts
 from vlpet_cli.threads import configure_threads, requested_threads
@@ -93,9 +101,12 @@ def check_inputs(task: str, inputs: list[PredictInput]) -> None:
         check_video_inputs(task, inputs)
         return
     for item in inputs:
-        if item.video is not None or item.choices or item.subtitles or item.ts is not None:
+        if item.video is not None or (item.choices and not takes.choices) or item.subtitles or item.ts is not None:
             raise VlpetError(f"{item.where}: task {task} takes images; --video, --choices, --subtitles and --ts "
                              f"are for the video tasks ({', '.join(tasks_of_kind('video'))})")
+        if takes.choices and len(item.choices) < 2:  # a task file's choice task: as many choices as the input has
+            raise VlpetError(f"{item.where}: task {task} chooses among answers: give --choices once per choice "
+                             f"(at least two)")
         if len(item.images) != takes.images:
             raise VlpetError(f"{item.where}: task {task} takes {takes.images} image(s) per input, got "
                              f"{len(item.images)}; " + ("give --image twice (left, right)" if takes.images == 2
@@ -261,8 +272,21 @@ def _decode(model: VLModel, tokenizer: PreTrainedTokenizerBase, preset: Preset, 
     return texts, _scores_generated(model, out, tokenizer.eos_token_id)
 
 
-def _recorded_features(directory: Path) -> tuple[dict, list[str]]:
-    """(the adapter's recorded feature attributes per source, the tasks it was trained on), read without a model."""
+def register_tasks(path: Path) -> None:
+    """Register the task files the model at `path` (a run, adapter, bundle or folded model) was trained on, from
+    the run's copies where it has them, so that `--task NAME` names them."""
+    from vlpet_cli.runs import locate
+
+    try:
+        located = locate(path)
+        meta = _model_meta(located.directory)
+    except VlpetError:
+        return  # `predict` names the problem, after the inputs are checked
+    register_run_tasks((meta.get("preset") or {}).get("data"), located.run)
+
+
+def _model_meta(directory: Path) -> dict:
+    """The vlpet config of an adapter, bundle or folded model."""
     from vlpet_cli.artifacts import ADAPTER_CONFIG, FOLDED_CONFIG, read_adapter_config
 
     if (directory / FOLDED_CONFIG).is_file():
@@ -272,6 +296,22 @@ def _recorded_features(directory: Path) -> tuple[dict, list[str]]:
     else:
         raise VlpetError(f"{directory} is neither a run with a final adapter, an adapter, a bundle nor a folded "
                          f"model; give one written by `vlpet train` or `vlpet merge`")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _chosen(answer: str, item: PredictInput) -> dict:
+    """For an input with choices, the chosen one's index and text (read from 'a<index>' as VALUE reads it)."""
+    if not item.choices:
+        return {}
+    from vlpet_cli.tasks.video.base import choice_index
+
+    k = choice_index(answer)
+    return {"choice_index": k, "choice": item.choices[k] if k < len(item.choices) else None}
+
+
+def _recorded_features(directory: Path) -> tuple[dict, list[str]]:
+    """(the adapter's recorded feature attributes per source, the tasks it was trained on), read without a model."""
+    meta = _model_meta(directory)
     tasks = ((meta.get("preset") or {}).get("data") or {}).get("tasks") or []
     features = meta.get("features")
     return (features if isinstance(features, dict) else {}), [resolve_task(t) for t in tasks]
@@ -339,7 +379,7 @@ def predict(path: Path, task: str, inputs: list[PredictInput], vision_model: str
                 item = inputs[record.index]
                 if not video:
                     results.append({"task": task, "images": list(record.image_ids), "text": record.text,
-                                    "answer": answer, "score": value, "score_kind": kind})
+                                    "answer": answer, "score": value, "score_kind": kind, **_chosen(answer, item)})
                     continue
                 row = {"task": task, "video": record.image_ids[0], "text": item.text, "answer": answer,
                        "score": value, "score_kind": kind}

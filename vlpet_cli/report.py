@@ -39,7 +39,7 @@ from vlpet_cli.plots import (
     val_events,
 )
 from vlpet_cli.runs import check_writable, read_config, read_events
-from vlpet_cli.tasks import primary_metrics
+from vlpet_cli.tasks import primary_metrics, register_run_tasks
 
 SPLITS: tuple[str, ...] = ("test", "val")
 
@@ -127,6 +127,7 @@ def run_row(run_dir: Path, split: str = "test") -> dict[str, Any]:
     start = start_event(events)
     data, model = config.get("data"), config.get("model")
     data = data if isinstance(data, dict) else {}
+    register_run_tasks(data, run_dir, strict=False)  # its task files' tasks, listed as the built-in ones
     model = model if isinstance(model, dict) else {}
     planned = [t for t in data.get("tasks") or [] if isinstance(t, str)]
     found: dict[str, Score] = {}

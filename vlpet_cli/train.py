@@ -9,6 +9,7 @@ adapter by `artifacts`.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
@@ -35,6 +36,7 @@ from vlpet_cli.data.loading import (
     load_task_data,
 )
 from vlpet_cli.data.multitask import MultitaskLoader, epoch_batches, task_batch_sizes
+from vlpet_cli.data.own_features import feature_defaults, prepare_task_features
 from vlpet_cli.errors import DataError, Interrupted, VlpetError
 from vlpet_cli.inference import best_score, check_precision, validate
 from vlpet_cli.optim import (
@@ -66,7 +68,15 @@ from vlpet_cli.runs import (
     run_contents,
     write_config,
 )
-from vlpet_cli.tasks import get_task
+from vlpet_cli.tasks import (
+    get_task,
+    is_task_file,
+    own_task,
+    register_run_tasks,
+    resolve_task,
+    save_task_files,
+    task_files,
+)
 from vlpet_cli.threads import Threads, configure_threads, requested_threads
 from vlpet_cli.toy.root import resolve_data_root, toy_feature_dim
 from vlpet_cli.trackers import Tracking, build, check_trackers, log_dir
@@ -93,20 +103,33 @@ FIT_UPDATES = 20  # the batch size a warning suggests gives an epoch at least th
 
 def resolve_train_preset(name: str, tasks: list[str] | None = None, data_root: str | None = None,
                          backbone: str | None = None, overrides: list[str] | None = None) -> Preset:
-    """The preset a `vlpet train` command line describes; the toy world brings its own defaults."""
+    """The preset a `vlpet train` command line describes; the toy world brings its own defaults, task files (read
+    and registered here, their features extracted on first use) the size of their features."""
+    tasks = [resolve_task(t) if is_task_file(t) else t for t in tasks or []]
     extra = [f"data.tasks=[{','.join(tasks)}]"] if tasks else []
     if data_root:
         extra.append(f"data.data_root={data_root}")
     overrides = [*extra, *(overrides or [])]
     defaults = []
+    own = any(own_task(t) for t in tasks)
+    if own and int(os.environ.get("RANK", "0")) == 0:  # features on first use (other processes wait in `setup`)
+        prepare_task_features(tasks)
     if data_root == "toy":  # the toy features' size depends on the tasks (image or video) the run ends up with
         chosen = resolve(name, overrides, backbone, defaults=TOY_DEFAULTS, task_kind=feature_kind).data.tasks
         defaults = [*TOY_DEFAULTS, f"model.feat_dim={toy_feature_dim(chosen)}"]
+    elif own:  # task files: their features' size
+        defaults = feature_defaults(tasks)
     preset = resolve(name, overrides, backbone, defaults=defaults, task_kind=feature_kind, run=True)
     assert preset.data.tasks is not None, "resolve sets data.tasks"
     for task in preset.data.tasks:
         get_task(task)
-    return absolute_paths(preset)
+    return with_task_files(absolute_paths(preset))
+
+
+def with_task_files(preset: Preset) -> Preset:
+    """The preset recording the task files of its own tasks (data.task_files; the run keeps copies in tasks/)."""
+    recorded = task_files(preset.data.tasks)
+    return preset.model_copy(update={"data": preset.data.model_copy(update={"task_files": recorded})})
 
 
 def _local_dir(value: str | None) -> Path | None:
@@ -153,6 +176,7 @@ def resume_preset(run_dir: Path, preset: str | None = None, tasks: list[str] | N
     continuing (RESUMABLE and eval.*), and the list of changes ('train.epochs: 2 -> 5'). Options or overrides that
     would change what was trained are refused, each by name."""
     saved = load_run_preset(run_dir)
+    register_run_tasks(saved.data.model_dump(), run_dir)
     root = saved.data.data_root
     if root not in (None, "toy") and not Path(root).expanduser().is_absolute():
         # an older run recorded its data root as typed, relative to where it was started: found from here, else
@@ -360,8 +384,11 @@ def preflight(preset: Preset, run_dir: Path, resume: bool = False, overwrite: bo
     check_runs_dir(run_dir)
     bb = backbones.resolve(preset.model.backbone)
     backbones.check_weights(bb)
-    root = resolve_data_root(preset.data.data_root)
+    root = resolve_data_root(preset.data.data_root, preset.data.tasks)
     splits = ("train", "val") if preset.eval.every else ("train",)
+    if accelerator.is_main_process:  # a task file's features on first use, written by one process
+        prepare_task_features(preset.data.tasks)
+    accelerator.wait_for_everyone()
     check_annotations(root, preset, splits)
     check_feature_dims(root, preset, splits)
     checkpointer = Checkpointer(run_dir, preset.train.keep_checkpoints)
@@ -423,6 +450,7 @@ def _prepare(preset: Preset, run_dir: Path, accelerator: Accelerator, model, tok
             accelerator.scaler.load_state_dict(session.state.grad_scaler)
     elif accelerator.is_main_process:
         write_config(run_dir, preset)
+        save_task_files(run_dir, preset.data.tasks)
     session.model, session.optimizer = accelerator.prepare(model, optimizer)
     session.unwrapped = accelerator.unwrap_model(session.model)
     session.info = budget(session.unwrapped)

@@ -42,7 +42,10 @@ class FeatureKind:
         return next(layout for layout in self.stores if layout != "packed")
 
     def paths(self, root: Path, source: str, name: str | None = None) -> tuple[Path, Path]:
-        """(packed file, folder) where a source's store of this name lives."""
+        """(packed file, folder) where a source's store of this name lives; a source that is the absolute path of a
+        packed file (a task file's store, vlpet_cli/tasks/own.py) is that file, whatever the root and name."""
+        if source.endswith(".h5") and Path(source).is_absolute():
+            return Path(source), Path(source).with_suffix("")
         base = self.folder(Path(root), source) / (name or self.default_name)
         return base.with_name(base.name + ".h5"), base
 

@@ -8,12 +8,15 @@ from pathlib import Path
 from vlpet_cli.errors import DataError, VlpetError
 from vlpet_cli.extras import require_extra
 from vlpet_cli.features.kinds import feature_kind
-from vlpet_cli.tasks import get_task
+from vlpet_cli.tasks import get_task, own_task
 from vlpet_cli.toy.images import toy_root
 
 
-def resolve_data_root(data_root: str | None) -> Path:
-    """'toy' is the built-in toy world (built on first use); anything else must be an existing directory."""
+def resolve_data_root(data_root: str | None, tasks: list[str] | None = None) -> Path:
+    """'toy' is the built-in toy world (built on first use); anything else must be an existing directory. A run
+    whose `tasks` are all task files needs none (they name their own files): the current directory stands in."""
+    if data_root is None and tasks and all(own_task(t) is not None for t in tasks):
+        return Path.cwd()
     if data_root is None:
         raise VlpetError("no data root: pass --data-root DIR (the folder holding vqa/, GQA/, nlvr/, COCO/) "
                          "or --data-root toy for the built-in toy world")
