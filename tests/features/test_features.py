@@ -221,7 +221,7 @@ def test_annotation_images_reference_formats(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(DataError, match=r"bad.json: not valid JSON \(line 1"):
         annotation_images(bad)
-    bad.write_text(json.dumps({"questions": []}))
+    bad.write_text(json.dumps({"records": []}))
     with pytest.raises(DataError, match="unrecognised annotation format"):
         annotation_images(bad)
 
