@@ -760,12 +760,13 @@ def schedule_warnings(preset: Preset, records: dict[str, int], world_size: int =
         total = min(total, preset.train.max_steps)
     if per_epoch < FEW_UPDATES:
         fitting = _fitting_batch_size(preset, records, world_size)
+        toy = dict(setting.split("=", 1) for setting in TOY_DEFAULTS)
         shown = ", ".join(f"{n:,} {task}" for task, n in records.items())
         found.append(f"an epoch is {per_epoch} update{'' if per_epoch == 1 else 's'} ({shown} training records, "
                      f"train.batch_size={preset.train.batch_size}), {total} in the whole run: too few to train; "
                      f"give train.batch_size={fitting} ({updates_per_epoch(preset, records, world_size, fitting)} "
-                     f"updates per epoch) and a learning rate for it, as the toy world's defaults do for data this "
-                     f"small ({' '.join(TOY_DEFAULTS[:3])})")
+                     f"updates per epoch) and a learning rate for that batch (the toy world's batches of "
+                     f"{toy['train.batch_size']} train at train.lr={toy['train.lr']})")
     warmup = int(preset.train.warmup_ratio * total)
     if total and warmup >= total:
         found.append(f"the warm-up (train.warmup_ratio={preset.train.warmup_ratio:g}: {warmup} updates) is as long "
