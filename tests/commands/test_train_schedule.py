@@ -21,7 +21,7 @@ def test_a_preset_batch_on_a_small_dataset_is_warned_with_a_batch_size_that_fits
     (warning,) = schedule_warnings(preset(), {"coco": 1200})
     assert "an epoch is 3 updates" in warning and "60 in the whole run" in warning
     assert "train.batch_size=76 (20 updates per epoch)" in warning
-    assert "train.batch_size=24 train.lr=3e-3" in warning  # the toy world's defaults show the way
+    assert "batches of 24 train at train.lr=3e-3" in warning  # the toy world shows a learning rate for a batch
     assert updates_per_epoch(preset("train.batch_size=76"), {"coco": 1200}) == 20
 
 
