@@ -243,6 +243,7 @@ def test_best_average_is_the_references():
     assert best_score(result, "tvc.cider") == 30.0
 
 
+@pytest.mark.cli  # `python -m vlpet_cli` in subprocesses
 def test_eval_predictions_command_scores_value_files(tmp_path, tvqa_val):
     preds = write_predictions(tmp_path, PREDICTED)
     out = subprocess.run([sys.executable, "-m", "vlpet_cli", "eval", "--task", "tvqa", "--predictions", str(preds),
