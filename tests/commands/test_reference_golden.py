@@ -100,6 +100,7 @@ def test_torch_adamw_and_the_corrected_decay_rule_leave_the_reference_trajectory
         assert result["decay_groups"] == "differs"
 
 
+@pytest.mark.slow  # runs every golden case: 0.7 s
 def test_checker_prints_one_line_per_case_and_fails_on_a_mismatch(golden, checker, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -135,6 +136,7 @@ def test_forward_differences_beyond_float32_noise_need_float64_to_agree(offset, 
         assert "float64" not in result
 
 
+@pytest.mark.slow  # runs golden cases: 0.6 s
 def test_checker_runs_training_and_forward_cases_together(golden, trajectories, checker, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
