@@ -69,3 +69,36 @@ def make_backbone(directory: Path, family: str) -> Path:
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("backbones")
     return {fam: make_backbone(root / f"tiny-{fam}", fam) for fam in ("bart", "t5")}
+
+
+def _files_state(directory: Path) -> tuple:
+    """(name, size, mtime) of every file of a model directory: a rewritten checkpoint is a new cache key."""
+    return tuple(sorted((p.name, s.st_size, s.st_mtime_ns) for p in directory.iterdir() if p.is_file()
+                        for s in [p.stat()]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def loaded_models_are_memoised():
+    """Tests build the same tiny backbones hundreds of times; `from_pretrained` costs ~30 ms of CPU each (the
+    model is built with a random init, then the checkpoint overwrites it). Each (class, directory, arguments, file
+    state) is loaded once per session and handed out as a deep copy, equal to a fresh load tensor for tensor (the
+    load draws no random numbers). Tests that replace `from_pretrained` with monkeypatch still replace it."""
+    import copy
+
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.from_pretrained.__func__
+    cache: dict = {}
+
+    def from_pretrained(cls, path, *args, **kwargs):
+        directory = Path(path)
+        if args or not directory.is_dir():
+            return original(cls, path, *args, **kwargs)
+        key = (cls, str(directory.resolve()), repr(sorted(kwargs.items())), _files_state(directory))
+        if key not in cache:
+            cache[key] = original(cls, path, **kwargs)
+        return copy.deepcopy(cache[key])
+
+    PreTrainedModel.from_pretrained = classmethod(from_pretrained)
+    yield
+    PreTrainedModel.from_pretrained = classmethod(original)

@@ -273,6 +273,7 @@ def test_preset_tables_name_shipped_presets_and_the_readme_names_them_all():
     assert {n for row in readme_rows for n in re.findall(r"`([a-z0-9-]+)`", row[0])} == shipped
 
 
+@pytest.mark.slow  # counts 60 full-size models on the meta device: 2 s
 def test_parameter_budget_tables_are_what_vlpet_params_prints():
     checked = 0
     for path, header, rows in preset_tables():

@@ -165,6 +165,7 @@ BUILTIN_TOTALS = {  # the bare Hugging Face models, original vocabulary (their h
 
 
 @pytest.mark.parametrize("name", list(BUILTIN_TOTALS))
+@pytest.mark.slow  # four full-size models on the meta device: 0.1-0.7 s each
 def test_builtin_configs_count(name):
     bb = backbones.resolve(name)
     config = backbones.load_config(bb)

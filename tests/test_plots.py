@@ -212,6 +212,7 @@ def vlpet_at_80_columns(*args) -> str:
     return out.stdout
 
 
+@pytest.mark.cli  # `python -m vlpet_cli` on an 80-column terminal
 def test_presets_ls_fits_80_columns_with_whole_names():
     from vlpet_cli.presets import list_presets
 
@@ -220,6 +221,7 @@ def test_presets_ls_fits_80_columns_with_whole_names():
     assert set(list_presets()) <= firsts  # every name whole, on its own row
 
 
+@pytest.mark.cli  # `python -m vlpet_cli` on an 80-column terminal
 def test_report_fits_80_columns(tmp_path):
     runs = [make_run(tmp_path / "runs", "vlpet-large-multitask", percent=4.16),
             make_run(tmp_path / "runs", "compacter-gmiddlex-lw", method="Compacter + Gmiddlex + LW", percent=2.7)]

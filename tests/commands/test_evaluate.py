@@ -100,6 +100,7 @@ def test_eval_cli_on_a_run_prints_json(toy_run):
     assert set(json.loads(out.stdout.strip().splitlines()[-1])["nlvr"]) == {"acc", "consistency"}
 
 
+@pytest.mark.cli  # `python -m vlpet_cli` in subprocesses
 def test_scoring_a_predictions_file(tmp_path):
     ann = {"annotations": [{"question_id": 1, "answers": [{"answer": "red"}] * 10, "answer_type": "other",
                             "question_type": "what color"},
@@ -153,6 +154,7 @@ def test_model_scoring_without_java_drops_meteor_from_defaults_only(monkeypatch)
         score("coco", preds, ["meteor"])
 
 
+@pytest.mark.cli  # `python -m vlpet_cli` in subprocesses
 def test_scoring_captions_needs_a_split_only_for_karpathys_file(tmp_path):
     refs = {391895: ["a man riding a wave", "a surfer on a wave"], 184613: ["a dog on grass", "a brown dog"]}
     (tmp_path / "captions_val2014.json").write_text(json.dumps(

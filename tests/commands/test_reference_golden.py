@@ -100,6 +100,7 @@ def test_torch_adamw_and_the_corrected_decay_rule_leave_the_reference_trajectory
         assert result["decay_groups"] == "differs"
 
 
+@pytest.mark.slow  # runs every golden case: 0.7 s
 def test_checker_prints_one_line_per_case_and_fails_on_a_mismatch(golden, checker, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -135,6 +136,7 @@ def test_forward_differences_beyond_float32_noise_need_float64_to_agree(offset, 
         assert "float64" not in result
 
 
+@pytest.mark.slow  # runs golden cases: 0.6 s
 def test_checker_runs_training_and_forward_cases_together(golden, trajectories, checker, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -292,15 +294,18 @@ def synthetic_case(directory: Path, preset_name: str, backbone: str, overrides: 
     return directory
 
 
+SLOW = pytest.mark.slow  # 0.4 s each: `make test-fast` checks one method per backbone
+
+
 @pytest.mark.parametrize("preset,backbone,overrides", [
     ("lora", "tiny-bart", ["pet.lora.r=8"]),
-    ("bitfit", "tiny-bart", []),
-    ("full-finetune", "tiny-bart", []),
-    ("full-finetune", "tiny-t5", []),
-    ("compacter", "tiny-t5", ["pet.encoder.r=16", "pet.decoder.r=16"]),
-    ("vl-adapter", "tiny-bart", ["pet.encoder.r=16", "pet.decoder.r=16"]),
+    pytest.param("bitfit", "tiny-bart", [], marks=SLOW),
+    pytest.param("full-finetune", "tiny-bart", [], marks=SLOW),
+    pytest.param("full-finetune", "tiny-t5", [], marks=SLOW),
+    pytest.param("compacter", "tiny-t5", ["pet.encoder.r=16", "pet.decoder.r=16"], marks=SLOW),
+    pytest.param("vl-adapter", "tiny-bart", ["pet.encoder.r=16", "pet.decoder.r=16"], marks=SLOW),
     ("hyperformer", "tiny-t5", ["pet.hyperformer.r=16", "pet.hyperformer.task_dim=32", "pet.hyperformer.layer_dim=32"]),
-    ("vlpet-middley", "tiny-t5", ["pet.encoder.r=32", "pet.value.r=32"]),
+    pytest.param("vlpet-middley", "tiny-t5", ["pet.encoder.r=32", "pet.value.r=32"], marks=SLOW),
 ])
 def test_every_methods_trajectory_reads_through_the_checker(preset, backbone, overrides, checker, tmp_path):
     case = synthetic_case(tmp_path / f"{preset}-{backbone}", preset, backbone, overrides, checker._batch)

@@ -24,6 +24,7 @@ def test_an_empty_split_stops_training_before_the_model_loads(tmp_path, monkeypa
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.cli  # the installed console script in a subprocess
 def test_the_console_script_refuses_an_empty_validation_split_at_once(tmp_path):
     root = nlvr_root(tmp_path / "data")
     (root / "nlvr" / "valid.json").write_text("[]")

@@ -79,6 +79,7 @@ def test_a_preset_file_with_a_setting_that_would_be_ignored_is_refused(tmp_path,
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.cli  # the installed console script in a subprocess
 def test_the_installed_vlpet_refuses_a_duplicate_key_with_exit_2(tmp_path):
     """Through the console script in a subprocess, as a user meets it."""
     preset = write(tmp_path / "mine.yaml", HEADER + "pet:\n  encoder: {r: 8}\npet:\n  lora: {r: 4}\n")

@@ -99,6 +99,7 @@ def test_fp16_compute_as_the_reference_ran_it_stays_close_to_fp32():
     assert load_resnet_model(GOLDEN / "tiny-rn", "cpu").compute_dtype == torch.float32  # CPU default: fp32
 
 
+@pytest.mark.slow  # builds and runs three ResNets: 0.6 s
 def test_checker_on_other_depths_and_widths_and_a_corrupted_case(tmp_path, capsys):
     checker = _checker()
     cases = [write_golden(tmp_path / "rn-2131-w16", ResNetSpec((2, 1, 3, 1), 16, 8, 32, 224), 1),

@@ -163,6 +163,7 @@ def test_caption_file_cider_is_pycocoevalcaps(tmp_path, tokenizer):
     assert set(both) == {"cider", "bleu4", "rougel", "tokenizer", "n"} and both["cider"] == pytest.approx(expected)
 
 
+@pytest.mark.slow  # six Java PTB tokenizer runs: 0.9 s
 def test_validation_scores_per_row_or_per_clip():
     rows = caption_rows()
     used = resolve_tokenizer("auto")
@@ -175,6 +176,7 @@ def test_validation_scores_per_row_or_per_clip():
     assert score("tvc", [{**rows[0], "reference": None, "references": []}]) == {"n": 1, "scored": 0}
 
 
+@pytest.mark.slow  # four Java PTB tokenizer runs: 0.7 s
 def test_validation_threads_caption_references(monkeypatch):
     import vlpet_cli.inference as inference
 
@@ -243,6 +245,7 @@ def test_best_average_is_the_references():
     assert best_score(result, "tvc.cider") == 30.0
 
 
+@pytest.mark.cli  # `python -m vlpet_cli` in subprocesses
 def test_eval_predictions_command_scores_value_files(tmp_path, tvqa_val):
     preds = write_predictions(tmp_path, PREDICTED)
     out = subprocess.run([sys.executable, "-m", "vlpet_cli", "eval", "--task", "tvqa", "--predictions", str(preds),

@@ -25,8 +25,11 @@ def batch_for(tok, n_img=1, task="vqa"):
             "loss_weights": torch.tensor([1.0, 0.6]), "loss_reduction": "example"}
 
 
-@pytest.mark.parametrize("family", ["bart", "t5"])
-@pytest.mark.parametrize("preset", list_presets())
+# every preset on both backbones; `make test-fast` takes each preset on one of them, in turn (the other is slow-marked)
+@pytest.mark.parametrize("preset,family", [
+    pytest.param(preset, family, id=f"{preset}-{family}",
+                 marks=() if (i + j) % 2 == 0 else pytest.mark.slow)
+    for i, preset in enumerate(list_presets()) for j, family in enumerate(["bart", "t5"])])
 def test_preset_trains_exactly_its_trainable_parameters(preset, family, tiny_dirs):
     model, tok = make(preset, tiny_dirs[family])
     model.train()

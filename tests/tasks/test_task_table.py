@@ -122,6 +122,13 @@ def test_an_alias_scores_like_its_task(tmp_path):
                                                  {"identifier": "dev-1-1-0", "label": 0}]))
     by_alias = score_predictions_file("NLVR2", tmp_path / "p.csv", tmp_path / "a.json")
     assert by_alias == score_predictions_file("nlvr", tmp_path / "p.csv", tmp_path / "a.json")
+
+
+@pytest.mark.cli  # `python -m vlpet_cli` in a subprocess
+def test_the_eval_command_takes_an_alias(tmp_path):
+    (tmp_path / "p.csv").write_text("dev-1-0-0,True\ndev-1-1-0,True\n")
+    (tmp_path / "a.json").write_text(json.dumps([{"identifier": "dev-1-0-0", "label": 1},
+                                                 {"identifier": "dev-1-1-0", "label": 0}]))
     out = subprocess.run([sys.executable, "-m", "vlpet_cli", "eval", "--task", "nlvr2", "--predictions",
                           str(tmp_path / "p.csv"), "--annotations", str(tmp_path / "a.json"), "--json"],
                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})

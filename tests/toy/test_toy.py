@@ -269,6 +269,7 @@ def test_corpus_and_summary_need_no_images(root):
 
 
 @pytest.mark.parametrize("family", ["bart", "t5"])
+@pytest.mark.slow  # generates with a shipped backbone: 0.5-0.9 s
 def test_shipped_tiny_backbones_know_the_toy_text(family):
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
@@ -320,6 +321,7 @@ def test_shape_mask_marks_each_shape_where_it_is_drawn():
 
 
 @pytest.mark.parametrize("family", ["bart", "t5"])
+@pytest.mark.slow  # generates with a shipped backbone: 0.4-0.5 s
 def test_shipped_tiny_backbones_read_scene_descriptions(family):
     """Pretrained on reading tasks, a backbone answers GQA questions about freshly drawn scenes from their written
     description (a denoising-only backbone cannot)."""
