@@ -71,10 +71,8 @@ def task_feature_dim(cls: type[OwnTask]) -> int | None:
         config = json.loads((model_dir(cls.spec.vision)[0] / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # e.g. a CLIP ResNet checkpoint: the features' size is known once they are extracted
-    if cls.feature_kind == "video":  # VALUE's features: the projected image embeddings of the frames
-        size = config.get("projection_dim")
-    else:
-        size = config.get("hidden_size") or (config.get("vision_config") or {}).get("hidden_size")
+    key = feature_kind(cls.feature_kind).size_key  # video: VALUE's features are the frames' projected embeddings
+    size = config.get(key) or (config.get("vision_config") or {}).get(key)
     return int(size) if isinstance(size, int) else None
 
 

@@ -36,6 +36,7 @@ class FeatureKind:
     ids_word: str  # what the missing ids are called in messages
     unpack_hint: str = ""
     extra: str | None = None  # the pip extra (vlpet[NAME]) that making this kind needs
+    size_key: str = "hidden_size"  # the vision model's config key giving the features' size (video: projected)
 
     @property
     def folder_layout(self) -> str:
@@ -119,7 +120,7 @@ VIDEO = FeatureKind(
     writers={videos.NPZ: videos.NpzVideoWriter, videos.PACKED: videos.PackedVideoWriter},
     default_layout=videos.NPZ, memory=videos.MemoryVideoStore, setting="video.feature_name",
     extractor="vlpet_cli.features.extract.videos", ids_word="videos",
-    unpack_hint=" (or unpack VALUE's clip-vit features there)", extra="video")
+    unpack_hint=" (or unpack VALUE's clip-vit features there)", extra="video", size_key="projection_dim")
 KINDS: dict[str, FeatureKind] = {kind.name: kind for kind in (IMAGE, VIDEO)}
 
 
