@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.faults.faultkit import vlpet
 from vlpet_cli.config import EvalConfig, Preset, TrainConfig
 from vlpet_cli.dryrun import save_points
 
@@ -22,22 +23,6 @@ TOY = ["-p", "vlpet-small", "-t", "coco,vqa", "--data-root", "toy", "--backbone"
 # 60 records per task: coco's batch 20 and vqa's 24 (the toy world's 24 x the tasks' ratios) make 3 + 3 steps
 SMALL = ["data.limit=60", "train.epochs=2", "train.checkpoint_every=2", "train.keep_checkpoints=20",
          "eval.every=1", "eval.limit=8"]
-
-
-def vlpet(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """Run the `vlpet` entry point in this process: (exit code, stdout, stderr)."""
-    from vlpet_cli.cli import main
-
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["vlpet", *map(str, args)])
-    monkeypatch.setenv("COLUMNS", "400")
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int] | None]:

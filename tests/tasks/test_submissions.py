@@ -190,19 +190,11 @@ def test_toy_world_vqa_and_gqa_submissions_validate(tmp_path):
 
 
 def test_the_command_checks_a_file_in_one_line(root, tmp_path, monkeypatch, capsys):
-    import sys
+    from functools import partial
 
-    from vlpet_cli.cli import main
+    from tests.faults.faultkit import vlpet as run
 
-    def vlpet(*args) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["vlpet", *map(str, args)])
-        monkeypatch.setenv("COLUMNS", "400")
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        return (code, *capsys.readouterr())
+    vlpet = partial(run, monkeypatch, capsys)
 
     rows = [{"question_id": q, "answer": "yes"} for q in (1000, 1001, 2000, 2001, 3000, 3001)]
     good = write(tmp_path / "good.json", rows)
