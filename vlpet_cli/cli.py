@@ -654,24 +654,19 @@ def _warnings_to_stderr():
 def _score_file(task, predictions, annotations, split, metric, vqa_variant, allow_missing, as_json,
                 page: tuple[Path | None, Path | None] | None = None) -> None:
     """Score a predictions file; with `page` ((--out, --images) of --html) also write its results page."""
-    from vlpet_cli.evaluate import predictions_page, score_predictions_file
-    from vlpet_cli.pages import check_images_folder
+    from vlpet_cli.evaluate import page_folder, predictions_page, score_predictions_file
     from vlpet_cli.tasks import is_task_file
 
     if not (task and predictions and (annotations or is_task_file(task))):
         raise VlpetError("scoring a file needs --task, --predictions and --annotations (a task file's own split "
                          "needs none)")
-    if page is not None:  # refused before anything is scored
-        from vlpet_cli.runs import check_writable
-
-        check_images_folder(page[1])
-        check_writable(page[0] if page[0] is not None else Path(predictions).parent, "--out")
+    folder = page_folder(predictions, *page) if page is not None else None  # refused before anything is scored
     with _warnings_to_stderr():
         result = score_predictions_file(task, predictions, annotations, split, metric or None, vqa_variant,
                                         allow_missing or None)
-        if page is not None:
-            written = predictions_page(task, predictions, annotations, split, vqa_variant, allow_missing or None,
-                                       out=page[0], images=page[1], metrics=result)
+        if page is not None and folder is not None:
+            written = predictions_page(task, predictions, annotations, folder, split, vqa_variant,
+                                       allow_missing or None, images=page[1], metrics=result)
             err_console.print(f"results page: {written}")
     flat = _flat(result)
     if as_json:

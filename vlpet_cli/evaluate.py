@@ -76,18 +76,26 @@ def score_predictions_file(
                                          allow_missing, tokenizer))
 
 
-def predictions_page(task: str, predictions: Path, annotations: Path | None, split: str | None = None,
-                     vqa_variant: str = "reference", allow_missing: bool | None = None, tokenizer: str = "auto",
-                     out: Path | None = None, images: Path | None = None, metrics: dict | None = None) -> Path:
-    """The results page of a predictions file (`vlpet eval --predictions --html`): <task>-<name>.html in `out`,
-    else beside the predictions file; <name> is --split, else the file's name less '<task>-' and '.predictions'
-    (vqa-test.predictions.json gives vqa-test.html; gqa.json gives gqa-predictions.html)."""
-    from vlpet_cli.pages import check_images_folder, write_page
-    from vlpet_cli.tasks import get_task
+def page_folder(predictions: Path, out: Path | None, images: Path | None) -> Path:
+    """Where the results page of a predictions file goes (--out, else beside the file), checked writable, and
+    --images checked: before anything is scored."""
+    from vlpet_cli.pages import check_images_folder
 
     folder = Path(out) if out is not None else Path(predictions).parent
     check_writable(folder, "--out")
     check_images_folder(images)
+    return folder
+
+
+def predictions_page(task: str, predictions: Path, annotations: Path | None, folder: Path, split: str | None = None,
+                     vqa_variant: str = "reference", allow_missing: bool | None = None, tokenizer: str = "auto",
+                     images: Path | None = None, metrics: dict | None = None) -> Path:
+    """The results page of a predictions file (`vlpet eval --predictions --html`): <task>-<name>.html in `folder`
+    (`page_folder`); <name> is --split, else the file's name less '<task>-' and '.predictions'
+    (vqa-test.predictions.json gives vqa-test.html; gqa.json gives gqa-predictions.html)."""
+    from vlpet_cli.pages import write_page
+    from vlpet_cli.tasks import get_task
+
     if annotations is None:  # a task file's own split
         annotations = own_annotations(task, split)
     spec = get_task(task)
